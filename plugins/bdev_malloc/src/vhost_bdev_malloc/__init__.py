@@ -1,0 +1,3 @@
+"""vhost-bdev-malloc: RAM and null bdevs for the vhost target."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""dev_blk plugin: the ``vhost_create_blk_controller`` RPC and its CLI command."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+from typing import Any
+
+import attrs
+
+from vhost_core.hookspecs import hookimpl
+from vhost_core.log import get_logger, notice
+from vhost_core.rpc.registry import RpcError
+
+from vhost_dev_blk.device import MAX_QUEUES, BlkDevice
+
+VHOST_CORE_API = (1,)
+log = get_logger("vhost_blk")
+
+
+@attrs.frozen
+class CreateBlkParams:
+    ctrlr: str
+    dev_name: str
+    cpumask: str | None = None
+    readonly: bool = False
+    packed_ring: bool = False
+    num_queues: int | None = None
+
+
+@hookimpl
+def vhost_register_rpc_methods(rpc, app) -> None:
+    @rpc.method("vhost_create_blk_controller", params=CreateBlkParams, owner="dev_blk",
+                deprecated_aliases=("construct_vhost_blk_controller",))
+    def vhost_create_blk_controller(p: CreateBlkParams) -> bool:
+        if p.packed_ring:
+            raise RpcError(-errno.ENOTSUP, "packed_ring is not supported yet: leave it off "
+                                           "(split rings work with every QEMU)")
+        nq = MAX_QUEUES if p.num_queues is None else p.num_queues
+        if not 1 <= nq <= MAX_QUEUES:
+            raise RpcError(-errno.EINVAL, f"num_queues {nq} out of range: use 1..{MAX_QUEUES}")
+        bdev = app.bdevs.claim(p.dev_name, p.ctrlr)
+        holder: dict[str, BlkDevice] = {}
+
+        def make() -> BlkDevice:
+            holder["dev"] = BlkDevice(app, p.ctrlr, bdev, p.readonly, nq)
+            return holder["dev"]
+
+        try:
+            app.add_controller(p.ctrlr, make, p.cpumask)
+        except BaseException:
+            app.bdevs.release(bdev, p.ctrlr)
+            raise
+        device = holder["dev"]
+        notice(log, "Controller %s: using bdev '%s'%s", p.ctrlr, bdev.name,
+               " (read-only)" if device.readonly else "")
+        return True
+
+
+@hookimpl
+def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
+    calls = []
+    for c in app.controllers.values():
+        if c.backend.device_type != "blk" or c.backend.removed:
+            continue
+        calls.append({"method": "vhost_create_blk_controller",
+                      "params": {"ctrlr": c.name, "dev_name": c.backend.bdev.name,
+                                 "cpumask": hex(c.cpumask), "readonly": c.backend.readonly}})
+    return {"vhost_blk": calls}
+
+
+@hookimpl
+def vhost_add_cli_commands(subparsers) -> None:
+    def create(client, args):
+        params: dict[str, Any] = {"ctrlr": args.ctrlr, "dev_name": args.dev_name}
+        if args.cpumask:
+            params["cpumask"] = args.cpumask
+        if args.readonly:
+            params["readonly"] = True
+        if args.packed_ring:
+            params["packed_ring"] = True
+        return client.call(args.method_name, params)
+
+    for name, deprecated in (("vhost_create_blk_controller", None),
+                             ("construct_vhost_blk_controller", "vhost_create_blk_controller")):
+        p = subparsers.add_parser(name, help="Add a new vhost-blk controller"
+                                  + (" (deprecated)" if deprecated else ""),
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("ctrlr", help="controller name (the socket file name in the -S directory)")
+        p.add_argument("dev_name", help="bdev name")
+        p.add_argument("--cpumask", help="cpu mask for this controller")
+        p.add_argument("-r", "--readonly", action="store_true", help="set the controller as read-only")
+        p.add_argument("-p", "--packed_ring", action="store_true", help="use a packed ring (unsupported)")
+        p.set_defaults(func=create, method_name=name)
+        if deprecated:
+            p.set_defaults(deprecated_use=deprecated)

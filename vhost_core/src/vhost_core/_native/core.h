@@ -1,0 +1,78 @@
+/*
+ * Internal declarations of the core's native module (not part of the public
+ * plugin contract, which is include/vhost_core/vhost_native.h).  The same text,
+ * minus the preprocessor lines, is the cffi cdef (see build.py).
+ */
+
+/* ---- guest memory table ---- */
+#define VN_MAX_REGIONS 64
+
+struct vn_region {
+    uint64_t gpa;       /* guest physical start */
+    uint64_t size;
+    uint64_t uva;       /* frontend's user virtual address */
+    uint64_t mmap_offset;
+    uint8_t *host;      /* our mapping of gpa */
+    void *map_base;     /* what mmap returned (covers mmap_offset .. +size) */
+    uint64_t map_len;
+};
+
+struct vn_mem {
+    uint32_t nregions;
+    struct vn_region regions[VN_MAX_REGIONS];
+};
+
+struct vn_mem *vn_mem_new(void);
+/* Map `size` bytes of `fd` at `mmap_offset`; returns 0 or -errno. */
+int vn_mem_add_region(struct vn_mem *m, int fd, uint64_t gpa, uint64_t size,
+                      uint64_t uva, uint64_t mmap_offset);
+void vn_mem_free(struct vn_mem *m);
+/* Host pointer for [gpa, gpa+len) wholly inside one region, else NULL. */
+void *vn_mem_gpa_to_host(struct vn_mem *m, uint64_t gpa, uint64_t len);
+void *vn_mem_uva_to_host(struct vn_mem *m, uint64_t uva, uint64_t len);
+
+/* ---- virtqueues ---- */
+struct vn_vq;
+struct vn_dev;
+
+struct vn_vq *vn_vq_new(struct vn_dev *dev, uint16_t index);
+void vn_vq_free(struct vn_vq *q);
+/* Ring layout in host addresses (translated by the control plane). */
+void vn_vq_set_ring(struct vn_vq *q, uint32_t size, void *desc, void *avail, void *used);
+void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m);
+void vn_vq_set_base(struct vn_vq *q, uint16_t last_avail_idx);
+uint16_t vn_vq_get_base(struct vn_vq *q);
+void vn_vq_set_kick(struct vn_vq *q, int fd);
+void vn_vq_set_call(struct vn_vq *q, int fd);
+void vn_vq_set_features(struct vn_vq *q, int event_idx, int indirect);
+void vn_vq_set_enabled(struct vn_vq *q, int enabled);
+/* Why the queue stopped itself (a malformed ring), or NULL. */
+const char *vn_vq_broken_reason(struct vn_vq *q);
+uint32_t vn_vq_inflight(struct vn_vq *q);
+/* Start serving on the device's reactor / stop fetching and wait for in-flight
+ * requests (up to timeout_ms).  stop returns the number still in flight. */
+int vn_vq_start(struct vn_vq *q);
+int vn_vq_stop(struct vn_vq *q, int timeout_ms);
+void vn_vq_get_stats(struct vn_vq *q, uint64_t *out);  /* [requests, kicks_sent, errors] */
+
+/* ---- devices (a controller's data-path half) ---- */
+struct vn_reactor;
+struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx);
+/* Detach from the reactor (all queues must be stopped) and free. */
+void vn_dev_free(struct vn_dev *d);
+int vn_dev_attach_error(struct vn_dev *d);
+
+/* ---- reactors ---- */
+struct vn_reactor *vn_reactor_new(int core, int interrupt_mode);
+int vn_reactor_start(struct vn_reactor *r);
+void vn_reactor_stop(struct vn_reactor *r);   /* joins the thread */
+void vn_reactor_free(struct vn_reactor *r);
+/* [loops, busy_loops, idle_ns, busy_ns] */
+void vn_reactor_get_stats(struct vn_reactor *r, uint64_t *out);
+int vn_reactor_core(struct vn_reactor *r);
+int vn_reactor_tid(struct vn_reactor *r);
+/* Run fn(arg) on the reactor thread and wait for it.  Used by plugins' control
+ * paths through a pointer; returns fn's result. */
+typedef int (*vn_exec_fn)(void *arg);
+int vn_reactor_exec(struct vn_reactor *r, vn_exec_fn fn, void *arg);
+void *vn_reactor_exec_ptr(void);

@@ -1,0 +1,92 @@
+"""The bdev contract: what a block backend provides, in two halves (as SPDK splits it).
+
+**Module** (lifecycle, Python; one per backend type) - registered through the
+``vhost_register_rpc_methods`` hook, which adds the backend's RPCs
+(``bdev_<backend>_create`` / ``_delete``).  A module creates :class:`Bdev` objects
+and adds them to ``app.bdevs``.
+
+**Bdev** (one per block device) - the value object below, plus a native I/O table:
+``Bdev.native`` is the address of a ``struct vn_bdev`` (see
+``include/vhost_core/vhost_native.h``) whose ``ops`` the data path calls directly on
+the reactor thread: ``submit`` (required), ``channel_create`` / ``channel_destroy`` /
+``channel_poll`` / ``channel_fd`` (optional: per-reactor state and asynchronous
+completion).  Python is never called per I/O.
+
+Ownership: the module owns the native memory; ``Bdev.destruct`` frees it and is
+called by the registry once no device holds the bdev any more.
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_mod
+from typing import Any, Callable
+
+import attrs
+
+#: I/O types in the order of ``enum vn_io_type``.
+IO_TYPES = ("read", "write", "flush", "unmap", "write_zeroes", "reset")
+
+
+def io_type_mask(types: frozenset[str] | set[str]) -> int:
+    """The ``vn_bdev.io_types`` bitmask for a set of I/O type names."""
+    return sum(1 << IO_TYPES.index(t) for t in types)
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size < 512 or block_size & (block_size - 1) or block_size > 65536:
+        raise ValueError(f"block_size {block_size} is not supported: use a power of two "
+                         f"from 512 to 65536 (512 or 4096 are the usual ones)")
+
+
+@attrs.define(eq=False)
+class Bdev:
+    """A registered block device.
+
+    Required: ``name``, ``module`` (owning module's name, e.g. ``"malloc"``),
+    ``product_name`` (e.g. ``"Malloc disk"``: SCSI shows it as the model),
+    ``block_size``, ``num_blocks``, ``native`` (address of ``struct vn_bdev``),
+    ``destruct`` (frees ``native``; called exactly once).
+    Optional with defaults: ``uuid`` (random), ``io_types`` (read+write),
+    ``driver_specific`` ({}), ``readonly`` (False), ``aliases`` ([]).
+    Managed by the registry: ``claimed_by`` (the controller using it) and
+    ``removal_callbacks`` (called before the bdev goes away).
+    """
+
+    name: str
+    module: str
+    product_name: str
+    block_size: int
+    num_blocks: int
+    native: int
+    destruct: Callable[[], None]
+    uuid: str = attrs.Factory(lambda: str(uuid_mod.uuid4()))
+    io_types: frozenset[str] = frozenset({"read", "write"})
+    driver_specific: dict[str, Any] = attrs.Factory(dict)
+    readonly: bool = False
+    aliases: list[str] = attrs.Factory(list)
+    claimed_by: str | None = None
+    removal_callbacks: list[Callable[[Bdev], None]] = attrs.Factory(list)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.block_size * self.num_blocks
+
+    def to_json(self) -> dict[str, Any]:
+        """The object ``bdev_get_bdevs`` returns, in SPDK's shape."""
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "product_name": self.product_name,
+            "block_size": self.block_size,
+            "num_blocks": self.num_blocks,
+            "uuid": self.uuid,
+            "assigned_rate_limits": {"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0,
+                                     "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0},
+            "claimed": self.claimed_by is not None,
+            "zoned": False,
+            "supported_io_types": {
+                **{t: t in self.io_types for t in IO_TYPES},
+                "nvme_admin": False, "nvme_io": False,
+            },
+            "driver_specific": dict(self.driver_specific),
+        }

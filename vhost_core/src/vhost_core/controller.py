@@ -1,0 +1,188 @@
+"""A vhost controller: a listening vhost-user socket, its device type, its queues.
+
+One front-end at a time (a second connection is refused while one is served).
+Each connection runs on its own thread, so a slow or hostile front-end stalls
+nobody else's control plane; message handling takes the app's control lock so
+it never races an RPC.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import threading
+from typing import TYPE_CHECKING, Any
+
+from vhost_core.log import get_logger, notice
+from vhost_core.native import ffi, lib
+from vhost_core.reactor import Reactor, format_mask
+from vhost_core.rpc.registry import RpcError
+from vhost_core.vhost_user import messages as m
+from vhost_core.vhost_user.backend import DeviceBackend
+from vhost_core.vhost_user.connection import Connection
+from vhost_core.vhost_user.handler import Session
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vhost_core.app import App
+
+log = get_logger("vhost")
+
+
+class Controller:
+    def __init__(self, app: App, name: str, backend: DeviceBackend, reactor: Reactor,
+                 cpumask: int) -> None:
+        self.app = app
+        self.name = name
+        self.backend = backend
+        self.reactor = reactor
+        self.cpumask = cpumask
+        self.path = os.path.join(app.socket_dir, name)
+        self.session: Session | None = None
+        self._conn: Connection | None = None
+        self._closing = False
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        ops = ffi.cast("const struct vn_device_ops *", backend.native_ops)
+        self.native_dev = lib.vn_dev_new(reactor.native, ops, ffi.cast("void *", backend.native_ctx))
+        if self.native_dev == ffi.NULL:
+            raise RpcError(-errno.EINVAL, f"controller {name}: the {backend.device_type} device could not "
+                                          f"attach to reactor {reactor.core} (plugin built for another "
+                                          f"core ABI, or its bdev channel failed)")
+        self.native_vqs = [lib.vn_vq_new(self.native_dev, i) for i in range(backend.num_queues)]
+
+    # ------------------------------------------------------------ socket
+
+    def listen(self) -> None:
+        if len(self.path.encode()) >= 108:
+            raise RpcError(-errno.ENAMETOOLONG, f"socket path {self.path} is longer than a unix socket "
+                                                f"allows (107 bytes): use a shorter -S directory or name")
+        if os.path.exists(self.path):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise RpcError(-errno.EEXIST, f"{self.path} exists and is not a socket: remove it or "
+                                              f"pick another controller name")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+                probe.close()
+                raise RpcError(-errno.EADDRINUSE, f"socket {self.path} is in use by another process: "
+                                                  f"pick another controller name or -S directory")
+            except OSError:
+                probe.close()
+                os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        sock.listen(4)
+        self._listener = sock
+        t = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._closing:
+                sock.close()
+                return
+            if self._conn is not None:
+                log.error("Controller %s: refused a second front-end connection while one is served",
+                          self.name)
+                sock.close()
+                continue
+            conn = Connection(sock)
+            with self.app.lock:
+                self._conn = conn
+                self.session = Session(self, conn)
+            notice(log, "Controller %s: front-end connected", self.name)
+            t = threading.Thread(target=self._serve, args=(conn,), name=f"{self.name}-conn", daemon=True)
+            t.start()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            while True:
+                try:
+                    msg = conn.recv()
+                except m.ProtocolError as exc:
+                    log.error("Controller %s: dropping the front-end connection: %s", self.name, exc)
+                    return
+                except OSError:
+                    return
+                if msg is None:
+                    return
+                with self.app.lock:
+                    if self.session is None:
+                        msg.close_fds()
+                        return
+                    try:
+                        self.session.handle(msg)
+                    except m.ProtocolError as exc:
+                        log.error("Controller %s: dropping the front-end connection: %s", self.name, exc)
+                        return
+                    except OSError:
+                        return
+                    except Exception:
+                        log.exception("Controller %s: internal error handling %s; dropping the connection",
+                                      self.name, msg.request)
+                        return
+        finally:
+            with self.app.lock:
+                if self.session is not None:
+                    self.session.close()
+                    self.session = None
+                conn.close()
+                self._conn = None
+
+    # ------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Stop serving: drain the queues, drop the front-end, remove the socket."""
+        self._closing = True
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        for q in self.native_vqs:
+            lib.vn_vq_free(q)
+        self.native_vqs = []
+        lib.vn_dev_free(self.native_dev)
+        self.native_dev = ffi.NULL
+        self.backend.close()
+
+    # ------------------------------------------------------------ RPC view
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ctrlr": self.name,
+            "cpumask": format_mask(self.cpumask),
+            "delay_base_us": 0,
+            "iops_threshold": 60000,
+            "socket": self.path,
+            "sessions": [] if self.session is None else [{"vid": 0, "id": 0, "name": f"{self.name}s0",
+                                                          "started": any(v.started for v in self.session.vrings)}],
+            "backend_specific": self.backend.backend_specific(),
+        }
+
+    def queue_stats(self) -> list[dict[str, int]]:
+        out = []
+        buf = ffi.new("uint64_t[3]")
+        for i, q in enumerate(self.native_vqs):
+            lib.vn_vq_get_stats(q, buf)
+            out.append({"queue": i, "requests": buf[0], "interrupts": buf[1], "errors": buf[2]})
+        return out

@@ -1,0 +1,209 @@
+/*
+ * vhost_native.h - the public C contract of vhost-core's data path.
+ *
+ * Plugins with native parts (device types such as dev_blk, bdev backends such as
+ * bdev_malloc) compile against this header, found through
+ * `vhost_core.get_include()`.  Nothing here is linked: every call that crosses a
+ * shared-object boundary goes through a function pointer carried in a struct, so a
+ * plugin's extension module never needs the core's symbols.
+ *
+ * Threading: every callback below runs on the reactor thread that owns the device
+ * (one pinned native thread per core of the daemon's cpumask), without the GIL.
+ * Callbacks must not block.
+ *
+ * ABI: VN_ABI_VERSION changes whenever a struct in this file changes layout.  A
+ * plugin records the version it was built with in its ops tables (`abi_version`)
+ * and the core refuses tables of another version.
+ */
+#ifndef VHOST_CORE_VHOST_NATIVE_H
+#define VHOST_CORE_VHOST_NATIVE_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/uio.h>
+
+#define VN_ABI_VERSION 1
+
+/* Most descriptors one request may carry (data segments + header + status). */
+#define VN_MAX_IOV 260
+/* Bytes of per-request scratch space reserved for the device type. */
+#define VN_DEV_PRIV_SIZE 4608
+
+/* ------------------------------------------------------------------ */
+/* bdev I/O: what a device type asks of a block backend               */
+/* ------------------------------------------------------------------ */
+
+enum vn_io_type {
+    VN_IO_READ = 0,
+    VN_IO_WRITE = 1,
+    VN_IO_FLUSH = 2,
+    VN_IO_UNMAP = 3,
+    VN_IO_WRITE_ZEROES = 4,
+    VN_IO_RESET = 5,
+    VN_IO_TYPE_COUNT
+};
+
+typedef struct vn_bdev_io vn_bdev_io;
+
+/* Completion callback: status 0 on success, a negative errno on failure. */
+typedef void (*vn_bdev_io_cb)(vn_bdev_io *io, int status);
+
+/*
+ * One block I/O.  Owned by the submitter (a device type keeps it inside its
+ * per-request scratch space); the bdev must call `cb` exactly once, either from
+ * inside submit() or later from its channel poller, on the same reactor thread.
+ */
+struct vn_bdev_io {
+    uint32_t type;              /* enum vn_io_type */
+    uint32_t iovcnt;            /* data segments (READ/WRITE only) */
+    uint64_t offset_blocks;     /* first block */
+    uint64_t num_blocks;        /* block count (0 for FLUSH means "all") */
+    struct iovec *iov;          /* host-virtual data segments (READ/WRITE) */
+    vn_bdev_io_cb cb;
+    void *cb_arg;
+    uint8_t driver_ctx[128];    /* scratch space for the bdev module */
+};
+
+/*
+ * The per-bdev I/O table.  `submit` is required; the channel members are
+ * optional (NULL: the bdev needs no per-thread state and completes inline).
+ */
+struct vn_bdev_ops {
+    uint32_t abi_version;       /* VN_ABI_VERSION at build time */
+    /* Start `io` on `chan` (the value channel_create returned, or NULL). */
+    void (*submit)(void *bdev_ctx, void *chan, vn_bdev_io *io);
+    /* Make per-reactor state; called on the reactor thread.  NULL return = error. */
+    void *(*channel_create)(void *bdev_ctx);
+    /* Free it; called on the same reactor thread once no I/O is outstanding. */
+    void (*channel_destroy)(void *bdev_ctx, void *chan);
+    /* Reap completions; returns how many it completed.  Optional. */
+    int (*channel_poll)(void *bdev_ctx, void *chan);
+    /* An fd that becomes readable when channel_poll has work (interrupt mode).
+     * Optional; -1 when the bdev completes inline. */
+    int (*channel_fd)(void *bdev_ctx, void *chan);
+};
+
+/*
+ * A block device as the data path sees it.  Created by the bdev module (in C or by
+ * the core's adapter), owned by it, and outlives every device that opened it.
+ */
+typedef struct vn_bdev {
+    const struct vn_bdev_ops *ops;
+    void *ctx;
+    uint32_t block_size;        /* bytes, a power of two >= 512 */
+    uint32_t io_types;          /* bit (1 << enum vn_io_type) per supported type */
+    uint64_t num_blocks;
+    /* Set (by the control plane) when the bdev is going away: new I/O fails. */
+    volatile int removed;
+} vn_bdev;
+
+/* ------------------------------------------------------------------ */
+/* virtqueue requests: what the core hands a device type             */
+/* ------------------------------------------------------------------ */
+
+/* Why a request could not be mapped; the device answers it with an error. */
+enum vn_req_error {
+    VN_REQ_OK = 0,
+    VN_REQ_EFAULT = 1,          /* a descriptor lies outside guest memory */
+    VN_REQ_E2BIG = 2,           /* more than VN_MAX_IOV segments */
+};
+
+typedef struct vn_req vn_req;
+
+/*
+ * One descriptor chain popped from a virtqueue, already translated to host
+ * addresses and bounds-checked.  iov[0 .. n_out) are device-readable (driver ->
+ * device), iov[n_out .. n_out + n_in) device-writable.  The device must call
+ * `complete(req, written)` exactly once, on the reactor thread, with the number of
+ * bytes it wrote into the writable part.
+ */
+struct vn_req {
+    void (*complete)(vn_req *req, uint32_t written);
+    void *dev_ctx;              /* the device's context pointer */
+    uint16_t queue_index;       /* virtqueue this request came from */
+    uint16_t head;              /* descriptor head id (opaque to devices) */
+    uint32_t error;             /* enum vn_req_error; iov is partial when set */
+    uint32_t n_out, n_in;
+    uint64_t out_len, in_len;   /* total bytes of each part */
+    struct iovec iov[VN_MAX_IOV];
+    void *core_priv;            /* owned by the core */
+    /* Scratch space for the device type (its request state, bdev_io, iovecs). */
+    uint8_t dev_priv[VN_DEV_PRIV_SIZE] __attribute__((aligned(16)));
+};
+
+/*
+ * A device type's table.  `submit` is required; the others are optional.
+ * attach/detach/poll run on the reactor thread that owns the device.
+ */
+struct vn_device_ops {
+    uint32_t abi_version;
+    void (*submit)(void *dev_ctx, vn_req *req);
+    /* The device was placed on a reactor (create bdev channels here). 0 = ok. */
+    int (*attach)(void *dev_ctx);
+    /* The device leaves its reactor; no request is outstanding any more. */
+    void (*detach)(void *dev_ctx);
+    /* Poll backends for completions; returns the work done.  */
+    int (*poll)(void *dev_ctx);
+    /* Fds to wait on in interrupt mode (bdev completion fds).  Returns a count. */
+    int (*poll_fds)(void *dev_ctx, int *fds, int max);
+    /* Requests still owned by the device (held events, queued I/O). */
+    int (*outstanding)(void *dev_ctx);
+};
+
+/* Helpers for devices: copy between flat buffers and iovec ranges. */
+static inline uint64_t vn_iov_copy_from(const struct iovec *iov, uint32_t cnt,
+                                        uint64_t skip, void *dst, uint64_t len)
+{
+    uint64_t done = 0;
+    for (uint32_t i = 0; i < cnt && done < len; i++) {
+        uint64_t l = iov[i].iov_len;
+        if (skip >= l) { skip -= l; continue; }
+        uint64_t n = l - skip;
+        if (n > len - done) n = len - done;
+        __builtin_memcpy((uint8_t *)dst + done, (uint8_t *)iov[i].iov_base + skip, n);
+        done += n;
+        skip = 0;
+    }
+    return done;
+}
+
+static inline uint64_t vn_iov_copy_to(const struct iovec *iov, uint32_t cnt,
+                                      uint64_t skip, const void *src, uint64_t len)
+{
+    uint64_t done = 0;
+    for (uint32_t i = 0; i < cnt && done < len; i++) {
+        uint64_t l = iov[i].iov_len;
+        if (skip >= l) { skip -= l; continue; }
+        uint64_t n = l - skip;
+        if (n > len - done) n = len - done;
+        __builtin_memcpy((uint8_t *)iov[i].iov_base + skip, (const uint8_t *)src + done, n);
+        done += n;
+        skip = 0;
+    }
+    return done;
+}
+
+/*
+ * Describe bytes [skip, skip+len) of `src` as a new iovec array in `dst` (at most
+ * `max` entries).  Returns the entry count, or -1 if it does not fit.
+ */
+static inline int vn_iov_slice(const struct iovec *src, uint32_t cnt, uint64_t skip,
+                               uint64_t len, struct iovec *dst, int max)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < cnt && len > 0; i++) {
+        uint64_t l = src[i].iov_len;
+        if (skip >= l) { skip -= l; continue; }
+        if (n >= max) return -1;
+        uint64_t take = l - skip;
+        if (take > len) take = len;
+        dst[n].iov_base = (uint8_t *)src[i].iov_base + skip;
+        dst[n].iov_len = take;
+        n++;
+        len -= take;
+        skip = 0;
+    }
+    return len == 0 ? n : -1;
+}
+
+#endif

@@ -1,0 +1,565 @@
+"""JSON-RPC method registry: names, deprecated aliases, parameter decoding.
+
+A handler is a plain function.  When registered with ``params=SomeAttrsClass``
+the JSON ``params`` object is decoded into an instance of that (frozen) attrs
+class and the handler is called as ``fn(params_obj)``; with ``params=None`` the
+handler is called as ``fn()`` and any parameter is rejected.
+
+Errors follow SPDK's conventions: JSON-RPC 2.0 codes for protocol level
+problems and negative errno values for domain errors raised by handlers
+(``RpcError(-errno.ENODEV, "...")``).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import enum
+import contextlib
+import inspect
+import json
+import logging
+import types
+import typing
+from typing import Any, Callable, Iterable, Sequence
+
+import attrs
+
+__all__ = [
+    "PARSE_ERROR",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "INVALID_PARAMS",
+    "INTERNAL_ERROR",
+    "RpcError",
+    "RpcMethod",
+    "RpcRegistry",
+]
+
+log = logging.getLogger("vhost.rpc")
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+
+class RpcError(Exception):
+    """An error that travels to the client as a JSON-RPC error object."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = int(code)
+        self.message = str(message)
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"RpcError({self.code}, {self.message!r})"
+
+
+# --------------------------------------------------------------------------
+# JSON -> attrs decoding
+# --------------------------------------------------------------------------
+
+_NoneType = type(None)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """Render a received value in an error message as JSON, truncated."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def _describe(tp: Any) -> str:
+    """Human description of an expected type ("an integer", "a list of strings")."""
+    if tp is Any or tp is object:
+        return "any value"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        non_none = [a for a in args if a is not _NoneType]
+        parts = [_describe(a) for a in non_none]
+        if len(non_none) < len(args):
+            parts.append("null")
+        return " or ".join(parts)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(_show(a) for a in args)
+    if tp is bool:
+        return "a boolean"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        if args and args[0] is not Ellipsis:
+            inner = _describe(args[0])
+            for article in ("an ", "a "):
+                if inner.startswith(article):
+                    inner = inner[len(article):]
+                    break
+            return f"a list of {inner}s"
+        return "a list"
+    if tp is dict or origin in (dict, collections.abc.Mapping):
+        return "an object"
+    if attrs.has(tp):
+        return "an object"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(_show(m.value) for m in tp)
+    return f"a {getattr(tp, '__name__', tp)}"
+
+
+class _Mismatch(Exception):
+    """Internal: value does not match the annotation (message is context-free)."""
+
+    def __init__(self, path: str, expected: str, value: Any) -> None:
+        super().__init__(path)
+        self.path = path
+        self.expected = expected
+        self.value = value
+
+
+def _convert(value: Any, tp: Any, path: str, method: str) -> Any:
+    """Check ``value`` (decoded JSON) against annotation ``tp`` and convert it."""
+    if tp is Any or tp is object or tp is None:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and _NoneType in args:
+            return None
+        candidates = [a for a in args if a is not _NoneType]
+        if len(candidates) == 1:
+            try:
+                return _convert(value, candidates[0], path, method)
+            except _Mismatch as exc:
+                if exc.path == path:
+                    raise _Mismatch(path, _describe(tp), value) from None
+                raise
+        for cand in candidates:
+            try:
+                return _convert(value, cand, path, method)
+            except _Mismatch:
+                continue
+        raise _Mismatch(path, _describe(tp), value)
+
+    if origin is typing.Literal:
+        for allowed in args:
+            if value == allowed and type(value) is type(allowed):
+                return value
+        raise _Mismatch(path, _describe(tp), value)
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch(path, _describe(tp), value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch(path, _describe(tp), value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch(path, _describe(tp), value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch(path, _describe(tp), value)
+
+    if tp in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, list):
+            raise _Mismatch(path, _describe(tp), value)
+        if args and args[0] is not Ellipsis and not (origin is tuple and len(args) != 2):
+            elem_tp = args[0]
+            out = []
+            for i, item in enumerate(value):
+                try:
+                    out.append(_convert(item, elem_tp, f"{path}[{i}]", method))
+                except _Mismatch as exc:
+                    if exc.path == f"{path}[{i}]":
+                        # Report as a whole-list type error, pointing at the element.
+                        raise _Mismatch(path, _describe(tp), value) from None
+                    raise
+            value = out
+        if tp is tuple or origin is tuple:
+            return tuple(value)
+        return list(value)
+
+    if tp is dict or origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise _Mismatch(path, _describe(tp), value)
+        if len(args) == 2 and args[1] is not Any:
+            return {k: _convert(v, args[1], f"{path}.{k}", method) for k, v in value.items()}
+        return dict(value)
+
+    if attrs.has(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch(path, _describe(tp), value)
+        return _build(tp, value, method, prefix=f"{path}.")
+
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if member.value == value and type(member.value) is type(value):
+                return member
+        raise _Mismatch(path, _describe(tp), value)
+
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch(path, _describe(tp), value)
+    return value
+
+
+_hints_cache: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = _hints_cache.get(cls)
+    if hints is None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # unresolved forward references: fall back to raw
+            hints = {}
+        resolved: dict[str, Any] = {}
+        for f in attrs.fields(cls):
+            resolved[f.name] = hints.get(f.name, f.type if not isinstance(f.type, str) else Any)
+        hints = resolved
+        _hints_cache[cls] = hints
+    return hints
+
+
+def _field_key(f: attrs.Attribute) -> str:
+    """JSON key for an attrs field (private ``_x`` fields are spelled ``x``)."""
+    return getattr(f, "alias", None) or f.name.lstrip("_")
+
+
+def _required(f: attrs.Attribute) -> bool:
+    return f.default is attrs.NOTHING and f.init
+
+
+def _build(cls: type, obj: dict[str, Any], method: str, prefix: str = "") -> Any:
+    fields = [f for f in attrs.fields(cls) if f.init]
+    by_key = {_field_key(f): f for f in fields}
+    for key in obj:
+        if key not in by_key:
+            valid = ", ".join(by_key) if by_key else "(none)"
+            raise RpcError(
+                INVALID_PARAMS,
+                f"{method}: unknown parameter '{prefix}{key}'; valid parameters: {valid}",
+            )
+    for key, f in by_key.items():
+        if _required(f) and key not in obj:
+            raise RpcError(INVALID_PARAMS, f"{method}: missing required parameter '{prefix}{key}'")
+    types_ = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, f in by_key.items():
+        if key not in obj:
+            continue
+        try:
+            kwargs[key] = _convert(obj[key], types_.get(f.name, Any), f"{prefix}{key}", method)
+        except _Mismatch as exc:
+            raise RpcError(
+                INVALID_PARAMS,
+                f"{method}: parameter '{exc.path}' must be {exc.expected}, got {_show(exc.value)}",
+            ) from None
+    try:
+        return cls(**kwargs)
+    except RpcError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise RpcError(INVALID_PARAMS, f"{method}: {exc}") from None
+
+
+def _describe_params(cls: type | None) -> list[dict[str, Any]]:
+    if cls is None:
+        return []
+    types_ = _field_types(cls)
+    out = []
+    for f in attrs.fields(cls):
+        if not f.init:
+            continue
+        entry: dict[str, Any] = {
+            "name": _field_key(f),
+            "type": _describe(types_.get(f.name, Any)),
+            "required": _required(f),
+        }
+        if not _required(f):
+            default = f.default
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                default = None if default.takes_self else default.factory()
+            try:
+                json.dumps(default)
+                entry["default"] = default
+            except (TypeError, ValueError):
+                entry["default"] = repr(default)
+        help_text = f.metadata.get("help") if f.metadata else None
+        if help_text:
+            entry["help"] = help_text
+        out.append(entry)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RpcMethod:
+    """One registered method (aliases point at the same object)."""
+
+    name: str
+    fn: Callable[..., Any]
+    params: type | None
+    deprecated_aliases: tuple[str, ...]
+    owner: str | None
+
+    def decode(self, params: Any, called_as: str | None = None) -> Any:
+        """Turn the JSON ``params`` value into what the handler takes."""
+        label = called_as or self.name
+        if params is None:
+            params = {}
+        if isinstance(params, list):
+            raise RpcError(
+                INVALID_PARAMS,
+                f"{label}: positional (array) params are not supported; pass an object",
+            )
+        if not isinstance(params, dict):
+            raise RpcError(INVALID_PARAMS, f"{label}: params must be an object, got {_show(params)}")
+        if self.params is None:
+            if params:
+                key = next(iter(params))
+                raise RpcError(
+                    INVALID_PARAMS,
+                    f"{label}: unknown parameter '{key}'; this method takes no parameters",
+                )
+            return None
+        return _build(self.params, params, label)
+
+
+class RpcRegistry:
+    """Name -> handler table shared by the server, the CLI and introspection.
+
+    ``builtins=True`` (default) registers ``rpc_get_methods`` (deprecated alias
+    ``get_rpc_methods``) on construction, answering the way SPDK's does.
+    """
+
+    def __init__(self, *, builtins: bool = True) -> None:
+        self._methods: dict[str, RpcMethod] = {}
+        self._aliases: dict[str, str] = {}
+        self._hints: dict[str, str] = {}
+        self._warned: set[str] = set()
+        #: Held around every handler call; the daemon sets its control lock here so
+        #: that no RPC races a vhost-user message.
+        self.lock: Any = contextlib.nullcontext()
+        if builtins:
+            self.add(
+                "rpc_get_methods",
+                self._rpc_get_methods,
+                params=RpcGetMethodsParams,
+                deprecated_aliases=("get_rpc_methods",),
+                owner="vhost-core",
+            )
+
+    # -- registration -----------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        params: type | None = None,
+        deprecated_aliases: Sequence[str] = (),
+        owner: str | None = None,
+    ) -> RpcMethod:
+        if isinstance(deprecated_aliases, str):
+            deprecated_aliases = (deprecated_aliases,)
+        if params is not None and not attrs.has(params):
+            raise TypeError(f"RPC method '{name}': params must be an attrs class, got {params!r}")
+        for n in (name, *deprecated_aliases):
+            if not isinstance(n, str) or not n:
+                raise ValueError(f"invalid RPC method name {n!r}")
+            existing = self._lookup(n)
+            if existing is not None:
+                raise ValueError(
+                    f"RPC method '{n}' is already registered by {existing.owner or 'an unnamed owner'}"
+                )
+        if len(set((name, *deprecated_aliases))) != 1 + len(deprecated_aliases):
+            raise ValueError(f"RPC method '{name}': duplicate name among its aliases")
+        m = RpcMethod(
+            name=name,
+            fn=fn,
+            params=params,
+            deprecated_aliases=tuple(deprecated_aliases),
+            owner=owner,
+        )
+        self._methods[name] = m
+        for alias in deprecated_aliases:
+            self._aliases[alias] = name
+        return m
+
+    def method(
+        self,
+        name: str,
+        *,
+        params: type | None = None,
+        deprecated_aliases: Sequence[str] = (),
+        owner: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator form of :meth:`add`; returns the function unchanged."""
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.add(name, fn, params=params, deprecated_aliases=deprecated_aliases, owner=owner)
+            return fn
+
+        return deco
+
+    def remove(self, name: str) -> None:
+        """Unregister a method and its aliases (KeyError if unknown)."""
+        m = self._methods.pop(name)
+        for alias in m.deprecated_aliases:
+            self._aliases.pop(alias, None)
+
+    def set_missing_hint(self, method_name: str, hint: str) -> None:
+        """Explain, when ``method_name`` is called but not registered, where it comes from."""
+        self._hints[method_name] = hint
+
+    # -- introspection ----------------------------------------------------
+
+    def _lookup(self, name: str) -> RpcMethod | None:
+        m = self._methods.get(name)
+        if m is None and name in self._aliases:
+            m = self._methods[self._aliases[name]]
+        return m
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._lookup(name) is not None
+
+    def get(self, name: str) -> RpcMethod | None:
+        """The method registered under ``name`` (canonical name or alias), or None."""
+        return self._lookup(name)
+
+    def names(self, include_aliases: bool = True) -> list[str]:
+        out = list(self._methods)
+        if include_aliases:
+            out.extend(self._aliases)
+        return sorted(out)
+
+    def aliases(self) -> dict[str, str]:
+        """Deprecated alias -> canonical name."""
+        return dict(self._aliases)
+
+    def schema(self, name: str) -> dict[str, Any]:
+        """JSON-serialisable description of a method (KeyError if unknown)."""
+        m = self._lookup(name)
+        if m is None:
+            raise KeyError(name)
+        doc = inspect.getdoc(m.fn) or ""
+        return {
+            "name": m.name,
+            "owner": m.owner,
+            "deprecated_aliases": list(m.deprecated_aliases),
+            "params": _describe_params(m.params),
+            "help": doc.split("\n\n", 1)[0] if doc else "",
+        }
+
+    # -- calling ------------------------------------------------------------
+
+    def _not_found(self, name: str) -> RpcError:
+        hint = self._hints.get(name)
+        if hint:
+            return RpcError(METHOD_NOT_FOUND, f"Method not found: '{name}'. {hint}")
+        return RpcError(METHOD_NOT_FOUND, f"Method not found: '{name}'. See rpc_get_methods for the list.")
+
+    def resolve(self, name: str) -> RpcMethod:
+        """Find a method by name or alias (warning once per deprecated alias)."""
+        if not isinstance(name, str):
+            raise RpcError(INVALID_REQUEST, "Invalid request: 'method' must be a string")
+        m = self._lookup(name)
+        if m is None:
+            raise self._not_found(name)
+        if name != m.name and name not in self._warned:
+            self._warned.add(name)
+            log.warning("rpc: method '%s' is deprecated, use '%s'", name, m.name)
+        return m
+
+    def _invoke(self, name: str, params: Any) -> Any:
+        m = self.resolve(name)
+        arg = m.decode(params, called_as=name)
+        try:
+            with self.lock:
+                if m.params is None:
+                    return m.fn()
+                return m.fn(arg)
+        except RpcError:
+            raise
+        except Exception as exc:
+            raise self._internal(name, exc) from exc
+
+    @staticmethod
+    def _internal(name: str, exc: BaseException) -> RpcError:
+        log.error("rpc: method '%s' failed", name, exc_info=exc)
+        text = str(exc) or type(exc).__name__
+        return RpcError(INTERNAL_ERROR, f"{name}: {text}")
+
+    def dispatch(self, name: str, params: dict[str, Any] | None = None) -> Any:
+        """Call a method synchronously; every failure is an :class:`RpcError`."""
+        result = self._invoke(name, params)
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            raise RpcError(
+                INTERNAL_ERROR,
+                f"{name}: handler is asynchronous; call it through the RPC server (dispatch_async)",
+            )
+        return result
+
+    async def dispatch_async(self, name: str, params: dict[str, Any] | None = None) -> Any:
+        """Like :meth:`dispatch`, but also awaits handlers that return awaitables."""
+        result = self._invoke(name, params)
+        if inspect.isawaitable(result):
+            try:
+                result = await result
+            except RpcError:
+                raise
+            except Exception as exc:
+                raise self._internal(name, exc) from exc
+        return result
+
+    # -- builtin methods ----------------------------------------------------
+
+    def _rpc_get_methods(self, p: "RpcGetMethodsParams") -> list[str]:
+        """List the RPC methods this target answers."""
+        # Every method is callable at runtime (there is no SPDK "startup" state),
+        # so ``current`` does not filter anything.
+        return self.names(include_aliases=p.include_aliases)
+
+
+@attrs.frozen
+class RpcGetMethodsParams:
+    current: bool = attrs.field(default=False, metadata={"help": "only methods callable now"})
+    include_aliases: bool = attrs.field(default=False, metadata={"help": "include deprecated aliases"})
+
+
+def iter_methods(registry: RpcRegistry) -> Iterable[RpcMethod]:
+    """Each registered method once (aliases folded), sorted by name."""
+    for name in registry.names(include_aliases=False):
+        m = registry.get(name)
+        if m is not None:
+            yield m

@@ -1,0 +1,434 @@
+"""vhost-user message handling: one front-end session of one controller.
+
+Runs on the connection's own thread, under the app's control lock.  Every field
+the front-end sends is validated here before it reaches the native data path; a
+violation raises :class:`ProtocolError` and the connection is dropped (the daemon
+and every other controller keep serving).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Callable
+
+import attrs
+
+from vhost_core.log import get_logger, notice
+from vhost_core.native import ffi, lib
+from vhost_core.vhost_user import messages as m
+from vhost_core.vhost_user.connection import Connection, Message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vhost_core.controller import Controller
+
+log = get_logger("vhost_user")
+
+UNSHARED_MEMORY_HINT = (
+    "guest memory is not shared with the vhost target: start QEMU with "
+    "`-object memory-backend-memfd,id=mem,size=<RAM size>,share=on -numa node,memdev=mem` "
+    "(or memory-backend-file with mem-path=/dev/hugepages and share=on)")
+
+CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEATURES)
+                 | (1 << m.VIRTIO_RING_F_INDIRECT_DESC) | (1 << m.VIRTIO_RING_F_EVENT_IDX))
+PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY_ACK)
+                     | (1 << m.ProtocolFeature.CONFIG))
+STOP_TIMEOUT_MS = 30000
+
+
+@attrs.define
+class Vring:
+    """Control-plane view of one virtqueue; ``native`` is its ``struct vn_vq``."""
+
+    index: int
+    native: object
+    size: int = 0
+    base: int = 0
+    addr: m.VringAddr | None = None
+    kick_fd: int = -1
+    call_fd: int = -1
+    enabled: bool = False
+    started: bool = False
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+class Session:
+    """State of one front-end connection to a controller."""
+
+    def __init__(self, ctrlr: Controller, conn: Connection) -> None:
+        self.ctrlr = ctrlr
+        self.conn = conn
+        self.name = ctrlr.name
+        self.features = 0
+        self.features_set = False
+        self.protocol_features = 0
+        self.mem = ffi.NULL
+        self.nregions = 0
+        self.vrings = [Vring(i, q) for i, q in enumerate(ctrlr.native_vqs)]
+        self.reported_unshared = False
+        self._handlers: dict[int, Callable[[Message], bytes | None]] = {
+            m.Request.GET_FEATURES: self._get_features,
+            m.Request.SET_FEATURES: self._set_features,
+            m.Request.SET_OWNER: lambda msg: None,
+            m.Request.RESET_OWNER: self._reset_owner,
+            m.Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            m.Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            m.Request.GET_QUEUE_NUM: self._get_queue_num,
+            m.Request.SET_MEM_TABLE: self._set_mem_table,
+            m.Request.SET_VRING_NUM: self._set_vring_num,
+            m.Request.SET_VRING_ADDR: self._set_vring_addr,
+            m.Request.SET_VRING_BASE: self._set_vring_base,
+            m.Request.GET_VRING_BASE: self._get_vring_base,
+            m.Request.SET_VRING_KICK: self._set_vring_kick,
+            m.Request.SET_VRING_CALL: self._set_vring_call,
+            m.Request.SET_VRING_ERR: self._set_vring_err,
+            m.Request.SET_VRING_ENABLE: self._set_vring_enable,
+            m.Request.GET_CONFIG: self._get_config,
+            m.Request.SET_CONFIG: self._set_config,
+        }
+        # Requests whose reply is their own answer (no REPLY_ACK on top).
+        self._with_reply = {m.Request.GET_FEATURES, m.Request.GET_PROTOCOL_FEATURES,
+                            m.Request.GET_QUEUE_NUM, m.Request.GET_VRING_BASE,
+                            m.Request.GET_CONFIG}
+
+    # ---------------------------------------------------------------- dispatch
+
+    def handle(self, msg: Message) -> None:
+        """Process one message; raises ProtocolError to drop the connection."""
+        handler = self._handlers.get(msg.request)
+        try:
+            if handler is None:
+                try:
+                    name = m.Request(msg.request).name
+                except ValueError:
+                    name = f"request {msg.request}"
+                log.error("Controller %s: unsupported vhost-user message %s, refused",
+                          self.name, name)
+                ok, reply = False, None
+            else:
+                try:
+                    reply = handler(msg)
+                    ok = True
+                except ValueError as exc:
+                    log.error("Controller %s: %s refused: %s", self.name,
+                              m.Request(msg.request).name, exc)
+                    ok, reply = False, None
+        finally:
+            msg.close_fds()
+        if reply is not None:
+            self.conn.reply(msg.request, reply)
+        elif msg.request in self._with_reply:
+            # A GET we could not answer: the front-end waits for a reply, so the
+            # only honest move is to drop the connection.
+            raise m.ProtocolError(f"cannot answer {m.Request(msg.request).name}")
+        elif (msg.flags & m.FLAG_NEED_REPLY
+              and self.protocol_features & (1 << m.ProtocolFeature.REPLY_ACK)):
+            self.conn.reply(msg.request, m.U64.pack(0 if ok else 1))
+
+    # ---------------------------------------------------------------- helpers
+
+    def _payload(self, msg: Message, st) -> tuple:
+        if len(msg.payload) != st.size:
+            raise m.ProtocolError(
+                f"{m.Request(msg.request).name} payload is {len(msg.payload)} bytes, expected {st.size}")
+        return st.unpack(msg.payload)
+
+    def _vring(self, index: int) -> Vring:
+        if index >= len(self.vrings):
+            raise m.ProtocolError(f"vring index {index} out of range (device has {len(self.vrings)} queues)")
+        return self.vrings[index]
+
+    def offered_features(self) -> int:
+        return CORE_FEATURES | self.ctrlr.backend.device_features()
+
+    # ---------------------------------------------------------------- features
+
+    def _get_features(self, msg: Message) -> bytes:
+        return m.U64.pack(self.offered_features())
+
+    def _set_features(self, msg: Message) -> None:
+        (features,) = self._payload(msg, m.U64)
+        extra = features & ~self.offered_features()
+        if extra:
+            raise m.ProtocolError(f"SET_FEATURES asks for bits {extra:#x} that were not offered")
+        if any(v.started for v in self.vrings) and (features ^ self.features) & (
+                (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)):
+            raise ValueError("ring features cannot change while queues run")
+        self.features = features
+        self.features_set = True
+        event_idx = bool(features & (1 << m.VIRTIO_RING_F_EVENT_IDX))
+        indirect = bool(features & (1 << m.VIRTIO_RING_F_INDIRECT_DESC))
+        for v in self.vrings:
+            lib.vn_vq_set_features(v.native, event_idx, indirect)
+        self.ctrlr.backend.features_negotiated(features)
+        return None
+
+    def _get_protocol_features(self, msg: Message) -> bytes:
+        return m.U64.pack(PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        (features,) = self._payload(msg, m.U64)
+        extra = features & ~PROTOCOL_FEATURES
+        if extra:
+            raise m.ProtocolError(f"SET_PROTOCOL_FEATURES asks for bits {extra:#x} that were not offered")
+        self.protocol_features = features
+
+    def _get_queue_num(self, msg: Message) -> bytes:
+        return m.U64.pack(self.ctrlr.backend.num_queues)
+
+    def _reset_owner(self, msg: Message) -> None:
+        self.stop_all()
+        self.features = 0
+        self.features_set = False
+
+    # ---------------------------------------------------------------- memory
+
+    def _set_mem_table(self, msg: Message) -> None:
+        if len(msg.payload) < m.MEM_HEADER.size:
+            raise m.ProtocolError("SET_MEM_TABLE payload shorter than its header")
+        nregions, _pad = m.MEM_HEADER.unpack_from(msg.payload)
+        if nregions > m.MAX_MEM_REGIONS:
+            raise m.ProtocolError(f"SET_MEM_TABLE with {nregions} regions (at most {m.MAX_MEM_REGIONS})")
+        expected = m.MEM_HEADER.size + nregions * m.MEM_REGION.size
+        # QEMU always sends the full 8-region array; accept the exact or full size.
+        full = m.MEM_HEADER.size + m.MAX_MEM_REGIONS * m.MEM_REGION.size
+        if len(msg.payload) not in (expected, full):
+            raise m.ProtocolError(f"SET_MEM_TABLE payload is {len(msg.payload)} bytes for {nregions} regions")
+        if nregions == 0:
+            self.reported_unshared = True
+            log.error("Controller %s: %s", self.name, UNSHARED_MEMORY_HINT)
+            raise ValueError("memory table has no regions")
+        if len(msg.fds) != nregions:
+            if not self.reported_unshared:
+                self.reported_unshared = True
+                log.error("Controller %s: memory table has %d regions but %d file descriptors: %s",
+                          self.name, nregions, len(msg.fds), UNSHARED_MEMORY_HINT)
+            raise m.ProtocolError("memory regions without file descriptors")
+        regions = [m.MemoryRegion(*m.MEM_REGION.unpack_from(msg.payload, m.MEM_HEADER.size + i * m.MEM_REGION.size))
+                   for i in range(nregions)]
+        new = lib.vn_mem_new()
+        try:
+            for r, fd in zip(regions, msg.fds):
+                rc = lib.vn_mem_add_region(new, fd, r.guest_phys_addr, r.memory_size,
+                                           r.userspace_addr, r.mmap_offset)
+                if rc < 0:
+                    raise m.ProtocolError(
+                        f"cannot map memory region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} "
+                        f"offset={r.mmap_offset:#x}: {os.strerror(-rc)}"
+                        + (" (region lies past the end of its file)" if rc == -34 else ""))
+        except BaseException:
+            lib.vn_mem_free(new)
+            raise
+        # Replace the table under running queues: stop, swap, re-translate, restart.
+        running = [v for v in self.vrings if v.started]
+        for v in running:
+            self._stop_vring(v)
+        old, self.mem, self.nregions = self.mem, new, nregions
+        for v in self.vrings:
+            lib.vn_vq_set_mem(v.native, new)
+        if old != ffi.NULL:
+            lib.vn_mem_free(old)
+        log.debug("Controller %s: memory table with %d regions", self.name, nregions)
+        for v in running:
+            self._start_vring(v)
+
+    # ---------------------------------------------------------------- vrings
+
+    def _set_vring_num(self, msg: Message) -> None:
+        index, num = self._payload(msg, m.VRING_STATE)
+        v = self._vring(index)
+        if num == 0 or num > m.MAX_QUEUE_SIZE or num & (num - 1):
+            raise m.ProtocolError(f"vring {index} size {num} is not a power of two in 1..{m.MAX_QUEUE_SIZE}")
+        if v.started:
+            raise m.ProtocolError(f"vring {index} size changed while it runs")
+        v.size = num
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        addr = m.VringAddr(*self._payload(msg, m.VRING_ADDR))
+        v = self._vring(addr.index)
+        if v.started:
+            raise m.ProtocolError(f"vring {addr.index} addresses changed while it runs")
+        v.addr = addr
+
+    def _set_vring_base(self, msg: Message) -> None:
+        index, num = self._payload(msg, m.VRING_STATE)
+        v = self._vring(index)
+        if num > 0xFFFF:
+            raise m.ProtocolError(f"vring {index} base {num} exceeds 65535")
+        if v.started:
+            raise m.ProtocolError(f"vring {index} base changed while it runs")
+        v.base = num
+
+    def _get_vring_base(self, msg: Message) -> bytes:
+        index, _num = self._payload(msg, m.VRING_STATE)
+        v = self._vring(index)
+        if v.started:
+            self._stop_vring(v)
+        base = v.base
+        # The ring is stopped until the next SET_VRING_KICK.
+        if v.kick_fd >= 0:
+            lib.vn_vq_set_kick(v.native, -1)
+            os.close(v.kick_fd)
+            v.kick_fd = -1
+        v.enabled = False
+        return m.VRING_STATE.pack(index, base)
+
+    def _vring_fd(self, msg: Message) -> tuple[Vring, int]:
+        (value,) = self._payload(msg, m.U64)
+        if value & ~(m.VRING_IDX_MASK | m.VRING_NOFD_MASK):
+            raise m.ProtocolError(f"{m.Request(msg.request).name} reserved bits set in {value:#x}")
+        v = self._vring(value & m.VRING_IDX_MASK)
+        if value & m.VRING_NOFD_MASK:
+            return v, -1
+        if len(msg.fds) != 1:
+            raise m.ProtocolError(f"{m.Request(msg.request).name} for vring {v.index} carries "
+                                  f"{len(msg.fds)} file descriptors, expected 1")
+        return v, msg.take_fd()
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        v, fd = self._vring_fd(msg)
+        if v.started:
+            self._stop_vring(v)
+        if v.kick_fd >= 0:
+            os.close(v.kick_fd)
+        v.kick_fd = fd
+        if not self.protocol_features_negotiated():
+            v.enabled = True
+        self._start_vring(v)
+
+    def _set_vring_call(self, msg: Message) -> None:
+        v, fd = self._vring_fd(msg)
+        old = v.call_fd
+        v.call_fd = fd
+        lib.vn_vq_set_call(v.native, fd)
+        if old >= 0:
+            os.close(old)
+
+    def _set_vring_err(self, msg: Message) -> None:
+        _v, fd = self._vring_fd(msg)
+        if fd >= 0:
+            os.close(fd)
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        index, num = self._payload(msg, m.VRING_STATE)
+        v = self._vring(index)
+        if num not in (0, 1):
+            raise m.ProtocolError(f"SET_VRING_ENABLE {index} with value {num}")
+        v.enabled = bool(num)
+        lib.vn_vq_set_enabled(v.native, v.enabled)
+        if v.enabled and not v.started and v.kick_fd >= 0:
+            self._start_vring(v)
+
+    def protocol_features_negotiated(self) -> bool:
+        return bool(self.features & (1 << m.VHOST_USER_F_PROTOCOL_FEATURES))
+
+    def _translate_ring(self, v: Vring) -> tuple:
+        assert v.addr is not None
+        event = 2 if self.features & (1 << m.VIRTIO_RING_F_EVENT_IDX) else 0
+        parts = (("descriptor table", v.addr.desc, 16 * v.size),
+                 ("avail ring", v.addr.avail, 4 + 2 * v.size + event),
+                 ("used ring", v.addr.used, 4 + 8 * v.size + event))
+        out = []
+        for what, uva, length in parts:
+            p = lib.vn_mem_uva_to_host(self.mem, uva, length)
+            if p == ffi.NULL:
+                hint = UNSHARED_MEMORY_HINT if self.nregions == 0 else (
+                    "the front-end's ring addresses must lie inside the memory table it sent")
+                raise ValueError(f"vring {v.index} {what} at {uva:#x}+{length} is not in guest memory: {hint}")
+            out.append(p)
+        if v.addr.desc % 16 or v.addr.avail % 2 or v.addr.used % 4:
+            raise ValueError(f"vring {v.index} addresses are misaligned")
+        return tuple(out)
+
+    def _start_vring(self, v: Vring) -> None:
+        if v.started or v.kick_fd < 0:
+            return
+        if not v.size or v.addr is None:
+            raise m.ProtocolError(f"vring {v.index} kicked before its size and addresses were set")
+        if self.mem == ffi.NULL:
+            if not self.reported_unshared:
+                self.reported_unshared = True
+                log.error("Controller %s: vring %d started without a memory table: %s",
+                          self.name, v.index, UNSHARED_MEMORY_HINT)
+            raise m.ProtocolError(f"vring {v.index} started without a memory table")
+        try:
+            desc, avail, used = self._translate_ring(v)
+        except ValueError as exc:
+            if self.nregions == 0 and not self.reported_unshared:
+                self.reported_unshared = True
+            raise m.ProtocolError(str(exc)) from None
+        lib.vn_vq_set_ring(v.native, v.size, desc, avail, used)
+        lib.vn_vq_set_base(v.native, v.base)
+        lib.vn_vq_set_kick(v.native, v.kick_fd)
+        lib.vn_vq_set_call(v.native, v.call_fd)
+        lib.vn_vq_set_enabled(v.native, v.enabled)
+        rc = lib.vn_vq_start(v.native)
+        if rc < 0:
+            raise m.ProtocolError(f"vring {v.index} could not start: {os.strerror(-rc)}")
+        v.started = True
+        log.debug("Controller %s: vring %d started (size %d, base %d)", self.name, v.index, v.size, v.base)
+
+    def _stop_vring(self, v: Vring) -> None:
+        if not v.started:
+            return
+        left = lib.vn_vq_stop(v.native, STOP_TIMEOUT_MS)
+        if left:
+            # Leaking the requests is the lesser evil: their buffers stay mapped.
+            log.error("Controller %s: vring %d stopped with %d requests still in flight",
+                      self.name, v.index, left)
+        reason = lib.vn_vq_broken_reason(v.native)
+        if reason != ffi.NULL:
+            log.error("Controller %s: vring %d was stopped after a malformed request: %s",
+                      self.name, v.index, ffi.string(reason).decode())
+        v.base = lib.vn_vq_get_base(v.native)
+        v.started = False
+
+    # ---------------------------------------------------------------- config
+
+    def _get_config(self, msg: Message) -> bytes:
+        if len(msg.payload) < m.CONFIG_HEADER.size:
+            raise m.ProtocolError("GET_CONFIG payload shorter than its header")
+        offset, size, flags = m.CONFIG_HEADER.unpack_from(msg.payload)
+        if size > m.MAX_PAYLOAD - m.CONFIG_HEADER.size or offset > m.MAX_PAYLOAD:
+            raise m.ProtocolError(f"GET_CONFIG offset {offset} size {size} too large")
+        config = self.ctrlr.backend.get_config()
+        # Answer exactly the size asked: SPDK's initiator asks 256 bytes, QEMU the
+        # struct size; the tail past our config reads as zeros.
+        data = config[offset: offset + size]
+        data += bytes(size - len(data))
+        return m.CONFIG_HEADER.pack(offset, size, flags) + data
+
+    def _set_config(self, msg: Message) -> None:
+        if len(msg.payload) < m.CONFIG_HEADER.size:
+            raise m.ProtocolError("SET_CONFIG payload shorter than its header")
+        offset, size, _flags = m.CONFIG_HEADER.unpack_from(msg.payload)
+        data = msg.payload[m.CONFIG_HEADER.size:]
+        if len(data) != size:
+            raise m.ProtocolError("SET_CONFIG size does not match its payload")
+        self.ctrlr.backend.set_config(offset, data)
+
+    # ---------------------------------------------------------------- teardown
+
+    def stop_all(self) -> None:
+        for v in self.vrings:
+            self._stop_vring(v)
+
+    def close(self) -> None:
+        """The front-end went away: stop every ring, then unmap its memory."""
+        self.stop_all()
+        for v in self.vrings:
+            lib.vn_vq_set_kick(v.native, -1)
+            lib.vn_vq_set_call(v.native, -1)
+            lib.vn_vq_set_enabled(v.native, 0)
+            v.close_fds()
+        for v in self.vrings:
+            lib.vn_vq_set_mem(v.native, ffi.NULL)
+        if self.mem != ffi.NULL:
+            lib.vn_mem_free(self.mem)
+            self.mem = ffi.NULL
+        notice(log, "Controller %s: front-end disconnected", self.name)
