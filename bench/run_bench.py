@@ -125,6 +125,43 @@ def cpu_idle_fraction(interval: float = 1.0) -> list[float]:
     return out
 
 
+def cpu_busy_ticks(cpus: list[int]) -> int:
+    """Sum of non-idle ticks of the given cpus (from /proc/stat)."""
+    want = {f"cpu{c}" for c in cpus}
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        f = line.split()
+        if f and f[0] in want:
+            v = list(map(int, f[1:]))
+            total += sum(v[:8]) - v[3] - v[4]  # minus idle, iowait (guest is in user)
+    return total
+
+
+def foreign_cpu_pct(target_pid: int | None, cpus: list[int], interval: float) -> float:
+    """CPU% (of one core) used on `cpus` by anything but the target, sampled now."""
+    b0 = cpu_busy_ticks(cpus)
+    t0 = proc_tree_ticks(target_pid) if target_pid else 0
+    time.sleep(interval)
+    b1 = cpu_busy_ticks(cpus)
+    t1 = proc_tree_ticks(target_pid) if target_pid else 0
+    return max(0.0, 100.0 * ((b1 - b0) - (t1 - t0)) / CLK_TCK / interval)
+
+
+def wait_quiet(target_pid: int | None, cpus: list[int], max_wait: float,
+               threshold: float = 10.0) -> float:
+    """Wait (up to max_wait s) until other processes use < threshold% on cpus."""
+    deadline = time.monotonic() + max_wait
+    warned = False
+    while True:
+        f = foreign_cpu_pct(target_pid, cpus, 0.5)
+        if f < threshold or time.monotonic() >= deadline:
+            return f
+        if not warned:
+            log(f"  machine busy ({f:.0f}% of a core used by other processes), waiting up to "
+                f"{max_wait:g}s for quiet")
+            warned = True
+
+
 def proc_tree_ticks(pid: int) -> int:
     """utime+stime (clock ticks) of pid and all its descendants."""
     total = 0
@@ -343,8 +380,12 @@ def run_loadgen(args, sock: str, rw: str, qd: int, target: Target) -> dict:
            "--time", str(args.time), "--warmup", str(args.warmup),
            "--queue-size", str(args.queue_size), "--cpu", str(args.loadgen_cpu)]
     cmd += shlex.split(args.loadgen_args)
+    cpus = sorted({args.target_cpu, args.loadgen_cpu})
+    if args.wait_quiet > 0:
+        wait_quiet(target.pid(), cpus, args.wait_quiet)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t_ticks0 = proc_tree_ticks(target.pid())
+    b0 = cpu_busy_ticks(cpus)
     t0 = time.monotonic()
     timeout = args.time + args.warmup + 60
     try:
@@ -352,6 +393,7 @@ def run_loadgen(args, sock: str, rw: str, qd: int, target: Target) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"load generator timed out after {timeout}s", "cmd": cmd}
     wall = time.monotonic() - t0
+    b1 = cpu_busy_ticks(cpus)
     t_ticks1 = proc_tree_ticks(target.pid())
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     res: dict = {}
@@ -370,6 +412,9 @@ def run_loadgen(args, sock: str, rw: str, qd: int, target: Target) -> dict:
     res["loadgen_cpu_pct"] = round(100 * (lg_user + lg_sys) / wall, 1) if wall else None
     res["loadgen_sys_pct"] = round(100 * lg_sys / wall, 1) if wall else None
     res["target_cpu_pct"] = round(100 * (t_ticks1 - t_ticks0) / CLK_TCK / wall, 1) if wall else None
+    # everything else that ran on the two benchmark cores during the run
+    other = (b1 - b0) - (t_ticks1 - t_ticks0) - (lg_user + lg_sys) * CLK_TCK
+    res["other_cpu_pct"] = round(max(0.0, 100 * other / CLK_TCK / wall), 1) if wall else None
     if not target.alive():
         res.setdefault("error", f"target died during run; log: {target.logfile}")
     return res
@@ -389,16 +434,17 @@ def fmt_f(v, nd=1) -> str:
 def build_tables(results: list[dict], workloads: list[tuple[str, int]]):
     """Return (rows, ratio_rows) as lists of string lists, first row = header."""
     rows = [["target", "workload", "IOPS", "mean lat us", "p99 lat us", "errors",
-             "target CPU%", "loadgen CPU%"]]
+             "target CPU%", "loadgen CPU%", "other CPU%"]]
     for r in results:
         m = r.get("result") or {}
         wl = f"{r['rw']} qd{r['qd']}"
         if r.get("error"):
-            rows.append([r["target"], wl, "ERROR", "-", "-", "-", "-", str(r["error"])[:60]])
+            rows.append([r["target"], wl, "ERROR", "-", "-", "-", "-", "-", str(r["error"])[:60]])
             continue
         rows.append([r["target"], wl, fmt_iops(m.get("iops")), fmt_f(m.get("mean_lat_us"), 2),
                      fmt_f(m.get("p99_lat_us"), 2), str(m.get("errors")),
-                     fmt_f(m.get("target_cpu_pct"), 0), fmt_f(m.get("loadgen_cpu_pct"), 0)])
+                     fmt_f(m.get("target_cpu_pct"), 0), fmt_f(m.get("loadgen_cpu_pct"), 0),
+                     fmt_f(m.get("other_cpu_pct"), 0)])
 
     def get(t, rw, qd):
         for r in results:
@@ -511,7 +557,13 @@ def main() -> int:
     ap.add_argument("--time", type=float, default=5.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=1.0, help="warmup seconds per run")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per (target, workload); the run with median IOPS is reported")
+                    help="runs per (target, workload); see --pick")
+    ap.add_argument("--pick", choices=["best", "median"], default="best",
+                    help="which of the --repeat runs to report (default best: interference "
+                         "from other processes only ever lowers IOPS)")
+    ap.add_argument("--wait-quiet", type=float, default=20.0,
+                    help="before each run wait up to SEC for other processes to stop using "
+                         "the benchmark cores (0 = don't wait)")
     ap.add_argument("--bs", type=int, default=4096)
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--target-cpu", type=int, default=0)
@@ -593,15 +645,18 @@ def main() -> int:
                             log(f"[{tname}] {rw} qd{qd} run {rep + 1}: "
                                 f"{res['iops']:,.0f} IOPS, mean {res['mean_lat_us']:.2f} us, "
                                 f"p99 {res['p99_lat_us']:.2f} us, errors {res['errors']}, "
-                                f"target cpu {res['target_cpu_pct']}%, "
-                                f"loadgen cpu {res['loadgen_cpu_pct']}%")
+                                f"cpu% target {res['target_cpu_pct']} loadgen "
+                                f"{res['loadgen_cpu_pct']} other {res['other_cpu_pct']}")
                         if not target.alive() and not args.fresh_target:
                             break
                     good = [r for r in runs if not r.get("error")]
                     entry = {"target": tname, "rw": rw, "qd": qd, "runs": runs}
                     if good:
-                        med = statistics.median_low([r["iops"] for r in good])
-                        entry["result"] = next(r for r in good if r["iops"] == med)
+                        if args.pick == "best":
+                            pick = max(r["iops"] for r in good)
+                        else:
+                            pick = statistics.median_low([r["iops"] for r in good])
+                        entry["result"] = next(r for r in good if r["iops"] == pick)
                     else:
                         entry["error"] = runs[-1].get("error") if runs else "no runs"
                     results.append(entry)
@@ -623,7 +678,9 @@ def main() -> int:
     hdr = (f"Machine: {machine['cpu_model']}, {machine['cores']} cores, kernel "
            f"{machine['kernel']}; target on core {args.target_cpu}, load generator on core "
            f"{args.loadgen_cpu}; bs={args.bs}, {args.time:g}s (+{args.warmup:g}s warmup) per "
-           f"run, repeat={args.repeat}, loadgen args '{args.loadgen_args}'")
+           f"run, best-of/median: {args.pick} of {args.repeat}, loadgen args "
+           f"'{args.loadgen_args}'. 'other CPU%' = CPU used on the two benchmark cores by "
+           f"other processes during the run (noise; should be ~0)")
     print()
     print(hdr)
     print()

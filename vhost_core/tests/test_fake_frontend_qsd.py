@@ -17,9 +17,6 @@ import time
 
 import pytest
 
-_SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
 
 from vhost_core.testing import (  # noqa: E402
     DEFAULT_BLK_FEATURES,
@@ -196,8 +193,7 @@ class Qsd:
 
 @pytest.fixture
 def qsd(tmp_path):
-    if QSD is None:
-        pytest.skip("qemu-storage-daemon not installed")
+    assert QSD is not None, "qemu-storage-daemon is missing: scripts/install.sh --test installs qemu-utils"
     d = Qsd(tmp_path)
     try:
         yield d

@@ -10,9 +10,6 @@ import types
 import attrs
 import pytest
 
-_SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))
-if _SRC not in sys.path:
-    sys.path.insert(0, _SRC)
 
 from vhost_core.rpc import cli, core_commands  # noqa: E402
 from vhost_core.rpc.cli import NO_OUTPUT, build_parser, main, print_result  # noqa: E402

@@ -7,9 +7,6 @@ from typing import Literal, Optional
 import attrs
 import pytest
 
-_SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))
-if _SRC not in sys.path:
-    sys.path.insert(0, _SRC)
 
 from vhost_core.rpc.registry import RpcError, RpcRegistry  # noqa: E402
 

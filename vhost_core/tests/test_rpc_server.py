@@ -12,9 +12,6 @@ import time
 import attrs
 import pytest
 
-_SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))
-if _SRC not in sys.path:
-    sys.path.insert(0, _SRC)
 
 from vhost_core.rpc.registry import RpcError, RpcRegistry  # noqa: E402
 from vhost_core.rpc.server import RpcServer, RpcSocketInUseError  # noqa: E402

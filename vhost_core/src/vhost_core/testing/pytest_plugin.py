@@ -27,7 +27,7 @@ import pytest
 from .frontend import VhostUserFrontend, connect_blk
 from .memory import GuestMemory
 
-__all__ = ["guest_memory", "vhost_frontend_factory", "vhost_blk_factory"]
+__all__ = ["guest_memory", "vhost_frontend_factory", "vhost_blk_factory", "vhost_daemon"]
 
 
 @pytest.fixture
@@ -69,3 +69,17 @@ def vhost_blk_factory():
     finally:
         for dev in made:
             dev.close()
+
+
+@pytest.fixture
+def vhost_daemon(tmp_path):
+    """A running ``vhost`` daemon (interrupt mode, core 0); stopped with SIGTERM at teardown,
+    which must exit 0."""
+    from .daemon import VhostDaemon
+
+    d = VhostDaemon(tmp_path / "vhost").start()
+    try:
+        yield d
+    finally:
+        rc = d.stop()
+        assert rc == 0, f"vhost exited with {rc} on SIGTERM:\n{d.log()}"

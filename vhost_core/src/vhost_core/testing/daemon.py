@@ -1,0 +1,93 @@
+"""Run a real ``vhost`` daemon in a subprocess for tests (fixture ``vhost_daemon``).
+
+The daemon runs exactly as a user starts it (interrupt mode by default, so it
+leaves the machine's other core to the test or a TCG guest).  ``rpc()`` talks to
+it over its JSON-RPC socket; ``log()`` returns what it printed so far.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vhost_core.rpc.client import RpcClient
+
+
+class VhostDaemon:
+    def __init__(self, workdir: Path, cpumask: str = "0x1", interrupt_mode: bool = True,
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.socket_dir = self.workdir / "sockets"
+        self.rpc_path = str(self.workdir / "rpc.sock")
+        self.log_path = self.workdir / "vhost.log"
+        self.cpumask = cpumask
+        self.args = [sys.executable, "-m", "vhost_core.app", "-S", str(self.socket_dir), "-m", cpumask,
+                     "-r", self.rpc_path, *(["--interrupt-mode"] if interrupt_mode else []), *extra_args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> VhostDaemon:
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self._logf = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vhost exited with {self.proc.returncode} at start:\n{self.log()}")
+            if os.path.exists(self.rpc_path):
+                try:
+                    self.rpc("spdk_get_version")
+                    return self
+                except (ConnectionError, OSError):
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"vhost did not answer on {self.rpc_path} within {timeout}s:\n{self.log()}")
+
+    def rpc(self, method: str, **params: Any) -> Any:
+        with RpcClient(self.rpc_path, timeout=60) as client:
+            return client.call(method, params or None)
+
+    def socket(self, ctrlr: str) -> str:
+        return str(self.socket_dir / ctrlr)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.log()
+            if text in out:
+                return out
+            time.sleep(0.05)
+        raise AssertionError(f"'{text}' did not appear in the vhost log within {timeout}s:\n{self.log()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._logf.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> VhostDaemon:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
