@@ -33,6 +33,10 @@ CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEA
 PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY_ACK)
                      | (1 << m.ProtocolFeature.CONFIG))
 STOP_TIMEOUT_MS = 30000
+#: Requests we do not implement whose front-end side waits for a reply.
+UNSUPPORTED_WITH_REPLY = frozenset({
+    m.Request.IOTLB_MSG, m.Request.CREATE_CRYPTO_SESSION, m.Request.POSTCOPY_ADVISE,
+    m.Request.GET_INFLIGHT_FD, m.Request.GET_MAX_MEM_SLOTS, m.Request.GET_STATUS})
 
 
 @attrs.define
@@ -46,15 +50,24 @@ class Vring:
     addr: m.VringAddr | None = None
     kick_fd: int = -1
     call_fd: int = -1
+    err_fd: int = -1
     enabled: bool = False
     started: bool = False
+    broken_reported: bool = False
 
     def close_fds(self) -> None:
-        for name in ("kick_fd", "call_fd"):
+        for name in ("kick_fd", "call_fd", "err_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+
+
+def _request_name(code: int) -> str:
+    try:
+        return m.Request(code).name
+    except ValueError:
+        return f"request {code}"
 
 
 class Session:
@@ -71,6 +84,8 @@ class Session:
         self.nregions = 0
         self.vrings = [Vring(i, q) for i, q in enumerate(ctrlr.native_vqs)]
         self.reported_unshared = False
+        self.mem_table_seen = False
+        conn.on_idle = self.check_rings
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             m.Request.GET_FEATURES: self._get_features,
             m.Request.SET_FEATURES: self._set_features,
@@ -101,12 +116,22 @@ class Session:
     def handle(self, msg: Message) -> None:
         """Process one message; raises ProtocolError to drop the connection."""
         handler = self._handlers.get(msg.request)
+        if log.isEnabledFor(10):
+            log.debug("Controller %s: %s, %d bytes, %d fds", self.name, _request_name(msg.request),
+                      len(msg.payload), len(msg.fds))
         try:
             if handler is None:
                 try:
                     name = m.Request(msg.request).name
                 except ValueError:
-                    name = f"request {msg.request}"
+                    # Not a vhost-user request at all: we cannot even tell whether
+                    # the front-end waits for a reply.
+                    raise m.ProtocolError(f"unknown vhost-user request {msg.request}") from None
+                if msg.request in UNSUPPORTED_WITH_REPLY:
+                    # The front-end waits for an answer we cannot give: leaving it
+                    # hanging is worse than dropping the connection.
+                    raise m.ProtocolError(f"unsupported vhost-user message {name} "
+                                          f"(it expects a reply; its feature was not offered)")
                 log.error("Controller %s: unsupported vhost-user message %s, refused",
                           self.name, name)
                 ok, reply = False, None
@@ -159,6 +184,8 @@ class Session:
         if any(v.started for v in self.vrings) and (features ^ self.features) & (
                 (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)):
             raise ValueError("ring features cannot change while queues run")
+        if self.features_set and not self.mem_table_seen:
+            self._report_unshared("the front-end started the device twice without sending a memory table")
         self.features = features
         self.features_set = True
         event_idx = bool(features & (1 << m.VIRTIO_RING_F_EVENT_IDX))
@@ -199,9 +226,9 @@ class Session:
         full = m.MEM_HEADER.size + m.MAX_MEM_REGIONS * m.MEM_REGION.size
         if len(msg.payload) not in (expected, full):
             raise m.ProtocolError(f"SET_MEM_TABLE payload is {len(msg.payload)} bytes for {nregions} regions")
+        self.mem_table_seen = True
         if nregions == 0:
-            self.reported_unshared = True
-            log.error("Controller %s: %s", self.name, UNSHARED_MEMORY_HINT)
+            self._report_unshared("the memory table has no regions")
             raise ValueError("memory table has no regions")
         if len(msg.fds) != nregions:
             if not self.reported_unshared:
@@ -236,6 +263,11 @@ class Session:
         log.debug("Controller %s: memory table with %d regions", self.name, nregions)
         for v in running:
             self._start_vring(v)
+
+    def _report_unshared(self, what: str) -> None:
+        if not self.reported_unshared:
+            self.reported_unshared = True
+            log.error("Controller %s: %s: %s", self.name, what, UNSHARED_MEMORY_HINT)
 
     # ---------------------------------------------------------------- vrings
 
@@ -310,9 +342,10 @@ class Session:
             os.close(old)
 
     def _set_vring_err(self, msg: Message) -> None:
-        _v, fd = self._vring_fd(msg)
-        if fd >= 0:
-            os.close(fd)
+        v, fd = self._vring_fd(msg)
+        if v.err_fd >= 0:
+            os.close(v.err_fd)
+        v.err_fd = fd
 
     def _set_vring_enable(self, msg: Message) -> None:
         index, num = self._payload(msg, m.VRING_STATE)
@@ -381,12 +414,35 @@ class Session:
             # Leaking the requests is the lesser evil: their buffers stay mapped.
             log.error("Controller %s: vring %d stopped with %d requests still in flight",
                       self.name, v.index, left)
-        reason = lib.vn_vq_broken_reason(v.native)
-        if reason != ffi.NULL:
-            log.error("Controller %s: vring %d was stopped after a malformed request: %s",
-                      self.name, v.index, ffi.string(reason).decode())
+        self._report_broken(v)
+        v.broken_reported = False
         v.base = lib.vn_vq_get_base(v.native)
         v.started = False
+
+    def _report_broken(self, v: Vring) -> None:
+        """Log (once) why the data path stopped a ring, and signal its error eventfd."""
+        if v.broken_reported or not v.started:
+            return
+        reason = lib.vn_vq_broken_reason(v.native)
+        if reason == ffi.NULL:
+            return
+        v.broken_reported = True
+        log.error("Controller %s: vring %d was stopped after a malformed request: %s",
+                  self.name, v.index, ffi.string(reason).decode())
+        if v.err_fd >= 0:
+            try:
+                os.eventfd_write(v.err_fd, 1)
+            except OSError:
+                pass
+
+    def check_rings(self) -> None:
+        """Called while the connection is idle: report rings the data path stopped,
+        without waiting for the front-end to stop them (which may be never)."""
+        with self.ctrlr.app.lock:
+            if self.ctrlr.session is not self:
+                return
+            for v in self.vrings:
+                self._report_broken(v)
 
     # ---------------------------------------------------------------- config
 
@@ -420,6 +476,12 @@ class Session:
 
     def close(self) -> None:
         """The front-end went away: stop every ring, then unmap its memory."""
+        if self.features_set and not self.mem_table_seen:
+            # QEMU's reaction to unshared guest RAM: it acks features, fails to
+            # build the memory table ("Failed initializing vhost-user memory map")
+            # and disconnects.  Say what the user must change.
+            self._report_unshared("the front-end started the device without sending a memory table "
+                                  "(QEMU does this when its guest RAM is not shared)")
         self.stop_all()
         for v in self.vrings:
             lib.vn_vq_set_kick(v.native, -1)
