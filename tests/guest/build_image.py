@@ -36,12 +36,15 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Name of the virtio-serial port the agent listens on (guestvm.py uses it too).
 AGENT_PORT_NAME = "org.vhosttest.agent"
-# Printed on the serial console once /init finished its setup.
+# Printed on the serial console when /init starts the agent.
 BOOT_BANNER = "VHOST-TEST-GUEST-BOOTED"
+# Printed (and /run/guest-ready created) once all modules are loaded.
+READY_BANNER = "VHOST-TEST-GUEST-READY"
 
 # Kernel modules requested explicitly; their modules.dep dependencies are
 # added automatically.  The crypto "generic" modules are listed because
@@ -53,25 +56,35 @@ WANTED_MODULES = [
     "crct10dif_pclmul",
     "crc64_rocksoft_generic",
     "crc32c_generic",
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_scsi",
+    # sd/sg before virtio_scsi and a synchronous SCSI scan: when insmod
+    # virtio_scsi returns, /dev/sdX exist (no udev to wait for).
     "scsi_mod",
     "sd_mod",
     "sg",
-    "virtio_console",
+    "virtio_blk",
+    "virtio_scsi",
 ]
+MODULE_PARAMS = {"scsi_mod": "scan=sync"}
+# Loaded before the agent starts; everything else is loaded in the background
+# afterwards, so that a device whose probe hangs (e.g. a broken vhost-user
+# backend) does not take the agent down with it.  /run/guest-ready appears
+# once all modules are loaded.
+EARLY_MODULES = ["virtio_pci", "virtio_console"]
 # Missing ones are tolerated (built in, or absent on this kernel).
 OPTIONAL_MODULES = {"crct10dif_pclmul", "crc32c_generic", "sg", "crc64_rocksoft_generic"}
 
-# Dynamically linked host binaries copied into the image (path inside the
-# image == path on the host).
 # fio libraries that are really used; the other ones are replaced by stubs
 # (see make_stub_libs).
 FIO_KEEP_LIBS = {"libc.so.6", "libm.so.6", "libz.so.1", "libaio.so.1", "libnuma.so.1",
                  "libpthread.so.0", "libdl.so.2", "librt.so.1"}
 
+# Dynamically linked host binaries copied into the image (path inside the
+# image == path on the host).
+# bash is the guest's /bin/sh: Debian's static busybox ash always prefers its
+# own applets over $PATH ("standalone shell"), so with it ``blockdev`` or
+# ``blkdiscard`` would silently run the busybox versions.
 HOST_BINARIES = [
+    "bash",
     "fio",
     "lsblk",
     "blkdiscard",
@@ -95,22 +108,30 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs tmpfs /run
 exec </dev/console >/dev/console 2>&1
 KVER=$(uname -r)
-while read -r mod; do
-    [ -n "$mod" ] || continue
-    name=${mod##*/}; name=${name%.ko}; name=$(echo "$name" | tr - _)
-    [ -d "/sys/module/$name" ] && continue
-    insmod "/lib/modules/$KVER/$mod" || echo "init: insmod $mod failed"
-done < /etc/guest-modules
+load_modules() {
+    while read -r mod params; do
+        [ -n "$mod" ] || continue
+        name=${mod##*/}; name=${name%.ko}; name=${name//-/_}
+        [ -d "/sys/module/$name" ] && continue
+        insmod "/lib/modules/$KVER/$mod" $params || echo "init: insmod $mod failed"
+    done < "$1"
+}
+load_modules /etc/guest-modules-early
 hostname vhost-test-guest
 echo "@BANNER@ boot_id=$(cat /proc/sys/kernel/random/boot_id)"
+(
+    load_modules /etc/guest-modules
+    touch /run/guest-ready
+    echo "@READY@"
+) &
 while true; do
-    /bin/sh /sbin/guest-agent
+    /bin/bash /sbin/guest-agent
     sleep 0.2
 done
 """
 
 AGENT_SCRIPT = r"""#!/bin/sh
-# Command agent of the vhost test guest.
+# Command agent of the vhost test guest (/bin/sh is bash).
 #
 # Host -> guest, one line per command:   <id> <timeout-seconds> <base64(cmd)>
 # Guest -> host, for every command:
@@ -136,16 +157,26 @@ while [ -z "$port" ]; do
 done
 exec 3<>"$port" || exit 1
 cd /
+# Job control: every command runs in its own process group, so a command
+# that outlives its timeout is killed together with all its children.
+set -m
 while IFS=' ' read -r id tmo b64 <&3; do
     [ -n "$id" ] || continue
     printf '\n@@VT-BEGIN:%s@@\n' "$id" >&3
     cmd=$(printf '%s' "$b64" | base64 -d)
     if [ "${tmo:-0}" -gt 0 ] 2>/dev/null; then
-        timeout -s KILL "$tmo" /bin/sh -c "$cmd" </dev/null >&3 2>&1 3>&-
+        /bin/sh -c "$cmd" </dev/null >&3 2>&1 3>&- &
+        pid=$!
+        ( sleep "$tmo"; kill -KILL -- "-$pid" ) </dev/null >/dev/null 2>&1 3>&- &
+        wpid=$!
+        wait "$pid"
+        rc=$?
+        kill -KILL -- "-$wpid" 2>/dev/null
+        wait "$wpid" 2>/dev/null
     else
         /bin/sh -c "$cmd" </dev/null >&3 2>&1 3>&-
+        rc=$?
     fi
-    rc=$?
     printf '\n@@VT-END:%s:%d@@\n' "$id" "$rc" >&3
 done
 """
@@ -330,21 +361,25 @@ def add_modules(img: Cpio, kver: str) -> list[str]:
             visit(d)
         order.append(rel)
 
-    for name in WANTED_MODULES:
+    n_early = 0
+    for name in EARLY_MODULES + WANTED_MODULES:
         n = name.replace("-", "_")
         if n in by_name:
             visit(by_name[n])
         elif n in builtin or name in OPTIONAL_MODULES:
-            continue
+            pass
         else:
             raise RuntimeError(f"kernel module {name} not found for {kver}")
+        if name == EARLY_MODULES[-1]:
+            n_early = len(order)
 
     load_order = []
     dep_lines = []
     for rel in order:
         plain = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", rel)
         img.file(f"/lib/modules/{kver}/{plain}", _read_module(moddir / rel), 0o644)
-        load_order.append(plain)
+        params = MODULE_PARAMS.get(_mod_name(rel))
+        load_order.append(f"{plain} {params}" if params else plain)
         plain_deps = [re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", d) for d in deps[rel]]
         dep_lines.append(f"{plain}: {' '.join(plain_deps)}".rstrip())
     # A consistent modules.dep lets busybox modprobe work for these modules.
@@ -352,7 +387,8 @@ def add_modules(img: Cpio, kver: str) -> list[str]:
     for extra in ("modules.builtin", "modules.order"):
         if (moddir / extra).is_file():
             img.copy_host_file(str(moddir / extra), f"/lib/modules/{kver}/{extra}", 0o644)
-    img.file("/etc/guest-modules", ("\n".join(load_order) + "\n").encode())
+    img.file("/etc/guest-modules-early", ("\n".join(load_order[:n_early]) + "\n").encode())
+    img.file("/etc/guest-modules", ("\n".join(load_order[n_early:]) + "\n").encode())
     return load_order
 
 
@@ -487,13 +523,9 @@ def add_binaries(img: Cpio, workdir: str) -> None:
 
 
 def add_busybox(img: Cpio) -> None:
+    # busybox-static; a dynamically linked busybox would work too (its libc
+    # is in the image anyway).
     bb = shutil.which("busybox") or "/bin/busybox"
-    out = subprocess.run([bb, "--help"], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True).stdout
-    if "statically linked" not in out:
-        # Debian's busybox-static installs /bin/busybox statically linked;
-        # a dynamic one would still work since libc is in the image anyway.
-        pass
     img.copy_host_file(bb, "/bin/busybox", 0o755)
     applets = subprocess.run([bb, "--list-full"], check=True, stdout=subprocess.PIPE,
                              text=True).stdout.split()
@@ -502,7 +534,7 @@ def add_busybox(img: Cpio) -> None:
             continue
         if not img.exists(a):
             img.symlink(a, "/bin/busybox")
-    for must in ("bin/sh", "sbin/insmod", "usr/bin/timeout", "usr/bin/base64"):
+    for must in ("sbin/insmod", "usr/bin/timeout", "usr/bin/base64"):
         if not img.exists(must):
             # Debian lists these, but be explicit in case of odd builds.
             img.symlink(must, "/bin/busybox")
@@ -517,15 +549,104 @@ def build_cpio(kver: str, workdir: str) -> Cpio:
     img.chardev("dev/ttyS0", 4, 64)
     # Binaries first so busybox applets never shadow the real util-linux tools.
     add_binaries(img, workdir)
+    bash = os.path.realpath(shutil.which("bash", path="/usr/bin:/bin"))
+    for link in ("bin/sh", "bin/bash", "usr/bin/bash"):
+        if not img.exists(link):
+            img.symlink(link, bash)
     add_busybox(img)
     add_modules(img, kver)
     img.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     img.file("etc/group", b"root:x:0:\n")
     img.file("etc/ld.so.conf", (LIB_PATH.replace(":", "\n") + "\n").encode())
     img.file("init", INIT_SCRIPT.replace("@LIB_PATH@", LIB_PATH)
-             .replace("@BANNER@", BOOT_BANNER).encode(), 0o755)
+             .replace("@BANNER@", BOOT_BANNER).replace("@READY@", READY_BANNER).encode(), 0o755)
     img.file("sbin/guest-agent", AGENT_SCRIPT.replace("@PORT@", AGENT_PORT_NAME).encode(), 0o755)
     return img
+
+
+# --------------------------------------------------------------------------
+# uncompressed kernel (PVH boot)
+#
+# Under TCG the bzImage decompressor (xz on Debian) alone takes several
+# seconds on every boot.  QEMU can boot the uncompressed ELF vmlinux directly
+# through its PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY, CONFIG_PVH=y), which
+# cuts the boot time roughly in half.  Guest reboots work the same way.
+
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _has_pvh_note(data: bytes) -> bool:
+    import struct
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # ELF64 only
+        return False
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + i * phentsize)
+        if p_type != 4:  # PT_NOTE
+            continue
+        off, end = p_offset, p_offset + p_filesz
+        while off + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", data, off)
+            name = data[off + 12:off + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            off += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
+    return False
+
+
+def _decompress_kernel(data: bytes) -> bytes | None:
+    """Find the compressed payload of a bzImage and return the ELF vmlinux."""
+    candidates = [
+        (b"\xfd7zXZ\x00", lambda d: lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(d)),
+        (b"\x1f\x8b\x08", lambda d: __import__("zlib").decompressobj(31).decompress(d)),
+        (b"\x28\xb5\x2f\xfd", lambda d: subprocess.run(
+            ["zstd", "-dc"], input=d, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout),
+    ]
+    for magic, fn in candidates:
+        start = 0
+        while True:
+            i = data.find(magic, start)
+            if i < 0:
+                break
+            start = i + 1
+            try:
+                out = fn(data[i:])
+            except Exception:
+                continue
+            if out[:4] == b"\x7fELF":
+                return out
+    return None
+
+
+def pvh_kernel(kver: str) -> Path | None:
+    """Cached uncompressed vmlinux with a PVH entry point, or None."""
+    if os.environ.get("VHOST_TEST_BZIMAGE"):
+        return None
+    st = kernel_path(kver).stat()
+    key = hashlib.sha256(f"{kver}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"vmlinux-{kver}-{key}"
+    if out.is_file():
+        return out
+    failed = out.with_name(out.name + ".unusable")
+    if failed.exists():
+        return None
+    try:
+        vmlinux = _decompress_kernel(kernel_path(kver).read_bytes())
+    except OSError:
+        return None
+    if not vmlinux or not _has_pvh_note(vmlinux):
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.touch()
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(vmlinux)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -540,13 +661,26 @@ def build(force: bool = False, kver: str | None = None, verbose: bool = False) -
         raise RuntimeError(f"kernel {kernel} not found")
     out = image_path(kver)
     if out.is_file() and not force:
-        return str(kernel), str(out)
+        try:
+            os.utime(out)  # "last used", see the stale image cleanup below
+        except OSError:
+            pass
+        return str(pvh_kernel(kver) or kernel), str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out.parent / ".build.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it
         if out.is_file() and not force:
-            return str(kernel), str(out)
+            return str(pvh_kernel(kver) or kernel), str(out)
+        # Drop images of older versions of this script (not used for a while,
+        # so no concurrent test run is about to hand them to QEMU).
+        for stale in cache_dir().glob("guest-*.cpio.gz"):
+            try:
+                if stale != out and time.time() - stale.stat().st_mtime > 3600:
+                    stale.unlink()
+            except OSError:
+                pass
+        kernel = pvh_kernel(kver) or kernel
         with tempfile.TemporaryDirectory(prefix="guest-build-") as workdir:
             img = build_cpio(kver, workdir)
         fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)

@@ -87,8 +87,11 @@ class App:
     # ------------------------------------------------------------ controllers
 
     def add_controller(self, name: str, make_backend: Callable[[], DeviceBackend],
-                       cpumask: str | int | None = None) -> Controller:
-        """Create a controller: validate, place on a reactor, build its device, listen."""
+                       cpumask: str | int | None = None, listen: bool = True) -> Controller:
+        """Create a controller: validate, place on a reactor, build its device, listen.
+
+        ``listen=False`` leaves the socket closed until the caller runs
+        ``ctrlr.listen()`` (SPDK's ``vhost_create_scsi_controller --delay``)."""
         if not CONTROLLER_NAME.match(name or ""):
             raise RpcError(-errno.EINVAL, f"controller name '{name}' is invalid: use 1-64 letters, "
                                           f"digits, '.', '_', ':' or '-' (it becomes the socket file name)")
@@ -107,7 +110,8 @@ class App:
             backend.close()
             raise
         try:
-            ctrlr.listen()
+            if listen:
+                ctrlr.listen()
         except BaseException:
             ctrlr.close()
             raise

@@ -126,8 +126,9 @@ static void blk_submit(void *ctx, vn_req *req)
     br->status = NULL;
     br->written = 0;
 
-    /* The status is the last byte of the device-writable part. */
-    if (!req->error && req->in_len >= 1) {
+    /* The status is the last byte of the device-writable part (the core keeps
+     * that part mapped even when the rest of the chain is outside guest memory). */
+    if (req->in_len >= 1) {
         const struct iovec *last = &in_iov[req->n_in - 1];
         br->status = (uint8_t *)last->iov_base + last->iov_len - 1;
     }
@@ -146,6 +147,8 @@ static void blk_submit(void *ctx, vn_req *req)
     switch (hdr.type) {
     case VIRTIO_BLK_T_IN:
         if (!b || b->removed) goto removed;
+        /* The used length (bytes written + status) must fit its 32-bit field. */
+        if (data_in >= UINT32_MAX) goto invalid;
         if (data_in == 0 || to_blocks(b, hdr.sector, data_in, &off_blocks, &nblocks)) goto invalid;
         n = vn_iov_slice(in_iov, req->n_in, 0, data_in, br->data, VN_MAX_IOV);
         if (n < 0) goto invalid;

@@ -39,6 +39,11 @@ def vhost_register_rpc_methods(rpc, app) -> None:
         nq = MAX_QUEUES if p.num_queues is None else p.num_queues
         if not 1 <= nq <= MAX_QUEUES:
             raise RpcError(-errno.EINVAL, f"num_queues {nq} out of range: use 1..{MAX_QUEUES}")
+        if p.ctrlr in app.controllers:
+            # Before claiming: a failed create must not release the claim that
+            # the existing controller of this name holds on its bdev.
+            raise RpcError(-errno.EEXIST, f"controller '{p.ctrlr}' already exists: pick another name or "
+                                          f"vhost_delete_controller {p.ctrlr} first")
         bdev = app.bdevs.claim(p.dev_name, p.ctrlr)
         holder: dict[str, BlkDevice] = {}
 

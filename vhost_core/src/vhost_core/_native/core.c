@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,6 +54,88 @@ static uint64_t now_ns(void)
 /* guest memory                                                        */
 /* ------------------------------------------------------------------ */
 
+/*
+ * SIGBUS guard.  Guest RAM is a file the front-end owns: if it shrinks the file
+ * under our MAP_SHARED mapping (ftruncate of a memfd or hugetlbfs file), the next
+ * access from a reactor would SIGBUS and kill the whole daemon.  Every guest
+ * mapping is registered here; the handler replaces a faulting mapping with
+ * private zero pages (the access is retried and succeeds) and flags its memory
+ * table, and the control plane then drops that front-end.  Faults anywhere else
+ * get the previous disposition (a crash, as before).
+ */
+#define GUARD_SLOTS 4096
+
+struct guard_slot {
+    _Atomic(uintptr_t) base;    /* 0: free */
+    size_t len;
+    struct vn_mem *owner;
+};
+
+static struct guard_slot guard_slots[GUARD_SLOTS];
+static struct sigaction guard_old_action;
+static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;   /* (un)registration */
+
+static void guard_sigbus(int sig, siginfo_t *si, void *uctx)
+{
+    (void)uctx;
+    uintptr_t a = (uintptr_t)si->si_addr;
+    if (si->si_code > 0) {      /* a real fault, not kill(2) */
+        for (int i = 0; i < GUARD_SLOTS; i++) {
+            uintptr_t base = atomic_load_explicit(&guard_slots[i].base, memory_order_acquire);
+            if (!base || a - base >= guard_slots[i].len) continue;
+            void *p = mmap((void *)base, guard_slots[i].len, PROT_READ | PROT_WRITE,
+                           MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (p == MAP_FAILED) break;
+            __atomic_store_n(&guard_slots[i].owner->faulted, 1, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+    /* Not guest memory: the previous disposition handles the repeated fault. */
+    sigaction(sig, &guard_old_action, NULL);
+    if (si->si_code <= 0) raise(sig);
+}
+
+static void guard_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = guard_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &guard_old_action);
+}
+
+static int guard_register(struct vn_mem *m, void *base, size_t len)
+{
+    pthread_once(&guard_once, guard_install);
+    pthread_mutex_lock(&guard_lock);
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        if (atomic_load(&guard_slots[i].base)) continue;
+        guard_slots[i].len = len;
+        guard_slots[i].owner = m;
+        atomic_store_explicit(&guard_slots[i].base, (uintptr_t)base, memory_order_release);
+        pthread_mutex_unlock(&guard_lock);
+        return 0;
+    }
+    pthread_mutex_unlock(&guard_lock);
+    return -ENOSPC;
+}
+
+static void guard_unregister(struct vn_mem *m)
+{
+    pthread_mutex_lock(&guard_lock);
+    for (int i = 0; i < GUARD_SLOTS; i++)
+        if (atomic_load(&guard_slots[i].base) && guard_slots[i].owner == m)
+            atomic_store(&guard_slots[i].base, 0);
+    pthread_mutex_unlock(&guard_lock);
+}
+
+int vn_mem_faulted(struct vn_mem *m)
+{
+    return m ? (int)__atomic_load_n(&m->faulted, __ATOMIC_ACQUIRE) : 0;
+}
+
 struct vn_mem *vn_mem_new(void)
 {
     return calloc(1, sizeof(struct vn_mem));
@@ -76,6 +159,12 @@ int vn_mem_add_region(struct vn_mem *m, int fd, uint64_t gpa, uint64_t size,
     uint64_t len = size + align;
     void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)(mmap_offset - align));
     if (p == MAP_FAILED) return -errno;
+    /* The guard covers what the kernel mapped (hugetlbfs rounds to its page size). */
+    uint64_t unit = S_ISREG(st.st_mode) && st.st_blksize > page ? (uint64_t)st.st_blksize : (uint64_t)page;
+    if (guard_register(m, p, (len + unit - 1) / unit * unit) < 0) {
+        munmap(p, len);
+        return -ENOSPC;
+    }
     struct vn_region *r = &m->regions[m->nregions++];
     r->gpa = gpa;
     r->size = size;
@@ -90,6 +179,7 @@ int vn_mem_add_region(struct vn_mem *m, int fd, uint64_t gpa, uint64_t size,
 void vn_mem_free(struct vn_mem *m)
 {
     if (!m) return;
+    guard_unregister(m);
     for (uint32_t i = 0; i < m->nregions; i++)
         munmap(m->regions[i].map_base, m->regions[i].map_len);
     free(m);
@@ -337,6 +427,7 @@ static int vq_map_chain(struct vn_vq *q, uint16_t head, vn_req *req)
     uint32_t max = q->size, idx = head, count = 0;
     int in_indirect = 0, seen_write = 0;
     uint32_t niov = 0;
+    struct vring_desc last = { 0, 0, 0, 0 };
 
     req->n_out = req->n_in = 0;
     req->out_len = req->in_len = 0;
@@ -381,8 +472,21 @@ static int vq_map_chain(struct vn_vq *q, uint16_t head, vn_req *req)
                 else { req->n_out += n; req->out_len += d.len; }
             }
         }
+        last = d;
         if (!(d.flags & VRING_DESC_F_NEXT)) break;
         idx = d.next;
+    }
+    if (req->error) {
+        /* Part of the chain lies outside guest memory.  Hand the device only the
+         * chain's last descriptor, when it is device-writable and translates, so
+         * that it can still answer an error status there (virtio-blk's status
+         * byte) instead of leaving the driver without one. */
+        req->n_out = req->n_in = 0;
+        req->out_len = req->in_len = 0;
+        if ((last.flags & VRING_DESC_F_WRITE) && last.len > 0) {
+            int n = mem_to_iov(q->mem, last.addr, last.len, req->iov, VN_MAX_IOV);
+            if (n > 0) { req->n_in = (uint32_t)n; req->in_len = last.len; }
+        }
     }
     return 0;
 }

@@ -19,6 +19,7 @@ struct vn_region {
 
 struct vn_mem {
     uint32_t nregions;
+    uint32_t faulted;   /* set (from the SIGBUS handler) when a mapping lost its file pages */
     struct vn_region regions[VN_MAX_REGIONS];
 };
 
@@ -27,6 +28,10 @@ struct vn_mem *vn_mem_new(void);
 int vn_mem_add_region(struct vn_mem *m, int fd, uint64_t gpa, uint64_t size,
                       uint64_t uva, uint64_t mmap_offset);
 void vn_mem_free(struct vn_mem *m);
+/* Non-zero once an access to one of m's mappings hit SIGBUS (the front-end shrank
+ * the file under it): those mappings now hold private zero pages and the
+ * session must be dropped. */
+int vn_mem_faulted(struct vn_mem *m);
 /* Host pointer for [gpa, gpa+len) wholly inside one region, else NULL. */
 void *vn_mem_gpa_to_host(struct vn_mem *m, uint64_t gpa, uint64_t len);
 void *vn_mem_uva_to_host(struct vn_mem *m, uint64_t uva, uint64_t len);

@@ -50,6 +50,9 @@ class Bdev:
     ``driver_specific`` ({}), ``readonly`` (False), ``aliases`` ([]).
     Managed by the registry: ``claimed_by`` (the controller using it) and
     ``removal_callbacks`` (called before the bdev goes away).
+    ``resize_callbacks``: called as ``cb(bdev)`` after ``num_blocks`` changed (e.g.
+    ``bdev_aio_rescan``), so that a device serving the bdev can tell its guest (virtio
+    config-change notification); a device appends its callback when it opens the bdev.
     """
 
     name: str
@@ -66,6 +69,7 @@ class Bdev:
     aliases: list[str] = attrs.Factory(list)
     claimed_by: str | None = None
     removal_callbacks: list[Callable[[Bdev], None]] = attrs.Factory(list)
+    resize_callbacks: list[Callable[[Bdev], None]] = attrs.Factory(list)
 
     @property
     def size_bytes(self) -> int:

@@ -39,6 +39,14 @@ class DeviceBackend(Protocol):
     def features_negotiated(self, features: int) -> None:
         """The driver acknowledged ``features`` (SET_FEATURES). Optional work."""
 
+    # Optional (looked up with getattr; absent means nothing to do):
+    #
+    # def queue_stopping(self, index: int) -> None:
+    #     """Virtqueue ``index`` stops and fetches nothing new, but requests are still
+    #     in flight: complete those the device holds indefinitely (virtio-scsi event
+    #     buffers) so that the queue drains.  Runs on the control plane; reach the
+    #     data path through ``Reactor.exec_native``."""
+
     def backend_specific(self) -> dict[str, Any]:
         """The ``backend_specific`` object of ``vhost_get_controllers``."""
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
+from typing import Callable
 
 import attrs
 
@@ -33,8 +35,23 @@ class Message:
 class Connection:
     """Blocking message I/O on an accepted unix socket (one thread per connection)."""
 
+    #: Seconds between ``on_idle`` calls while no message arrives.
+    IDLE_INTERVAL = 0.2
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        #: Called (on the connection's thread) while waiting for the next message.
+        self.on_idle: Callable[[], None] | None = None
+
+    def _wait_readable(self) -> None:
+        while self.on_idle is not None:
+            fd = self.sock.fileno()
+            if fd < 0:
+                raise OSError("connection closed")
+            r, _, _ = select.select([fd], [], [], self.IDLE_INTERVAL)
+            if r:
+                return
+            self.on_idle()
 
     def _recv(self, n: int, fds: list[int]) -> bytes:
         buf = bytearray()
@@ -54,6 +71,7 @@ class Connection:
     def recv(self) -> Message | None:
         """Next message, or None when the peer closed.  Raises ProtocolError."""
         fds: list[int] = []
+        self._wait_readable()
         try:
             hdr = self._recv(m.HEADER_SIZE, fds)
             if not hdr:

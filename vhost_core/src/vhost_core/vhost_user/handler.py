@@ -115,6 +115,11 @@ class Session:
 
     def handle(self, msg: Message) -> None:
         """Process one message; raises ProtocolError to drop the connection."""
+        try:
+            self._check_memory()
+        except BaseException:
+            msg.close_fds()
+            raise
         handler = self._handlers.get(msg.request)
         if log.isEnabledFor(10):
             log.debug("Controller %s: %s, %d bytes, %d fds", self.name, _request_name(msg.request),
@@ -409,7 +414,14 @@ class Session:
     def _stop_vring(self, v: Vring) -> None:
         if not v.started:
             return
-        left = lib.vn_vq_stop(v.native, STOP_TIMEOUT_MS)
+        left = lib.vn_vq_stop(v.native, 0)
+        queue_stopping = getattr(self.ctrlr.backend, "queue_stopping", None)
+        if left and queue_stopping is not None:
+            # The ring fetches nothing new now; requests the device holds without
+            # end (virtio-scsi event buffers) must be handed back for it to drain.
+            queue_stopping(v.index)
+        if left:
+            left = lib.vn_vq_stop(v.native, STOP_TIMEOUT_MS)
         if left:
             # Leaking the requests is the lesser evil: their buffers stay mapped.
             log.error("Controller %s: vring %d stopped with %d requests still in flight",
@@ -435,14 +447,22 @@ class Session:
             except OSError:
                 pass
 
+    def _check_memory(self) -> None:
+        if self.mem != ffi.NULL and lib.vn_mem_faulted(self.mem):
+            raise m.ProtocolError(
+                "guest memory lost its backing pages (the front-end shrank a memory file under a "
+                "mapped region, SIGBUS); those pages now read as zeros")
+
     def check_rings(self) -> None:
         """Called while the connection is idle: report rings the data path stopped,
-        without waiting for the front-end to stop them (which may be never)."""
+        without waiting for the front-end to stop them (which may be never), and
+        drop a front-end whose guest memory faulted."""
         with self.ctrlr.app.lock:
             if self.ctrlr.session is not self:
                 return
             for v in self.vrings:
                 self._report_broken(v)
+            self._check_memory()
 
     # ---------------------------------------------------------------- config
 

@@ -116,13 +116,18 @@ typedef struct vn_req vn_req;
  * device), iov[n_out .. n_out + n_in) device-writable.  The device must call
  * `complete(req, written)` exactly once, on the reactor thread, with the number of
  * bytes it wrote into the writable part.
+ *
+ * When `error` is set the chain could not be mapped whole: n_out is 0 and iov
+ * holds only the chain's last descriptor (n_in > 0) if that one is
+ * device-writable and inside guest memory, so that the device can still write an
+ * error status there; otherwise n_in is 0 too and nothing may be written.
  */
 struct vn_req {
     void (*complete)(vn_req *req, uint32_t written);
     void *dev_ctx;              /* the device's context pointer */
     uint16_t queue_index;       /* virtqueue this request came from */
     uint16_t head;              /* descriptor head id (opaque to devices) */
-    uint32_t error;             /* enum vn_req_error; iov is partial when set */
+    uint32_t error;             /* enum vn_req_error; see above for iov when set */
     uint32_t n_out, n_in;
     uint64_t out_len, in_len;   /* total bytes of each part */
     struct iovec iov[VN_MAX_IOV];
