@@ -646,6 +646,8 @@ static int vq_start_on_reactor(void *p)
 
 int vn_vq_start(struct vn_vq *q)
 {
+    /* A previous stop timed out: finish it now if those requests completed since. */
+    if (q->running && q->stopping && vn_vq_stop(q, 0) != 0) return -EBUSY;
     if (q->running) return 0;
     if (!q->desc || !q->avail || !q->used || !q->size) return -EINVAL;
     uint32_t n = q->size < VQ_MAX_SLOTS ? q->size : VQ_MAX_SLOTS;

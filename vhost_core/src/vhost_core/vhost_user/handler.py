@@ -85,6 +85,7 @@ class Session:
         self.vrings = [Vring(i, q) for i, q in enumerate(ctrlr.native_vqs)]
         self.reported_unshared = False
         self.mem_table_seen = False
+        self.stuck_requests = 0
         conn.on_idle = self.check_rings
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             m.Request.GET_FEATURES: self._get_features,
@@ -263,8 +264,7 @@ class Session:
         old, self.mem, self.nregions = self.mem, new, nregions
         for v in self.vrings:
             lib.vn_vq_set_mem(v.native, new)
-        if old != ffi.NULL:
-            lib.vn_mem_free(old)
+        self._free_mem(old)
         log.debug("Controller %s: memory table with %d regions", self.name, nregions)
         for v in running:
             self._start_vring(v)
@@ -423,9 +423,12 @@ class Session:
         if left:
             left = lib.vn_vq_stop(v.native, STOP_TIMEOUT_MS)
         if left:
-            # Leaking the requests is the lesser evil: their buffers stay mapped.
-            log.error("Controller %s: vring %d stopped with %d requests still in flight",
-                      self.name, v.index, left)
+            # The backend never completed them.  Their buffers must stay mapped
+            # (see _free_mem) and the ring cannot restart (vn_vq_start: EBUSY).
+            self.stuck_requests += left
+            log.error("Controller %s: vring %d stopped with %d requests still in flight after %d s; "
+                      "their guest memory stays mapped and the ring cannot restart until they complete",
+                      self.name, v.index, left, STOP_TIMEOUT_MS // 1000)
         self._report_broken(v)
         v.broken_reported = False
         v.base = lib.vn_vq_get_base(v.native)
@@ -510,7 +513,16 @@ class Session:
             v.close_fds()
         for v in self.vrings:
             lib.vn_vq_set_mem(v.native, ffi.NULL)
-        if self.mem != ffi.NULL:
-            lib.vn_mem_free(self.mem)
-            self.mem = ffi.NULL
+        self._free_mem(self.mem)
+        self.mem = ffi.NULL
         notice(log, "Controller %s: front-end disconnected", self.name)
+
+    def _free_mem(self, mem) -> None:
+        if mem == ffi.NULL:
+            return
+        if self.stuck_requests:
+            # A request the backend still owns may write into this memory: leak it.
+            log.error("Controller %s: keeping a guest memory table mapped: %d requests never completed",
+                      self.name, self.stuck_requests)
+            return
+        lib.vn_mem_free(mem)
