@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -60,6 +61,16 @@ def find_kernel_and_initrd() -> tuple[str, str]:
     """(kernel, initrd) for the test guest; builds and caches the initrd the
     first time (``${VHOST_TEST_CACHE:-~/.cache/vhost-tests}``)."""
     return _build.build()
+
+
+def _cleanup_vm(procs: list, workdir: str | None) -> None:
+    """Finalizer of a GuestVM: kill QEMU if still running, remove the workdir."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class GuestError(Exception):
@@ -144,6 +155,11 @@ class GuestVM:
         self.qmp_events: list[dict] = []
         self._closed = False
         self._saved_logs: dict[str, str] = {}
+        # Kill QEMU / remove the workdir once the object is gone (or at exit)
+        # even if the test only called kill(); close() does it right away.
+        self._procs: list[subprocess.Popen] = []
+        self._cleanup = weakref.finalize(
+            self, _cleanup_vm, self._procs, None if keep_workdir else self.workdir)
 
     # ------------------------------------------------------------------ setup
 
@@ -199,6 +215,7 @@ class GuestVM:
             self._proc = subprocess.Popen(self._wrapper() + self.cmdline,
                                           stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
+            self._procs.append(self._proc)
         self._agent_log = open(self.agent_log_path, "ab")
         self._connect_agent()
         return self
@@ -527,20 +544,13 @@ class GuestVM:
         if not self.keep_workdir:
             self._saved_logs = {"qemu": self.qemu_log, "console": self.console_log,
                                 "agent": self.agent_log}
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        self._cleanup()
 
     def __enter__(self) -> "GuestVM":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):
-        try:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.kill()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------ inspection
 
