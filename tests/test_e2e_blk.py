@@ -176,3 +176,19 @@ def test_qemu_reconnects_to_a_restarted_target(tmp_path):
         vm.kill()
         if second is not None:
             assert second.stop() == 0, second.log()
+
+
+def test_polling_reactor_serves_a_guest(tmp_path):
+    """The default (busy-polling) reactor, on one core, with a real guest on the other."""
+    from vhost_core.testing.daemon import VhostDaemon
+
+    with VhostDaemon(tmp_path / "vhost", interrupt_mode=False) as d:
+        make_disk(d, block_size=4096)
+        with blk_vm(d, "vhost.1") as vm:
+            vm.start().wait_ready()
+            digest = write_pattern(vm)
+            assert read_pattern(vm) == digest
+            vm.check("fio --name=p --filename=/dev/vda --rw=randrw --bs=4k --iodepth=8 --ioengine=libaio "
+                     "--direct=1 --size=4M --verify=crc32c --do_verify=1 --verify_fatal=1", timeout=300)
+        reactors = d.rpc("framework_get_reactors")["reactors"]
+        assert reactors[0]["in_interrupt"] is False and reactors[0]["busy"] > 0
