@@ -94,3 +94,121 @@ def test_missing_plugin_rpc_names_the_wheel_to_install(tmp_path):
         plugins = {p["name"]: p for p in d.rpc("framework_get_plugins")}
         assert set(plugins) >= {"dev_blk"} and "bdev_malloc" not in plugins
         assert plugins["dev_blk"]["distribution"] == "vhost-dev-blk"
+
+
+DUPLICATE_RPC = """
+    from vhost_core.hookspecs import hookimpl
+    VHOST_CORE_API = (1,)
+
+    @hookimpl
+    def vhost_register_rpc_methods(rpc, app):
+        rpc.add("tp_dup_first", lambda: True, owner="tp_dup")
+        rpc.add("bdev_get_bdevs", lambda: [], owner="tp_dup")   # the core's: taken
+"""
+
+
+def test_a_plugin_registering_a_taken_rpc_name_is_rolled_back_and_the_others_serve(tmp_path):
+    from vhost_core.testing.daemon import VhostDaemon
+
+    fake_dist(tmp_path, "third-party-dup", "tp_dup", "tp_dup", DUPLICATE_RPC)
+    with VhostDaemon(tmp_path / "d", env={"PYTHONPATH": str(tmp_path)}) as d:
+        methods = d.rpc("rpc_get_methods")
+        # None of the plugin's methods stays half registered...
+        assert "tp_dup_first" not in methods
+        # ...the name it wanted keeps its owner, and the other plugins serve.
+        assert d.rpc("bdev_get_bdevs") == []
+        assert d.rpc("bdev_malloc_create", num_blocks=8, block_size=512, name="M0") == "M0"
+        lines = [line for line in d.log().splitlines() if "tp_dup" in line]
+        assert len(lines) == 1, d.log()
+        assert "'bdev_get_bdevs' is already registered by vhost-core" in lines[0]
+        assert "Traceback" not in d.log()
+
+
+BAD_ABI = """
+    from vhost_core.bdev.interface import Bdev
+    from vhost_core.hookspecs import hookimpl
+    from vhost_core.native import ffi
+
+    VHOST_CORE_API = (1,)
+    _keep = []
+    destructed = []
+
+
+    def _table(abi_version):
+        ops = ffi.new("uint64_t[8]")        # abi_version, then NULL function pointers
+        ffi.cast("uint32_t *", ops)[0] = abi_version
+        _keep.append(ops)
+        return int(ffi.cast("uintptr_t", ops))
+
+
+    class Backend:
+        device_type = "fake"
+        num_queues = 1
+        native_ctx = 0
+
+        def __init__(self):
+            self.native_ops = _table(99)
+
+        def close(self):
+            pass
+
+
+    @hookimpl
+    def vhost_register_rpc_methods(rpc, app):
+        @rpc.method("tp_abi_bdev_create", owner="tp_abi")
+        def bdev_create():
+            vn_bdev = ffi.new("uint64_t[6]")
+            vn_bdev[0] = _table(99)
+            _keep.append(vn_bdev)
+            app.bdevs.add(Bdev(name="Abi0", module="tp_abi", product_name="ABI test", block_size=512,
+                               num_blocks=8, native=int(ffi.cast("uintptr_t", vn_bdev)),
+                               destruct=lambda: destructed.append("Abi0")))
+            return "Abi0"
+
+        @rpc.method("tp_abi_destructed", owner="tp_abi")
+        def was_destructed():
+            return destructed
+
+        @rpc.method("tp_abi_controller_create", owner="tp_abi")
+        def controller_create():
+            app.add_controller("abi.0", Backend)
+            return True
+"""
+
+
+def test_a_native_table_of_another_abi_is_refused_with_one_clear_error(tmp_path):
+    from vhost_core.rpc.registry import RpcError
+    from vhost_core.testing.daemon import VhostDaemon
+
+    fake_dist(tmp_path, "third-party-abi", "tp_abi", "tp_abi", BAD_ABI)
+    with VhostDaemon(tmp_path / "d", env={"PYTHONPATH": str(tmp_path)}) as d:
+        with pytest.raises(RpcError) as err:
+            d.rpc("tp_abi_bdev_create")
+        assert "bdev 'Abi0' (module tp_abi)" in err.value.message
+        assert "native ABI 99" in err.value.message and "provides ABI 1" in err.value.message
+        assert d.rpc("bdev_get_bdevs") == []
+        assert d.rpc("tp_abi_destructed") == ["Abi0"]     # refused, and freed by its module
+        with pytest.raises(RpcError) as err:
+            d.rpc("tp_abi_controller_create")
+        assert "fake device type of controller abi.0" in err.value.message
+        assert "native ABI 99" in err.value.message
+        assert d.rpc("vhost_get_controllers") == []
+        assert not os.path.exists(d.socket("abi.0"))
+        errors = [line for line in d.log().splitlines() if "native ABI 99" in line]
+        assert len(errors) == 2 and all("*ERROR*" in line for line in errors), d.log()
+        assert "Traceback" not in d.log()
+        assert d.alive()
+
+
+def test_cli_names_the_wheel_of_a_known_method_whose_plugin_is_missing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("VHOST_PLUGINS", "VHOST_DISABLE_PLUGINS")}
+    env["VHOST_DISABLE_PLUGINS"] = "bdev_malloc"
+    out = subprocess.run([sys.executable, "-m", "vhost_core.rpc.cli", "-s", str(tmp_path / "none.sock"),
+                          "bdev_malloc_create", "-b", "Malloc0", "64", "512"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2
+    assert "pip install vhost-bdev-malloc" in out.stderr and "invalid choice" not in out.stderr
+    # Unknown words still get argparse's answer.
+    out = subprocess.run([sys.executable, "-m", "vhost_core.rpc.cli", "no_such_method"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2 and "invalid choice" in out.stderr

@@ -156,7 +156,7 @@ class App:
                 s = r.stats()
                 out.append({
                     "lcore": r.core,
-                    "tid": 0,
+                    "tid": r.tid(),
                     "busy": s["busy_ns"],
                     "idle": s["idle_ns"],
                     "in_interrupt": r.interrupt_mode,
@@ -243,11 +243,16 @@ class App:
         self.reactors.start()
         self.register_core_methods()
         for impl in self.plugins.pm.hook.vhost_register_rpc_methods.get_hookimpls():
+            before = set(self.rpc.names(include_aliases=False))
             try:
                 impl.function(rpc=self.rpc, app=self)
             except (ValueError, TypeError) as exc:
-                log.error("plugin '%s' could not register its RPC methods: %s; its methods are unavailable",
-                          impl.plugin_name, exc)
+                # All or nothing: a plugin half registered would answer some of its
+                # RPCs with objects whose other half (delete, ...) is missing.
+                for name in set(self.rpc.names(include_aliases=False)) - before:
+                    self.rpc.remove(name)
+                log.error("plugin '%s' could not register its RPC methods: %s; none of its methods "
+                          "are available, the other plugins are", impl.plugin_name, exc)
         registered = set(self.rpc.names())
         for method, dist in plugins.KNOWN_PROVIDERS.items():
             if method not in registered:

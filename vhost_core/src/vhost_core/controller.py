@@ -16,7 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from vhost_core.log import get_logger, notice
-from vhost_core.native import ffi, lib
+from vhost_core.native import abi_mismatch, ffi, lib
 from vhost_core.reactor import Reactor, format_mask
 from vhost_core.rpc.registry import RpcError
 from vhost_core.vhost_user import messages as m
@@ -44,6 +44,10 @@ class Controller:
         self._closing = False
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        why = abi_mismatch(f"the {backend.device_type} device type of controller {name}", backend.native_ops)
+        if why is not None:
+            log.error("%s", why)
+            raise RpcError(-errno.EPROTO, why)
         ops = ffi.cast("const struct vn_device_ops *", backend.native_ops)
         self.native_dev = lib.vn_dev_new(reactor.native, ops, ffi.cast("void *", backend.native_ctx))
         if self.native_dev == ffi.NULL:

@@ -38,7 +38,9 @@ def vhost_register_rpc_methods(rpc: RpcRegistry, app: App) -> None:
     :param rpc: call ``rpc.add(name, handler, params=AttrsClass, deprecated_aliases=(...),
         owner=<plugin name>)`` or use ``@rpc.method(...)``.  Names follow SPDK
         (``bdev_<backend>_<verb>``, ``vhost_create_<type>_controller``); a duplicate
-        name raises ``ValueError`` and costs the plugin one log line.
+        name raises ``ValueError`` and costs the plugin one log line: the methods
+        it registered before are removed again (all or nothing), the other plugins
+        are unaffected.
     :param app: the running daemon: ``app.bdevs`` (the bdev registry),
         ``app.controllers``, ``app.reactors``, ``app.add_controller(...)``.
     :return: ignored.

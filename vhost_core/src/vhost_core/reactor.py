@@ -72,6 +72,10 @@ class Reactor:
             lib.vn_reactor_free(self.native)
             self.native = None
 
+    def tid(self) -> int:
+        """Linux thread id of the reactor (for taskset/perf), 0 when stopped."""
+        return lib.vn_reactor_tid(self.native) if self.native is not None else 0
+
     def stats(self) -> dict:
         out = ffi.new("uint64_t[4]")
         lib.vn_reactor_get_stats(self.native, out)

@@ -1,7 +1,7 @@
 """cffi (API mode) builder for vhost-core's data path: ``vhost_core._vhost_native``.
 
-Run by the package build (``cffi_modules`` in setup.py).  The cdef is core.h
-itself, less its preprocessor lines, so the two cannot drift apart.
+Run by the package build (``cffi_modules`` in setup.py).  The cdef is core.h and
+pybdev.h themselves, less their preprocessor lines, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -16,22 +16,29 @@ HERE = pathlib.Path(__file__).resolve().parent
 INCLUDE = HERE.parent / "include"
 
 
-def _cdef_text() -> str:
+def _header_cdef(name: str) -> str:
     lines = []
-    for line in (HERE / "core.h").read_text().splitlines():
+    for line in (HERE / name).read_text().splitlines():
         if line.startswith("#") and not re.match(r"#define \w+ \d+$", line):
             continue
         lines.append(line)
-    # Plugin structs are opaque to Python: it only passes their addresses.
-    return "struct vn_device_ops;\n" + "\n".join(lines)
+    return "\n".join(lines)
+
+
+def _cdef_text() -> str:
+    # Plugin structs are opaque to Python: it only passes their addresses.  The
+    # Python-bdev adapter's worker reads iovecs (sys/uio.h's, declared for cffi).
+    return ("struct vn_device_ops;\n" + _header_cdef("core.h")
+            + "\nstruct iovec { void *iov_base; size_t iov_len; };\n" + _header_cdef("pybdev.h"))
 
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
     "vhost_core._vhost_native",
-    '#include "vhost_core/vhost_native.h"\n#include "core.h"\n',
-    sources=[os.path.relpath(HERE / "core.c")],  # setuptools wants relative paths
+    '#include "vhost_core/vhost_native.h"\n#include "core.h"\n#include "pybdev.h"\n',
+    # setuptools wants relative paths
+    sources=[os.path.relpath(HERE / "core.c"), os.path.relpath(HERE / "pybdev.c")],
     include_dirs=[str(INCLUDE), str(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function", "-fno-strict-aliasing"],
     libraries=["pthread"],

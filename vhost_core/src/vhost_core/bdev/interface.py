@@ -12,6 +12,12 @@ the reactor thread: ``submit`` (required), ``channel_create`` / ``channel_destro
 ``channel_poll`` / ``channel_fd`` (optional: per-reactor state and asynchronous
 completion).  Python is never called per I/O.
 
+A backend without C code uses the core's Python-bdev adapter instead:
+:func:`vhost_core.bdev.python_adapter.make_python_bdev` wraps an object with
+``read``/``write`` (and optional ``flush``/``unmap``/...) methods in a native
+``vn_bdev`` served by a worker thread.  ``Bdev.native`` tables are checked against
+the core's ``VN_ABI_VERSION`` when the bdev is added to the registry.
+
 Ownership: the module owns the native memory; ``Bdev.destruct`` frees it and is
 called by the registry once no device holds the bdev any more.
 """

@@ -23,6 +23,15 @@ class BdevRegistry:
         return name in self._bdevs
 
     def add(self, bdev: Bdev) -> Bdev:
+        """Register ``bdev`` (on refusal it is destructed and an RpcError raised)."""
+        from vhost_core.native import abi_mismatch, bdev_ops_address
+
+        why = abi_mismatch(f"bdev '{bdev.name}' (module {bdev.module})",
+                           bdev_ops_address(bdev.native) if bdev.native else 0)
+        if why is not None:
+            bdev.destruct()
+            log.error("%s", why)
+            raise RpcError(-errno.EPROTO, why)
         if bdev.name in self._bdevs or any(bdev.name in b.aliases for b in self._bdevs.values()):
             bdev.destruct()
             raise RpcError(-errno.EEXIST, f"bdev name '{bdev.name}' is already taken: "

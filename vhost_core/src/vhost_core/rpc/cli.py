@@ -267,6 +267,10 @@ def _run_script(parser: argparse.ArgumentParser, client: Any, lines: Iterable[st
             continue
         argv = shlex.split(line)
         _replace_arg_underscores(argv)
+        hint = _missing_plugin_hint(parser, argv)
+        if hint is not None:
+            print(hint, file=sys.stderr)
+            return 2
         args = parser.parse_args(argv)
         if not hasattr(args, "func"):
             print(f"vhost-rpc: no command in line: {line}", file=sys.stderr)
@@ -280,10 +284,49 @@ def _run_script(parser: argparse.ArgumentParser, client: Any, lines: Iterable[st
     return 0
 
 
+#: Global options that take a value (the command is the first word after them).
+_VALUE_OPTIONS = {"-s", "--server", "-t", "--timeout", "-r", "--conn-retries"}
+
+
+def _command_word(argv: list[str]) -> str | None:
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _missing_plugin_hint(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """For a known SPDK method whose plugin is not installed: which wheel provides it."""
+    command = _command_word(argv)
+    if command is None:
+        return None
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return None
+    try:
+        from vhost_core.plugins import KNOWN_PROVIDERS
+    except ImportError:  # pragma: no cover
+        return None
+    dist = KNOWN_PROVIDERS.get(command)
+    if dist is None:
+        return None
+    return (f"vhost-rpc: '{command}' is provided by the {dist} plugin, which is not installed "
+            f"(or is disabled) here: pip install {dist}")
+
+
 def main(argv: list[str] | None = None, *, contributors: Iterable[Contributor] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _replace_arg_underscores(argv)
     parser = build_parser(_default_contributors() if contributors is None else contributors)
+    hint = _missing_plugin_hint(parser, argv)
+    if hint is not None:
+        print(hint, file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
 

@@ -11,6 +11,8 @@ Public API (all re-exported here):
 * :func:`connect_blk` / :class:`VirtioBlkDevice` -- QEMU-like handshake and a
   virtio-blk driver (``read/write/flush/get_id/discard/write_zeroes/submit``).
 * Wire constants in :mod:`.constants` (independent of the backend's copy).
+* Conformance suites every plugin runs unchanged: :mod:`.conformance.bdev`
+  (bdev backends) and :mod:`.conformance.device` (device types).
 * Pytest fixtures in :mod:`.pytest_plugin` (``guest_memory``,
   ``vhost_frontend_factory``, ``vhost_blk_factory``); enable with
   ``pytest_plugins = ["vhost_core.testing.pytest_plugin"]`` in a root

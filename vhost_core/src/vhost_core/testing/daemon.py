@@ -20,14 +20,18 @@ from vhost_core.rpc.client import RpcClient
 
 class VhostDaemon:
     def __init__(self, workdir: Path, cpumask: str = "0x1", interrupt_mode: bool = True,
-                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 python: str | None = None) -> None:
+        """``python``: the interpreter that runs the daemon (default: this one), e.g. a
+        virtual environment's, to test what exactly that environment has installed."""
         self.workdir = Path(workdir)
         self.socket_dir = self.workdir / "sockets"
         self.rpc_path = str(self.workdir / "rpc.sock")
         self.log_path = self.workdir / "vhost.log"
         self.cpumask = cpumask
-        self.args = [sys.executable, "-m", "vhost_core.app", "-S", str(self.socket_dir), "-m", cpumask,
-                     "-r", self.rpc_path, *(["--interrupt-mode"] if interrupt_mode else []), *extra_args]
+        self.args = [python or sys.executable, "-m", "vhost_core.app", "-S", str(self.socket_dir),
+                     "-m", cpumask, "-r", self.rpc_path,
+                     *(["--interrupt-mode"] if interrupt_mode else []), *extra_args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 

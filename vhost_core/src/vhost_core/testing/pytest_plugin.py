@@ -18,6 +18,16 @@ Fixtures:
 ``vhost_blk_factory``
     ``factory(path, **kwargs) -> VirtioBlkDevice`` via
     :func:`~vhost_core.testing.connect_blk`; closed at teardown.
+
+``vhost_daemon``
+    A running ``vhost`` daemon (:class:`~vhost_core.testing.daemon.VhostDaemon`).
+
+Installed vhost-core registers this module as a pytest plugin (entry point
+``pytest11``), so a plugin's tests get these fixtures with no conftest.  The
+conformance suites build on them: subclass
+:class:`vhost_core.testing.conformance.bdev.BdevConformance` (bdev backends) or
+:class:`vhost_core.testing.conformance.device.DeviceConformance` (device types)
+and provide one recipe fixture; see those modules.
 """
 
 from __future__ import annotations

@@ -1,0 +1,156 @@
+"""bdev_example plugin: ``bdev_example_create`` / ``bdev_example_delete``.
+
+Three parts, as every bdev plugin has them:
+
+1. the block device itself (:class:`DictDisk`): plain Python methods that the core's
+   Python-bdev adapter calls from a worker thread (see
+   ``vhost_core.bdev.python_adapter.PythonBdev`` for the contract);
+2. the RPCs that create and delete it (hook ``vhost_register_rpc_methods``), and the
+   calls that recreate it for ``save_config`` (hook ``vhost_config_json``);
+3. the ``vhost-rpc`` subcommands for those RPCs (hook ``vhost_add_cli_commands``).
+"""
+
+from __future__ import annotations
+
+import errno
+import uuid as uuid_mod
+from typing import Any
+
+import attrs
+
+from vhost_core.bdev.interface import check_block_size
+from vhost_core.bdev.python_adapter import make_python_bdev
+from vhost_core.hookspecs import hookimpl
+from vhost_core.log import get_logger, notice
+from vhost_core.rpc.registry import RpcError
+
+#: The plugin API generations this plugin was written for (vhost_core.CORE_API_VERSION).
+VHOST_CORE_API = (1,)
+MODULE = "example"
+log = get_logger("bdev_example")
+
+
+# ---------------------------------------------------------------- the bdev
+
+
+class DictDisk:
+    """A RAM disk that keeps only the blocks written; the others read as zeroes.
+
+    Called from the adapter's worker thread, one I/O at a time.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.blocks: dict[int, bytes] = {}
+        self._zero = bytes(block_size)
+
+    def read(self, offset_blocks: int, num_blocks: int) -> bytes:
+        get, zero = self.blocks.get, self._zero
+        return b"".join(get(i, zero) for i in range(offset_blocks, offset_blocks + num_blocks))
+
+    def write(self, offset_blocks: int, data: bytes) -> None:
+        bs = self.block_size
+        for i in range(len(data) // bs):
+            self.blocks[offset_blocks + i] = data[i * bs:(i + 1) * bs]
+
+    def flush(self) -> None:
+        pass                                  # RAM: nothing to make durable
+
+    def unmap(self, offset_blocks: int, num_blocks: int) -> None:
+        end = offset_blocks + num_blocks
+        if num_blocks > len(self.blocks):     # a huge range over a sparse disk
+            for i in [i for i in self.blocks if offset_blocks <= i < end]:
+                del self.blocks[i]
+        else:
+            for i in range(offset_blocks, end):
+                self.blocks.pop(i, None)
+
+    write_zeroes = unmap                      # absent blocks read as zeroes
+
+    def close(self) -> None:
+        self.blocks.clear()
+
+
+# ---------------------------------------------------------------- RPCs
+
+
+@attrs.frozen
+class CreateParams:
+    name: str
+    num_blocks: int
+    block_size: int = 512
+    uuid: str | None = None
+
+
+@attrs.frozen
+class DeleteParams:
+    name: str
+
+
+@hookimpl
+def vhost_register_rpc_methods(rpc, app) -> None:
+    @rpc.method("bdev_example_create", params=CreateParams, owner="bdev_example")
+    def bdev_example_create(p: CreateParams) -> str:
+        """Create an in-memory example bdev; returns its name."""
+        try:
+            check_block_size(p.block_size)
+            uuid = str(uuid_mod.UUID(p.uuid)) if p.uuid else None
+        except ValueError as exc:
+            raise RpcError(-errno.EINVAL, f"bdev_example_create: {exc}") from None
+        if p.num_blocks <= 0:
+            raise RpcError(-errno.EINVAL, f"bdev_example_create: num_blocks must be positive, "
+                                          f"got {p.num_blocks}")
+        if p.name in app.bdevs:
+            raise RpcError(-errno.EEXIST, f"bdev_example_create: bdev name '{p.name}' is already taken: "
+                                          f"pick another name or delete the existing bdev first")
+        bdev = make_python_bdev(p.name, DictDisk(p.num_blocks, p.block_size), module=MODULE,
+                                product_name="Example disk", uuid=uuid)
+        app.bdevs.add(bdev)
+        notice(log, "bdev %s: example disk of %d blocks of %d bytes created", p.name, p.num_blocks,
+               p.block_size)
+        return p.name
+
+    @rpc.method("bdev_example_delete", params=DeleteParams, owner="bdev_example")
+    def bdev_example_delete(p: DeleteParams) -> bool:
+        """Delete an example bdev (a controller using it sees it hot-removed)."""
+        app.bdevs.delete(p.name, module=MODULE)
+        return True
+
+
+@hookimpl
+def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
+    return {"bdev": [{"method": "bdev_example_create",
+                      "params": {"name": b.name, "num_blocks": b.num_blocks, "block_size": b.block_size,
+                                 "uuid": b.uuid}}
+                     for b in app.bdevs if b.module == MODULE]}
+
+
+# ---------------------------------------------------------------- vhost-rpc
+
+
+@hookimpl
+def vhost_add_cli_commands(subparsers) -> None:
+    from vhost_core.rpc.cli import NO_OUTPUT
+
+    def create(client, args):
+        params: dict[str, Any] = {"name": args.name, "block_size": args.block_size,
+                                  "num_blocks": int(args.total_size * 1024 * 1024) // args.block_size}
+        if args.uuid:
+            params["uuid"] = args.uuid
+        return client.call("bdev_example_create", params)
+
+    p = subparsers.add_parser("bdev_example_create", help="Create an in-memory example bdev")
+    p.add_argument("name", help="bdev name")
+    p.add_argument("total_size", type=float, help="size in MiB")
+    p.add_argument("block_size", type=int, help="block size in bytes (512 or 4096)")
+    p.add_argument("-u", "--uuid", help="UUID of the bdev")
+    p.set_defaults(func=create)
+
+    def delete(client, args):
+        client.call("bdev_example_delete", {"name": args.name})
+        return NO_OUTPUT
+
+    p = subparsers.add_parser("bdev_example_delete", help="Delete an example bdev")
+    p.add_argument("name", help="bdev name")
+    p.set_defaults(func=delete)
