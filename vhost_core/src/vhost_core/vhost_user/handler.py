@@ -345,6 +345,12 @@ class Session:
         lib.vn_vq_set_call(v.native, fd)
         if old >= 0:
             os.close(old)
+        if fd >= 0 and v.started:
+            # QEMU swaps the call fds of running rings right after starting the
+            # device; a completion signalled on the old one is lost and the driver
+            # waits forever.  A spurious interrupt costs nothing (libvhost-user
+            # signals every new call fd for the same reason).
+            os.eventfd_write(fd, 1)
 
     def _set_vring_err(self, msg: Message) -> None:
         v, fd = self._vring_fd(msg)
