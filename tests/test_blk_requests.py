@@ -644,3 +644,18 @@ def test_create_controller_cpumask_outside_app_mask(blk_daemon):
     d.rpc("vhost_create_blk_controller", ctrlr="x", dev_name="Malloc3", cpumask="0x1")
     with connect(d, "x") as dev:
         assert dev.get_id() == b"Malloc3"
+
+
+def test_immediate_reconnect_after_disconnect_is_served(blk_daemon):
+    """QEMU (and load generators) reconnect right after hanging up; the previous
+    session may still be tearing down, which must not refuse the new one."""
+    from vhost_core.testing import connect_blk
+
+    d = blk_daemon
+    for i in range(5):
+        dev = connect_blk(d.socket("vhost.0"))
+        data = bytes([i]) * 4096
+        dev.write(0, data)
+        assert dev.read(0, 8) == data
+        dev.close()
+    assert "refused a second front-end" not in d.log()

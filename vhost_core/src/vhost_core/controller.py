@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = get_logger("vhost")
 
+#: How long a new connection waits for the previous front-end's teardown.
+RECONNECT_WAIT_S = 5.0
+
 
 class Controller:
     def __init__(self, app: App, name: str, backend: DeviceBackend, reactor: Reactor,
@@ -44,6 +47,7 @@ class Controller:
         self._closing = False
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        self._serve_thread: threading.Thread | None = None
         why = abi_mismatch(f"the {backend.device_type} device type of controller {name}", backend.native_ops)
         if why is not None:
             log.error("%s", why)
@@ -92,6 +96,11 @@ class Controller:
             if self._closing:
                 sock.close()
                 return
+            # A front-end that just hung up may still be tearing down (draining its
+            # queues): a quick reconnect waits for that instead of being refused.
+            previous = self._serve_thread
+            if previous is not None:
+                previous.join(RECONNECT_WAIT_S)
             if self._conn is not None:
                 log.error("Controller %s: refused a second front-end connection while one is served",
                           self.name)
@@ -103,6 +112,7 @@ class Controller:
                 self.session = Session(self, conn)
             notice(log, "Controller %s: front-end connected", self.name)
             t = threading.Thread(target=self._serve, args=(conn,), name=f"{self.name}-conn", daemon=True)
+            self._serve_thread = t
             t.start()
 
     def _serve(self, conn: Connection) -> None:

@@ -67,10 +67,11 @@ void *ram_bdev_new(uint64_t num_blocks, uint32_t block_size, int is_null)
     struct ram_bdev *m = calloc(1, sizeof(*m));
     if (!m) return NULL;
     m->is_null = is_null;
-    /* null still keeps one block of buffer-less state: nothing to allocate. */
+    /* Populated up front, as SPDK's hugepage-backed malloc is: the guest's first
+     * write to a block must not pay for a page fault on the reactor. */
     if (!is_null) {
         m->len = (size_t)num_blocks * block_size;
-        m->buf = mmap(NULL, m->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        m->buf = mmap(NULL, m->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
         if (m->buf == MAP_FAILED) { free(m); return NULL; }
     }
     m->bdev.ops = &ram_ops;
