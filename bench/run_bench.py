@@ -27,6 +27,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -215,14 +216,20 @@ class Target:
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      cwd=self.workdir)
 
-    def _wait_socket(self, path: str, timeout: float) -> None:
+    def _wait_socket(self, path: str, timeout: float, probe: bool = False) -> None:
+        """Wait for a listening unix socket.  Only probe-connect when asked: a
+        vhost-user target may serve one front-end at a time and could still be
+        busy with the probe when the load generator connects (the load
+        generator retries connect() itself)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc and self.proc.poll() is not None:
                 raise TargetError(f"{self.name} exited with {self.proc.returncode} "
                                   f"before creating {path}; log: {self.logfile}\n"
                                   + self.log_tail())
-            if os.path.exists(path):
+            if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+                if not probe:
+                    return
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     s.connect(path)
@@ -313,6 +320,7 @@ class OursTarget(Target):
     def __init__(self, name, args, workdir, logdir, bdev: str):
         super().__init__(name, args, workdir, logdir)
         self.bdev = bdev
+        self.needs_precondition = bdev == "malloc"
 
     @staticmethod
     def available(args) -> str | None:
@@ -344,7 +352,7 @@ class OursTarget(Target):
         cmd = shlex.split(self.args.vhost_cmd) + ["-S", str(sockdir), "-m", self.mask,
                                                   "-r", self.rpc_sock]
         self._spawn(cmd)
-        self._wait_socket(self.rpc_sock, 30)
+        self._wait_socket(self.rpc_sock, 30, probe=True)
         if self.bdev == "null":
             self.rpc("bdev_null_create", "Null0", str(DEV_SIZE_MIB), "512")
             name = "Null0"
@@ -375,6 +383,30 @@ def make_target(name: str, args, workdir: Path, logdir: Path) -> Target:
 # --------------------------------------------------------------------------
 # load generator
 # --------------------------------------------------------------------------
+def precondition(args, sock: str, target: Target) -> None:
+    """Sequentially write the whole device once, so that later reads of a RAM
+    disk hit written memory rather than never-touched (zero-page) memory."""
+    if args.precondition <= 0 or not getattr(target, "needs_precondition", False):
+        return
+    nblocks = DEV_SIZE_MIB * 1024 * 1024 // args.bs
+    cmd = [str(LOADGEN), "--socket", sock, "--rw", "write", "--qd", "32", "--bs", str(args.bs),
+           "--ios", str(nblocks), "--time", str(args.precondition), "--warmup", "0",
+           "--queue-size", str(args.queue_size), "--cpu", str(args.loadgen_cpu)]
+    log(f"[{target.name}] precondition: sequential write of the whole device "
+        f"(at most {args.precondition:g}s)")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.precondition + 60)
+    line = next((s for s in r.stdout.splitlines() if s.startswith("{")), None)
+    if not line:
+        raise TargetError(f"{target.name}: precondition write failed: {r.stderr.strip()[-300:]}")
+    res = json.loads(line)
+    covered = res["ios"] * args.bs / max(res["capacity_bytes"], 1)
+    msg = (f"[{target.name}] precondition wrote {covered:.2f}x the device in {res['secs']:.2f}s "
+           f"({res['iops']:,.0f} IOPS), {res['errors']} errors")
+    if covered < 0.999:
+        msg += " (WARNING: not the whole device; raise --precondition)"
+    log(msg)
+
+
 def run_loadgen(args, sock: str, rw: str, qd: int, target: Target) -> dict:
     cmd = [str(LOADGEN), "--socket", sock, "--rw", rw, "--qd", str(qd), "--bs", str(args.bs),
            "--time", str(args.time), "--warmup", str(args.warmup),
@@ -439,7 +471,7 @@ def build_tables(results: list[dict], workloads: list[tuple[str, int]]):
         m = r.get("result") or {}
         wl = f"{r['rw']} qd{r['qd']}"
         if r.get("error"):
-            rows.append([r["target"], wl, "ERROR", "-", "-", "-", "-", "-", str(r["error"])[:60]])
+            rows.append([r["target"], wl, "ERROR", "-", "-", "-", "-", "-", "-"])
             continue
         rows.append([r["target"], wl, fmt_iops(m.get("iops")), fmt_f(m.get("mean_lat_us"), 2),
                      fmt_f(m.get("p99_lat_us"), 2), str(m.get("errors")),
@@ -572,6 +604,10 @@ def main() -> int:
                     help="extra load generator flags, e.g. '--event-idx --no-call'")
     ap.add_argument("--vhost-cmd", default="vhost", help="command that starts our target")
     ap.add_argument("--rpc-cmd", default="vhost-rpc", help="our RPC client command")
+    ap.add_argument("--precondition", type=float, default=60.0,
+                    help="before measuring RAM-backed targets (ours-malloc), write the whole "
+                         "device once sequentially at QD32, taking at most SEC seconds, so "
+                         "reads hit written memory rather than the zero page (0 = off)")
     ap.add_argument("--fresh-target", action="store_true",
                     help="restart the target for every run (default: one target per "
                          "target type, one new vhost-user connection per run)")
@@ -630,11 +666,13 @@ def main() -> int:
             try:
                 if not args.fresh_target:
                     sock = target.start()
+                    precondition(args, sock, target)
                 for rw, qd in workloads:
                     runs = []
                     for rep in range(args.repeat):
                         if args.fresh_target:
                             sock = target.start()
+                            precondition(args, sock, target)
                         res = run_loadgen(args, sock, rw, qd, target)
                         if args.fresh_target:
                             target.stop()
@@ -688,6 +726,10 @@ def main() -> int:
     if ratio_rows:
         print()
         print(text_table(ratio_rows))
+    errs = sorted({(r["target"], str(r["error"]).splitlines()[0][:300])
+                   for r in results if r.get("error")})
+    for t, e in errs:
+        print(f"ERROR {t}: {e}")
     for t, why in skipped.items():
         print(f"(skipped {t}: {why})")
 
@@ -695,6 +737,8 @@ def main() -> int:
     if ratio_rows:
         md += ["", "Ratios (>1x IOPS and <1x latency mean ours is better):", "",
                md_table(ratio_rows)]
+    for t, e in errs:
+        md.append(f"\n**ERROR {t}**: `{e}`")
     for t, why in skipped.items():
         md.append(f"\n_skipped {t}: {why}_")
     md_text = "\n".join(md) + "\n"

@@ -162,6 +162,7 @@ struct virtio_blk_outhdr {
 static struct {
     const char *socket;
     int write;
+    int seq; /* sequential instead of random offsets */
     unsigned qd;
     unsigned bs;
     double time_s;
@@ -173,6 +174,7 @@ static struct {
     int indirect; /* -1 auto, 0 never, 1 force */
     double connect_timeout;
     uint64_t size_override; /* bytes, 0 = from config */
+    uint64_t max_ios;       /* stop after this many submissions, 0 = no limit */
     int verbose;
     uint64_t seed;
 } opt = {
@@ -427,7 +429,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: vublk_loadgen --socket PATH [options]\n"
-            "  --rw randread|randwrite   workload (default randread)\n"
+            "  --rw randread|randwrite|read|write  workload (default randread;\n"
+            "                            read/write are sequential, wrapping at the end)\n"
             "  --qd N                    queue depth (default 1)\n"
             "  --bs BYTES                block size, multiple of 512 (default 4096)\n"
             "  --time SEC                measured run time (default 5)\n"
@@ -442,6 +445,9 @@ static void usage(void)
             "  --size BYTES              device size if the backend has no GET_CONFIG\n"
             "  --connect-timeout SEC     retry connecting for this long (default 10)\n"
             "  --seed N                  PRNG seed\n"
+            "  --ios N                   stop after N submitted requests (or --time,\n"
+            "                            whichever comes first); 'ios' in the output\n"
+            "                            counts only those completed after warmup\n"
             "  -v, --verbose             log negotiation to stderr\n");
     exit(2);
 }
@@ -449,7 +455,7 @@ static void usage(void)
 static void parse_args(int argc, char **argv)
 {
     enum { O_SOCK = 1000, O_RW, O_QD, O_BS, O_TIME, O_WARM, O_QS, O_CPU, O_EIDX, O_NOCALL,
-           O_IND, O_SIZE, O_CTO, O_SEED };
+           O_IND, O_SIZE, O_CTO, O_SEED, O_IOS };
     static const struct option lo[] = {
         { "socket", required_argument, 0, O_SOCK },
         { "rw", required_argument, 0, O_RW },
@@ -465,6 +471,7 @@ static void parse_args(int argc, char **argv)
         { "size", required_argument, 0, O_SIZE },
         { "connect-timeout", required_argument, 0, O_CTO },
         { "seed", required_argument, 0, O_SEED },
+        { "ios", required_argument, 0, O_IOS },
         { "verbose", no_argument, 0, 'v' },
         { "help", no_argument, 0, 'h' },
         { 0, 0, 0, 0 },
@@ -474,10 +481,14 @@ static void parse_args(int argc, char **argv)
         switch (c) {
         case O_SOCK: opt.socket = optarg; break;
         case O_RW:
-            if (!strcmp(optarg, "randread") || !strcmp(optarg, "read"))
-                opt.write = 0;
-            else if (!strcmp(optarg, "randwrite") || !strcmp(optarg, "write"))
-                opt.write = 1;
+            if (!strcmp(optarg, "randread"))
+                opt.write = 0, opt.seq = 0;
+            else if (!strcmp(optarg, "randwrite"))
+                opt.write = 1, opt.seq = 0;
+            else if (!strcmp(optarg, "read"))
+                opt.write = 0, opt.seq = 1;
+            else if (!strcmp(optarg, "write"))
+                opt.write = 1, opt.seq = 1;
             else
                 die("bad --rw %s", optarg);
             break;
@@ -497,6 +508,7 @@ static void parse_args(int argc, char **argv)
             break;
         case O_SIZE: opt.size_override = strtoull(optarg, NULL, 0); break;
         case O_CTO: opt.connect_timeout = atof(optarg); break;
+        case O_IOS: opt.max_ios = strtoull(optarg, NULL, 0); break;
         case O_SEED: opt.seed = strtoull(optarg, NULL, 0) | 1; break;
         case 'v': opt.verbose = 1; break;
         default: usage();
@@ -529,6 +541,17 @@ static inline uint64_t xorshift64(uint64_t *s)
     x ^= x << 17;
     *s = x;
     return x;
+}
+
+static inline uint64_t next_block(uint64_t *rng, uint64_t *seq_next, uint64_t nblocks)
+{
+    if (opt.seq) {
+        uint64_t b = *seq_next;
+        *seq_next = b + 1 == nblocks ? 0 : b + 1;
+        return b;
+    }
+    /* uniform in [0, nblocks) without a division */
+    return (uint64_t)(((unsigned __int128)xorshift64(rng) * nblocks) >> 64);
 }
 
 /* vring_need_event() from the virtio spec */
@@ -763,6 +786,7 @@ int main(int argc, char **argv)
     if (!sub_ts)
         die("oom");
     uint64_t rng = opt.seed;
+    uint64_t seq_next = 0;
     const uint32_t spb = opt.bs / 512; /* sectors per block */
     uint8_t *req_base = mem + off_req;
     const uint64_t one = 1;
@@ -772,12 +796,14 @@ int main(int argc, char **argv)
     uint64_t kicks = 0, kicks_suppressed = 0, completions = 0, errors = 0, bad_ids = 0;
     uint64_t lat_sum = 0, lat_max = 0, lat_min = UINT64_MAX;
     int measuring = 0, draining = 0;
+    uint64_t submitted = 0;
+    const unsigned first = opt.max_ios && opt.max_ios < opt.qd ? (unsigned)opt.max_ios : opt.qd;
 
     /* submit all requests */
     uint64_t t0 = now_ns();
-    for (unsigned i = 0; i < opt.qd; i++) {
+    for (unsigned i = 0; i < first; i++) {
         struct virtio_blk_outhdr *h = (void *)(req_base + 64ul * i);
-        h->sector = (uint64_t)(((unsigned __int128)xorshift64(&rng) * nblocks) >> 64) * spb;
+        h->sector = next_block(&rng, &seq_next, nblocks) * spb;
         req_base[64ul * i + 16] = 0xff;
         avail_ring[avail_idx & (N - 1)] = (uint16_t)(i * dpr);
         avail_idx++;
@@ -786,7 +812,8 @@ int main(int argc, char **argv)
     if (event_idx)
         *used_event_p = opt.no_call ? (uint16_t)(last_used + 0x8000) : last_used;
     __atomic_store_n(avail_idx_p, avail_idx, __ATOMIC_RELEASE);
-    inflight = opt.qd;
+    inflight = first;
+    submitted = first;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (write(kickfd, &one, 8) != 8)
         die("kick: %s", strerror(errno));
@@ -836,13 +863,14 @@ int main(int argc, char **argv)
                     if (lat < lat_min) lat_min = lat;
                     hist[hbucket(lat)]++;
                 }
-                if (draining) {
+                if (draining || (opt.max_ios && submitted >= opt.max_ios)) {
                     inflight--;
                     continue;
                 }
+                submitted++;
                 /* resubmit the same slot with a new random offset */
                 struct virtio_blk_outhdr *h = (void *)(req_base + 64ul * r);
-                h->sector = (uint64_t)(((unsigned __int128)xorshift64(&rng) * nblocks) >> 64) * spb;
+                h->sector = next_block(&rng, &seq_next, nblocks) * spb;
                 *stp = 0xff;
                 avail_ring[avail_idx & (N - 1)] = (uint16_t)id;
                 avail_idx++;
@@ -888,6 +916,10 @@ int main(int argc, char **argv)
                 kicks = 0;
             }
         } else if (!draining) {
+            if (inflight == 0) { /* --ios reached and everything completed */
+                meas_end = now;
+                break;
+            }
             if (now >= end_deadline) {
                 meas_end = now;
                 draining = 1;
@@ -942,7 +974,7 @@ int main(int argc, char **argv)
            "\"kicks\":%" PRIu64 ",\"kicks_suppressed\":%" PRIu64 ",\"event_idx\":%s,"
            "\"no_call\":%s,\"indirect\":%s,\"queue_size\":%u,\"features\":\"0x%" PRIx64 "\","
            "\"capacity_bytes\":%" PRIu64 ",\"socket\":\"%s\"}\n",
-           opt.write ? "randwrite" : "randread", opt.qd, opt.bs, iops, mean_us, p50_us, p99_us,
+           opt.seq ? (opt.write ? "write" : "read") : (opt.write ? "randwrite" : "randread"), opt.qd, opt.bs, iops, mean_us, p50_us, p99_us,
            p999_us, completions ? lat_min / 1000.0 : 0.0, lat_max / 1000.0, errors, completions,
            secs, kicks, kicks_suppressed, event_idx ? "true" : "false",
            opt.no_call ? "true" : "false", use_indirect ? "true" : "false", N, features,
