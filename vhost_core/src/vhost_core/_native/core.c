@@ -347,6 +347,9 @@ static void reactor_handle_msgs(struct vn_reactor *r)
     pthread_mutex_unlock(&r->lock);
     if (!m) return;
     int res = m->fn(m->arg);
+    /* A control message may have changed what to wait on (a hot-attached
+     * target's bdev fd, a new kick fd): cheap to rebuild, as messages are rare. */
+    r->epoll_dirty = 1;
     pthread_mutex_lock(&r->lock);
     m->result = res;
     m->done = 1;
@@ -813,10 +816,19 @@ static int reactor_iteration(struct vn_reactor *r)
     return work;
 }
 
+/* Interrupt mode: must the reactor keep polling (1 ms) instead of sleeping?
+ * Devices that say what they wait on are asked; requests a device merely holds
+ * (virtio-scsi event buffers) do not count.  Others: any request in flight. */
 static int reactor_outstanding(struct vn_reactor *r)
 {
-    for (int i = 0; i < r->nqueues; i++)
-        if (r->queues[i]->inflight) return 1;
+    for (int i = 0; i < r->ndevs; i++) {
+        struct vn_dev *d = r->devs[i];
+        if (d->ops->outstanding && d->ops->outstanding(d->ctx) > 0) return 1;
+    }
+    for (int i = 0; i < r->nqueues; i++) {
+        struct vn_vq *q = r->queues[i];
+        if (!q->dev->ops->outstanding && q->inflight) return 1;
+    }
     return 0;
 }
 

@@ -151,7 +151,10 @@ struct vn_device_ops {
     int (*poll)(void *dev_ctx);
     /* Fds to wait on in interrupt mode (bdev completion fds).  Returns a count. */
     int (*poll_fds)(void *dev_ctx, int *fds, int max);
-    /* Requests still owned by the device (held events, queued I/O). */
+    /* Requests waiting on backend I/O (not buffers the device merely holds,
+     * such as virtio-scsi event buffers).  In interrupt mode the reactor keeps
+     * polling while this is > 0; without this member, any request in flight
+     * counts. */
     int (*outstanding)(void *dev_ctx);
 };
 

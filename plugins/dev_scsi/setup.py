@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup(cffi_modules=["src/vhost_dev_scsi/_build.py:ffibuilder"])

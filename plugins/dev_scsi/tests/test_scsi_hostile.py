@@ -1,0 +1,252 @@
+"""Requests a well-behaved virtio-scsi driver never sends: the controller answers
+each with an error (or an empty completion when there is nowhere to put one),
+touches no guest byte outside the buffers the chain gave it, and keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from scsi_driver import (
+    CHECK_CONDITION,
+    EVENT,
+    GOOD,
+    ILLEGAL_REQUEST,
+    REQ_HDR,
+    RESP_SIZE,
+    S_BAD_TARGET,
+    S_FAILURE,
+    S_OK,
+    S_OVERRUN,
+    TEST_UNIT_READY,
+    connect_scsi,
+    inquiry,
+    lun_bytes,
+    mode_select6,
+    mode_sense6,
+    report_luns,
+    rw10,
+    rw16,
+    unmap,
+    unmap_params,
+)
+
+GUARD = 256
+
+
+class Guarded:
+    """``n`` bytes with 0xA5 guard bytes on both sides."""
+
+    def __init__(self, mem, n: int, fill: int = 0xEE) -> None:
+        self.mem, self.n = mem, n
+        self.base = mem.alloc(n + 2 * GUARD, 512, zero=False)
+        mem.fill(self.base, n + 2 * GUARD, 0xA5)
+        self.gpa = self.base + GUARD
+        if n:
+            mem.fill(self.gpa, n, fill)
+
+    def read(self) -> bytes:
+        return self.mem.read(self.gpa, self.n)
+
+    def guards_intact(self) -> bool:
+        m = self.mem
+        guard = b"\xa5" * GUARD
+        return m.read(self.base, GUARD) == guard and m.read(self.gpa + self.n, GUARD) == guard
+
+
+def header(target: int, cdb: bytes, lun: bytes | None = None) -> bytes:
+    return REQ_HDR.pack(lun if lun is not None else lun_bytes(target), 1, 0, 0, 0, cdb.ljust(32, b"\0"))
+
+
+def parse_resp(raw: bytes):
+    sense_len, resid, _sq, status, response = struct.unpack_from("<IIHBB", raw)
+    return response, status, resid, raw[12:12 + sense_len]
+
+
+def marker(dev, lba: int = 900) -> bytes:
+    data = os.urandom(512)
+    r = dev.command(0, rw10(True, lba, 1), data_out=data)
+    assert (r.response, r.status) == (S_OK, GOOD)
+    return data
+
+
+def healthy(dev, lba: int = 900, data: bytes | None = None) -> None:
+    r = dev.command(0, rw10(False, lba, 1), data_in_len=512)
+    assert (r.response, r.status) == (S_OK, GOOD)
+    if data is not None:
+        assert r.data == data
+
+
+@pytest.mark.parametrize("resp_len", [0, 1, 12, 107])
+def test_response_buffer_shorter_than_the_response_header(scsi_dev, resp_len):
+    mem = scsi_dev.memory
+    hdr = mem.alloc_bytes(header(0, rw10(False, 0, 1)))
+    bufs = [(hdr, 51, False)]
+    resp = Guarded(mem, resp_len)
+    if resp_len:
+        bufs.append((resp.gpa, resp_len, True))
+    assert scsi_dev.chain(2, bufs) == 0
+    assert resp.read() == b"\xee" * resp_len and resp.guards_intact()
+    healthy(scsi_dev)
+
+
+def test_request_header_shorter_than_its_layout(scsi_dev):
+    mem = scsi_dev.memory
+    for n in (1, 8, 18, 50):
+        hdr = mem.alloc_bytes(header(0, TEST_UNIT_READY)[:n])
+        resp = Guarded(mem, RESP_SIZE)
+        assert scsi_dev.chain(2, [(hdr, n, False), (resp.gpa, RESP_SIZE, True)]) == RESP_SIZE
+        assert parse_resp(resp.read())[0] == S_FAILURE
+        assert resp.guards_intact()
+
+
+def test_header_split_into_one_byte_descriptors_is_reassembled(scsi_dev):
+    mem = scsi_dev.memory
+    hdr_bytes = header(0, inquiry(36))
+    hdr = mem.alloc_bytes(hdr_bytes)
+    resp = Guarded(mem, RESP_SIZE + 36)
+    bufs = [(hdr + i, 1, False) for i in range(51)] + [(resp.gpa + i, 1, True) for i in range(RESP_SIZE + 36)]
+    assert scsi_dev.chain(2, bufs, indirect=True) == RESP_SIZE + 36
+    raw = resp.read()
+    assert parse_resp(raw)[:2] == (S_OK, GOOD)
+    assert raw[RESP_SIZE + 8:RESP_SIZE + 16] == b"INTEL   " and resp.guards_intact()
+
+
+def test_data_in_and_data_out_both_set_fail_and_move_nothing(scsi_dev):
+    before = marker(scsi_dev)
+    mem = scsi_dev.memory
+    for cdb in (rw10(False, 900, 1), rw10(True, 900, 1), inquiry(36)):
+        hdr = mem.alloc_bytes(header(0, cdb))
+        out = mem.alloc_bytes(os.urandom(512))
+        resp = Guarded(mem, RESP_SIZE)
+        din = Guarded(mem, 512)
+        used = scsi_dev.chain(2, [(hdr, 51, False), (out, 512, False), (resp.gpa, RESP_SIZE, True),
+                                  (din.gpa, 512, True)])
+        assert used == RESP_SIZE
+        assert parse_resp(resp.read())[0] == S_FAILURE
+        assert din.read() == b"\xee" * 512 and din.guards_intact()
+    healthy(scsi_dev, data=before)
+
+
+def test_read_longer_than_the_buffer_is_an_overrun(scsi_dev):
+    before = marker(scsi_dev)
+    r = scsi_dev.command(0, rw10(False, 900, 8), data_in_len=8 * 512 - 1)
+    assert r.response == S_OVERRUN and r.used_len == RESP_SIZE
+    assert r.data == b"\xee" * (8 * 512 - 1), "not a byte of data written"
+    r = scsi_dev.command(0, rw16(False, 900, 1))                 # no buffer at all
+    assert r.response == S_OVERRUN
+    r = scsi_dev.command(0, rw10(True, 900, 2), data_out=os.urandom(1000))
+    assert r.response == S_OVERRUN
+    healthy(scsi_dev, data=before)
+
+
+def test_buffer_longer_than_the_transfer_reports_the_residual(scsi_dev):
+    before = marker(scsi_dev)
+    r = scsi_dev.command(0, rw10(False, 900, 1), data_in_len=8192)
+    assert (r.response, r.status, r.resid, r.used_len) == (S_OK, GOOD, 8192 - 512, RESP_SIZE + 512)
+    assert r.data[:512] == before and r.data[512:] == b"\xee" * (8192 - 512)
+    data = os.urandom(512)
+    r = scsi_dev.command(0, rw10(True, 901, 1), data_out=data + os.urandom(1536))
+    assert (r.response, r.status, r.resid) == (S_OK, GOOD, 1536)
+    healthy(scsi_dev, lba=901, data=data)
+
+
+def test_allocation_length_larger_than_the_buffer(scsi_dev):
+    mem = scsi_dev.memory
+    for cdb, n in ((inquiry(255), 10), (mode_sense6(0x3F, alloc=255), 7), (report_luns(0xFFFFFFFF), 16),
+                   (inquiry(0xFFFF, evpd=True, page=0x83), 5)):
+        hdr = mem.alloc_bytes(header(0, cdb))
+        resp = Guarded(mem, RESP_SIZE)
+        din = Guarded(mem, n)
+        used = scsi_dev.chain(2, [(hdr, 51, False), (resp.gpa, RESP_SIZE, True), (din.gpa, n, True)])
+        response, status, resid, _ = parse_resp(resp.read())
+        assert (response, status, resid, used) == (S_OK, GOOD, 0, RESP_SIZE + n)
+        assert din.guards_intact() and resp.guards_intact()
+
+
+def test_parameter_list_longer_than_the_data_out_buffer(scsi_dev):
+    before = marker(scsi_dev)
+    p = unmap_params((900, 1))
+    assert scsi_dev.command(0, unmap(len(p) + 16), data_out=p).response == S_OVERRUN
+    r = scsi_dev.command(0, mode_sense6(0x08), data_in_len=255)
+    params = bytes([0]) + r.data[1:r.data[0] + 1]
+    assert scsi_dev.command(0, mode_select6(len(params) + 1), data_out=params).response == S_OVERRUN
+    # A block descriptor data length larger than the list: only complete descriptors count.
+    lying = bytearray(p)
+    lying[2:4] = struct.pack(">H", 4096)
+    r = scsi_dev.command(0, unmap(len(p)), data_out=bytes(lying))
+    assert (r.response, r.status) == (S_OK, GOOD)
+    healthy(scsi_dev, data=bytes(512))
+
+
+@pytest.mark.parametrize("lun", [bytes([0, 0, 0x40, 0, 0, 0, 0, 0]),        # not the single-level format
+                                 bytes([0xFF] * 8),
+                                 bytes([1, 8, 0x40, 0, 0, 0, 0, 0]),        # target 8 does not exist
+                                 bytes([1, 255, 0x40, 0, 0, 0, 0, 0])])
+def test_lun_field_garbage_naming_no_target(scsi_dev, lun):
+    r = scsi_dev.command(0, TEST_UNIT_READY, lun_raw=lun)
+    assert r.response == S_BAD_TARGET and r.used_len == RESP_SIZE
+
+
+@pytest.mark.parametrize("lun", [bytes([1, 0, 0x80, 0, 0, 0, 0, 0]),        # logical unit addressing
+                                 bytes([1, 0, 0xC0, 0, 0, 0, 0, 0]),        # extended addressing
+                                 bytes([1, 0, 0x05, 0, 0, 0, 0, 0]),        # peripheral, bus 5
+                                 bytes([1, 0, 0x40, 0, 0, 0, 0, 1])])       # second level set
+def test_lun_field_garbage_on_a_present_target(scsi_dev, lun):
+    r = scsi_dev.command(0, TEST_UNIT_READY, lun_raw=lun)
+    assert (r.response, r.status) == (S_OK, CHECK_CONDITION)
+    assert (r.sense.key, r.sense.asc) == (ILLEGAL_REQUEST, 0x25)
+    r = scsi_dev.command(0, inquiry(36), lun_raw=lun, data_in_len=36)
+    assert r.data[0] == 0x7F
+
+
+def test_descriptor_outside_guest_memory(scsi_dev):
+    mem = scsi_dev.memory
+    hdr = mem.alloc_bytes(header(0, rw10(False, 0, 1)))
+    resp = Guarded(mem, RESP_SIZE)
+    assert scsi_dev.chain(2, [(hdr, 51, False), (resp.gpa, RESP_SIZE, True), (1 << 50, 512, True)]) == 0
+    assert resp.read() == b"\xee" * RESP_SIZE
+    healthy(scsi_dev)
+
+
+def test_control_and_event_queue_garbage(scsi_dev):
+    mem = scsi_dev.memory
+    # Unknown control request type; a TMF without room for its response; an empty request.
+    req = mem.alloc_bytes(struct.pack("<I", 77) + bytes(20))
+    resp = Guarded(mem, 8)
+    assert scsi_dev.chain(0, [(req, 24, False), (resp.gpa, 8, True)]) == 0
+    assert resp.read() == b"\xee" * 8
+    tmf = mem.alloc_bytes(struct.pack("<II8sQ", 0, 5, lun_bytes(0), 0))
+    assert scsi_dev.chain(0, [(tmf, 24, False)]) == 0
+    assert scsi_dev.chain(0, [(resp.gpa, 8, True)]) == 0
+    # An AN request whose response does not fit.
+    an = mem.alloc_bytes(struct.pack("<I8sI", 1, lun_bytes(0), 0))
+    assert scsi_dev.chain(0, [(an, 16, False), (resp.gpa, 4, True)]) == 0
+    assert resp.guards_intact()
+    # Event buffers smaller than an event come back at once, unwritten.
+    ev = Guarded(mem, 8)
+    assert scsi_dev.chain(1, [(ev.gpa, 8, True)]) == 0
+    assert ev.read() == b"\xee" * 8 and ev.guards_intact()
+    assert EVENT.size == 16
+    healthy(scsi_dev)
+
+
+def test_a_hostile_session_leaves_the_controller_serving_the_next_one(scsi_daemon):
+    with connect_scsi(scsi_daemon.socket("vhost.0"), post_events=8) as dev:
+        mem = dev.memory
+        hdr = mem.alloc_bytes(header(0, rw10(True, 0, 1)))
+        dev.queues[2].add_chain([(hdr, 51, False)])            # no response buffer: never answered well
+        dev.queues[2].kick()
+        dev.queues[2].wait_used(5)
+    from scsi_driver import wait_no_session
+    wait_no_session(scsi_daemon, "vhost.0")
+    with connect_scsi(scsi_daemon.socket("vhost.0"), num_queues=2) as dev:
+        data = os.urandom(4096)
+        r = dev.command(1, rw10(True, 5, 1), data_out=data, queue=3)
+        assert (r.response, r.status) == (S_OK, GOOD)
+        assert dev.command(1, rw10(False, 5, 1), data_in_len=4096, queue=2).data == data
+    assert scsi_daemon.alive()
+    assert "Traceback" not in scsi_daemon.log()
