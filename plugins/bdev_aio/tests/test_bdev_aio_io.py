@@ -271,10 +271,11 @@ def test_kernel_io_errors_fail_only_their_request_and_are_logged_rate_limited(tm
                 assert other.read(0, 8) == chunk[:4096]
         s = _stats(d)
         assert s["errors"]["read"] == 300 and s["last_error"]["errno"] == 5
-        log = d.wait_log("more I/O errors since the last report", timeout=10)
-        assert "read 300" in log and "Input/output error (EIO)" in log
+        log = d.wait_log("in total: read 300", timeout=10)
+        assert "Input/output error (EIO)" in log
         errors = [ln for ln in d.log().splitlines() if "*ERROR*" in ln and "aio0" in ln]
-        assert len(errors) == 2, errors      # the first error, one summary: not 300+ lines
+        # the first error and one summary (two on a very slow machine): not 300+ lines
+        assert 2 <= len(errors) <= 3, errors
         assert d.alive()
         d.rpc("vhost_delete_controller", ctrlr="vhost.0")
         d.rpc("bdev_aio_delete", name="aio0")    # releases the file so that it can be unmounted
