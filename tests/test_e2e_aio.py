@@ -81,3 +81,26 @@ def test_fio_randrw_verify_on_four_queues_and_the_host_file_matches(vhost_daemon
     s = d.rpc("bdev_aio_get_stats", name="aio0")[0]
     assert s["io_errors"] == 0 and s["completed"]["write"] > 1000, s
     assert "Traceback" not in d.log()
+
+
+def test_rescan_after_growing_the_file_shows_the_new_size_in_the_running_guest(vhost_daemon, disk_file):
+    import time
+
+    d = vhost_daemon
+    d.rpc("bdev_aio_create", filename=disk_file, name="aio0")
+    d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="aio0")
+    with blk_vm(d, "vhost.1") as vm:
+        vm.start().wait_ready()
+        assert int(vm.check("cat /sys/block/vda/size")) == (64 << 20) // 512
+        digest = write_pattern(vm)
+        with open(disk_file, "r+b") as f:
+            f.truncate(96 << 20)
+        d.rpc("bdev_aio_rescan", name="aio0")
+        deadline = time.monotonic() + 30
+        while int(vm.check("cat /sys/block/vda/size")) != (96 << 20) // 512:
+            assert time.monotonic() < deadline, f"guest never saw the new size:\n{vm.console_log[-2000:]}"
+            time.sleep(0.5)
+        # The new tail is usable and the old data is intact.
+        vm.check("dd if=/dev/urandom of=/dev/vda bs=1M seek=90 count=2 oflag=direct 2>/dev/null")
+        assert read_pattern(vm) == digest
+    assert "config space changed, front-end notified" in d.log()

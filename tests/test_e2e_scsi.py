@@ -208,3 +208,33 @@ def test_deleting_a_bdev_under_a_running_vm_removes_only_its_disk(vhost_daemon):
     (c,) = d.rpc("vhost_get_controllers", name="vhost.0")
     assert [t["scsi_dev_num"] for t in c["backend_specific"]["scsi"]] == [0]
     assert "Traceback" not in d.log()
+
+
+def test_aio_rescan_after_growing_the_file_resizes_the_scsi_disk_in_the_running_guest(vhost_daemon, tmp_path):
+    import os
+    import tempfile
+
+    d = vhost_daemon
+    path = os.path.join(tempfile.mkdtemp(prefix="e2e-scsi-aio-", dir="/var/tmp"), "disk.img")
+    with open(path, "wb") as f:
+        f.truncate(32 << 20)
+    try:
+        d.rpc("vhost_create_scsi_controller", ctrlr="vhost.0")
+        d.rpc("bdev_aio_create", filename=path, name="aio0")
+        d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=0, bdev_name="aio0")
+        with scsi_vm(d) as vm:
+            vm.start().wait_ready()
+            dev = wait_disks(vm, lambda f: 0 in f)[0]["NAME"]
+            assert int(vm.check(f"cat /sys/block/{dev}/size")) == (32 << 20) // 512
+            with open(path, "r+b") as f:
+                f.truncate(48 << 20)
+            d.rpc("bdev_aio_rescan", name="aio0")
+            deadline = time.monotonic() + 30
+            while int(vm.check(f"cat /sys/block/{dev}/size")) != (48 << 20) // 512:
+                assert time.monotonic() < deadline, vm.check("dmesg | tail -n 20")
+                time.sleep(0.5)
+            vm.check(f"dd if=/dev/urandom of=/dev/{dev} bs=1M seek=40 count=2 oflag=direct 2>/dev/null")
+        assert "capacity changed" in d.log()
+    finally:
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))

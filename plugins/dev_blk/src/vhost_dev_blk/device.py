@@ -61,6 +61,14 @@ class BlkDevice:
         self.native_ops = int(ffi.cast("uintptr_t", lib.blk_device_ops()))
         self.native_ctx = int(ffi.cast("uintptr_t", self.native))
         bdev.removal_callbacks.append(self.on_bdev_removed)
+        bdev.resize_callbacks.append(self.on_bdev_resized)
+
+    def on_bdev_resized(self, bdev: Bdev) -> None:
+        """The bdev grew or shrank: a running guest learns it via a config-change message."""
+        ctrlr = self.app.controllers.get(self.ctrlr_name)
+        session = ctrlr.session if ctrlr is not None and ctrlr.backend is self else None
+        if session is not None:
+            session.notify_config_change()
 
     def on_bdev_removed(self, bdev: Bdev) -> None:
         """Hot-remove: new I/O fails at once, in-flight I/O drains, then we let go."""
@@ -125,6 +133,8 @@ class BlkDevice:
     def close(self) -> None:
         if self.on_bdev_removed in self.bdev.removal_callbacks:
             self.bdev.removal_callbacks.remove(self.on_bdev_removed)
+        if self.on_bdev_resized in self.bdev.resize_callbacks:
+            self.bdev.resize_callbacks.remove(self.on_bdev_resized)
         if not self.removed:
             self.app.bdevs.release(self.bdev, self.ctrlr_name)
         if self.native != ffi.NULL:

@@ -80,6 +80,7 @@ class ScsiTarget:
     bdev: Bdev
     dev_id: int
     on_removed: Callable[[Bdev], None]
+    on_resized: Callable[[Bdev], None]
     removing: bool = False
 
     @property
@@ -147,7 +148,8 @@ class ScsiDevice:
         t10 = _ascii(bdev.uuid)[:40]
         ffi.memmove(desc.t10_id, t10, len(t10))
         desc.t10_id_len = len(t10)
-        target = ScsiTarget(num, bdev, _alloc_dev_id(), on_removed=lambda b: self.on_bdev_removed(num, b))
+        target = ScsiTarget(num, bdev, _alloc_dev_id(), on_removed=lambda b: self.on_bdev_removed(num, b),
+                            on_resized=lambda b: self.on_bdev_resized(num, b))
         rc = self._exec("scsi_dev_add_target", desc)
         if rc < 0:
             _used_dev_ids.discard(target.dev_id)
@@ -155,6 +157,7 @@ class ScsiDevice:
                                f"target {num}: its I/O channel could not be created")
         self.targets[num] = target
         bdev.removal_callbacks.append(target.on_removed)
+        bdev.resize_callbacks.append(target.on_resized)
 
     def remove_target(self, num: int) -> ScsiTarget:
         """Hot-detach target ``num``: new commands to it fail at once (BAD_TARGET),
@@ -177,8 +180,19 @@ class ScsiDevice:
         _used_dev_ids.discard(target.dev_id)
         if target.on_removed in target.bdev.removal_callbacks:
             target.bdev.removal_callbacks.remove(target.on_removed)
+        if target.on_resized in target.bdev.resize_callbacks:
+            target.bdev.resize_callbacks.remove(target.on_resized)
         self.app.bdevs.release(target.bdev, self.ctrlr_name)
         return target
+
+    def on_bdev_resized(self, num: int, bdev: Bdev) -> None:
+        """The bdev grew or shrank: capacity-changed unit attention (+ PARAM_CHANGE event)."""
+        target = self.targets.get(num)
+        if target is None or target.bdev is not bdev:
+            return
+        self._exec("scsi_dev_capacity_changed", self._ctl(num))
+        notice(log, "Controller %s: target %d capacity changed to %d blocks (bdev '%s')",
+               self.ctrlr_name, num, bdev.num_blocks, bdev.name)
 
     def on_bdev_removed(self, num: int, bdev: Bdev) -> None:
         """The bdev is being deleted: hot-detach the target that holds it."""
@@ -213,7 +227,8 @@ class ScsiDevice:
             raise ValueError(f"sense_size and cdb_size are fixed at {SENSE_SIZE} and {CDB_SIZE}")
 
     def features_negotiated(self, features: int) -> None:
-        self._exec("scsi_dev_set_features", self._ctl(value=int(bool(features & (1 << F_HOTPLUG)))))
+        value = int(bool(features & (1 << F_HOTPLUG))) | int(bool(features & (1 << F_CHANGE))) << 1
+        self._exec("scsi_dev_set_features", self._ctl(value=value))
 
     def queue_stopping(self, index: int) -> None:
         """The core stops virtqueue ``index``: give back the event buffers held on it."""
@@ -234,6 +249,8 @@ class ScsiDevice:
         for target in self.targets.values():
             if target.on_removed in target.bdev.removal_callbacks:
                 target.bdev.removal_callbacks.remove(target.on_removed)
+            if target.on_resized in target.bdev.resize_callbacks:
+                target.bdev.resize_callbacks.remove(target.on_resized)
             self.app.bdevs.release(target.bdev, self.ctrlr_name)
             _used_dev_ids.discard(target.dev_id)
         self.targets.clear()

@@ -49,6 +49,7 @@
 
 #define VIRTIO_SCSI_T_NO_EVENT 0
 #define VIRTIO_SCSI_T_TRANSPORT_RESET 1
+#define VIRTIO_SCSI_T_PARAM_CHANGE 3
 #define VIRTIO_SCSI_T_EVENTS_MISSED 0x80000000u
 #define VIRTIO_SCSI_EVT_RESET_RESCAN 1
 #define VIRTIO_SCSI_EVT_RESET_REMOVED 2
@@ -78,12 +79,14 @@
 #define ASC_I_T_NEXUS_LOSS 0x2907
 #define ASC_SAVING_PARAMS_UNSUP 0x3900
 #define ASC_LUNS_CHANGED 0x3f0e
+#define ASC_CAPACITY_CHANGED 0x2a09
 #define ASC_INTERNAL_TARGET_FAILURE 0x4400
 
 /* Unit attentions a target may hold, reported lowest bit first. */
 #define UA_RESET 1u
 #define UA_NEXUS_LOSS 2u
 #define UA_LUNS_CHANGED 4u
+#define UA_CAPACITY_CHANGED 8u
 
 /* Limits we advertise (block limits VPD page) and enforce. */
 #define MAX_XFER_BYTES (4u << 20)
@@ -121,6 +124,7 @@ struct scsi_dev {
     struct scsi_target tgt[SCSI_MAX_TARGETS];
     int attached;               /* placed on a reactor: channels exist */
     int hotplug;                /* the driver negotiated VIRTIO_SCSI_F_HOTPLUG */
+    int change;                 /* ... and VIRTIO_SCSI_F_CHANGE */
     int events_missed;
     struct scsi_req *ev_head, *ev_tail;
     uint32_t ev_held;
@@ -265,6 +269,7 @@ static uint16_t take_ua(struct scsi_target *t)
     if (t->ua & UA_RESET) { t->ua &= ~UA_RESET; return ASC_BUS_DEVICE_RESET; }
     if (t->ua & UA_NEXUS_LOSS) { t->ua &= ~UA_NEXUS_LOSS; return ASC_I_T_NEXUS_LOSS; }
     if (t->ua & UA_LUNS_CHANGED) { t->ua &= ~UA_LUNS_CHANGED; return ASC_LUNS_CHANGED; }
+    if (t->ua & UA_CAPACITY_CHANGED) { t->ua &= ~UA_CAPACITY_CHANGED; return ASC_CAPACITY_CHANGED; }
     return ASC_NONE;
 }
 
@@ -1363,12 +1368,41 @@ int scsi_dev_remove_target(void *arg)
     return 0;
 }
 
+/* The target's bdev was resized: adopt the new size, tell the driver with a
+ * CAPACITY DATA HAS CHANGED unit attention and, with VIRTIO_SCSI_F_CHANGE, a
+ * PARAM_CHANGE event (Linux then re-reads the capacity at once). */
+int scsi_dev_capacity_changed(void *arg)
+{
+    struct scsi_ctl *c = arg;
+    struct scsi_dev *d = c->dev;
+    if (c->target >= SCSI_MAX_TARGETS) return -EINVAL;
+    struct scsi_target *t = &d->tgt[c->target];
+    if (t->state != TGT_PRESENT || !t->bdev) return -ENODEV;
+    t->num_blocks = t->bdev->num_blocks;
+    t->ua |= UA_CAPACITY_CHANGED;
+    if (d->change) {
+        struct scsi_req *sr = pop_event(d);
+        if (!sr) {
+            d->events_missed = 1;
+            d->stats.events_missed++;
+            return 0;
+        }
+        uint32_t ev = VIRTIO_SCSI_T_PARAM_CHANGE;
+        if (d->events_missed) ev |= VIRTIO_SCSI_T_EVENTS_MISSED;
+        d->events_missed = 0;
+        d->stats.events_sent++;
+        write_event(sr, ev, (int)c->target, ASC_CAPACITY_CHANGED >> 8 | (ASC_CAPACITY_CHANGED & 0xff) << 8);
+    }
+    return 0;
+}
+
 /* A driver (re)negotiated features: a fresh start for events and attentions. */
 int scsi_dev_set_features(void *arg)
 {
     struct scsi_ctl *c = arg;
     struct scsi_dev *d = c->dev;
-    d->hotplug = c->value != 0;
+    d->hotplug = (c->value & 1) != 0;
+    d->change = (c->value & 2) != 0;
     d->events_missed = 0;
     for (int i = 0; i < SCSI_MAX_TARGETS; i++) d->tgt[i].ua = 0;
     return 0;

@@ -30,6 +30,7 @@ void scsi_dev_free(struct scsi_dev *d);
 int scsi_dev_add_target(void *desc);
 int scsi_dev_remove_target(void *ctl);
 int scsi_dev_set_features(void *ctl);
+int scsi_dev_capacity_changed(void *ctl);
 int scsi_dev_queue_stopping(void *ctl);
 int scsi_dev_target_outstanding(struct scsi_dev *d, uint32_t target);
 void scsi_dev_get_stats(struct scsi_dev *d, struct scsi_dev_stats *out);

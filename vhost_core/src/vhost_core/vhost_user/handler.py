@@ -9,6 +9,7 @@ and every other controller keep serving).
 from __future__ import annotations
 
 import os
+import socket
 from typing import TYPE_CHECKING, Callable
 
 import attrs
@@ -30,8 +31,10 @@ UNSHARED_MEMORY_HINT = (
 
 CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEATURES)
                  | (1 << m.VIRTIO_RING_F_INDIRECT_DESC) | (1 << m.VIRTIO_RING_F_EVENT_IDX))
+# BACKEND_REQ: a socket on which we tell the front-end that config space changed
+# (a bdev was resized), so a running guest sees its disk's new size.
 PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY_ACK)
-                     | (1 << m.ProtocolFeature.CONFIG))
+                     | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ))
 STOP_TIMEOUT_MS = 30000
 #: Requests we do not implement whose front-end side waits for a reply.
 UNSUPPORTED_WITH_REPLY = frozenset({
@@ -86,6 +89,7 @@ class Session:
         self.reported_unshared = False
         self.mem_table_seen = False
         self.stuck_requests = 0
+        self.backend_sock: socket.socket | None = None
         conn.on_idle = self.check_rings
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             m.Request.GET_FEATURES: self._get_features,
@@ -106,6 +110,7 @@ class Session:
             m.Request.SET_VRING_ENABLE: self._set_vring_enable,
             m.Request.GET_CONFIG: self._get_config,
             m.Request.SET_CONFIG: self._set_config,
+            m.Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
         # Requests whose reply is their own answer (no REPLY_ACK on top).
         self._with_reply = {m.Request.GET_FEATURES, m.Request.GET_PROTOCOL_FEATURES,
@@ -497,6 +502,37 @@ class Session:
             raise m.ProtocolError("SET_CONFIG size does not match its payload")
         self.ctrlr.backend.set_config(offset, data)
 
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        if not self.protocol_features & (1 << m.ProtocolFeature.BACKEND_REQ):
+            raise m.ProtocolError("SET_BACKEND_REQ_FD without the BACKEND_REQ protocol feature")
+        if len(msg.fds) != 1:
+            raise m.ProtocolError(f"SET_BACKEND_REQ_FD carries {len(msg.fds)} file descriptors, expected 1")
+        fd = msg.take_fd()
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise ValueError("the back-end request fd is not a socket") from None
+        sock.settimeout(1.0)
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+        self.backend_sock = sock
+
+    def notify_config_change(self) -> bool:
+        """Tell the front-end to re-read config space (QEMU then interrupts the guest).
+
+        Returns False when the front-end gave us no back-end channel (it will see
+        the new config on its next GET_CONFIG, e.g. after a reconnect)."""
+        if self.backend_sock is None:
+            return False
+        try:
+            self.backend_sock.sendall(m.HEADER.pack(m.BackendRequest.CONFIG_CHANGE_MSG, m.VERSION, 0))
+        except OSError as exc:
+            log.error("Controller %s: cannot notify the front-end of a config change: %s", self.name, exc)
+            return False
+        notice(log, "Controller %s: config space changed, front-end notified", self.name)
+        return True
+
     # ---------------------------------------------------------------- teardown
 
     def stop_all(self) -> None:
@@ -521,6 +557,9 @@ class Session:
             lib.vn_vq_set_mem(v.native, ffi.NULL)
         self._free_mem(self.mem)
         self.mem = ffi.NULL
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+            self.backend_sock = None
         notice(log, "Controller %s: front-end disconnected", self.name)
 
     def _free_mem(self, mem) -> None:

@@ -79,6 +79,14 @@ class Request(enum.IntEnum):
     GET_STATUS = 40  #: virtio device status byte (STATUS)
 
 
+class BackendRequest(enum.IntEnum):
+    """Back-end -> front-end requests, sent on the SET_BACKEND_REQ_FD socket."""
+
+    IOTLB_MSG = 1  #: IOMMU miss (not used)
+    CONFIG_CHANGE_MSG = 2  #: device config space changed: the front-end re-reads it (GET_CONFIG)
+    VRING_HOST_NOTIFIER_MSG = 3  #: host notifier area (not used)
+
+
 class ProtocolFeature(enum.IntEnum):
     """Bits of GET/SET_PROTOCOL_FEATURES."""
 
