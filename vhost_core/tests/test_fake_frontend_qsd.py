@@ -12,7 +12,6 @@ import pathlib
 import random
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -50,11 +49,8 @@ from vhost_core.testing.constants import (  # noqa: E402
     VirtioBlkFeature as BF,
     bit,
 )
-from vhost_core.testing.pytest_plugin import (  # noqa: E402,F401
-    guest_memory,
-    vhost_blk_factory,
-    vhost_frontend_factory,
-)
+# Fixtures (guest_memory, vhost_blk_factory, vhost_frontend_factory) come from the
+# vhost_core.testing pytest plugin, loaded through vhost-core's pytest11 entry point.
 
 QSD = shutil.which("qemu-storage-daemon")
 IMAGE_SIZE = 64 << 20

@@ -1,7 +1,5 @@
 import errno
 import logging
-import os
-import sys
 from typing import Literal, Optional
 
 import attrs

@@ -5,7 +5,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 

@@ -168,7 +168,6 @@ def test_allocation_length_larger_than_the_buffer(scsi_dev):
 
 
 def test_parameter_list_longer_than_the_data_out_buffer(scsi_dev):
-    before = marker(scsi_dev)
     p = unmap_params((900, 1))
     assert scsi_dev.command(0, unmap(len(p) + 16), data_out=p).response == S_OVERRUN
     r = scsi_dev.command(0, mode_sense6(0x08), data_in_len=255)
