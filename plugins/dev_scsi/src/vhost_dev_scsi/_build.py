@@ -1,29 +1,12 @@
 """cffi (API mode) builder for dev_scsi's native part: ``vhost_dev_scsi._scsi_native``.
 
-Compiles against the core's public header, found through vhost_core.get_include().
+scsi.h is both the C API and the cffi cdef; scsi.c compiles against the core's
+public header (vhost_core.get_include()). Run by setup.py's cffi_modules.
 """
 
-from __future__ import annotations
+from vhost_core.native_build import plugin_ffibuilder
 
-import os
-import pathlib
-
-from cffi import FFI
-
-import vhost_core
-
-HERE = pathlib.Path(__file__).resolve().parent
-
-ffibuilder = FFI()
-ffibuilder.cdef("\n".join(line for line in (HERE / "scsi.h").read_text().splitlines()
-                          if not line.startswith("#") and not line.startswith("/*")))
-ffibuilder.set_source(
-    "vhost_dev_scsi._scsi_native",
-    '#include "vhost_core/vhost_native.h"\n#include "scsi.h"\n',
-    sources=[os.path.relpath(HERE / "scsi.c")],  # setuptools wants relative paths
-    include_dirs=[vhost_core.get_include(), str(HERE)],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-fno-strict-aliasing"],
-)
+ffibuilder = plugin_ffibuilder("vhost_dev_scsi._scsi_native", __file__, "scsi.h", ["scsi.c"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -1,0 +1,53 @@
+"""Build helper for plugins' native parts (used at build time, from a plugin's setup.py).
+
+A plugin with C code keeps a header (its API, which is also its cffi cdef) and C
+sources next to a small ``_build.py``::
+
+    from vhost_core.native_build import plugin_ffibuilder
+
+    ffibuilder = plugin_ffibuilder("vhost_bdev_foo._foo_native", __file__, "foo.h", ["foo.c"])
+
+and ``setup(cffi_modules=["src/vhost_bdev_foo/_build.py:ffibuilder"])``.  The
+sources compile against ``vhost_core/vhost_native.h`` (the data-path contract);
+nothing links against the core.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+
+from cffi import FFI
+
+from vhost_core import get_include
+
+COMPILE_ARGS = ["-O2", "-std=gnu11", "-Wall", "-fno-strict-aliasing"]
+
+
+def cdef_from_header(text: str) -> str:
+    """A header as cffi reads it: preprocessor lines and comment-only lines dropped."""
+    return "\n".join(line for line in text.splitlines()
+                     if not line.startswith("#") and not line.startswith("/*"))
+
+
+def plugin_ffibuilder(module: str, build_file: str, header: str, sources: Sequence[str],
+                      **extra) -> FFI:
+    """An API-mode FFI for ``module`` from ``header`` (cdef + include) and ``sources``.
+
+    ``build_file`` is the caller's ``__file__``: header and sources are found next to
+    it.  ``extra`` goes to ``set_source`` (e.g. ``extra_link_args=["-pthread"]``).
+    """
+    here = pathlib.Path(build_file).resolve().parent
+    ffi = FFI()
+    ffi.cdef(cdef_from_header((here / header).read_text()))
+    ffi.set_source(
+        module,
+        f'#include "vhost_core/vhost_native.h"\n#include "{header}"\n',
+        # setuptools wants paths relative to setup.py's directory (the build's cwd)
+        sources=[os.path.relpath(here / s) for s in sources],
+        include_dirs=[get_include(), str(here)],
+        extra_compile_args=list(COMPILE_ARGS),
+        **extra,
+    )
+    return ffi
