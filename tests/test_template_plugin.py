@@ -28,7 +28,7 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def out_of_tree_plugin(tmp_path_factory):
     if _pip("show", "-q", DIST).returncode == 0:
-        pytest.skip(f"{DIST} is already installed here: this test installs and removes its own copy")
+        pytest.fail(f"{DIST} is already installed here: uninstall it first (this test installs and removes its own copy)")
     dst = tmp_path_factory.mktemp("third-party") / "vhost-bdev-example"
     shutil.copytree(TEMPLATE, dst, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     out = _pip("install", "-q", "--no-build-isolation", "--no-deps", "--no-index", str(dst))

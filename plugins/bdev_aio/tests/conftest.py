@@ -31,7 +31,7 @@ def _fs_type(path: str) -> str:
 @pytest.fixture
 def backing_dir():
     if _fs_type(DISK_TMP) in ("tmpfs", "ramfs"):
-        pytest.skip(f"{DISK_TMP} is a {_fs_type(DISK_TMP)}: set VHOST_TEST_DISK_TMP to a directory on a disk")
+        pytest.fail(f"{DISK_TMP} is a {_fs_type(DISK_TMP)}: set VHOST_TEST_DISK_TMP to a directory on a disk")
     d = Path(tempfile.mkdtemp(prefix="bdev-aio-", dir=DISK_TMP))
     try:
         yield d
@@ -55,7 +55,7 @@ def mounts(backing_dir):
 
     def mount(kind: str, size_mb: int = 16, source: Path | None = None) -> Path:
         if os.geteuid() != 0:
-            pytest.skip("mounting scratch filesystems needs root")
+            pytest.fail("mounting scratch filesystems needs root")
         n[0] += 1
         mp = backing_dir / f"mnt{n[0]}"
         mp.mkdir()
@@ -75,7 +75,7 @@ def mounts(backing_dir):
             if r.returncode:
                 if cmd is not cmds[0]:
                     subprocess.run(["umount", str(mp)], capture_output=True)
-                pytest.skip(f"cannot mount a scratch {kind} here: {r.stderr.strip()}")
+                pytest.fail(f"cannot mount a scratch {kind} here: {r.stderr.strip()}")
         done.append(mp)
         return mp
 
@@ -93,11 +93,11 @@ def loop_device(backing_dir):
 
     def attach(path: Path, sector_size: int = 512) -> str:
         if os.geteuid() != 0 or not shutil.which("losetup"):
-            pytest.skip("loop devices need root and losetup")
+            pytest.fail("loop devices need root and losetup")
         r = subprocess.run(["losetup", "-f", "--show", "--sector-size", str(sector_size), str(path)],
                            capture_output=True, text=True)
         if r.returncode:
-            pytest.skip(f"cannot attach a loop device: {r.stderr.strip()}")
+            pytest.fail(f"cannot attach a loop device: {r.stderr.strip()}")
         devs.append(r.stdout.strip())
         return devs[-1]
 
@@ -112,7 +112,7 @@ def loop_device(backing_dir):
 def immutable(path: Path):
     r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
     if r.returncode:
-        pytest.skip(f"chattr +i does not work here: {r.stderr.strip()}")
+        pytest.fail(f"chattr +i does not work here: {r.stderr.strip()}")
     try:
         yield path
     finally:

@@ -340,7 +340,7 @@ def test_target_on_an_asynchronous_readonly_bdev(vhost_daemon, aio_file):
     before the target goes, and a read-only bdev is write protected."""
     d = vhost_daemon
     if "bdev_aio_create" not in d.rpc("rpc_get_methods"):
-        pytest.skip("the bdev_aio plugin is not installed")
+        pytest.fail("the bdev_aio plugin is not installed: scripts/install.sh installs it")
     d.rpc("bdev_aio_create", filename=aio_file, name="Aio0", block_size=512)
     with open(aio_file + ".ro", "wb") as f:
         f.truncate(1 << 20)
