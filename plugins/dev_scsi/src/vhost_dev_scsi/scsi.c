@@ -302,6 +302,22 @@ static struct scsi_req *pop_event(struct scsi_dev *d)
     return sr;
 }
 
+/* Complete a held event buffer with `event`; with none held, flag EVENTS_MISSED
+ * on the next one instead. */
+static void send_event(struct scsi_dev *d, uint32_t event, int target, uint32_t reason)
+{
+    struct scsi_req *sr = pop_event(d);
+    if (!sr) {
+        d->events_missed = 1;
+        d->stats.events_missed++;
+        return;
+    }
+    if (d->events_missed) event |= VIRTIO_SCSI_T_EVENTS_MISSED;
+    d->events_missed = 0;
+    d->stats.events_sent++;
+    write_event(sr, event, target, reason);
+}
+
 /* A target appeared or went away: tell the driver with a transport reset event
  * (VIRTIO_SCSI_F_HOTPLUG), or else with a unit attention on the other targets. */
 static void notify(struct scsi_dev *d, int target, uint32_t reason)
@@ -311,17 +327,7 @@ static void notify(struct scsi_dev *d, int target, uint32_t reason)
             if (i != target && d->tgt[i].state == TGT_PRESENT) d->tgt[i].ua |= UA_LUNS_CHANGED;
         return;
     }
-    struct scsi_req *sr = pop_event(d);
-    if (!sr) {
-        d->events_missed = 1;
-        d->stats.events_missed++;
-        return;
-    }
-    uint32_t ev = VIRTIO_SCSI_T_TRANSPORT_RESET;
-    if (d->events_missed) ev |= VIRTIO_SCSI_T_EVENTS_MISSED;
-    d->events_missed = 0;
-    d->stats.events_sent++;
-    write_event(sr, ev, target, reason);
+    send_event(d, VIRTIO_SCSI_T_TRANSPORT_RESET, target, reason);
 }
 
 static void event_submit(struct scsi_dev *d, struct scsi_req *sr)
@@ -1380,19 +1386,9 @@ int scsi_dev_capacity_changed(void *arg)
     if (t->state != TGT_PRESENT || !t->bdev) return -ENODEV;
     t->num_blocks = t->bdev->num_blocks;
     t->ua |= UA_CAPACITY_CHANGED;
-    if (d->change) {
-        struct scsi_req *sr = pop_event(d);
-        if (!sr) {
-            d->events_missed = 1;
-            d->stats.events_missed++;
-            return 0;
-        }
-        uint32_t ev = VIRTIO_SCSI_T_PARAM_CHANGE;
-        if (d->events_missed) ev |= VIRTIO_SCSI_T_EVENTS_MISSED;
-        d->events_missed = 0;
-        d->stats.events_sent++;
-        write_event(sr, ev, (int)c->target, ASC_CAPACITY_CHANGED >> 8 | (ASC_CAPACITY_CHANGED & 0xff) << 8);
-    }
+    if (d->change)   /* reason: asc | ascq << 8 */
+        send_event(d, VIRTIO_SCSI_T_PARAM_CHANGE, (int)c->target,
+                   ASC_CAPACITY_CHANGED >> 8 | (ASC_CAPACITY_CHANGED & 0xff) << 8);
     return 0;
 }
 
