@@ -5,8 +5,17 @@
  * a Linux AIO context (io_submit; completions read straight from the AIO ring
  * in user space, as fio and SPDK do) or an io_uring.  Both signal one eventfd
  * per channel (IOCB_FLAG_RESFD / IORING_REGISTER_EVENTFD), which channel_fd
- * hands to the reactor for interrupt mode.  Requests that do not fit the
- * kernel queue wait in the channel's FIFO and go out from channel_poll.
+ * hands to the reactor for interrupt mode.
+ *
+ * Each request goes to the kernel the moment the device hands it over, one
+ * io_submit (or io_uring_enter) per request, as fio, SPDK's bdev_aio and
+ * qemu-storage-daemon do.  Holding a burst back to submit it in one call saves
+ * system calls but costs the disk: the kernel plugs a multi-iocb io_submit and
+ * the device sees the burst only when its last request is built.  Measured on
+ * a virtio disk at 4 KiB randread QD32 (bench/bench_aio.py): bursts of up to 64
+ * gave 92k IOPS, bursts of 4 99k, one at a time 108k (qsd: 99k); io_uring 92k
+ * against 101k.  Only requests that do not fit the kernel queue (depth reached,
+ * EAGAIN) wait in the channel's FIFO; they go out, in order, from channel_poll.
  *
  * What AIO cannot do asynchronously (fallocate, BLKDISCARD, and fdatasync on
  * kernels without IOCB_CMD_FDSYNC) runs on a helper thread the channel starts
@@ -470,7 +479,8 @@ static void dispatch(struct aio_chan *c, struct aio_io *a)
     }
     if (c->inflight + c->queued >= c->depth) stat_add(&c->b->stats.queued_full, 1);
     enqueue(c, a);
-    if (c->queued >= SUBMIT_BATCH) flush_queue(c);
+    /* Now, not at the end of the burst: see the head of this file. */
+    flush_queue(c);
 }
 
 /* Byte range of the next zero-writing chunk: up to ZERO_IOVS MiB from the shared zero buffer. */
