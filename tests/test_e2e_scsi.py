@@ -7,6 +7,7 @@ bdev is deleted, while I/O on the other disks carries on.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 
@@ -210,7 +211,7 @@ def test_deleting_a_bdev_under_a_running_vm_removes_only_its_disk(vhost_daemon):
     assert "Traceback" not in d.log()
 
 
-def test_aio_rescan_after_growing_the_file_resizes_the_scsi_disk_in_the_running_guest(vhost_daemon, tmp_path):
+def test_aio_over_scsi_data_lands_in_the_file_and_rescan_resizes_the_running_guests_disk(vhost_daemon, tmp_path):
     import os
     import tempfile
 
@@ -233,8 +234,20 @@ def test_aio_rescan_after_growing_the_file_resizes_the_scsi_disk_in_the_running_
             while int(vm.check(f"cat /sys/block/{dev}/size")) != (48 << 20) // 512:
                 assert time.monotonic() < deadline, vm.check("dmesg | tail -n 20")
                 time.sleep(0.5)
-            vm.check(f"dd if=/dev/urandom of=/dev/{dev} bs=1M seek=40 count=2 oflag=direct 2>/dev/null")
+            # The new tail is usable, and what the guest writes over SCSI is in the host file.
+            vm.check("dd if=/dev/urandom of=/tmp/r bs=1M count=2 2>/dev/null")
+            vm.check(f"dd if=/tmp/r of=/dev/{dev} bs=1M seek=40 oflag=direct conv=fsync 2>/dev/null")
+            tail = vm.check("sha256sum /tmp/r").split()[0]
+            out = vm.check(f"fio --name=v --filename=/dev/{dev} --rw=randrw --bs=4k --iodepth=16 "
+                           "--ioengine=libaio --direct=1 --size=8M --verify=crc32c --do_verify=1 "
+                           "--verify_fatal=1", timeout=300)
+            assert "err= 0" in out, out
+            head = vm.check(f"dd if=/dev/{dev} bs=1M count=8 iflag=direct 2>/dev/null | sha256sum").split()[0]
         assert "capacity changed" in d.log()
+        with open(path, "rb") as f:
+            assert hashlib.sha256(f.read(8 << 20)).hexdigest() == head
+            f.seek(40 << 20)
+            assert hashlib.sha256(f.read(2 << 20)).hexdigest() == tail
     finally:
         os.unlink(path)
         os.rmdir(os.path.dirname(path))
