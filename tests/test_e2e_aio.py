@@ -104,3 +104,93 @@ def test_rescan_after_growing_the_file_shows_the_new_size_in_the_running_guest(v
         vm.check("dd if=/dev/urandom of=/dev/vda bs=1M seek=90 count=2 oflag=direct 2>/dev/null")
         assert read_pattern(vm) == digest
     assert "config space changed, front-end notified" in d.log()
+
+
+def test_requests_in_flight_when_the_target_is_killed_are_resubmitted_by_its_successor(tmp_path):
+    """A target process killed (-9) with guest I/O in flight, completed out of order: QEMU
+    (`reconnect=1`) keeps the inflight buffer it got from us (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+    and hands it to the next process, which resubmits exactly the requests that never completed.
+    The guest sees neither an error nor a hang, and every byte it wrote is in the file.
+
+    Without the buffer the new process can only resume the avail ring at used->idx, which is
+    wrong once completions overtook each other: here a write is stuck while reads behind it
+    complete, so the write would never be seen again and the guest would hang.  The write is
+    stuck for certain because the backing file lives on an ext4 frozen with fsfreeze (io_uring
+    parks it in a kernel worker; reads of a frozen filesystem go on).  The kill lands when the
+    filesystem thaws."""
+    import subprocess
+    import time
+
+    from guestvm import GuestVM
+    from vhost_core.testing.daemon import VhostDaemon
+
+    scratch = tempfile.mkdtemp(prefix="e2e-inflight-", dir=DISK_TMP)
+    mnt = os.path.join(scratch, "mnt")
+    os.mkdir(mnt)
+    img = os.path.join(scratch, "fs.img")
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True, capture_output=True)
+    r = subprocess.run(["mount", "-o", "loop", img, mnt], capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot loop-mount an ext4 image here (needs root): {r.stderr}"
+    disk = os.path.join(mnt, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+
+    def serve() -> VhostDaemon:
+        d = VhostDaemon(tmp_path / "vhost", extra_args=("-L", "vhost_user")).start()
+        d.rpc("bdev_aio_create", filename=disk, name="aio0", engine="io_uring")
+        d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="aio0")
+        return d
+
+    first = serve()
+    vm = GuestVM(["-chardev", f"socket,id=c1,path={first.socket('vhost.1')},reconnect=1",
+                  "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"], name="vm-inflight")
+    second = None
+    frozen = False
+    try:
+        vm.start().wait_ready()
+        vm.check("dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null")
+        digest = vm.check("sha256sum /tmp/pattern").split()[0]
+        vm.check("(while [ ! -e /tmp/stop ]; do dd if=/dev/vda of=/dev/null bs=4k count=16 iflag=direct "
+                 "2>/dev/null; done; echo > /tmp/reader.done) >/dev/null 2>&1 &")
+        subprocess.run(["fsfreeze", "-f", mnt], check=True)
+        frozen = True
+        vm.check("(dd if=/tmp/pattern of=/dev/vda bs=64k seek=16 oflag=direct 2>/tmp/dd.err; "
+                 "echo $? > /tmp/dd.rc) >/dev/null 2>&1 &")
+        before = first.rpc("vhost_get_queue_stats", ctrlr="vhost.1")[0]["requests"]
+        time.sleep(2)           # the first write is stuck in the target; reads overtake it
+        assert vm.run("test -e /tmp/dd.rc")[0] != 0, "the guest's writes finished on a frozen filesystem"
+        assert first.rpc("vhost_get_queue_stats", ctrlr="vhost.1")[0]["requests"] > before + 10
+        first.proc.kill()
+        subprocess.run(["fsfreeze", "-u", mnt], check=True)
+        frozen = False
+        first.proc.wait(30)
+        second = serve()
+        second.wait_log("resubmitting", timeout=60)
+        deadline = time.monotonic() + 60
+        while vm.run("test -s /tmp/dd.rc")[0] != 0:
+            assert time.monotonic() < deadline, "the guest's writes never finished:\n" + vm.check("dmesg | tail")
+            time.sleep(0.5)
+        assert vm.check("cat /tmp/dd.rc").strip() == "0", vm.check("cat /tmp/dd.err; dmesg | tail")
+        vm.check("touch /tmp/stop")
+        deadline = time.monotonic() + 30
+        while vm.run("test -e /tmp/reader.done")[0] != 0:
+            assert time.monotonic() < deadline, "the guest's reads never finished"
+            time.sleep(0.5)
+        assert vm.check("dd if=/dev/vda bs=64k skip=16 count=128 iflag=direct 2>/dev/null "
+                        "| sha256sum").split()[0] == digest
+        assert "I/O error" not in vm.check("dmesg")
+        assert "Traceback" not in second.log()
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "-u", mnt], capture_output=True)
+        vm.kill()
+        if second is not None:
+            assert second.stop() == 0, second.log()
+        first.stop()
+    try:
+        assert _host_sha256(disk, 1 << 20, 8 << 20) == digest
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -246,6 +246,28 @@ struct slot {
     struct slot *next_free;
 };
 
+/* The shared inflight buffer's per-queue layout (vhost-user spec, "Inflight I/O
+ * tracking", split virtqueue).  The front-end can write it at any time: every
+ * value read from it is checked before use. */
+struct ifl_desc {
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct ifl_queue {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct ifl_desc desc[];
+};
+
+_Static_assert(sizeof(struct ifl_desc) == VN_INFLIGHT_DESC, "DescStateSplit is 16 bytes");
+_Static_assert(sizeof(struct ifl_queue) == VN_INFLIGHT_HEADER, "QueueRegionSplit header is 16 bytes");
+
 struct vn_vq {
     struct vn_dev *dev;
     uint16_t index;
@@ -270,6 +292,15 @@ struct vn_vq {
     uint32_t nslots;
     struct slot *free_list;
     uint64_t stat_requests, stat_signals, stat_errors;
+    /* in-flight tracking */
+    volatile struct ifl_queue *ifl;
+    uint32_t ifl_capacity;
+    uint64_t ifl_counter;
+    uint16_t *ifl_batch;        /* heads completed since used->idx was last published */
+    uint32_t ifl_nbatch;
+    uint16_t *resubmit;         /* recovered heads, oldest first */
+    uint32_t nresubmit, resubmit_pos;
+    uint32_t recovered, recovery_reset;
 };
 
 struct vn_dev {
@@ -383,6 +414,17 @@ static void vq_publish_used(struct vn_vq *q)
     if (!q->used_dirty) return;
     atomic_thread_fence(memory_order_release);
     *(volatile uint16_t *)&q->used->idx = q->used_idx;
+    if (q->ifl) {
+        /* The spec's order, so that a process dying between any two stores leaves
+         * a buffer the next one can repair: used->idx, then the batch's inflight
+         * flags, then used_idx.  Only the compiler could reorder them: a crash
+         * loses no store the CPU already made to the shared page. */
+        atomic_signal_fence(memory_order_seq_cst);
+        for (uint32_t i = 0; i < q->ifl_nbatch; i++) q->ifl->desc[q->ifl_batch[i]].inflight = 0;
+        atomic_signal_fence(memory_order_seq_cst);
+        q->ifl->used_idx = q->used_idx;
+        q->ifl_nbatch = 0;
+    }
     q->used_dirty = 0;
     q->need_signal = 1;
 }
@@ -415,6 +457,11 @@ static void vq_complete(vn_req *req, uint32_t written)
     struct vring_used_elem *e = &q->used->ring[slot_idx];
     e->id = req->head;
     e->len = written;
+    if (q->ifl && q->ifl_nbatch < q->size) {
+        q->ifl->desc[req->head].next = q->ifl->last_batch_head;
+        q->ifl->last_batch_head = req->head;
+        q->ifl_batch[q->ifl_nbatch++] = req->head;
+    }
     q->used_idx++;
     q->used_dirty = 1;
     q->inflight--;
@@ -494,36 +541,57 @@ static int vq_map_chain(struct vn_vq *q, uint16_t head, vn_req *req)
     return 0;
 }
 
-/* Pop and submit what the guest made available.  Returns requests started. */
+/* Hand the chain at `head` to the device in a free slot.  Returns 0, or -1 when
+ * the ring is malformed (nothing was taken). */
+static int vq_start_request(struct vn_vq *q, uint16_t head)
+{
+    struct slot *s = q->free_list;
+    vn_req *req = &s->req;
+    if (vq_map_chain(q, head, req) < 0) return -1;
+    q->free_list = s->next_free;
+    q->inflight++;
+    q->stat_requests++;
+    if (req->error) q->stat_errors++;
+    req->head = head;
+    req->queue_index = q->index;
+    req->dev_ctx = q->dev->ctx;
+    req->complete = vq_complete;
+    req->core_priv = q;
+    if (q->ifl) {
+        /* Before submit: the device may complete it inside the call. */
+        q->ifl->desc[head].counter = ++q->ifl_counter;
+        atomic_signal_fence(memory_order_seq_cst);
+        q->ifl->desc[head].inflight = 1;
+    }
+    q->dev->ops->submit(q->dev->ctx, req);
+    return 0;
+}
+
+/* Pop and submit what the guest made available, after whatever a previous
+ * target process left in flight.  Returns requests started. */
 static int vq_process(struct vn_vq *q)
 {
     if (q->broken || q->stopping || !q->enabled) return 0;
+    int done = 0;
+    while (q->resubmit_pos < q->nresubmit && q->free_list) {
+        if (vq_start_request(q, q->resubmit[q->resubmit_pos]) < 0) return done;
+        q->resubmit_pos++;
+        done++;
+    }
+    if (q->resubmit_pos < q->nresubmit) return done;
     uint16_t avail_idx = *(volatile uint16_t *)&q->avail->idx;
     uint16_t pending = avail_idx - q->last_avail;
-    if (pending == 0) return 0;
+    if (pending == 0) return done;
     if (pending > q->size) {
         vq_mark_broken(q, "avail index moved by more than the queue size");
-        return 0;
+        return done;
     }
     atomic_thread_fence(memory_order_acquire);
-    int done = 0;
     while (q->last_avail != avail_idx && q->free_list) {
         uint16_t head = *(volatile uint16_t *)&q->avail->ring[q->last_avail & (q->size - 1)];
         if (head >= q->size) { vq_mark_broken(q, "avail ring head index out of range"); break; }
-        struct slot *s = q->free_list;
-        vn_req *req = &s->req;
-        if (vq_map_chain(q, head, req) < 0) break;
-        q->free_list = s->next_free;
+        if (vq_start_request(q, head) < 0) break;
         q->last_avail++;
-        q->inflight++;
-        q->stat_requests++;
-        if (req->error) q->stat_errors++;
-        req->head = head;
-        req->queue_index = q->index;
-        req->dev_ctx = q->dev->ctx;
-        req->complete = vq_complete;
-        req->core_priv = q;
-        q->dev->ops->submit(q->dev->ctx, req);
         done++;
     }
     if (q->event_idx) {
@@ -571,6 +639,8 @@ void vn_vq_free(struct vn_vq *q)
     if (!q) return;
     if (q->running) vn_vq_stop(q, 0);
     free(q->slots);
+    free(q->ifl_batch);
+    free(q->resubmit);
     free(q);
 }
 
@@ -634,6 +704,110 @@ void vn_vq_get_stats(struct vn_vq *q, uint64_t *out)
     out[2] = q->stat_errors;
 }
 
+void vn_vq_set_inflight(struct vn_vq *q, void *region, uint32_t capacity)
+{
+    q->ifl = region;
+    q->ifl_capacity = region ? capacity : 0;
+    q->nresubmit = q->resubmit_pos = 0;
+}
+
+void vn_vq_get_recovery(struct vn_vq *q, uint32_t *out)
+{
+    out[0] = q->recovered;
+    out[1] = q->recovery_reset;
+}
+
+static void ifl_reset(struct vn_vq *q, uint16_t used)
+{
+    volatile struct ifl_queue *f = q->ifl;
+    f->version = 0;
+    for (uint32_t i = 0; i < q->size; i++) {
+        f->desc[i].inflight = 0;
+        f->desc[i].next = 0;
+        f->desc[i].counter = 0;
+    }
+    f->features = 0;
+    f->desc_num = (uint16_t)q->size;
+    f->last_batch_head = 0;
+    f->used_idx = used;
+    f->version = 1;
+    q->ifl_counter = 0;
+}
+
+struct ifl_entry { uint64_t counter; uint16_t head; };
+
+static int ifl_entry_cmp(const void *a, const void *b)
+{
+    const struct ifl_entry *x = a, *y = b;
+    return x->counter < y->counter ? -1 : x->counter > y->counter;
+}
+
+/* Runs before the queue starts.  A buffer seen for the first time (version 0)
+ * is initialised and the front-end's base stands.  Otherwise: finish the last
+ * batch's bookkeeping if the previous process died between publishing used->idx
+ * and clearing its flags, then queue every head still marked in flight, oldest
+ * first, and resume the avail ring after them (the front-end, which could not
+ * ask a dead process for its base, sent used->idx). */
+static int vq_recover_inflight(struct vn_vq *q)
+{
+    volatile struct ifl_queue *f = q->ifl;
+    uint16_t used = *(volatile uint16_t *)&q->used->idx;
+    q->nresubmit = q->resubmit_pos = 0;
+    q->recovered = 0;
+    q->recovery_reset = 0;
+    q->ifl_nbatch = 0;
+    if (q->size > q->ifl_capacity) {
+        q->recovery_reset = 3;
+        q->ifl = NULL;
+        return 0;
+    }
+    uint16_t version = f->version, desc_num = f->desc_num;
+    if (version != 1 || desc_num != q->size) {
+        if (version != 0) q->recovery_reset = 1;
+        ifl_reset(q, used);
+        return 0;
+    }
+    uint16_t batch = (uint16_t)(used - f->used_idx);
+    if (batch > q->size) {
+        q->recovery_reset = 2;
+        ifl_reset(q, used);
+        return 0;
+    }
+    uint16_t h = f->last_batch_head;
+    for (uint16_t i = 0; i < batch; i++) {
+        if (h >= q->size) {
+            q->recovery_reset = 2;
+            ifl_reset(q, used);
+            return 0;
+        }
+        f->desc[h].inflight = 0;
+        h = f->desc[h].next;
+    }
+    f->used_idx = used;
+    struct ifl_entry *list = malloc(q->size * sizeof(*list));
+    if (!list) return -ENOMEM;
+    uint32_t n = 0;
+    uint64_t max_counter = 0;
+    for (uint32_t i = 0; i < q->size; i++) {
+        if (f->desc[i].inflight != 1) continue;
+        uint64_t c = f->desc[i].counter;
+        list[n].counter = c;
+        list[n].head = (uint16_t)i;
+        n++;
+        if (c > max_counter) max_counter = c;
+    }
+    qsort(list, n, sizeof(*list), ifl_entry_cmp);
+    for (uint32_t i = 0; i < n; i++) q->resubmit[i] = list[i].head;
+    free(list);
+    q->nresubmit = n;
+    q->recovered = n;
+    q->ifl_counter = max_counter;
+    q->last_avail = (uint16_t)(used + n);
+    q->used_idx = used;
+    q->signalled_used = used;
+    return 0;
+}
+
 static int vq_start_on_reactor(void *p)
 {
     struct vn_vq *q = p;
@@ -664,6 +838,17 @@ int vn_vq_start(struct vn_vq *q)
     for (uint32_t i = 0; i < n; i++) {
         q->slots[i].next_free = q->free_list;
         q->free_list = &q->slots[i];
+    }
+    q->nresubmit = q->resubmit_pos = 0;
+    q->recovered = q->recovery_reset = 0;
+    if (q->ifl) {
+        free(q->ifl_batch);
+        free(q->resubmit);
+        q->ifl_batch = calloc(q->size, sizeof(uint16_t));
+        q->resubmit = calloc(q->size, sizeof(uint16_t));
+        if (!q->ifl_batch || !q->resubmit) return -ENOMEM;
+        int rc = vq_recover_inflight(q);
+        if (rc) return rc;
     }
     q->inflight = 0;
     q->broken = NULL;

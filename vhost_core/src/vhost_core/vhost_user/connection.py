@@ -94,8 +94,15 @@ class Connection:
             raise
         return Message(request, flags, payload, fds)
 
-    def reply(self, request: int, payload: bytes) -> None:
-        self.sock.sendall(m.HEADER.pack(request, m.VERSION | m.FLAG_REPLY, len(payload)) + payload)
+    def reply(self, request: int, payload: bytes, fds: list[int] | None = None) -> None:
+        data = m.HEADER.pack(request, m.VERSION | m.FLAG_REPLY, len(payload)) + payload
+        if not fds:
+            self.sock.sendall(data)
+            return
+        # The descriptors ride on the first byte; the rest follows as usual.
+        sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
 
     def close(self) -> None:
         try:

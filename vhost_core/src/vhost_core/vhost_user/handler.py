@@ -8,6 +8,7 @@ and every other controller keep serving).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from typing import TYPE_CHECKING, Callable
@@ -33,13 +34,28 @@ CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEA
                  | (1 << m.VIRTIO_RING_F_INDIRECT_DESC) | (1 << m.VIRTIO_RING_F_EVENT_IDX))
 # BACKEND_REQ: a socket on which we tell the front-end that config space changed
 # (a bdev was resized), so a running guest sees its disk's new size.
+# INFLIGHT_SHMFD: requests in flight live on in a buffer the front-end keeps, so a
+# target process that crashes and restarts resubmits them instead of losing them.
 PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY_ACK)
-                     | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ))
+                     | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ)
+                     | (1 << m.ProtocolFeature.INFLIGHT_SHMFD))
 STOP_TIMEOUT_MS = 30000
 #: Requests we do not implement whose front-end side waits for a reply.
 UNSUPPORTED_WITH_REPLY = frozenset({
     m.Request.IOTLB_MSG, m.Request.CREATE_CRYPTO_SESSION, m.Request.POSTCOPY_ADVISE,
-    m.Request.GET_INFLIGHT_FD, m.Request.GET_MAX_MEM_SLOTS, m.Request.GET_STATUS})
+    m.Request.GET_MAX_MEM_SLOTS, m.Request.GET_STATUS})
+#: Why vn_vq_start did not use what it found in the inflight buffer (vn_vq_get_recovery).
+INFLIGHT_RESET_REASONS = {
+    1: "it was made for another ring size",
+    2: "it does not match the used ring",
+    3: "it is too small for the ring",
+}
+
+
+def inflight_queue_stride(queue_size: int) -> int:
+    """Bytes of one queue's part of the inflight buffer (QueueRegionSplit), 64-aligned."""
+    raw = lib.VN_INFLIGHT_HEADER + lib.VN_INFLIGHT_DESC * queue_size
+    return (raw + 63) & ~63
 
 
 @attrs.define
@@ -90,6 +106,8 @@ class Session:
         self.mem_table_seen = False
         self.stuck_requests = 0
         self.backend_sock: socket.socket | None = None
+        self.inflight_mem = ffi.NULL
+        self._reply_fds: list[int] = []
         conn.on_idle = self.check_rings
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             m.Request.GET_FEATURES: self._get_features,
@@ -111,11 +129,13 @@ class Session:
             m.Request.GET_CONFIG: self._get_config,
             m.Request.SET_CONFIG: self._set_config,
             m.Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            m.Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            m.Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
         # Requests whose reply is their own answer (no REPLY_ACK on top).
         self._with_reply = {m.Request.GET_FEATURES, m.Request.GET_PROTOCOL_FEATURES,
                             m.Request.GET_QUEUE_NUM, m.Request.GET_VRING_BASE,
-                            m.Request.GET_CONFIG}
+                            m.Request.GET_CONFIG, m.Request.GET_INFLIGHT_FD}
 
     # ---------------------------------------------------------------- dispatch
 
@@ -157,7 +177,12 @@ class Session:
         finally:
             msg.close_fds()
         if reply is not None:
-            self.conn.reply(msg.request, reply)
+            fds, self._reply_fds = self._reply_fds, []
+            try:
+                self.conn.reply(msg.request, reply, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
         elif msg.request in self._with_reply:
             # A GET we could not answer: the front-end waits for a reply, so the
             # only honest move is to drop the connection.
@@ -195,8 +220,6 @@ class Session:
         if any(v.started for v in self.vrings) and (features ^ self.features) & (
                 (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)):
             raise ValueError("ring features cannot change while queues run")
-        if self.features_set and not self.mem_table_seen:
-            self._report_unshared("the front-end started the device twice without sending a memory table")
         self.features = features
         self.features_set = True
         event_idx = bool(features & (1 << m.VIRTIO_RING_F_EVENT_IDX))
@@ -421,6 +444,18 @@ class Session:
             raise m.ProtocolError(f"vring {v.index} could not start: {os.strerror(-rc)}")
         v.started = True
         log.debug("Controller %s: vring %d started (size %d, base %d)", self.name, v.index, v.size, v.base)
+        if self.inflight_mem != ffi.NULL:
+            rec = ffi.new("uint32_t[2]")
+            lib.vn_vq_get_recovery(v.native, rec)
+            log.debug("Controller %s: vring %d inflight recovery: %d resubmitted, reset reason %d, base now %d",
+                      self.name, v.index, rec[0], rec[1], lib.vn_vq_get_base(v.native))
+            if rec[1]:
+                log.warning("Controller %s: vring %d: ignoring the front-end's inflight buffer: %s; "
+                            "nothing is resubmitted", self.name, v.index,
+                            INFLIGHT_RESET_REASONS.get(rec[1], "it is inconsistent"))
+            if rec[0]:
+                notice(log, "Controller %s: vring %d: resubmitting %d requests left in flight "
+                       "by the previous target process", self.name, v.index, rec[0])
 
     def _stop_vring(self, v: Vring) -> None:
         if not v.started:
@@ -466,6 +501,8 @@ class Session:
             raise m.ProtocolError(
                 "guest memory lost its backing pages (the front-end shrank a memory file under a "
                 "mapped region, SIGBUS); those pages now read as zeros")
+        if self.inflight_mem != ffi.NULL and lib.vn_mem_faulted(self.inflight_mem):
+            raise m.ProtocolError("the front-end shrank the inflight buffer under its mapping (SIGBUS)")
 
     def check_rings(self) -> None:
         """Called while the connection is idle: report rings the data path stopped,
@@ -477,6 +514,67 @@ class Session:
             for v in self.vrings:
                 self._report_broken(v)
             self._check_memory()
+
+    # ---------------------------------------------------------------- inflight
+
+    def _inflight_payload(self, msg: Message) -> tuple[int, int, int, int]:
+        mmap_size, mmap_offset, num_queues, queue_size = self._payload(msg, m.INFLIGHT)
+        name = m.Request(msg.request).name
+        if not self.protocol_features & (1 << m.ProtocolFeature.INFLIGHT_SHMFD):
+            raise m.ProtocolError(f"{name} without the INFLIGHT_SHMFD protocol feature")
+        if not 1 <= num_queues <= len(self.vrings):
+            raise m.ProtocolError(f"{name} for {num_queues} queues (device has {len(self.vrings)})")
+        if queue_size == 0 or queue_size > m.MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
+            raise m.ProtocolError(f"{name} queue size {queue_size} is not a power of two "
+                                  f"in 1..{m.MAX_QUEUE_SIZE}")
+        return mmap_size, mmap_offset, num_queues, queue_size
+
+    def _get_inflight_fd(self, msg: Message) -> bytes:
+        _size, _offset, num_queues, queue_size = self._inflight_payload(msg)
+        size = num_queues * inflight_queue_stride(queue_size)
+        fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            # Sealed, so that nobody can shrink it under a mapping (SIGBUS).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        except OSError:
+            os.close(fd)
+            raise
+        self._reply_fds = [fd]
+        return m.INFLIGHT.pack(size, 0, num_queues, queue_size)
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        mmap_size, mmap_offset, num_queues, queue_size = self._inflight_payload(msg)
+        if len(msg.fds) != 1:
+            raise m.ProtocolError(f"SET_INFLIGHT_FD carries {len(msg.fds)} file descriptors, expected 1")
+        if any(v.started for v in self.vrings):
+            raise ValueError("the inflight buffer cannot change while queues run")
+        stride = inflight_queue_stride(queue_size)
+        need = num_queues * stride
+        if mmap_size < need:
+            raise ValueError(f"inflight buffer of {mmap_size} bytes is too small for {num_queues} queues "
+                             f"of {queue_size} ({need} bytes)")
+        # A mapping like guest memory's: SIGBUS-guarded, should the front-end shrink the file.
+        new = lib.vn_mem_new()
+        rc = lib.vn_mem_add_region(new, msg.fds[0], 0, need, 0, mmap_offset)
+        if rc < 0:
+            lib.vn_mem_free(new)
+            raise ValueError(f"cannot map the inflight buffer ({need} bytes at offset {mmap_offset}): "
+                             f"{os.strerror(-rc)}")
+        base = ffi.cast("uint8_t *", lib.vn_mem_gpa_to_host(new, 0, need))
+        self._drop_inflight()
+        self.inflight_mem = new
+        for v in self.vrings:
+            if v.index < num_queues:
+                lib.vn_vq_set_inflight(v.native, base + v.index * stride, queue_size)
+        log.debug("Controller %s: inflight buffer for %d queues of %d", self.name, num_queues, queue_size)
+
+    def _drop_inflight(self) -> None:
+        """Stop tracking (queues must be stopped) and unmap the buffer."""
+        for v in self.vrings:
+            lib.vn_vq_set_inflight(v.native, ffi.NULL, 0)
+        self._free_mem(self.inflight_mem)
+        self.inflight_mem = ffi.NULL
 
     # ---------------------------------------------------------------- config
 
@@ -557,6 +655,7 @@ class Session:
             lib.vn_vq_set_mem(v.native, ffi.NULL)
         self._free_mem(self.mem)
         self.mem = ffi.NULL
+        self._drop_inflight()
         if self.backend_sock is not None:
             self.backend_sock.close()
             self.backend_sock = None

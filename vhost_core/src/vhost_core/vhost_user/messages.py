@@ -67,8 +67,8 @@ class Request(enum.IntEnum):
     POSTCOPY_ADVISE = 28  #: postcopy migration (not offered)
     POSTCOPY_LISTEN = 29  #: postcopy migration (not offered)
     POSTCOPY_END = 30  #: postcopy migration (not offered)
-    GET_INFLIGHT_FD = 31  #: shared inflight tracking (not offered)
-    SET_INFLIGHT_FD = 32  #: shared inflight tracking (not offered)
+    GET_INFLIGHT_FD = 31  #: a new shared buffer for in-flight tracking (we create it)
+    SET_INFLIGHT_FD = 32  #: the buffer to track in (after a target restart: the old one)
     GPU_SET_SOCKET = 33  #: gpu only
     RESET_DEVICE = 34  #: reset the device (RESET_DEVICE protocol feature)
     VRING_KICK = 35  #: in-band kick (not offered)
@@ -121,6 +121,8 @@ VRING_ADDR = struct.Struct("<IIQQQQ")
 MEM_HEADER = struct.Struct("<II")
 MEM_REGION = struct.Struct("<QQQQ")
 CONFIG_HEADER = struct.Struct("<III")
+#: VhostUserInflight: mmap_size, mmap_offset, num_queues, queue_size (+4 bytes padding)
+INFLIGHT = struct.Struct("<QQHH4x")
 
 
 @attrs.frozen
