@@ -108,6 +108,31 @@ def test_data_buffer_outside_guest_memory(d, where, direction):
     assert_healthy(d)
 
 
+def test_bad_requests_are_logged_as_rate_limited_summaries(d):
+    """The first bad request is logged at once; a flood right after it costs no new line
+    until the interval has passed or the front-end goes away, and then one line says how many."""
+    line = "Controller vhost.0: vring 0: {} bad request{} from the guest failed"
+    start = len(d.log())
+
+    def logged(text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while text not in d.log()[start:]:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    with connect(d) as dev:
+        bad_buffer_request(dev, VIRTIO_BLK_T_IN, 2 * GiB, 4096)
+        assert logged(line.format(1, ""), 5), d.log()[start:]
+        for _ in range(40):
+            bad_buffer_request(dev, VIRTIO_BLK_T_OUT, 1 << 50, 512)
+        assert not logged("bad requests from the guest", 1)
+    assert logged(line.format(40, "s"), 5), d.log()[start:]
+    assert d.log()[start:].count("from the guest failed") == 2
+    assert_healthy(d)
+
+
 def test_header_outside_guest_memory(d):
     with connect(d) as dev:
         vq = dev.queues[0]

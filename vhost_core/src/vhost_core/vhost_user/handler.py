@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Callable
 
 import attrs
@@ -40,6 +41,9 @@ PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY
                      | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ)
                      | (1 << m.ProtocolFeature.INFLIGHT_SHMFD))
 STOP_TIMEOUT_MS = 30000
+#: Bad requests from a guest are logged at most this often per session (a summary
+#: with the count), so that a broken or hostile guest cannot flood the log.
+ERROR_SUMMARY_INTERVAL_S = 10.0
 #: Requests we do not implement whose front-end side waits for a reply.
 UNSUPPORTED_WITH_REPLY = frozenset({
     m.Request.IOTLB_MSG, m.Request.CREATE_CRYPTO_SESSION, m.Request.POSTCOPY_ADVISE,
@@ -108,6 +112,8 @@ class Session:
         self.backend_sock: socket.socket | None = None
         self.inflight_mem = ffi.NULL
         self._reply_fds: list[int] = []
+        self._errors_reported = [self._queue_errors(v) for v in self.vrings]
+        self._last_error_summary = float("-inf")
         conn.on_idle = self.check_rings
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             m.Request.GET_FEATURES: self._get_features,
@@ -513,7 +519,30 @@ class Session:
                 return
             for v in self.vrings:
                 self._report_broken(v)
+            self._summarize_errors()
             self._check_memory()
+
+    @staticmethod
+    def _queue_errors(v: Vring) -> int:
+        stats = ffi.new("uint64_t[3]")
+        lib.vn_vq_get_stats(v.native, stats)
+        return int(stats[2])
+
+    def _summarize_errors(self, final: bool = False) -> None:
+        """Log the guest's bad requests since the last summary: the first at once,
+        then at most one line per ERROR_SUMMARY_INTERVAL_S (and one at disconnect)."""
+        if not final and time.monotonic() - self._last_error_summary < ERROR_SUMMARY_INTERVAL_S:
+            return
+        for v in self.vrings:
+            total = self._queue_errors(v)
+            new = total - self._errors_reported[v.index]
+            if new <= 0:
+                continue
+            self._errors_reported[v.index] = total
+            self._last_error_summary = time.monotonic()
+            log.error("Controller %s: vring %d: %d bad request%s from the guest failed (buffers outside "
+                      "guest memory, too many segments, or a malformed ring); %d in all, see "
+                      "vhost_get_queue_stats", self.name, v.index, new, "" if new == 1 else "s", total)
 
     # ---------------------------------------------------------------- inflight
 
@@ -646,6 +675,7 @@ class Session:
             self._report_unshared("the front-end started the device without sending a memory table "
                                   "(QEMU does this when its guest RAM is not shared)")
         self.stop_all()
+        self._summarize_errors(final=True)
         for v in self.vrings:
             lib.vn_vq_set_kick(v.native, -1)
             lib.vn_vq_set_call(v.native, -1)
