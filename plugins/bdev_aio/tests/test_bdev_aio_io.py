@@ -347,3 +347,52 @@ def test_busy_polling_reactor_serves_everything_too(tmp_path, backing_dir, helpe
         s = _stats(d)
         assert s["io_errors"] == 0 and s["completed"]["flush"] == 1 and s["bounced"] == 2
     assert _file_bytes(f, 768 * SECTOR, len(data)) == data
+
+
+def test_a_stuck_backend_holds_up_only_its_own_controller(vhost_daemon, mounts, helpers):
+    """A front-end goes away while its write is stuck in the kernel (its ext4 is frozen).
+    The session must wait for that write before it unmaps guest memory, but without
+    holding up the control plane: RPCs and other controllers are served meanwhile.  After
+    the thaw the write lands in the file and the controller serves a new front-end."""
+    import subprocess
+    import time
+
+    d = vhost_daemon
+    mnt = mounts("ext4", 64)
+    path = helpers.make_file(mnt / "disk.img", 8 << 20)
+    _setup(d, path, engine="io_uring")
+    d.rpc("bdev_malloc_create", num_blocks=2048, block_size=512, name="m1")
+    d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="m1")
+    frozen = False
+    try:
+        dev = connect_blk(d.socket("vhost.0"))
+        mem, vq = dev.memory, dev.queues[0]
+        hdr = mem.alloc_bytes(struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 0), 16)
+        data = mem.alloc_bytes(b"\x77" * 4096, 512)
+        st = mem.alloc_bytes(b"\xff", 1)
+        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+        frozen = True
+        vq.add_chain([(hdr, 16, False), (data, 4096, False), (st, 1, True)])
+        vq.kick(force=True)
+        time.sleep(0.5)
+        assert mem.read(st, 1) == b"\xff", "the write completed on a frozen filesystem"
+        dev.close()                     # gone, with the write in flight
+        time.sleep(0.5)                 # the session now waits for it
+        t0 = time.monotonic()
+        assert d.rpc("spdk_get_version")
+        with connect_blk(d.socket("vhost.1")) as other:
+            other.write(0, b"\x42" * 512)
+            assert other.read(0, 1) == b"\x42" * 512
+        assert time.monotonic() - t0 < 5, "the control plane waited for another controller's stuck I/O"
+        assert "Controller vhost.0: front-end disconnected" not in d.log()
+        subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+        frozen = False
+        d.wait_log("Controller vhost.0: front-end disconnected", timeout=20)
+        assert _file_bytes(path, 0, 4096) == b"\x77" * 4096
+        with connect_blk(d.socket("vhost.0")) as again:
+            again.write(8, b"\x99" * 512)
+            assert again.read(8, 1) == b"\x99" * 512
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+    assert "Traceback" not in d.log()

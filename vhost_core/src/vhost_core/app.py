@@ -75,6 +75,9 @@ class App:
         self.socket_dir = os.path.abspath(socket_dir)
         self.rpc_path = rpc_path
         self.lock = threading.RLock()
+        #: For waits that must not hold up the control plane (a ring draining a slow or
+        #: stuck backend): ``lock_cond.wait(t)`` releases ``lock`` meanwhile.
+        self.lock_cond = threading.Condition(self.lock)
         self.reactors = Reactors(cpumask, interrupt_mode)
         self.bdevs = BdevRegistry()
         self.controllers: dict[str, Controller] = {}

@@ -41,6 +41,9 @@ PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY
                      | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ)
                      | (1 << m.ProtocolFeature.INFLIGHT_SHMFD))
 STOP_TIMEOUT_MS = 30000
+#: Draining a ring is waited for under the control lock this long; past it the lock is
+#: released while waiting, so that RPCs and the other controllers are not held up.
+QUICK_STOP_MS = 50
 #: Bad requests from a guest are logged at most this often per session (a summary
 #: with the count), so that a broken or hostile guest cannot flood the log.
 ERROR_SUMMARY_INTERVAL_S = 10.0
@@ -76,6 +79,7 @@ class Vring:
     err_fd: int = -1
     enabled: bool = False
     started: bool = False
+    stopping: bool = False      # a thread drains it with the control lock released
     broken_reported: bool = False
 
     def close_fds(self) -> None:
@@ -112,6 +116,8 @@ class Session:
         self.backend_sock: socket.socket | None = None
         self.inflight_mem = ffi.NULL
         self._reply_fds: list[int] = []
+        self.closing = False
+        self.closed = False
         self._errors_reported = [self._queue_errors(v) for v in self.vrings]
         self._last_error_summary = float("-inf")
         conn.on_idle = self.check_rings
@@ -148,6 +154,8 @@ class Session:
     def handle(self, msg: Message) -> None:
         """Process one message; raises ProtocolError to drop the connection."""
         try:
+            if self.closing:
+                raise m.ProtocolError("the session is being closed")
             self._check_memory()
         except BaseException:
             msg.close_fds()
@@ -295,6 +303,9 @@ class Session:
         running = [v for v in self.vrings if v.started]
         for v in running:
             self._stop_vring(v)
+        if self.closing:        # closed by another thread while the rings drained
+            lib.vn_mem_free(new)
+            raise m.ProtocolError("the session was closed while its memory table was replaced")
         old, self.mem, self.nregions = self.mem, new, nregions
         for v in self.vrings:
             lib.vn_vq_set_mem(v.native, new)
@@ -424,7 +435,7 @@ class Session:
         return tuple(out)
 
     def _start_vring(self, v: Vring) -> None:
-        if v.started or v.kick_fd < 0:
+        if v.started or v.kick_fd < 0 or self.closing:
             return
         if not v.size or v.addr is None:
             raise m.ProtocolError(f"vring {v.index} kicked before its size and addresses were set")
@@ -463,28 +474,49 @@ class Session:
                 notice(log, "Controller %s: vring %d: resubmitting %d requests left in flight "
                        "by the previous target process", self.name, v.index, rec[0])
 
+    def _wait_unlocked(self, seconds: float) -> None:
+        """Sleep with the control lock released (re-taken before returning)."""
+        try:
+            self.ctrlr.app.lock_cond.wait(seconds)
+        except (RuntimeError, AttributeError):     # not under the app's lock (a bare Session)
+            time.sleep(seconds)
+
     def _stop_vring(self, v: Vring) -> None:
+        # Another thread (a closing RPC, or this connection's own handler) may be
+        # draining this ring with the lock released: let it finish.
+        while v.stopping:
+            self._wait_unlocked(0.01)
         if not v.started:
             return
-        left = lib.vn_vq_stop(v.native, 0)
-        queue_stopping = getattr(self.ctrlr.backend, "queue_stopping", None)
-        if left and queue_stopping is not None:
-            # The ring fetches nothing new now; requests the device holds without
-            # end (virtio-scsi event buffers) must be handed back for it to drain.
-            queue_stopping(v.index)
-        if left:
-            left = lib.vn_vq_stop(v.native, STOP_TIMEOUT_MS)
-        if left:
-            # The backend never completed them.  Their buffers must stay mapped
-            # (see _free_mem) and the ring cannot restart (vn_vq_start: EBUSY).
-            self.stuck_requests += left
-            log.error("Controller %s: vring %d stopped with %d requests still in flight after %d s; "
-                      "their guest memory stays mapped and the ring cannot restart until they complete",
-                      self.name, v.index, left, STOP_TIMEOUT_MS // 1000)
-        self._report_broken(v)
-        v.broken_reported = False
-        v.base = lib.vn_vq_get_base(v.native)
-        v.started = False
+        v.stopping = True
+        try:
+            left = lib.vn_vq_stop(v.native, 0)
+            queue_stopping = getattr(self.ctrlr.backend, "queue_stopping", None)
+            if left and queue_stopping is not None:
+                # The ring fetches nothing new now; requests the device holds without
+                # end (virtio-scsi event buffers) must be handed back for it to drain.
+                queue_stopping(v.index)
+            if left:
+                left = lib.vn_vq_stop(v.native, QUICK_STOP_MS)
+            deadline = time.monotonic() + STOP_TIMEOUT_MS / 1000
+            while left and time.monotonic() < deadline:
+                # A slow or stuck backend (a frozen filesystem, a hung NFS mount)
+                # must cost this session only, not every RPC and controller.
+                self._wait_unlocked(0.01)
+                left = lib.vn_vq_stop(v.native, 0)
+            if left:
+                # The backend never completed them.  Their buffers must stay mapped
+                # (see _free_mem) and the ring cannot restart (vn_vq_start: EBUSY).
+                self.stuck_requests += left
+                log.error("Controller %s: vring %d stopped with %d requests still in flight after %d s; "
+                          "their guest memory stays mapped and the ring cannot restart until they "
+                          "complete", self.name, v.index, left, STOP_TIMEOUT_MS // 1000)
+            self._report_broken(v)
+            v.broken_reported = False
+            v.base = lib.vn_vq_get_base(v.native)
+            v.started = False
+        finally:
+            v.stopping = False
 
     def _report_broken(self, v: Vring) -> None:
         """Log (once) why the data path stopped a ring, and signal its error eventfd."""
@@ -667,7 +699,21 @@ class Session:
             self._stop_vring(v)
 
     def close(self) -> None:
-        """The front-end went away: stop every ring, then unmap its memory."""
+        """The front-end went away: stop every ring, then unmap its memory.
+
+        Safe to call from two threads (the connection's, and an RPC deleting the
+        controller or stopping the daemon): the second waits for the first."""
+        if self.closing:
+            while not self.closed:
+                self._wait_unlocked(0.01)
+            return
+        self.closing = True
+        try:
+            self._close()
+        finally:
+            self.closed = True
+
+    def _close(self) -> None:
         if self.features_set and not self.mem_table_seen:
             # QEMU's reaction to unshared guest RAM: it acks features, fails to
             # build the memory table ("Failed initializing vhost-user memory map")
