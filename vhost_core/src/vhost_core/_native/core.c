@@ -212,7 +212,7 @@ void *vn_mem_uva_to_host(struct vn_mem *m, uint64_t uva, uint64_t len)
  * from one region into an adjacent one.  Returns the count, -1 when some byte
  * lies outside guest memory, -2 when more than `max` segments are needed.
  */
-static int mem_to_iov(const struct vn_mem *m, uint64_t gpa, uint64_t len,
+static inline __attribute__((always_inline)) int mem_to_iov(const struct vn_mem *m, uint64_t gpa, uint64_t len,
                       struct iovec *iov, int max)
 {
     int n = 0;
@@ -414,7 +414,7 @@ static void vq_publish_used(struct vn_vq *q)
     if (!q->used_dirty) return;
     atomic_thread_fence(memory_order_release);
     *(volatile uint16_t *)&q->used->idx = q->used_idx;
-    if (q->ifl) {
+    if (__builtin_expect(q->ifl != NULL, 0)) {
         /* The spec's order, so that a process dying between any two stores leaves
          * a buffer the next one can repair: used->idx, then the batch's inflight
          * flags, then used_idx.  Only the compiler could reorder them: a crash
@@ -457,7 +457,7 @@ static void vq_complete(vn_req *req, uint32_t written)
     struct vring_used_elem *e = &q->used->ring[slot_idx];
     e->id = req->head;
     e->len = written;
-    if (q->ifl && q->ifl_nbatch < q->size) {
+    if (__builtin_expect(q->ifl != NULL, 0) && q->ifl_nbatch < q->size) {
         q->ifl->desc[req->head].next = q->ifl->last_batch_head;
         q->ifl->last_batch_head = req->head;
         q->ifl_batch[q->ifl_nbatch++] = req->head;
@@ -471,7 +471,7 @@ static void vq_complete(vn_req *req, uint32_t written)
 
 /* Walk one chain into req.  Returns 0, or -1 if the ring itself is malformed
  * (the queue is then broken); a bad address only sets req->error. */
-static int vq_map_chain(struct vn_vq *q, uint16_t head, vn_req *req)
+static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, uint16_t head, vn_req *req)
 {
     const struct vring_desc *table = q->desc;
     uint32_t max = q->size, idx = head, count = 0;
@@ -541,13 +541,20 @@ static int vq_map_chain(struct vn_vq *q, uint16_t head, vn_req *req)
     return 0;
 }
 
+/* The chain walk is inlined into the hot loop (it is most of the per-request
+ * work); the resubmission path, run once after a crash, calls this copy. */
+static __attribute__((noinline, cold)) int vq_map_chain_cold(struct vn_vq *q, uint16_t head, vn_req *req)
+{
+    return vq_map_chain(q, head, req);
+}
+
 /* Hand the chain at `head` to the device in a free slot.  Returns 0, or -1 when
  * the ring is malformed (nothing was taken). */
-static int vq_start_request(struct vn_vq *q, uint16_t head)
+static inline __attribute__((always_inline)) int vq_start_request(struct vn_vq *q, uint16_t head, int cold)
 {
     struct slot *s = q->free_list;
     vn_req *req = &s->req;
-    if (vq_map_chain(q, head, req) < 0) return -1;
+    if ((cold ? vq_map_chain_cold(q, head, req) : vq_map_chain(q, head, req)) < 0) return -1;
     q->free_list = s->next_free;
     q->inflight++;
     q->stat_requests++;
@@ -557,7 +564,7 @@ static int vq_start_request(struct vn_vq *q, uint16_t head)
     req->dev_ctx = q->dev->ctx;
     req->complete = vq_complete;
     req->core_priv = q;
-    if (q->ifl) {
+    if (__builtin_expect(q->ifl != NULL, 0)) {
         /* Before submit: the device may complete it inside the call. */
         q->ifl->desc[head].counter = ++q->ifl_counter;
         atomic_signal_fence(memory_order_seq_cst);
@@ -567,18 +574,29 @@ static int vq_start_request(struct vn_vq *q, uint16_t head)
     return 0;
 }
 
+/* Requests a previous target process left in flight (vq_recover_inflight), before
+ * anything new: out of line, the hot path only tests for them. */
+static __attribute__((noinline, cold)) int vq_resubmit(struct vn_vq *q)
+{
+    int done = 0;
+    while (q->resubmit_pos < q->nresubmit && q->free_list) {
+        if (vq_start_request(q, q->resubmit[q->resubmit_pos], 1) < 0) break;
+        q->resubmit_pos++;
+        done++;
+    }
+    return done;
+}
+
 /* Pop and submit what the guest made available, after whatever a previous
  * target process left in flight.  Returns requests started. */
 static int vq_process(struct vn_vq *q)
 {
     if (q->broken || q->stopping || !q->enabled) return 0;
     int done = 0;
-    while (q->resubmit_pos < q->nresubmit && q->free_list) {
-        if (vq_start_request(q, q->resubmit[q->resubmit_pos]) < 0) return done;
-        q->resubmit_pos++;
-        done++;
+    if (__builtin_expect(q->resubmit_pos < q->nresubmit, 0)) {
+        done = vq_resubmit(q);
+        if (q->resubmit_pos < q->nresubmit) return done;
     }
-    if (q->resubmit_pos < q->nresubmit) return done;
     uint16_t avail_idx = *(volatile uint16_t *)&q->avail->idx;
     uint16_t pending = avail_idx - q->last_avail;
     if (pending == 0) return done;
@@ -590,7 +608,7 @@ static int vq_process(struct vn_vq *q)
     while (q->last_avail != avail_idx && q->free_list) {
         uint16_t head = *(volatile uint16_t *)&q->avail->ring[q->last_avail & (q->size - 1)];
         if (head >= q->size) { vq_mark_broken(q, "avail ring head index out of range"); break; }
-        if (vq_start_request(q, head) < 0) break;
+        if (vq_start_request(q, head, 0) < 0) break;
         q->last_avail++;
         done++;
     }
