@@ -191,3 +191,49 @@ def test_polling_reactor_serves_a_guest(tmp_path):
                      "--direct=1 --size=4M --verify=crc32c --do_verify=1 --verify_fatal=1", timeout=300)
         reactors = d.rpc("framework_get_reactors")["reactors"]
         assert reactors[0]["in_interrupt"] is False and reactors[0]["busy"] > 0
+
+
+def test_the_default_config_prints_a_qemu_line_that_boots_a_guest_and_survives_a_restart(tmp_path):
+    """The quick start: `vhost --default-config` prints the QEMU options to use.  Those very
+    options give a guest its 64 MiB disk, and (reconnect=1) the disk works again after
+    the target is killed and started anew."""
+    import shlex
+    import time
+
+    from vhost_core.testing.daemon import VhostDaemon
+
+    def start() -> tuple[VhostDaemon, list[str]]:
+        d = VhostDaemon(tmp_path / "vhost", extra_args=("--default-config",)).start()
+        out = d.wait_log("Start a VM with:", timeout=10)
+        line = out[out.index("Start a VM with:"):].splitlines()[1].strip()
+        words = shlex.split(line)
+        assert words[0] == "qemu-system-x86_64" and "share=on" in line and "reconnect=1" in line
+        # The guest harness brings its own shared memory: take the disk's options.
+        opts = []
+        for flag, value in zip(words, words[1:]):
+            if flag in ("-chardev", "-device"):
+                opts += [flag, value]
+        return d, opts
+
+    first, opts = start()
+    vm = GuestVM(opts, name="vm-quickstart")
+    second = None
+    try:
+        vm.start().wait_ready()
+        assert int(vm.check("cat /sys/block/vda/size")) == (64 << 20) // 512
+        write_pattern(vm)
+        first.proc.kill()
+        first.proc.wait(10)
+        second, _ = start()
+        second.wait_log("Controller vhost.0: front-end connected", timeout=30)
+        deadline = time.monotonic() + 30
+        while vm.run("dd if=/dev/vda of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null")[0] != 0:
+            assert time.monotonic() < deadline, vm.check("dmesg | tail")
+            time.sleep(0.5)
+        digest = write_pattern(vm, seek_mb=2)
+        assert read_pattern(vm, seek_mb=2) == digest
+    finally:
+        vm.kill()
+        if second is not None:
+            assert second.stop() == 0, second.log()
+        first.stop()

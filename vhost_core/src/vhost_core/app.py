@@ -313,7 +313,7 @@ def qemu_command_line(ctrlr: Controller, mem_mb: int = 1024) -> str:
     queues = "num-queues" if ctrlr.backend.device_type == "blk" else "num_queues"
     return (f"qemu-system-x86_64 -m {mem_mb}M "
             f"-object memory-backend-memfd,id=mem,size={mem_mb}M,share=on -numa node,memdev=mem "
-            f"-chardev socket,id={cid},path={ctrlr.path} "
+            f"-chardev socket,id={cid},path={ctrlr.path},reconnect=1 "
             f"-device {dev},chardev={cid},{queues}={min(4, ctrlr.backend.num_queues)} ...")
 
 
