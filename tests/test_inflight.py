@@ -255,3 +255,35 @@ def test_set_inflight_fd_with_a_buffer_too_small_is_refused(blk_daemon, tmp_path
         finally:
             os.close(fd)
     assert "cannot map the inflight buffer" in blk_daemon.log()
+
+
+def test_each_queue_recovers_from_its_own_part_of_the_buffer(blk_daemon, mem):
+    """Two queues: only queue 1 had a request in flight, recorded in the second 64-byte
+    aligned region of the buffer; it is resubmitted on queue 1 and queue 0 starts clean."""
+    d = blk_daemon
+    wait_no_session(d, "vhost.0")
+    fe, acked = handshake(d.socket("vhost.0"))
+    with fe:
+        fd, size = get_inflight(fe, num_queues=2)
+        fe.set_mem_table(mem)
+        vq0, vq1 = SplitVirtqueue(mem, 128, index=0), SplitVirtqueue(mem, 128, index=1)
+        head, st = blk_chain(mem, vq1, VIRTIO_BLK_T_OUT, 24, b"Q" * 512)
+        with mmap.mmap(fd, size) as region:
+            base = stride(128)
+            region[:HEADER.size] = HEADER.pack(0, 1, 128, 0, 0)
+            region[base:base + HEADER.size] = HEADER.pack(0, 1, 128, 0, 0)
+            off = base + HEADER.size + head * DESC.size
+            region[off:off + DESC.size] = DESC.pack(1, 0, 1)
+        set_inflight(fe, fd, size, num_queues=2)
+        os.close(fd)
+        q0 = fe.setup_vring(0, vq=vq0, base=0)
+        q1 = fe.setup_vring(1, vq=vq1, base=0)
+        fe.set_vring_enable(0, True)
+        fe.set_vring_enable(1, True)
+        assert [e.head for e in q1.wait_used(5)] == [head]
+        assert mem.read(st, 1)[0] == VIRTIO_BLK_S_OK
+        dev = VirtioBlkDevice(fe, mem, [q0, q1], None, acked, own_memory=False)
+        assert dev.read(24, 1) == b"Q" * 512
+        assert fe.get_vring_base(1) == 1 and fe.get_vring_base(0) == 1
+    d.wait_log("vring 1: resubmitting 1 request left in flight")
+    assert "vring 0: resubmitting" not in d.log()

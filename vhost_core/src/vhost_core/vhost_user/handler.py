@@ -471,8 +471,9 @@ class Session:
                             "nothing is resubmitted", self.name, v.index,
                             INFLIGHT_RESET_REASONS.get(rec[1], "it is inconsistent"))
             if rec[0]:
-                notice(log, "Controller %s: vring %d: resubmitting %d requests left in flight "
-                       "by the previous target process", self.name, v.index, rec[0])
+                notice(log, "Controller %s: vring %d: resubmitting %d request%s left in flight "
+                       "by the previous target process", self.name, v.index, rec[0],
+                       "" if rec[0] == 1 else "s")
 
     def _wait_unlocked(self, seconds: float) -> None:
         """Sleep with the control lock released (re-taken before returning)."""
