@@ -36,6 +36,9 @@ from scsi_driver import (
     mode_sense6,
     report_luns,
     rw10,
+    sync_cache10,
+    unmap,
+    unmap_params,
     wait_no_session,
 )
 from vhost_core.rpc.client import RpcError
@@ -405,3 +408,38 @@ def test_sigterm_with_a_connected_driver_holding_event_buffers(vhost_daemon):
         assert time.monotonic() - t0 < 10
         assert len(dev.events_completed(1.0)) == 8
     assert "still in flight" not in d.log() and "Traceback" not in d.log()
+
+
+def test_bdev_get_iostat_counts_each_target_and_keeps_it_after_hot_detach(vhost_daemon):
+    d = vhost_daemon
+    malloc(d, "M0")                              # 512-byte blocks
+    malloc(d, "M1", block_size=4096)
+    d.rpc("vhost_create_scsi_controller", ctrlr="vhost.0")
+    d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=0, bdev_name="M0")
+    d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=1, bdev_name="M1")
+
+    def stat(name: str) -> dict:
+        return d.rpc("bdev_get_iostat", name=name)["bdevs"][0]
+
+    with connect_scsi(d.socket("vhost.0")) as dev:
+        for i in range(3):
+            assert dev.command(0, rw10(True, i * 8, 8), data_out=b"s" * 4096).status == GOOD
+        for i in range(2):
+            assert dev.command(1, rw10(False, i, 2), data_in_len=8192).status == GOOD
+        params = unmap_params((100, 16), (200, 8))
+        assert dev.command(0, unmap(len(params)), data_out=params).status == GOOD
+        assert dev.command(0, sync_cache10()).status == GOOD
+        m0, m1 = stat("M0"), stat("M1")
+        assert (m0["num_write_ops"], m0["bytes_written"]) == (3, 3 * 4096)
+        assert (m0["num_unmap_ops"], m0["bytes_unmapped"]) == (1, 24 * 512)
+        assert m0["num_flush_ops"] == 1 and m0["num_read_ops"] == 0
+        assert (m1["num_read_ops"], m1["bytes_read"]) == (2, 2 * 8192) and m1["num_write_ops"] == 0
+        assert 0 < m1["min_read_latency_ticks"] <= m1["max_read_latency_ticks"]
+        d.rpc("vhost_scsi_controller_remove_target", ctrlr="vhost.0", scsi_target_num=0)
+        assert stat("M0")["num_write_ops"] == 3          # detached: the totals stay with the bdev
+        d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=2, bdev_name="M0")
+        dev.post_events(4)
+        for _ in range(20):      # the driver may see a unit attention once after the rescan
+            if dev.command(2, rw10(True, 0, 8), data_out=b"t" * 4096).status == GOOD:
+                break
+        assert stat("M0")["num_write_ops"] == 4

@@ -17,11 +17,13 @@ import re
 import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import attrs
 
 from vhost_core import __version__, plugins
+from vhost_core.bdev.iostat import IoStat
+from vhost_core.bdev.interface import Bdev
 from vhost_core.bdev.registry import BdevRegistry
 from vhost_core.controller import Controller
 from vhost_core.log import get_logger, notice, setup as setup_logging
@@ -67,6 +69,20 @@ class GetControllersParams:
 class GetBdevsParams:
     name: str | None = None
     timeout: int | None = None
+
+
+@attrs.frozen
+class GetIostatParams:
+    name: str | None = None                 # older rpc.py: -b NAME
+    names: list[str] | None = None          # newer rpc.py: --names a,b
+    per_channel: bool = False
+    reset_mode: Literal["all", "maxmin", "error", "none"] | None = None
+
+
+@attrs.frozen
+class ResetIostatParams:
+    name: str | None = None
+    mode: Literal["all", "maxmin", "error", "none"] = "all"
 
 
 class App:
@@ -180,6 +196,29 @@ class App:
                 return [self.bdevs.get(p.name).to_json()]
             return [b.to_json() for b in self.bdevs]
 
+        @rpc.method("bdev_get_iostat", params=GetIostatParams, owner="vhost-core",
+                    deprecated_aliases=("get_bdevs_iostat",))
+        def bdev_get_iostat(p: GetIostatParams):
+            if p.per_channel:
+                raise RpcError(-errno.ENOTSUP, "per-channel statistics are not kept by this target: "
+                                               "omit per_channel (-c) for the per-bdev totals")
+            names = list(p.names or []) + ([p.name] if p.name is not None else [])
+            bdevs = [self.bdevs.get(n) for n in names] if names else list(self.bdevs)
+            from vhost_core.native import lib
+            out = {"tick_rate": lib.vn_tick_rate(), "ticks": lib.vn_ticks_now(),
+                   "bdevs": [self.bdev_iostat(b).to_spdk(b.name) for b in bdevs]}
+            if p.reset_mode not in (None, "none", "error"):
+                for b in bdevs:
+                    self.reset_iostat(b, p.reset_mode)
+            return out
+
+        @rpc.method("bdev_reset_iostat", params=ResetIostatParams, owner="vhost-core")
+        def bdev_reset_iostat(p: ResetIostatParams):
+            for b in [self.bdevs.get(p.name)] if p.name is not None else list(self.bdevs):
+                if p.mode in ("all", "maxmin"):
+                    self.reset_iostat(b, p.mode)
+            return True
+
         @rpc.method("vhost_get_controllers", params=GetControllersParams, owner="vhost-core",
                     deprecated_aliases=("get_vhost_controllers",))
         def vhost_get_controllers(p: GetControllersParams):
@@ -214,6 +253,32 @@ class App:
         @rpc.method("vhost_get_queue_stats", params=CtrlrParams, owner="vhost-core")
         def vhost_get_queue_stats(p: CtrlrParams):
             return self.get_controller(p.ctrlr).queue_stats()
+
+    def bdev_iostat(self, bdev: Bdev) -> IoStat:
+        """What every device drove on ``bdev``: live counters plus retired ones, less
+        what bdev_reset_iostat set aside."""
+        total = IoStat()
+        total.add(bdev.iostat_retired)
+        for ctrlr in self.controllers.values():
+            report = getattr(ctrlr.backend, "bdev_iostat", None)
+            if report is None:
+                continue
+            for name, words in report():
+                if name == bdev.name:
+                    total.add(IoStat.from_words(words))
+        return total.since(bdev.iostat_base) if bdev.iostat_base is not None else total
+
+    def reset_iostat(self, bdev: Bdev, mode: str) -> None:
+        for ctrlr in self.controllers.values():
+            reset = getattr(ctrlr.backend, "reset_iostat_maxmin", None)
+            if reset is not None:
+                reset(bdev.name)
+        r = bdev.iostat_retired
+        r.max_ticks[:] = [0] * len(r.max_ticks)
+        r.min_ticks[:] = [0] * len(r.min_ticks)
+        if mode == "all":
+            bdev.iostat_base = None
+            bdev.iostat_base = self.bdev_iostat(bdev)
 
     def config_by_subsystem(self) -> dict[str, list[dict]]:
         """RPC calls that recreate the current state, by subsystem (bdev first)."""

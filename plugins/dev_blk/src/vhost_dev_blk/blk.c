@@ -39,6 +39,8 @@ struct blk_dev {
     char id[VIRTIO_BLK_ID_BYTES];
     uint64_t outstanding;
     struct blk_dev_stats stats;
+    struct vn_iostat iostat;    /* of the bdev, for bdev_get_iostat */
+    struct vn_iostat_clock clock;
 };
 
 /* Lives in vn_req.dev_priv. */
@@ -47,6 +49,7 @@ struct blk_req {
     vn_req *req;
     uint8_t *status;
     uint32_t written;
+    uint64_t start_ticks;
     struct iovec data[VN_MAX_IOV];
 };
 
@@ -71,10 +74,13 @@ static void io_done(vn_bdev_io *io, int status)
     struct blk_dev *d = req->dev_ctx;
     d->outstanding--;
     if (status == 0) {
-        if (io->type == VN_IO_READ) { d->stats.reads++; d->stats.bytes_read += br->written; }
-        else if (io->type == VN_IO_WRITE) { d->stats.writes++; d->stats.bytes_written += io->num_blocks * d->bdev->block_size; }
-        else if (io->type == VN_IO_FLUSH) d->stats.flushes++;
-        else d->stats.unmaps++;
+        uint64_t bytes = io->num_blocks * d->bdev->block_size;
+        enum vn_stat_kind kind;
+        if (io->type == VN_IO_READ) { d->stats.reads++; d->stats.bytes_read += br->written; kind = VN_STAT_READ; }
+        else if (io->type == VN_IO_WRITE) { d->stats.writes++; d->stats.bytes_written += bytes; kind = VN_STAT_WRITE; }
+        else if (io->type == VN_IO_FLUSH) { d->stats.flushes++; kind = VN_STAT_FLUSH; bytes = 0; }
+        else { d->stats.unmaps++; kind = io->type == VN_IO_UNMAP ? VN_STAT_UNMAP : VN_STAT_WRITE_ZEROES; }
+        vn_iostat_defer(&d->clock, &d->iostat, kind, bytes, br->start_ticks);
     } else {
         br->written = 0;
     }
@@ -112,6 +118,7 @@ static void submit_io(struct blk_dev *d, struct blk_req *br, uint32_t type,
     io->cb = io_done;
     io->cb_arg = br;
     d->outstanding++;
+    br->start_ticks = vn_iostat_start(&d->clock);
     d->bdev->ops->submit(d->bdev->ctx, d->chan, io);
 }
 
@@ -229,9 +236,11 @@ static void blk_detach(void *ctx)
 static int blk_poll(void *ctx)
 {
     struct blk_dev *d = ctx;
+    int work = 0;
     if (d->bdev && d->chan && d->bdev->ops->channel_poll)
-        return d->bdev->ops->channel_poll(d->bdev->ctx, d->chan);
-    return 0;
+        work = d->bdev->ops->channel_poll(d->bdev->ctx, d->chan);
+    vn_iostat_flush(&d->clock);
+    return work;
 }
 
 static int blk_poll_fds(void *ctx, int *fds, int max)
@@ -290,3 +299,14 @@ int blk_dev_remove_bdev(void *arg)
 void *blk_dev_remove_bdev_ptr(void) { return (void *)blk_dev_remove_bdev; }
 
 void blk_dev_get_stats(struct blk_dev *d, struct blk_dev_stats *out) { *out = d->stats; }
+
+void blk_dev_get_iostat(struct blk_dev *d, uint64_t *out)
+{
+    __builtin_memcpy(out, &d->iostat, sizeof(d->iostat));
+}
+
+/* Runs on the control thread: a racing completion may keep its old max or min. */
+void blk_dev_reset_iostat_maxmin(struct blk_dev *d)
+{
+    for (int k = 0; k < VN_STAT_KINDS; k++) d->iostat.max_ticks[k] = d->iostat.min_ticks[k] = 0;
+}

@@ -11,3 +11,6 @@ void blk_dev_free(struct blk_dev *d);
 int blk_dev_remove_bdev(void *arg);
 void *blk_dev_remove_bdev_ptr(void);
 void blk_dev_get_stats(struct blk_dev *d, struct blk_dev_stats *out);
+/* The bdev's struct vn_iostat, as VN_IOSTAT_WORDS (25) uint64 words. */
+void blk_dev_get_iostat(struct blk_dev *d, uint64_t *out);
+void blk_dev_reset_iostat_maxmin(struct blk_dev *d);

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from vhost_core.bdev.interface import Bdev
+from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
 from vhost_core.log import get_logger, notice
 
 from vhost_dev_blk._blk_native import ffi, lib
@@ -84,6 +85,7 @@ class BlkDevice:
                           self.ctrlr_name, left, bdev.name)
                 break
             time.sleep(0.001)
+        self._retire_iostat()
         self.removed = True
         self.app.bdevs.release(bdev, self.ctrlr_name)
         notice(log, "Controller %s: bdev '%s' was removed; I/O to this controller now fails. "
@@ -126,6 +128,26 @@ class BlkDevice:
                                            "bytes_written", "errors", "invalid", "unsupported",
                                            "removed_io")}
 
+    def _iostat_words(self) -> list[int]:
+        words = ffi.new("uint64_t[]", IOSTAT_WORDS)
+        lib.blk_dev_get_iostat(self.native, words)
+        return list(words)
+
+    def bdev_iostat(self) -> list[tuple[str, list[int]]]:
+        """bdev_get_iostat: what this controller completed on its bdev."""
+        if self.removed or self.native == ffi.NULL:
+            return []
+        return [(self.bdev.name, self._iostat_words())]
+
+    def reset_iostat_maxmin(self, bdev_name: str) -> None:
+        if not self.removed and self.native != ffi.NULL and bdev_name == self.bdev.name:
+            lib.blk_dev_reset_iostat_maxmin(self.native)
+
+    def _retire_iostat(self) -> None:
+        """Letting go of the bdev: its totals stay with it (bdev_get_iostat)."""
+        if self.native != ffi.NULL:
+            self.bdev.iostat_retired.add(IoStat.from_words(self._iostat_words()))
+
     def backend_specific(self) -> dict[str, Any]:
         return {"block": {"readonly": self.readonly, "bdev": None if self.removed else self.bdev.name,
                           "transport": "vhost_user_blk"}}
@@ -136,6 +158,7 @@ class BlkDevice:
         if self.on_bdev_resized in self.bdev.resize_callbacks:
             self.bdev.resize_callbacks.remove(self.on_bdev_resized)
         if not self.removed:
+            self._retire_iostat()
             self.app.bdevs.release(self.bdev, self.ctrlr_name)
         if self.native != ffi.NULL:
             lib.blk_dev_free(self.native)

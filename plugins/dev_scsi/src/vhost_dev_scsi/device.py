@@ -16,6 +16,7 @@ from typing import Any, Callable
 import attrs
 
 from vhost_core.bdev.interface import Bdev
+from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError
 
@@ -177,6 +178,7 @@ class ScsiDevice:
                 break
             time.sleep(0.001)
         del self.targets[num]
+        target.bdev.iostat_retired.add(IoStat.from_words(self._iostat_words(num)))
         _used_dev_ids.discard(target.dev_id)
         if target.on_removed in target.bdev.removal_callbacks:
             target.bdev.removal_callbacks.remove(target.on_removed)
@@ -239,6 +241,22 @@ class ScsiDevice:
         lib.scsi_dev_get_stats(self.native, s)
         return {name: getattr(s, name) for name in dir(s)}
 
+    def _iostat_words(self, num: int) -> list[int]:
+        words = ffi.new("uint64_t[]", IOSTAT_WORDS)
+        lib.scsi_dev_get_iostat(self.native, num, words)
+        return list(words)
+
+    def bdev_iostat(self) -> list[tuple[str, list[int]]]:
+        """bdev_get_iostat: what each target completed on its bdev."""
+        if self.native == ffi.NULL:
+            return []
+        return [(t.bdev.name, self._iostat_words(n)) for n, t in sorted(self.targets.items())]
+
+    def reset_iostat_maxmin(self, bdev_name: str) -> None:
+        for n, t in self.targets.items():
+            if t.bdev.name == bdev_name and self.native != ffi.NULL:
+                lib.scsi_dev_reset_iostat_maxmin(self.native, n)
+
     def backend_specific(self) -> dict[str, Any]:
         return {"scsi": [
             {"scsi_dev_num": t.num, "id": t.dev_id, "target_name": t.name,
@@ -246,7 +264,9 @@ class ScsiDevice:
             for _, t in sorted(self.targets.items()) if not t.removing]}
 
     def close(self) -> None:
-        for target in self.targets.values():
+        for num, target in self.targets.items():
+            if self.native != ffi.NULL:
+                target.bdev.iostat_retired.add(IoStat.from_words(self._iostat_words(num)))
             if target.on_removed in target.bdev.removal_callbacks:
                 target.bdev.removal_callbacks.remove(target.on_removed)
             if target.on_resized in target.bdev.resize_callbacks:

@@ -116,6 +116,7 @@ struct scsi_target {
     uint8_t naa[8];
     char t10_id[40];
     uint32_t t10_id_len;
+    struct vn_iostat iostat;    /* of the bdev, for bdev_get_iostat */
 };
 
 struct scsi_req;
@@ -132,6 +133,7 @@ struct scsi_dev {
     uint32_t tmf_held;
     uint64_t outstanding;
     struct scsi_dev_stats stats;
+    struct vn_iostat_clock clock;
 };
 
 struct unmap_desc { uint64_t lba; uint64_t n; };
@@ -145,6 +147,7 @@ struct scsi_req {
     uint64_t din_len, dout_len; /* data-in / data-out bytes past the response / request header */
     uint64_t xfer;              /* data bytes moved, for resid and the used length */
     uint64_t lba, nblocks;
+    uint64_t start_ticks, stat_bytes;   /* bdev_get_iostat */
     uint32_t niov, blk_niov, ndesc, idesc;
     int io_status;
     uint8_t op, stage, is_write, fua, ws_type;
@@ -584,15 +587,18 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
             check(d, sr, HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE, NOFIELD, 0);
         return;
     }
+    enum vn_stat_kind kind;
     switch (sr->op) {
     case OP_RW:
-        if (sr->is_write) { d->stats.writes++; d->stats.bytes_written += sr->xfer; }
-        else { d->stats.reads++; d->stats.bytes_read += sr->xfer; }
+        if (sr->is_write) { d->stats.writes++; d->stats.bytes_written += sr->xfer; kind = VN_STAT_WRITE; }
+        else { d->stats.reads++; d->stats.bytes_read += sr->xfer; kind = VN_STAT_READ; }
         break;
-    case OP_FLUSH: d->stats.flushes++; break;
-    case OP_UNMAP: d->stats.unmaps++; break;
-    default: d->stats.write_sames++; break;
+    case OP_FLUSH: d->stats.flushes++; kind = VN_STAT_FLUSH; break;
+    case OP_UNMAP: d->stats.unmaps++; kind = VN_STAT_UNMAP; break;
+    case OP_WS_ZERO: d->stats.write_sames++; kind = VN_STAT_WRITE_ZEROES; break;
+    default: d->stats.write_sames++; kind = VN_STAT_WRITE; break;
     }
+    vn_iostat_defer(&d->clock, &t->iostat, kind, sr->stat_bytes, sr->start_ticks);
     good(d, sr);
 }
 
@@ -619,6 +625,14 @@ static void step(struct scsi_dev *d, struct scsi_req *sr)
 
 static void start_io(struct scsi_dev *d, struct scsi_req *sr, uint8_t op)
 {
+    uint64_t blocks = sr->nblocks;
+    if (op == OP_FLUSH) blocks = 0;
+    else if (op == OP_UNMAP) {
+        blocks = 0;
+        for (uint32_t i = 0; i < sr->ndesc; i++) blocks += sr->u.unmap[i].n;
+    }
+    sr->stat_bytes = blocks * sr->t->block_size;
+    sr->start_ticks = vn_iostat_start(&d->clock);
     sr->op = op;
     sr->stage = 0;
     sr->io_status = 0;
@@ -1282,6 +1296,7 @@ static int scsi_poll(void *ctx)
             work++;
         }
     }
+    vn_iostat_flush(&d->clock);
     return work;
 }
 
@@ -1369,7 +1384,9 @@ int scsi_dev_remove_target(void *arg)
     t->state = TGT_REMOVING;
     if (t->outstanding) return (int)t->outstanding;
     if (d->attached) channel_close(t);
+    struct vn_iostat keep = t->iostat;     /* the control plane retires it (bdev_get_iostat) */
     memset(t, 0, sizeof(*t));
+    t->iostat = keep;
     notify(d, (int)c->target, VIRTIO_SCSI_EVT_RESET_REMOVED);
     return 0;
 }
@@ -1426,3 +1443,16 @@ int scsi_dev_target_outstanding(struct scsi_dev *d, uint32_t target)
 }
 
 void scsi_dev_get_stats(struct scsi_dev *d, struct scsi_dev_stats *out) { *out = d->stats; }
+
+void scsi_dev_get_iostat(struct scsi_dev *d, uint32_t target, uint64_t *out)
+{
+    if (target < SCSI_MAX_TARGETS) __builtin_memcpy(out, &d->tgt[target].iostat, sizeof(struct vn_iostat));
+}
+
+/* Runs on the control thread: a racing completion may keep its old max or min. */
+void scsi_dev_reset_iostat_maxmin(struct scsi_dev *d, uint32_t target)
+{
+    if (target >= SCSI_MAX_TARGETS) return;
+    struct vn_iostat *s = &d->tgt[target].iostat;
+    for (int k = 0; k < VN_STAT_KINDS; k++) s->max_ticks[k] = s->min_ticks[k] = 0;
+}

@@ -1141,3 +1141,29 @@ void vn_reactor_get_stats(struct vn_reactor *r, uint64_t *out)
 
 int vn_reactor_core(struct vn_reactor *r) { return r->core; }
 int vn_reactor_tid(struct vn_reactor *r) { return atomic_load(&r->tid); }
+
+/* ------------------------------------------------------------------ */
+/* I/O statistics clock                                                */
+/* ------------------------------------------------------------------ */
+
+uint64_t vn_ticks_now(void) { return vn_ticks(); }
+
+uint64_t vn_tick_rate(void)
+{
+    static uint64_t rate;
+    if (rate) return rate;
+#if defined(__x86_64__)
+    /* The TSC against CLOCK_MONOTONIC over 20 ms: well under 0.1% off. */
+    struct timespec a, b, pause = { 0, 20000000 };
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    uint64_t t0 = vn_ticks();
+    nanosleep(&pause, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    uint64_t t1 = vn_ticks();
+    uint64_t ns = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000ull + (uint64_t)b.tv_nsec - (uint64_t)a.tv_nsec;
+    rate = ns ? (uint64_t)((double)(t1 - t0) * 1e9 / (double)ns) : 1000000000ull;
+#else
+    rate = 1000000000ull;
+#endif
+    return rate;
+}

@@ -94,3 +94,8 @@ int vn_reactor_tid(struct vn_reactor *r);
 typedef int (*vn_exec_fn)(void *arg);
 int vn_reactor_exec(struct vn_reactor *r, vn_exec_fn fn, void *arg);
 void *vn_reactor_exec_ptr(void);
+
+/* ---- I/O statistics clock ---- */
+/* vn_ticks() (vhost_native.h) now, and its rate in ticks per second (measured once). */
+uint64_t vn_ticks_now(void);
+uint64_t vn_tick_rate(void);

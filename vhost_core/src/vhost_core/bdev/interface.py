@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import attrs
 
+from vhost_core.bdev.iostat import IoStat
+
 #: I/O types in the order of ``enum vn_io_type``.
 IO_TYPES = ("read", "write", "flush", "unmap", "write_zeroes", "reset")
 
@@ -76,6 +78,10 @@ class Bdev:
     claimed_by: str | None = None
     removal_callbacks: list[Callable[[Bdev], None]] = attrs.Factory(list)
     resize_callbacks: list[Callable[[Bdev], None]] = attrs.Factory(list)
+    #: bdev_get_iostat: counts of devices that no longer drive this bdev (a device
+    #: folds its counters in here when it lets go), and what bdev_reset_iostat set aside.
+    iostat_retired: IoStat = attrs.Factory(IoStat)
+    iostat_base: IoStat | None = None
 
     @property
     def size_bytes(self) -> int:

@@ -73,6 +73,17 @@ def _delete_bdev(client: Any, args: argparse.Namespace) -> Any:
     return NO_OUTPUT
 
 
+def _bdev_get_iostat(client: Any, args: argparse.Namespace) -> Any:
+    return client.call("bdev_get_iostat", _params(name=args.name, names=args.names,
+                                                   per_channel=args.per_channel or None,
+                                                   reset_mode=args.reset_mode))
+
+
+def _bdev_reset_iostat(client: Any, args: argparse.Namespace) -> Any:
+    client.call("bdev_reset_iostat", _params(name=args.name, mode=args.mode))
+    return NO_OUTPUT
+
+
 def _save_config(client: Any, args: argparse.Namespace) -> Any:
     # Same procedure as SPDK's rpc.py: ask for the subsystems, then each one's config.
     config: dict[str, Any] = {"subsystems": []}
@@ -115,6 +126,21 @@ def contribute(subparsers: Any) -> None:
     p.add_argument("-t", "--timeout-ms", dest="timeout_ms", type=int,
                    help="With -b: milliseconds to wait for the bdev to appear")
     p.set_defaults(func=_bdev_get_bdevs)
+
+    p = subparsers.add_parser("bdev_get_iostat", help="I/O statistics of all bdevs, or of those named")
+    p.add_argument("-b", "--name", help="Name of the bdev")
+    p.add_argument("--names", type=lambda v: v.split(","), help="Comma-separated bdev names")
+    p.add_argument("-c", "--per-channel", dest="per_channel", action="store_true",
+                   help="Per-channel statistics (not kept by this target: an error)")
+    p.add_argument("--reset-mode", choices=["all", "maxmin", "error", "none"],
+                   help="Reset the statistics after reading them")
+    p.set_defaults(func=_bdev_get_iostat)
+
+    p = subparsers.add_parser("bdev_reset_iostat", help="Reset the I/O statistics of all bdevs, or one")
+    p.add_argument("-b", "--name", help="Name of the bdev")
+    p.add_argument("-m", "--mode", choices=["all", "maxmin", "error", "none"],
+                   help="all (default): counts and max/min latency; maxmin: only those")
+    p.set_defaults(func=_bdev_reset_iostat)
 
     p = subparsers.add_parser("vhost_get_controllers", help="List all vhost controllers, or one with -n")
     p.add_argument("-n", "--name", help="Name of the vhost controller")
