@@ -46,6 +46,14 @@ class DeviceBackend(Protocol):
     #     in flight: complete those the device holds indefinitely (virtio-scsi event
     #     buffers) so that the queue drains.  Runs on the control plane; reach the
     #     data path through ``Reactor.exec_native``."""
+    #
+    # def bdev_iostat(self) -> list[tuple[str, list[int]]]:
+    #     """(bdev name, struct vn_iostat as 25 words) for each bdev the device drives
+    #     (bdev_get_iostat; see vhost_core.bdev.iostat).  A device that lets go of a
+    #     bdev folds its counts into ``bdev.iostat_retired``."""
+    #
+    # def reset_iostat_maxmin(self, bdev_name: str) -> None:
+    #     """Forget the largest and smallest latency seen on that bdev."""
 
     def backend_specific(self) -> dict[str, Any]:
         """The ``backend_specific`` object of ``vhost_get_controllers``."""
