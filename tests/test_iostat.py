@@ -103,3 +103,14 @@ def test_vhost_rpc_cli(blk_daemon):
     r = subprocess.run(cli + ["bdev_reset_iostat", "-b", "Malloc0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert iostat(d, "Malloc0")["num_write_ops"] == 0
+
+
+def test_old_name_answers_the_old_shape(blk_daemon):
+    """SPDK's get_bdevs_iostat answered a list: the tick rate first, then the bdevs."""
+    d = blk_daemon
+    with connect(d, "vhost.0") as dev:
+        dev.read(0, 1)
+    out = d.rpc("get_bdevs_iostat", name="Malloc0")
+    assert len(out) == 2 and out[0]["tick_rate"] > 0
+    assert out[1]["name"] == "Malloc0" and out[1]["num_read_ops"] >= 1
+    assert "'get_bdevs_iostat' is deprecated" in d.log()

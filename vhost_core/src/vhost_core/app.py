@@ -72,6 +72,11 @@ class GetBdevsParams:
 
 
 @attrs.frozen
+class NameOptParams:
+    name: str | None = None
+
+
+@attrs.frozen
 class GetIostatParams:
     name: str | None = None                 # older rpc.py: -b NAME
     names: list[str] | None = None          # newer rpc.py: --names a,b
@@ -196,8 +201,15 @@ class App:
                 return [self.bdevs.get(p.name).to_json()]
             return [b.to_json() for b in self.bdevs]
 
-        @rpc.method("bdev_get_iostat", params=GetIostatParams, owner="vhost-core",
-                    deprecated_aliases=("get_bdevs_iostat",))
+        @rpc.method("get_bdevs_iostat", params=NameOptParams, owner="vhost-core")
+        def get_bdevs_iostat(p: NameOptParams):
+            # SPDK's old name answered a list: the tick rate first, then one object per bdev.
+            log.warning("rpc: method 'get_bdevs_iostat' is deprecated, use 'bdev_get_iostat'")
+            from vhost_core.native import lib
+            bdevs = [self.bdevs.get(p.name)] if p.name is not None else list(self.bdevs)
+            return [{"tick_rate": lib.vn_tick_rate()}] + [self.bdev_iostat(b).to_spdk(b.name) for b in bdevs]
+
+        @rpc.method("bdev_get_iostat", params=GetIostatParams, owner="vhost-core")
         def bdev_get_iostat(p: GetIostatParams):
             if p.per_channel:
                 raise RpcError(-errno.ENOTSUP, "per-channel statistics are not kept by this target: "
