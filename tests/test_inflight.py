@@ -154,6 +154,7 @@ def test_requests_left_in_flight_are_resubmitted_in_order_and_the_ring_resumes_a
         assert fe.get_vring_base(0) == used + 2
         os.close(fd)
     d.wait_log(f"vring 0: resubmitting {len(want)} requests left in flight")
+    assert d.rpc("vhost_get_queue_stats", ctrlr="vhost.0")[0]["resubmitted"] == len(want)
     assert "Traceback" not in d.log()
 
 

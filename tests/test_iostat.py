@@ -103,6 +103,10 @@ def test_vhost_rpc_cli(blk_daemon):
     r = subprocess.run(cli + ["bdev_reset_iostat", "-b", "Malloc0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert iostat(d, "Malloc0")["num_write_ops"] == 0
+    r = subprocess.run(cli + ["vhost_get_queue_stats", "vhost.0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    q0 = json.loads(r.stdout)[0]
+    assert q0["requests"] >= 1 and q0["in_flight"] == 0 and q0["resubmitted"] == 0
 
 
 def test_old_name_answers_the_old_shape(blk_daemon):

@@ -376,6 +376,7 @@ def test_a_stuck_backend_holds_up_only_its_own_controller(vhost_daemon, mounts, 
         vq.kick(force=True)
         time.sleep(0.5)
         assert mem.read(st, 1) == b"\xff", "the write completed on a frozen filesystem"
+        assert d.rpc("vhost_get_queue_stats", ctrlr="vhost.0")[0]["in_flight"] == 1
         dev.close()                     # gone, with the write in flight
         time.sleep(0.5)                 # the session now waits for it
         t0 = time.monotonic()

@@ -196,7 +196,13 @@ class Controller:
     def queue_stats(self) -> list[dict[str, int]]:
         out = []
         buf = ffi.new("uint64_t[3]")
+        rec = ffi.new("uint32_t[2]")
         for i, q in enumerate(self.native_vqs):
             lib.vn_vq_get_stats(q, buf)
-            out.append({"queue": i, "requests": buf[0], "interrupts": buf[1], "errors": buf[2]})
+            lib.vn_vq_get_recovery(q, rec)
+            # in_flight: taken from the ring, not yet returned (read racily: a hint for
+            # a stuck backend); resubmitted: recovered from the inflight buffer at the
+            # ring's last start (a previous target process left them unfinished).
+            out.append({"queue": i, "requests": buf[0], "interrupts": buf[1], "errors": buf[2],
+                        "in_flight": lib.vn_vq_inflight(q), "resubmitted": rec[0]})
         return out

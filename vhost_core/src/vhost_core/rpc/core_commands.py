@@ -79,6 +79,10 @@ def _bdev_get_iostat(client: Any, args: argparse.Namespace) -> Any:
                                                    reset_mode=args.reset_mode))
 
 
+def _vhost_get_queue_stats(client: Any, args: argparse.Namespace) -> Any:
+    return client.call("vhost_get_queue_stats", {"ctrlr": args.ctrlr})
+
+
 def _bdev_reset_iostat(client: Any, args: argparse.Namespace) -> Any:
     client.call("bdev_reset_iostat", _params(name=args.name, mode=args.mode))
     return NO_OUTPUT
@@ -141,6 +145,12 @@ def contribute(subparsers: Any) -> None:
     p.add_argument("-m", "--mode", choices=["all", "maxmin", "error", "none"],
                    help="all (default): counts and max/min latency; maxmin: only those")
     p.set_defaults(func=_bdev_reset_iostat)
+
+    p = subparsers.add_parser("vhost_get_queue_stats",
+                              help="Per-queue counters of a controller (requests, interrupts, bad "
+                                   "requests, in flight, resubmitted after a restart)")
+    p.add_argument("ctrlr", help="Name of the vhost controller")
+    p.set_defaults(func=_vhost_get_queue_stats)
 
     p = subparsers.add_parser("vhost_get_controllers", help="List all vhost controllers, or one with -n")
     p.add_argument("-n", "--name", help="Name of the vhost controller")
