@@ -80,6 +80,12 @@ def test_fio_randrw_verify_on_four_queues_and_the_host_file_matches(vhost_daemon
     assert len([q for q in stats if q["requests"] > 100]) == 4, stats
     s = d.rpc("bdev_aio_get_stats", name="aio0")[0]
     assert s["io_errors"] == 0 and s["completed"]["write"] > 1000, s
+    # SPDK's view of the same I/O: every write the bdev completed, counted by the device.
+    io = d.rpc("bdev_get_iostat", name="aio0")["bdevs"][0]
+    assert io["num_write_ops"] == s["completed"]["write"] and io["num_read_ops"] == s["completed"]["read"]
+    assert io["bytes_written"] == 4096 * io["num_write_ops"]      # fio writes 4 KiB blocks only
+    mean_us = io["read_latency_ticks"] / io["num_read_ops"] / d.rpc("bdev_get_iostat")["tick_rate"] * 1e6
+    assert 1 < mean_us < 1e6, mean_us
     assert "Traceback" not in d.log()
 
 
