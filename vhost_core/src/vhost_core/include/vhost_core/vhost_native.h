@@ -168,8 +168,7 @@ struct vn_device_ops {
  * it drives, written only by its reactor thread (plain stores: no atomics on the
  * hot path; the control plane reads a slightly stale copy) and reported to the
  * core through its Python backend (DeviceBackend.bdev_iostat).  Latency is in
- * vn_ticks() units, from submission of the first bdev I/O of a request to the
- * completion of its last.
+ * vn_ticks() units and measured as struct vn_iostat_clock below describes.
  */
 enum vn_stat_kind { VN_STAT_READ = 0, VN_STAT_WRITE, VN_STAT_UNMAP, VN_STAT_FLUSH, VN_STAT_WRITE_ZEROES,
                     VN_STAT_KINDS };
@@ -182,7 +181,7 @@ struct vn_iostat {
     uint64_t min_ticks[VN_STAT_KINDS];   /* 0 until the first I/O of that kind */
 };
 
-/* A cheap monotonic clock: the TSC on x86-64 (the core reports its rate as
+/* A monotonic clock: the TSC on x86-64 (the core reports its rate as
  * bdev_get_iostat's tick_rate), nanoseconds elsewhere. */
 static inline uint64_t vn_ticks(void)
 {
@@ -195,17 +194,6 @@ static inline uint64_t vn_ticks(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 #endif
-}
-
-static inline void vn_iostat_done(struct vn_iostat *s, enum vn_stat_kind kind, uint64_t bytes,
-                                  uint64_t start_ticks)
-{
-    uint64_t t = vn_ticks() - start_ticks;
-    s->ops[kind]++;
-    s->bytes[kind] += bytes;
-    s->ticks[kind] += t;
-    if (t > s->max_ticks[kind]) s->max_ticks[kind] = t;
-    if (t < s->min_ticks[kind] || s->min_ticks[kind] == 0) s->min_ticks[kind] = t;
 }
 
 /*
