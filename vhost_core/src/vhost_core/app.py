@@ -27,6 +27,7 @@ from vhost_core.bdev.interface import Bdev
 from vhost_core.bdev.registry import BdevRegistry
 from vhost_core.controller import Controller
 from vhost_core.log import get_logger, notice, setup as setup_logging
+from vhost_core.native import lib
 from vhost_core.reactor import Reactors, format_mask, parse_cpumask
 from vhost_core.rpc.registry import RpcError, RpcRegistry
 from vhost_core.rpc.server import RpcServer
@@ -205,7 +206,6 @@ class App:
         def get_bdevs_iostat(p: NameOptParams):
             # SPDK's old name answered a list: the tick rate first, then one object per bdev.
             log.warning("rpc: method 'get_bdevs_iostat' is deprecated, use 'bdev_get_iostat'")
-            from vhost_core.native import lib
             bdevs = [self.bdevs.get(p.name)] if p.name is not None else list(self.bdevs)
             return [{"tick_rate": lib.vn_tick_rate()}] + [self.bdev_iostat(b).to_spdk(b.name) for b in bdevs]
 
@@ -216,7 +216,6 @@ class App:
                                                "omit per_channel (-c) for the per-bdev totals")
             names = list(p.names or []) + ([p.name] if p.name is not None else [])
             bdevs = [self.bdevs.get(n) for n in names] if names else list(self.bdevs)
-            from vhost_core.native import lib
             out = {"tick_rate": lib.vn_tick_rate(), "ticks": lib.vn_ticks_now(),
                    "bdevs": [self.bdev_iostat(b).to_spdk(b.name) for b in bdevs]}
             if p.reset_mode not in (None, "none", "error"):
