@@ -397,3 +397,44 @@ def test_a_stuck_backend_holds_up_only_its_own_controller(vhost_daemon, mounts, 
         if frozen:
             subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
     assert "Traceback" not in d.log()
+
+
+def test_sigterm_with_a_write_in_flight_waits_for_it_and_exits_cleanly(tmp_path, mounts, helpers):
+    """Shutting down with I/O in flight (stuck on a frozen filesystem): the daemon does not
+    exit under the guest's feet; once the write completes it finishes shutting down, exit 0,
+    and the write is in the file."""
+    import subprocess
+    import time
+
+    from vhost_core.testing.daemon import VhostDaemon
+
+    mnt = mounts("ext4", 64)
+    path = helpers.make_file(mnt / "disk.img", 8 << 20)
+    d = VhostDaemon(tmp_path / "vhost").start()
+    frozen = False
+    try:
+        _setup(d, path, engine="io_uring")
+        dev = connect_blk(d.socket("vhost.0"))
+        mem, vq = dev.memory, dev.queues[0]
+        hdr = mem.alloc_bytes(struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 16), 16)
+        data = mem.alloc_bytes(b"\x5c" * 4096, 512)
+        st = mem.alloc_bytes(b"\xff", 1)
+        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+        frozen = True
+        vq.add_chain([(hdr, 16, False), (data, 4096, False), (st, 1, True)])
+        vq.kick(force=True)
+        time.sleep(0.5)
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert d.alive(), "the daemon exited with a write still in flight"
+        subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+        frozen = False
+        assert d.proc.wait(30) == 0, d.log()
+        assert mem.read(st, 1) == bytes([VIRTIO_BLK_S_OK])
+        assert _file_bytes(path, 16 * SECTOR, 4096) == b"\x5c" * 4096
+        dev.close()
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        d.stop()
+    assert "Traceback" not in d.log()
