@@ -5,10 +5,13 @@ request that met them."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
 import struct
+import subprocess
+import time
 
 import pytest
 
@@ -349,33 +352,51 @@ def test_busy_polling_reactor_serves_everything_too(tmp_path, backing_dir, helpe
     assert _file_bytes(f, 768 * SECTOR, len(data)) == data
 
 
+@contextlib.contextmanager
+def _frozen(mnt):
+    """fsfreeze ``mnt``: the writes the target sends there stay in the kernel.  Yields
+    ``thaw()``; the filesystem is thawed at exit in any case."""
+    subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+    state = {"frozen": True}
+
+    def thaw() -> None:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+        state["frozen"] = False
+
+    try:
+        yield thaw
+    finally:
+        if state["frozen"]:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+
+
+def _post_write(dev, sector: int, byte: int) -> int:
+    """Make one 4 KiB write available and kick, without waiting; returns its status byte's address."""
+    mem, vq = dev.memory, dev.queues[0]
+    hdr = mem.alloc_bytes(struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, sector), 16)
+    data = mem.alloc_bytes(bytes([byte]) * 4096, 512)
+    st = mem.alloc_bytes(b"\xff", 1)
+    vq.add_chain([(hdr, 16, False), (data, 4096, False), (st, 1, True)])
+    vq.kick(force=True)
+    return st
+
+
 def test_a_stuck_backend_holds_up_only_its_own_controller(vhost_daemon, mounts, helpers):
     """A front-end goes away while its write is stuck in the kernel (its ext4 is frozen).
     The session must wait for that write before it unmaps guest memory, but without
     holding up the control plane: RPCs and other controllers are served meanwhile.  After
     the thaw the write lands in the file and the controller serves a new front-end."""
-    import subprocess
-    import time
-
     d = vhost_daemon
     mnt = mounts("ext4", 64)
     path = helpers.make_file(mnt / "disk.img", 8 << 20)
     _setup(d, path, engine="io_uring")
     d.rpc("bdev_malloc_create", num_blocks=2048, block_size=512, name="m1")
     d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="m1")
-    frozen = False
-    try:
-        dev = connect_blk(d.socket("vhost.0"))
-        mem, vq = dev.memory, dev.queues[0]
-        hdr = mem.alloc_bytes(struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 0), 16)
-        data = mem.alloc_bytes(b"\x77" * 4096, 512)
-        st = mem.alloc_bytes(b"\xff", 1)
-        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
-        frozen = True
-        vq.add_chain([(hdr, 16, False), (data, 4096, False), (st, 1, True)])
-        vq.kick(force=True)
+    dev = connect_blk(d.socket("vhost.0"))
+    with _frozen(mnt) as thaw:
+        st = _post_write(dev, 0, 0x77)
         time.sleep(0.5)
-        assert mem.read(st, 1) == b"\xff", "the write completed on a frozen filesystem"
+        assert dev.memory.read(st, 1) == b"\xff", "the write completed on a frozen filesystem"
         assert d.rpc("vhost_get_queue_stats", ctrlr="vhost.0")[0]["in_flight"] == 1
         dev.close()                     # gone, with the write in flight
         time.sleep(0.5)                 # the session now waits for it
@@ -386,55 +407,37 @@ def test_a_stuck_backend_holds_up_only_its_own_controller(vhost_daemon, mounts, 
             assert other.read(0, 1) == b"\x42" * 512
         assert time.monotonic() - t0 < 5, "the control plane waited for another controller's stuck I/O"
         assert "Controller vhost.0: front-end disconnected" not in d.log()
-        subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
-        frozen = False
-        d.wait_log("Controller vhost.0: front-end disconnected", timeout=20)
-        assert _file_bytes(path, 0, 4096) == b"\x77" * 4096
-        with connect_blk(d.socket("vhost.0")) as again:
-            again.write(8, b"\x99" * 512)
-            assert again.read(8, 1) == b"\x99" * 512
-    finally:
-        if frozen:
-            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        thaw()
+    d.wait_log("Controller vhost.0: front-end disconnected", timeout=20)
+    assert _file_bytes(path, 0, 4096) == b"\x77" * 4096
+    with connect_blk(d.socket("vhost.0")) as again:
+        again.write(8, b"\x99" * 512)
+        assert again.read(8, 1) == b"\x99" * 512
     assert "Traceback" not in d.log()
-
 
 def test_sigterm_with_a_write_in_flight_waits_for_it_and_exits_cleanly(tmp_path, mounts, helpers):
     """Shutting down with I/O in flight (stuck on a frozen filesystem): the daemon does not
     exit under the guest's feet; once the write completes it finishes shutting down, exit 0,
     and the write is in the file."""
-    import subprocess
-    import time
-
     from vhost_core.testing.daemon import VhostDaemon
 
     mnt = mounts("ext4", 64)
     path = helpers.make_file(mnt / "disk.img", 8 << 20)
     d = VhostDaemon(tmp_path / "vhost").start()
-    frozen = False
     try:
         _setup(d, path, engine="io_uring")
         dev = connect_blk(d.socket("vhost.0"))
-        mem, vq = dev.memory, dev.queues[0]
-        hdr = mem.alloc_bytes(struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 16), 16)
-        data = mem.alloc_bytes(b"\x5c" * 4096, 512)
-        st = mem.alloc_bytes(b"\xff", 1)
-        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
-        frozen = True
-        vq.add_chain([(hdr, 16, False), (data, 4096, False), (st, 1, True)])
-        vq.kick(force=True)
-        time.sleep(0.5)
-        d.proc.send_signal(signal.SIGTERM)
-        time.sleep(1.5)
-        assert d.alive(), "the daemon exited with a write still in flight"
-        subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
-        frozen = False
+        with _frozen(mnt) as thaw:
+            st = _post_write(dev, 16, 0x5C)
+            time.sleep(0.5)
+            d.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            assert d.alive(), "the daemon exited with a write still in flight"
+            thaw()
         assert d.proc.wait(30) == 0, d.log()
-        assert mem.read(st, 1) == bytes([VIRTIO_BLK_S_OK])
+        assert dev.memory.read(st, 1) == bytes([VIRTIO_BLK_S_OK])
         assert _file_bytes(path, 16 * SECTOR, 4096) == b"\x5c" * 4096
         dev.close()
     finally:
-        if frozen:
-            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
         d.stop()
     assert "Traceback" not in d.log()
