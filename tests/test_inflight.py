@@ -49,6 +49,12 @@ def stride(queue_size: int) -> int:
     return (HEADER.size + DESC.size * queue_size + 63) & ~63
 
 
+def mark(region, head: int, counter: int, *, next_: int = 0, queue_base: int = 0) -> None:
+    """Write DescStateSplit ``head`` of the queue region at ``queue_base`` as in flight."""
+    off = queue_base + HEADER.size + head * DESC.size
+    region[off:off + DESC.size] = DESC.pack(1, next_, counter)
+
+
 def handshake(path: str, *, inflight: bool = True) -> tuple[VhostUserFrontend, int]:
     fe = VhostUserFrontend(path)
     acked = (fe.get_features() & DEFAULT_BLK_FEATURES) | bit(VHOST_USER_F_PROTOCOL_FEATURES)
@@ -134,8 +140,7 @@ def test_requests_left_in_flight_are_resubmitted_in_order_and_the_ring_resumes_a
                 assert [e.head for e in vq.get_used()] == [c]
             region[:HEADER.size] = HEADER.pack(0, 1, 128, c, 0)
             for head, counter in ((a, 5), (b, 6), (c, 7)):
-                off = HEADER.size + head * DESC.size
-                region[off:off + DESC.size] = DESC.pack(1, 0, counter)
+                mark(region, head, counter)
             set_inflight(fe, fd, size)
             vq2 = fe.setup_vring(0, vq=vq, base=1 if published else 0)
             fe.set_vring_enable(0, True)
@@ -171,8 +176,7 @@ def test_an_inconsistent_buffer_is_ignored_with_a_warning_and_the_ring_serves(bl
                       "batch list out of range": HEADER.pack(0, 1, 128, 4000, 65535)}[damage]
             region[:HEADER.size] = header
             for h in range(128):    # everything "in flight": none of it may be resubmitted
-                off = HEADER.size + h * DESC.size
-                region[off:off + DESC.size] = DESC.pack(1, 0, h)
+                mark(region, h, h)
         set_inflight(fe, fd, size)
         os.close(fd)
         fe.set_mem_table(mem)
@@ -197,8 +201,7 @@ def test_a_hostile_buffer_marking_everything_in_flight_costs_only_that_connectio
         with mmap.mmap(fd, size) as region:
             region[:HEADER.size] = HEADER.pack(0, 1, 128, 0, 0)
             for h in range(128):
-                off = HEADER.size + h * DESC.size
-                region[off:off + DESC.size] = DESC.pack(1, 0xFFFF, (h * 7919) % 128)
+                mark(region, h, (h * 7919) % 128, next_=0xFFFF)
         set_inflight(fe, fd, size)
         os.close(fd)
         fe.set_mem_table(mem)
@@ -273,8 +276,7 @@ def test_each_queue_recovers_from_its_own_part_of_the_buffer(blk_daemon, mem):
             base = stride(128)
             region[:HEADER.size] = HEADER.pack(0, 1, 128, 0, 0)
             region[base:base + HEADER.size] = HEADER.pack(0, 1, 128, 0, 0)
-            off = base + HEADER.size + head * DESC.size
-            region[off:off + DESC.size] = DESC.pack(1, 0, 1)
+            mark(region, head, 1, queue_base=base)
         set_inflight(fe, fd, size, num_queues=2)
         os.close(fd)
         q0 = fe.setup_vring(0, vq=vq0, base=0)
