@@ -178,7 +178,7 @@ class ScsiDevice:
                 break
             time.sleep(0.001)
         del self.targets[num]
-        target.bdev.iostat_retired.add(IoStat.from_words(self._iostat_words(num)))
+        self._retire_iostat(num, target)
         _used_dev_ids.discard(target.dev_id)
         if target.on_removed in target.bdev.removal_callbacks:
             target.bdev.removal_callbacks.remove(target.on_removed)
@@ -246,6 +246,11 @@ class ScsiDevice:
         lib.scsi_dev_get_iostat(self.native, num, words)
         return list(words)
 
+    def _retire_iostat(self, num: int, target: ScsiTarget) -> None:
+        """Letting go of a target's bdev: its totals stay with it (bdev_get_iostat)."""
+        if self.native != ffi.NULL:
+            target.bdev.iostat_retired.add(IoStat.from_words(self._iostat_words(num)))
+
     def bdev_iostat(self) -> list[tuple[str, list[int]]]:
         """bdev_get_iostat: what each target completed on its bdev."""
         if self.native == ffi.NULL:
@@ -265,8 +270,7 @@ class ScsiDevice:
 
     def close(self) -> None:
         for num, target in self.targets.items():
-            if self.native != ffi.NULL:
-                target.bdev.iostat_retired.add(IoStat.from_words(self._iostat_words(num)))
+            self._retire_iostat(num, target)
             if target.on_removed in target.bdev.removal_callbacks:
                 target.bdev.removal_callbacks.remove(target.on_removed)
             if target.on_resized in target.bdev.resize_callbacks:
