@@ -27,6 +27,17 @@
 
 /* Most descriptors one request may carry (data segments + header + status). */
 #define VN_MAX_IOV 260
+/* Most data bytes one request may move (READ/WRITE payload, excluding the
+ * device's headers).  The core fails a chain whose device-readable or
+ * device-writable part exceeds VN_MAX_TRANSFER + VN_MAX_HEADER_BYTES (E2BIG)
+ * before a device sees it; each device type advertises limits whose product
+ * stays within it (virtio-blk seg_max * size_max, virtio-scsi max_sectors and
+ * the Block Limits VPD page).  It bounds what one guest request can cost a
+ * reactor: bounce buffers, memcpy on malloc, one kernel I/O. */
+#define VN_MAX_TRANSFER (4u << 20)
+/* Room for a device's request and response headers on top of the data
+ * (virtio-scsi's 51-byte request with a 32-byte CDB, 108-byte response). */
+#define VN_MAX_HEADER_BYTES 4096u
 /* Bytes of per-request scratch space reserved for the device type. */
 #define VN_DEV_PRIV_SIZE 4608
 
