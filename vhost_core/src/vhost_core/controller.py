@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from vhost_core.log import get_logger, notice
@@ -31,6 +32,11 @@ log = get_logger("vhost")
 
 #: How long a new connection waits for the previous front-end's teardown.
 RECONNECT_WAIT_S = 5.0
+#: Sessions whose stuck requests a controller may still be waiting for before it
+#: refuses new front-ends (each keeps its guest memory mapped meanwhile).
+MAX_RETIRED = 2
+#: How often retired queues are checked for their late completions.
+REAP_INTERVAL_S = 0.1
 
 
 class Controller:
@@ -48,6 +54,11 @@ class Controller:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._serve_thread: threading.Thread | None = None
+        #: Queues of ended sessions with requests still in flight, and the
+        #: mappings those requests use: [(vqs, mems)], freed once they drain.
+        self._retired: list[tuple[list, list]] = []
+        self._reaper: threading.Thread | None = None
+        self._teardown_deferred = False
         why = abi_mismatch(f"the {backend.device_type} device type of controller {name}", backend.native_ops)
         if why is not None:
             log.error("%s", why)
@@ -104,6 +115,12 @@ class Controller:
             if self._conn is not None:
                 log.error("Controller %s: refused a second front-end connection while one is served",
                           self.name)
+                sock.close()
+                continue
+            if len(self._retired) >= MAX_RETIRED:
+                log.error("Controller %s: refused a front-end connection: %d earlier sessions still have "
+                          "requests the backend never completed (see the bdev); it is accepted again once "
+                          "they complete", self.name, len(self._retired))
                 sock.close()
                 continue
             conn = Connection(sock)
@@ -175,9 +192,52 @@ class Controller:
         for q in self.native_vqs:
             lib.vn_vq_free(q)
         self.native_vqs = []
+        if self._retired:
+            # The device still owes those queues completions: it goes once they drain.
+            self._teardown_deferred = True
+            log.error("Controller %s: deleted with requests the backend never completed; its device "
+                      "and bdev are released once they complete", self.name)
+            return
+        self._free_device()
+
+    def _free_device(self) -> None:
         lib.vn_dev_free(self.native_dev)
         self.native_dev = ffi.NULL
         self.backend.close()
+
+    # ------------------------------------------------------------ stuck queues
+
+    def retire(self, vqs: dict[int, Any], mems: list) -> None:
+        """Take over queues whose requests outlived their session, and the guest and
+        inflight mappings those requests write to; the next front-end gets fresh
+        queues.  Called by the session under the control lock."""
+        for index in vqs:
+            self.native_vqs[index] = lib.vn_vq_new(self.native_dev, index)
+        self._retired.append((list(vqs.values()), [x for x in mems if x != ffi.NULL]))
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name=f"{self.name}-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(REAP_INTERVAL_S)
+            with self.app.lock:
+                for entry in list(self._retired):
+                    vqs, mems = entry
+                    vqs[:] = [q for q in vqs if lib.vn_vq_free(q) != 0]
+                    if vqs:
+                        continue
+                    for mem in mems:
+                        lib.vn_mem_free(mem)
+                    self._retired.remove(entry)
+                    notice(log, "Controller %s: requests left by an earlier front-end completed; its guest "
+                           "memory is released", self.name)
+                if not self._retired:
+                    self._reaper = None
+                    if self._teardown_deferred:
+                        self._teardown_deferred = False
+                        self._free_device()
+                    return
 
     # ------------------------------------------------------------ RPC view
 

@@ -154,8 +154,8 @@ static void blk_submit(void *ctx, vn_req *req)
     switch (hdr.type) {
     case VIRTIO_BLK_T_IN:
         if (!b || b->removed) goto removed;
-        /* The used length (bytes written + status) must fit its 32-bit field. */
-        if (data_in >= UINT32_MAX) goto invalid;
+        /* What seg_max * size_max promised (and the used length's 32-bit field). */
+        if (data_in > VN_MAX_TRANSFER) goto invalid;
         if (data_in == 0 || to_blocks(b, hdr.sector, data_in, &off_blocks, &nblocks)) goto invalid;
         n = vn_iov_slice(in_iov, req->n_in, 0, data_in, br->data, VN_MAX_IOV);
         if (n < 0) goto invalid;
@@ -165,7 +165,8 @@ static void blk_submit(void *ctx, vn_req *req)
     case VIRTIO_BLK_T_OUT:
         if (d->readonly) goto invalid;
         if (!b || b->removed) goto removed;
-        if (data_out == 0 || to_blocks(b, hdr.sector, data_out, &off_blocks, &nblocks)) goto invalid;
+        if (data_out == 0 || data_out > VN_MAX_TRANSFER) goto invalid;
+        if (to_blocks(b, hdr.sector, data_out, &off_blocks, &nblocks)) goto invalid;
         n = vn_iov_slice(req->iov, req->n_out, sizeof(hdr), data_out, br->data, VN_MAX_IOV);
         if (n < 0) goto invalid;
         submit_io(d, br, VN_IO_WRITE, off_blocks, nblocks, n);

@@ -9,6 +9,7 @@ from typing import Any
 from vhost_core.bdev.interface import Bdev
 from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
 from vhost_core.log import get_logger, notice
+from vhost_core.native import lib as core_lib
 
 from vhost_dev_blk._blk_native import ffi, lib
 
@@ -28,8 +29,14 @@ F_WRITE_ZEROES = 14
 #: header and a status descriptor, and a buffer crossing a memory-region boundary
 #: splits, all within VN_MAX_IOV (260).
 SEG_MAX = 126
-SIZE_MAX = 1 << 20
-MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per request, a multiple of every block size
+#: Bytes per segment (size_max): seg_max * size_max is the largest READ/WRITE a
+#: guest sends, and it must stay within the core's VN_MAX_TRANSFER (4 MiB), which
+#: blk.c enforces: 126 x 32 KiB = 3.9 MiB.
+SIZE_MAX = (core_lib.vn_max_transfer() // SEG_MAX) & ~4095
+#: Sectors per DISCARD / WRITE ZEROES: a malloc bdev memsets them on the reactor,
+#: so one request must cost co-located devices milliseconds, not a second.  A
+#: multiple of every block size.
+MAX_DISCARD_SECTORS = (32 << 20) // 512
 MAX_QUEUES = 16
 REMOVE_TIMEOUT_S = 30
 

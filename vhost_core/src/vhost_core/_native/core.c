@@ -19,6 +19,8 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <poll.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -35,6 +37,17 @@
 /* Requests in flight per queue are capped: a 32768-entry ring must not cost
  * 32768 request slots of ~9 KiB each. */
 #define VQ_MAX_SLOTS 256
+/* Longest descriptor chain walked (direct + indirect).  A driver sends at most
+ * seg_max + 2 descriptors per request (seg_max <= VN_MAX_IOV - 2); anything far
+ * longer is a hostile ring, and without a cap one 32768-entry chain plus a
+ * 65536-entry indirect table costs ~1 ms per request. */
+#define VQ_MAX_CHAIN (4 * VN_MAX_IOV)
+/* Descriptors one queue may walk per reactor iteration before the reactor moves
+ * on to the other queues (fairness between co-located devices).  A well-formed
+ * 3-descriptor request costs 3: every slot fits in one pass. */
+#define VQ_PASS_BUDGET 4096
+/* Bytes either part (device-readable, device-writable) of one request may span. */
+#define VQ_MAX_PART_BYTES ((uint64_t)VN_MAX_TRANSFER + VN_MAX_HEADER_BYTES)
 #define REACTOR_MAX_DEVS 256
 #define REACTOR_MAX_QUEUES 1024
 
@@ -49,6 +62,155 @@ static uint64_t now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
+
+/* ------------------------------------------------------------------ */
+/* front-end fds: operations that cannot stall a thread for long      */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Kick, call and error eventfds belong to the front-end, which shares their file
+ * description and can clear O_NONBLOCK (or fill an eventfd's counter to the brim)
+ * whenever it likes: setting O_NONBLOCK once proves nothing.  So every read or
+ * write on such an fd is *guarded*: the calling thread announces it in a
+ * thread-local record, and a watchdog thread that finds the same guarded call
+ * still in progress one period later interrupts it with a signal whose handler
+ * does nothing and is installed without SA_RESTART: the syscall fails with EINTR
+ * and the caller treats the fd as hostile.  A stall therefore costs co-located
+ * devices at most two watchdog periods, once.  The hot-path cost is two relaxed
+ * stores and an increment per signal.
+ */
+#define FDGUARD_PERIOD_MS 50
+
+struct fdguard {
+    _Atomic(uint64_t) seq;      /* bumped at each guarded call */
+    atomic_int busy;
+    pthread_t thread;
+    struct fdguard *next;
+};
+
+static _Atomic(struct fdguard *) fdguard_list;
+static pthread_once_t fdguard_once = PTHREAD_ONCE_INIT;
+static __thread struct fdguard *fdguard_self;
+static int fdguard_signo;
+static atomic_uint_fast64_t fdguard_interrupts;
+
+static void fdguard_noop(int sig) { (void)sig; }
+
+static void *fdguard_watchdog(void *arg)
+{
+    (void)arg;
+    pthread_setname_np(pthread_self(), "vhost-fdguard");
+    struct { struct fdguard *g; uint64_t seq; } seen[256];
+    int nseen = 0;
+    for (;;) {
+        struct timespec ts = { 0, FDGUARD_PERIOD_MS * 1000000L };
+        nanosleep(&ts, NULL);
+        int n = 0;
+        for (struct fdguard *g = atomic_load(&fdguard_list); g && n < 256; g = g->next, n++) {
+            uint64_t seq = atomic_load_explicit(&g->seq, memory_order_relaxed);
+            int busy = atomic_load_explicit(&g->busy, memory_order_relaxed);
+            int stuck = 0;
+            for (int i = 0; i < nseen; i++)
+                if (seen[i].g == g) { stuck = busy && seen[i].seq == seq; break; }
+            /* Re-check right before the signal: a call that just returned must not
+             * have some later, innocent syscall interrupted. */
+            if (stuck && atomic_load(&g->busy) && atomic_load(&g->seq) == seq) {
+                atomic_fetch_add(&fdguard_interrupts, 1);
+                pthread_kill(g->thread, fdguard_signo);
+            }
+            seen[n].g = g;
+            seen[n].seq = busy ? seq : seq - 1;   /* idle: never "unchanged" next time */
+        }
+        nseen = n;
+    }
+    return NULL;
+}
+
+static void fdguard_init(void)
+{
+    fdguard_signo = SIGRTMIN + 4;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = fdguard_noop;     /* no SA_RESTART: the blocked syscall returns EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(fdguard_signo, &sa, NULL);
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    /* The watchdog must not take the signal itself. */
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, fdguard_signo);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    pthread_create(&t, &attr, fdguard_watchdog, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+}
+
+/* Records are never freed: a thread that exits leaves an idle record behind,
+ * which the watchdog skips (threads that do guarded calls are few: reactors and
+ * connection threads). */
+static struct fdguard *fdguard_get(void)
+{
+    struct fdguard *g = fdguard_self;
+    if (__builtin_expect(g != NULL, 1)) return g;
+    pthread_once(&fdguard_once, fdguard_init);
+    g = calloc(1, sizeof(*g));
+    if (!g) return NULL;
+    g->thread = pthread_self();
+    struct fdguard *head = atomic_load(&fdguard_list);
+    do g->next = head; while (!atomic_compare_exchange_weak(&fdguard_list, &head, g));
+    fdguard_self = g;
+    return g;
+}
+
+static inline void fdguard_enter(struct fdguard *g)
+{
+    if (!g) return;
+    atomic_fetch_add_explicit(&g->seq, 1, memory_order_relaxed);
+    atomic_store_explicit(&g->busy, 1, memory_order_relaxed);
+}
+
+static inline void fdguard_leave(struct fdguard *g)
+{
+    if (g) atomic_store_explicit(&g->busy, 0, memory_order_relaxed);
+}
+
+/* Add 1 to an eventfd.  0 on success, and also when the counter is saturated
+ * and the write would block (the reader has a wake-up pending anyway: nothing is
+ * lost); -EINTR when the write blocked and the watchdog cut it short (the
+ * front-end made its fd blocking and saturated it: hostile); else -errno. */
+int vn_fd_signal(int fd)
+{
+    if (fd < 0) return -EBADF;
+    struct fdguard *g = fdguard_get();
+    uint64_t one = 1;
+    fdguard_enter(g);
+    ssize_t n = write(fd, &one, sizeof(one));
+    int err = errno;
+    fdguard_leave(g);
+    if (n == sizeof(one)) return 0;
+    if (n < 0 && err == EAGAIN) return 0;
+    return n < 0 ? -err : -EIO;
+}
+
+/* Reset an eventfd's counter.  0 (also when there was nothing to read), -EINTR
+ * when the read blocked and was cut short, else -errno. */
+int vn_fd_drain(int fd)
+{
+    if (fd < 0) return -EBADF;
+    struct fdguard *g = fdguard_get();
+    uint64_t v;
+    fdguard_enter(g);
+    ssize_t n = read(fd, &v, sizeof(v));
+    int err = errno;
+    fdguard_leave(g);
+    if (n == sizeof(v) || (n < 0 && err == EAGAIN)) return 0;
+    return n < 0 ? -err : -EIO;
+}
+
+uint64_t vn_fd_guard_interrupts(void) { return atomic_load(&fdguard_interrupts); }
 
 /* ------------------------------------------------------------------ */
 /* guest memory                                                        */
@@ -141,27 +303,61 @@ struct vn_mem *vn_mem_new(void)
     return calloc(1, sizeof(struct vn_mem));
 }
 
+#define TMPFS_MAGIC_ 0x01021994u
+#define HUGETLBFS_MAGIC_ 0x958458f6u
+#define EXT4_MAGIC_ 0xEF53u
+#define XFS_MAGIC_ 0x58465342u
+#define BTRFS_MAGIC_ 0x9123683Eu
+
+/* What QEMU backs guest RAM with: memfd and /dev/shm (tmpfs), hugetlbfs, and
+ * files on a local disk filesystem (memory-backend-file, e.g. on DAX).  Anything
+ * else is refused: a FUSE or network file would stall the reactor on every page
+ * fault, a device or pipe has no size to check. */
+int vn_mem_fd_kind(int fd, uint64_t *page_size)
+{
+    struct stat st;
+    struct statfs fs;
+    if (fstat(fd, &st) < 0 || fstatfs(fd, &fs) < 0) return -errno;
+    if (!S_ISREG(st.st_mode)) return -EBADFD;
+    switch ((uint32_t)fs.f_type) {
+    case HUGETLBFS_MAGIC_:
+        /* Mappings, offsets and munmap lengths are in huge pages there. */
+        *page_size = (uint64_t)fs.f_bsize;
+        return 0;
+    case TMPFS_MAGIC_: case EXT4_MAGIC_: case XFS_MAGIC_: case BTRFS_MAGIC_:
+        *page_size = (uint64_t)sysconf(_SC_PAGESIZE);
+        return 0;
+    default:
+        return -EMEDIUMTYPE;
+    }
+}
+
 int vn_mem_add_region(struct vn_mem *m, int fd, uint64_t gpa, uint64_t size,
                       uint64_t uva, uint64_t mmap_offset)
 {
     struct stat st;
+    uint64_t page;
     if (m->nregions >= VN_MAX_REGIONS) return -E2BIG;
     if (size == 0) return -EINVAL;
     if (gpa + size < gpa || uva + size < uva || mmap_offset + size < mmap_offset)
         return -EOVERFLOW;
+    int kind = vn_mem_fd_kind(fd, &page);
+    if (kind < 0) return kind;
     if (fstat(fd, &st) < 0) return -errno;
-    /* hugetlbfs and memfd report their size; a mapping past the end would
-     * SIGBUS on first touch, which a hostile frontend could aim at. */
-    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < mmap_offset + size) return -ERANGE;
-    /* mmap needs a page-aligned offset; map from the page boundary below. */
-    long page = sysconf(_SC_PAGESIZE);
-    uint64_t align = mmap_offset & (uint64_t)(page - 1);
+    /* A mapping past the end would SIGBUS on first touch, which a hostile
+     * front-end could aim at. */
+    if ((uint64_t)st.st_size < mmap_offset + size) return -ERANGE;
+    if (page < 4096 || (page & (page - 1))) return -EINVAL;
+    /* mmap needs a page-aligned offset: map from the page boundary below, and a
+     * whole number of pages, so that munmap (hugetlbfs refuses partial huge
+     * pages) and the SIGBUS guard cover exactly what the kernel mapped. */
+    uint64_t align = mmap_offset & (page - 1);
     uint64_t len = size + align;
+    if (len < size || len + (page - 1) < len) return -EOVERFLOW;
+    len = (len + page - 1) & ~(page - 1);
     void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)(mmap_offset - align));
     if (p == MAP_FAILED) return -errno;
-    /* The guard covers what the kernel mapped (hugetlbfs rounds to its page size). */
-    uint64_t unit = S_ISREG(st.st_mode) && st.st_blksize > page ? (uint64_t)st.st_blksize : (uint64_t)page;
-    if (guard_register(m, p, (len + unit - 1) / unit * unit) < 0) {
+    if (guard_register(m, p, len) < 0) {
         munmap(p, len);
         return -ENOSPC;
     }
@@ -279,6 +475,7 @@ struct vn_vq {
     int kick_fd, call_fd;
     int event_idx, indirect;
     int enabled;
+    uint32_t pass_walked;   /* descriptors walked in this reactor iteration */
     int running;            /* on the reactor's list */
     int stopping;           /* no new requests are fetched */
     const char *broken;
@@ -444,8 +641,16 @@ static void vq_signal(struct vn_vq *q)
     }
     q->signalled_used = q->used_idx;
     if (do_signal && q->call_fd >= 0) {
-        uint64_t one = 1;
-        if (write(q->call_fd, &one, sizeof(one)) == sizeof(one)) q->stat_signals++;
+        int rc = vn_fd_signal(q->call_fd);
+        if (__builtin_expect(rc == 0, 1)) {
+            q->stat_signals++;
+        } else {
+            /* Never again on this fd: each attempt could stall the reactor. */
+            q->call_fd = -1;
+            vq_mark_broken(q, rc == -EINTR ? "the call eventfd blocked the reactor (the front-end made it "
+                                             "blocking and filled its counter)"
+                                           : "the call fd cannot be written (not an eventfd)");
+        }
     }
 }
 
@@ -479,6 +684,8 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
     uint32_t niov = 0;
     struct vring_desc last = { 0, 0, 0, 0 };
 
+    uint32_t walked = 0;
+
     req->n_out = req->n_in = 0;
     req->out_len = req->in_len = 0;
     req->error = VN_REQ_OK;
@@ -486,6 +693,7 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
         struct vring_desc d;
         if (idx >= max) { vq_mark_broken(q, "descriptor next index out of range"); return -1; }
         if (++count > max) { vq_mark_broken(q, "descriptor chain loops or is longer than the table"); return -1; }
+        if (++walked > VQ_MAX_CHAIN) { vq_mark_broken(q, "descriptor chain longer than 1040 descriptors"); return -1; }
         d.addr = ((volatile struct vring_desc *)table)[idx].addr;
         d.len = ((volatile struct vring_desc *)table)[idx].len;
         d.flags = ((volatile struct vring_desc *)table)[idx].flags;
@@ -513,7 +721,9 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
             return -1;
         }
         if (d.len > 0 && req->error == VN_REQ_OK) {
-            int n = mem_to_iov(q->mem, d.addr, d.len, &req->iov[niov], VN_MAX_IOV - niov);
+            uint64_t part = ((d.flags & VRING_DESC_F_WRITE) ? req->in_len : req->out_len) + d.len;
+            int n = part > VQ_MAX_PART_BYTES ? -2
+                    : mem_to_iov(q->mem, d.addr, d.len, &req->iov[niov], VN_MAX_IOV - niov);
             if (n < 0) {
                 req->error = n == -2 ? VN_REQ_E2BIG : VN_REQ_EFAULT;
             } else {
@@ -533,11 +743,12 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
          * byte) instead of leaving the driver without one. */
         req->n_out = req->n_in = 0;
         req->out_len = req->in_len = 0;
-        if ((last.flags & VRING_DESC_F_WRITE) && last.len > 0) {
+        if ((last.flags & VRING_DESC_F_WRITE) && last.len > 0 && last.len <= VQ_MAX_PART_BYTES) {
             int n = mem_to_iov(q->mem, last.addr, last.len, req->iov, VN_MAX_IOV);
             if (n > 0) { req->n_in = (uint32_t)n; req->in_len = last.len; }
         }
     }
+    q->pass_walked += walked;
     return 0;
 }
 
@@ -604,8 +815,16 @@ static int vq_process(struct vn_vq *q)
         vq_mark_broken(q, "avail index moved by more than the queue size");
         return done;
     }
+    /* Against what we have not returned yet, not only what we have not taken: a
+     * driver never has more than the queue size outstanding, and one that claims
+     * to would make us overrun its used ring. */
+    if ((uint16_t)(avail_idx - q->used_idx) > q->size) {
+        vq_mark_broken(q, "more requests outstanding than the queue size");
+        return done;
+    }
     atomic_thread_fence(memory_order_acquire);
-    while (q->last_avail != avail_idx && q->free_list) {
+    q->pass_walked = 0;
+    while (q->last_avail != avail_idx && q->free_list && q->pass_walked < VQ_PASS_BUDGET) {
         uint16_t head = *(volatile uint16_t *)&q->avail->ring[q->last_avail & (q->size - 1)];
         if (head >= q->size) { vq_mark_broken(q, "avail ring head index out of range"); break; }
         if (vq_start_request(q, head, 0) < 0) break;
@@ -652,14 +871,17 @@ struct vn_vq *vn_vq_new(struct vn_dev *dev, uint16_t index)
     return q;
 }
 
-void vn_vq_free(struct vn_vq *q)
+int vn_vq_free(struct vn_vq *q)
 {
-    if (!q) return;
-    if (q->running) vn_vq_stop(q, 0);
+    if (!q) return 0;
+    /* The reactor still holds a queue with requests in flight: freeing it would
+     * hand the late completions freed memory. */
+    if (q->running && vn_vq_stop(q, 0) != 0) return -EBUSY;
     free(q->slots);
     free(q->ifl_batch);
     free(q->resubmit);
     free(q);
+    return 0;
 }
 
 void vn_vq_set_ring(struct vn_vq *q, uint32_t size, void *desc, void *avail, void *used)
@@ -982,7 +1204,7 @@ static void reactor_rebuild_epoll(struct vn_reactor *r)
     epoll_ctl(r->epfd, EPOLL_CTL_ADD, r->msg_fd, &ev);
     for (int i = 0; i < r->nqueues; i++) {
         struct vn_vq *q = r->queues[i];
-        if (q->kick_fd < 0) continue;
+        if (q->kick_fd < 0 || q->broken) continue;
         ev.events = EPOLLIN;
         ev.data.ptr = q;
         epoll_ctl(r->epfd, EPOLL_CTL_ADD, q->kick_fd, &ev);
@@ -1075,8 +1297,12 @@ static void *reactor_main(void *p)
         }
         /* Drain every kick fd: cheap, and avoids tracking which ptr is a queue. */
         for (int i = 0; i < r->nqueues; i++) {
-            uint64_t v;
-            if (r->queues[i]->kick_fd >= 0 && read(r->queues[i]->kick_fd, &v, sizeof(v)) < 0) {}
+            struct vn_vq *q = r->queues[i];
+            if (q->kick_fd < 0 || q->broken) continue;
+            if (vn_fd_drain(q->kick_fd) == -EINTR) {
+                vq_mark_broken(q, "the kick eventfd blocked the reactor (the front-end made it blocking)");
+                r->epoll_dirty = 1;
+            }
         }
         for (int i = 0; i < r->nqueues; i++) vq_disarm(r->queues[i]);
         t_prev = now_ns();
@@ -1147,6 +1373,8 @@ int vn_reactor_tid(struct vn_reactor *r) { return atomic_load(&r->tid); }
 /* ------------------------------------------------------------------ */
 
 uint64_t vn_ticks_now(void) { return vn_ticks(); }
+
+uint32_t vn_max_transfer(void) { return VN_MAX_TRANSFER; }
 
 uint64_t vn_tick_rate(void)
 {

@@ -24,6 +24,10 @@ struct vn_mem {
 };
 
 struct vn_mem *vn_mem_new(void);
+/* Whether fd may back guest memory (a regular file on tmpfs/memfd, hugetlbfs or a
+ * local disk filesystem): 0 and its page size, or -EBADFD (not a regular file),
+ * -EMEDIUMTYPE (a filesystem that could stall page faults: FUSE, NFS, ...). */
+int vn_mem_fd_kind(int fd, uint64_t *page_size);
 /* Map `size` bytes of `fd` at `mmap_offset`; returns 0 or -errno. */
 int vn_mem_add_region(struct vn_mem *m, int fd, uint64_t gpa, uint64_t size,
                       uint64_t uva, uint64_t mmap_offset);
@@ -41,7 +45,9 @@ struct vn_vq;
 struct vn_dev;
 
 struct vn_vq *vn_vq_new(struct vn_dev *dev, uint16_t index);
-void vn_vq_free(struct vn_vq *q);
+/* Free a stopped queue.  -EBUSY (and nothing freed) while requests it handed to
+ * the device are still in flight. */
+int vn_vq_free(struct vn_vq *q);
 /* Ring layout in host addresses (translated by the control plane). */
 void vn_vq_set_ring(struct vn_vq *q, uint32_t size, void *desc, void *avail, void *used);
 void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m);
@@ -94,6 +100,19 @@ int vn_reactor_tid(struct vn_reactor *r);
 typedef int (*vn_exec_fn)(void *arg);
 int vn_reactor_exec(struct vn_reactor *r, vn_exec_fn fn, void *arg);
 void *vn_reactor_exec_ptr(void);
+
+/* ---- front-end eventfds ---- */
+/* Signal (add 1) / drain an eventfd the front-end gave us, on any thread, without
+ * ever stalling it for long: a call the front-end made block is interrupted after
+ * 50-100 ms and fails with -EINTR (the fd is then hostile: stop using it).  A
+ * saturated counter is success (a wake-up is pending anyway). */
+int vn_fd_signal(int fd);
+int vn_fd_drain(int fd);
+/* Guarded calls interrupted so far (daemon-wide). */
+uint64_t vn_fd_guard_interrupts(void);
+
+/* VN_MAX_TRANSFER of vhost_native.h, for device types' Python halves (config space). */
+uint32_t vn_max_transfer(void);
 
 /* ---- I/O statistics clock ---- */
 /* vn_ticks() (vhost_native.h) now, and its rate in ticks per second (measured once). */

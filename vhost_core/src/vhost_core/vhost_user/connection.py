@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import array
+import collections
 import os
 import select
 import socket
+import time
 from typing import Callable
 
 import attrs
@@ -33,31 +35,71 @@ class Message:
 
 
 class Connection:
-    """Blocking message I/O on an accepted unix socket (one thread per connection)."""
+    """Message I/O on an accepted unix socket, read by one thread per connection.
+
+    The socket is non-blocking.  Replies are sent under the app's control lock, so
+    a front-end that does not read them must never make us wait: what the socket
+    does not take at once waits in a bounded outgoing queue, flushed whenever the
+    connection's thread waits for the next message, and a front-end that lets it
+    fill up is dropped (:class:`~vhost_core.vhost_user.messages.ProtocolError`).
+    """
 
     #: Seconds between ``on_idle`` calls while no message arrives.
     IDLE_INTERVAL = 0.2
+    #: Reply bytes that may wait for a front-end that does not read them.  QEMU
+    #: reads every reply before its next request: a few hundred bytes at most.
+    MAX_PENDING_OUT = 64 * 1024
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        sock.setblocking(False)
         #: Called (on the connection's thread) while waiting for the next message.
         self.on_idle: Callable[[], None] | None = None
+        # (bytes, fds not yet sent): fds ride on the first byte of their message.
+        self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._out_bytes = 0
 
-    def _wait_readable(self) -> None:
-        while self.on_idle is not None:
+    def _poll(self, want_read: bool, timeout: float | None) -> bool:
+        """Wait until readable (or ``timeout``), flushing queued replies meanwhile.
+        Returns whether the socket is readable."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
             fd = self.sock.fileno()
             if fd < 0:
                 raise OSError("connection closed")
-            r, _, _ = select.select([fd], [], [], self.IDLE_INTERVAL)
-            if r:
-                return
+            p = select.poll()
+            events = (select.POLLIN if want_read else 0) | (select.POLLOUT if self._out else 0)
+            if not events:
+                return False
+            p.register(fd, events)
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = p.poll(None if wait is None else int(wait * 1000) + 1)
+            got = ready[0][1] if ready else 0
+            if got & select.POLLOUT:
+                self._flush()
+            if got & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def _wait_readable(self) -> None:
+        if self.on_idle is None:
+            self._poll(True, None)
+            return
+        while not self._poll(True, self.IDLE_INTERVAL):
             self.on_idle()
 
     def _recv(self, n: int, fds: list[int]) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            data, anc, _flags, _addr = self.sock.recvmsg(
-                n - len(buf), socket.CMSG_SPACE(m.MAX_FDS * 4))
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(
+                    n - len(buf), socket.CMSG_SPACE(m.MAX_FDS * 4))
+            except BlockingIOError:
+                # The rest of a message is still on its way: only this
+                # connection's thread waits for it.
+                self._poll(True, None)
+                continue
             for level, kind, raw in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     a = array.array("i")
@@ -95,16 +137,44 @@ class Connection:
         return Message(request, flags, payload, fds)
 
     def reply(self, request: int, payload: bytes, fds: list[int] | None = None) -> None:
+        """Send a reply without waiting.  The caller keeps (and closes) ``fds``:
+        they are duplicated if they must wait in the queue."""
         data = m.HEADER.pack(request, m.VERSION | m.FLAG_REPLY, len(payload)) + payload
-        if not fds:
-            self.sock.sendall(data)
-            return
-        # The descriptors ride on the first byte; the rest follows as usual.
-        sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        if self._out_bytes + len(data) > self.MAX_PENDING_OUT:
+            raise m.ProtocolError(f"the front-end does not read its replies ({self._out_bytes} bytes "
+                                  f"waiting for it)")
+        self._out.append((data, [os.dup(fd) for fd in fds or ()]))
+        self._out_bytes += len(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            data, fds = self._out[0]
+            try:
+                if fds:
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                       array.array("i", fds))])
+                else:
+                    sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            for fd in fds:
+                os.close(fd)
+            self._out_bytes -= sent
+            if sent < len(data):
+                self._out[0] = (data[sent:], [])
+                continue
+            self._out.popleft()
+
+    def drop_pending(self) -> None:
+        for _data, fds in self._out:
+            for fd in fds:
+                os.close(fd)
+        self._out.clear()
+        self._out_bytes = 0
 
     def close(self) -> None:
+        self.drop_pending()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

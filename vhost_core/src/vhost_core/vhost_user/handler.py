@@ -8,6 +8,7 @@ and every other controller keep serving).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -47,6 +48,8 @@ QUICK_STOP_MS = 50
 #: Bad requests from a guest are logged at most this often per session (a summary
 #: with the count), so that a broken or hostile guest cannot flood the log.
 ERROR_SUMMARY_INTERVAL_S = 10.0
+#: Refused vhost-user messages logged one by one per session before summaries take over.
+REFUSALS_LOGGED = 5
 #: Requests we do not implement whose front-end side waits for a reply.
 UNSUPPORTED_WITH_REPLY = frozenset({
     m.Request.IOTLB_MSG, m.Request.CREATE_CRYPTO_SESSION, m.Request.POSTCOPY_ADVISE,
@@ -56,6 +59,17 @@ INFLIGHT_RESET_REASONS = {
     1: "it was made for another ring size",
     2: "it does not match the used ring",
     3: "it is too small for the ring",
+}
+
+
+#: What vn_mem_add_region's errors mean for a memory region the front-end sent.
+REGION_ERROR_HINTS = {
+    errno.ERANGE: " (region lies past the end of its file)",
+    errno.EBADFD: " (not a regular file: guest RAM must be a memfd, hugetlbfs or tmpfs file)",
+    errno.EMEDIUMTYPE: (" (the file is on a filesystem that could stall the data path on page faults, "
+                        "such as FUSE or NFS: back guest RAM with memory-backend-memfd, hugetlbfs or "
+                        "/dev/shm)"),
+    errno.EINVAL: " (offset or size not aligned to the file's page size: hugetlbfs needs huge-page alignment)",
 }
 
 
@@ -80,6 +94,7 @@ class Vring:
     enabled: bool = False
     started: bool = False
     stopping: bool = False      # a thread drains it with the control lock released
+    stuck: bool = False         # its requests never completed: still live on the reactor
     broken_reported: bool = False
 
     def close_fds(self) -> None:
@@ -88,6 +103,19 @@ class Vring:
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+
+
+def _check_eventfd(fd: int, what: str) -> None:
+    """Kick, call and error fds must be eventfds: a pipe or socket could block the
+    reactor in ways the fd guard of the data path does not bound.  Made
+    non-blocking here (the front-end may undo that; the guard covers it)."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = "?"
+    if target != "anon_inode:[eventfd]":
+        raise m.ProtocolError(f"{what}: the file descriptor is not an eventfd ({target})")
+    os.set_blocking(fd, False)
 
 
 def _request_name(code: int) -> str:
@@ -112,13 +140,18 @@ class Session:
         self.vrings = [Vring(i, q) for i, q in enumerate(ctrlr.native_vqs)]
         self.reported_unshared = False
         self.mem_table_seen = False
-        self.stuck_requests = 0
+        #: Set when a ring's requests outlived STOP_TIMEOUT_MS: the session is
+        #: dropped after the current message and the ring retired (Controller.retire).
+        self.wedged = False
         self.backend_sock: socket.socket | None = None
         self.inflight_mem = ffi.NULL
         self._reply_fds: list[int] = []
         self.closing = False
         self.closed = False
         self._errors_reported = [self._queue_errors(v) for v in self.vrings]
+        self._refusals = self._refusals_unlogged = 0
+        self._last_refusal = ""
+        self._last_refusal_summary = float("-inf")
         self._last_error_summary = float("-inf")
         conn.on_idle = self.check_rings
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
@@ -177,16 +210,17 @@ class Session:
                     # hanging is worse than dropping the connection.
                     raise m.ProtocolError(f"unsupported vhost-user message {name} "
                                           f"(it expects a reply; its feature was not offered)")
-                log.error("Controller %s: unsupported vhost-user message %s, refused",
-                          self.name, name)
+                self._refused(f"unsupported vhost-user message {name}, refused")
                 ok, reply = False, None
             else:
                 try:
                     reply = handler(msg)
                     ok = True
+                    if self.wedged:
+                        raise m.ProtocolError("requests of a stopped ring never completed (the backend "
+                                              "is stuck); the session cannot go on")
                 except ValueError as exc:
-                    log.error("Controller %s: %s refused: %s", self.name,
-                              m.Request(msg.request).name, exc)
+                    self._refused(f"{m.Request(msg.request).name} refused: {exc}")
                     ok, reply = False, None
         finally:
             msg.close_fds()
@@ -206,6 +240,28 @@ class Session:
             self.conn.reply(msg.request, m.U64.pack(0 if ok else 1))
 
     # ---------------------------------------------------------------- helpers
+
+    def _refused(self, what: str) -> None:
+        """Log a refused message: the first REFUSALS_LOGGED of a session one by one,
+        then one summary per ERROR_SUMMARY_INTERVAL_S (a front-end repeating a bad
+        message must not flood the log)."""
+        self._refusals += 1
+        if self._refusals <= REFUSALS_LOGGED:
+            log.error("Controller %s: %s", self.name, what)
+            return
+        self._refusals_unlogged += 1
+        self._last_refusal = what
+        now = time.monotonic()
+        if now - self._last_refusal_summary >= ERROR_SUMMARY_INTERVAL_S:
+            self._summarize_refusals()
+
+    def _summarize_refusals(self) -> None:
+        if not self._refusals_unlogged:
+            return
+        log.error("Controller %s: %d more vhost-user messages refused (last: %s)", self.name,
+                  self._refusals_unlogged, self._last_refusal)
+        self._refusals_unlogged = 0
+        self._last_refusal_summary = time.monotonic()
 
     def _payload(self, msg: Message, st) -> tuple:
         if len(msg.payload) != st.size:
@@ -260,6 +316,8 @@ class Session:
         self.stop_all()
         self.features = 0
         self.features_set = False
+        for v in self.vrings:
+            lib.vn_vq_set_features(v.native, 0, 0)
 
     # ---------------------------------------------------------------- memory
 
@@ -294,8 +352,7 @@ class Session:
                 if rc < 0:
                     raise m.ProtocolError(
                         f"cannot map memory region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} "
-                        f"offset={r.mmap_offset:#x}: {os.strerror(-rc)}"
-                        + (" (region lies past the end of its file)" if rc == -34 else ""))
+                        f"offset={r.mmap_offset:#x}: {os.strerror(-rc)}" + REGION_ERROR_HINTS.get(-rc, ""))
         except BaseException:
             lib.vn_mem_free(new)
             raise
@@ -303,13 +360,13 @@ class Session:
         running = [v for v in self.vrings if v.started]
         for v in running:
             self._stop_vring(v)
-        if self.closing:        # closed by another thread while the rings drained
+        if self.closing or self.wedged:     # closed meanwhile, or a ring never drained
             lib.vn_mem_free(new)
             raise m.ProtocolError("the session was closed while its memory table was replaced")
         old, self.mem, self.nregions = self.mem, new, nregions
         for v in self.vrings:
             lib.vn_vq_set_mem(v.native, new)
-        self._free_mem(old)
+        lib.vn_mem_free(old)
         log.debug("Controller %s: memory table with %d regions", self.name, nregions)
         for v in running:
             self._start_vring(v)
@@ -370,7 +427,13 @@ class Session:
         if len(msg.fds) != 1:
             raise m.ProtocolError(f"{m.Request(msg.request).name} for vring {v.index} carries "
                                   f"{len(msg.fds)} file descriptors, expected 1")
-        return v, msg.take_fd()
+        fd = msg.take_fd()
+        try:
+            _check_eventfd(fd, f"{m.Request(msg.request).name} for vring {v.index}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return v, fd
 
     def _set_vring_kick(self, msg: Message) -> None:
         v, fd = self._vring_fd(msg)
@@ -395,7 +458,9 @@ class Session:
             # device; a completion signalled on the old one is lost and the driver
             # waits forever.  A spurious interrupt costs nothing (libvhost-user
             # signals every new call fd for the same reason).
-            os.eventfd_write(fd, 1)
+            if lib.vn_fd_signal(fd) == -errno.EINTR:
+                raise m.ProtocolError(f"vring {v.index} call eventfd blocked (the front-end made it "
+                                      f"blocking and filled its counter)")
 
     def _set_vring_err(self, msg: Message) -> None:
         v, fd = self._vring_fd(msg)
@@ -412,6 +477,9 @@ class Session:
         lib.vn_vq_set_enabled(v.native, v.enabled)
         if v.enabled and not v.started and v.kick_fd >= 0:
             self._start_vring(v)
+
+    def _has(self, bit: int) -> bool:
+        return bool(self.features & (1 << bit))
 
     def protocol_features_negotiated(self) -> bool:
         return bool(self.features & (1 << m.VHOST_USER_F_PROTOCOL_FEATURES))
@@ -451,6 +519,10 @@ class Session:
             if self.nregions == 0 and not self.reported_unshared:
                 self.reported_unshared = True
             raise m.ProtocolError(str(exc)) from None
+        # The native ring layout must be the one just validated: the features of
+        # this session, whatever an earlier session or RESET_OWNER left behind.
+        lib.vn_vq_set_features(v.native, self._has(m.VIRTIO_RING_F_EVENT_IDX),
+                               self._has(m.VIRTIO_RING_F_INDIRECT_DESC))
         lib.vn_vq_set_ring(v.native, v.size, desc, avail, used)
         lib.vn_vq_set_base(v.native, v.base)
         lib.vn_vq_set_kick(v.native, v.kick_fd)
@@ -506,12 +578,15 @@ class Session:
                 self._wait_unlocked(0.01)
                 left = lib.vn_vq_stop(v.native, 0)
             if left:
-                # The backend never completed them.  Their buffers must stay mapped
-                # (see _free_mem) and the ring cannot restart (vn_vq_start: EBUSY).
-                self.stuck_requests += left
+                # The backend never completed them.  The queue stays live on the
+                # reactor for their late completions, so nothing of it may change:
+                # the session ends, and the controller keeps the queue and this
+                # session's memory until they complete (Controller.retire).
+                v.stuck = True
+                self.wedged = True
                 log.error("Controller %s: vring %d stopped with %d requests still in flight after %d s; "
-                          "their guest memory stays mapped and the ring cannot restart until they "
-                          "complete", self.name, v.index, left, STOP_TIMEOUT_MS // 1000)
+                          "dropping the front-end; its guest memory stays mapped until they complete",
+                          self.name, v.index, left, STOP_TIMEOUT_MS // 1000)
             self._report_broken(v)
             v.broken_reported = False
             v.base = lib.vn_vq_get_base(v.native)
@@ -529,11 +604,10 @@ class Session:
         v.broken_reported = True
         log.error("Controller %s: vring %d was stopped after a malformed request: %s",
                   self.name, v.index, ffi.string(reason).decode())
-        if v.err_fd >= 0:
-            try:
-                os.eventfd_write(v.err_fd, 1)
-            except OSError:
-                pass
+        if v.err_fd >= 0 and lib.vn_fd_signal(v.err_fd) == -errno.EINTR:
+            # Not worth a stall each time: the front-end will learn from the log.
+            os.close(v.err_fd)
+            v.err_fd = -1
 
     def _check_memory(self) -> None:
         if self.mem != ffi.NULL and lib.vn_mem_faulted(self.mem):
@@ -553,6 +627,8 @@ class Session:
             for v in self.vrings:
                 self._report_broken(v)
             self._summarize_errors()
+            if time.monotonic() - self._last_refusal_summary >= ERROR_SUMMARY_INTERVAL_S:
+                self._summarize_refusals()
             self._check_memory()
 
     @staticmethod
@@ -635,7 +711,7 @@ class Session:
         """Stop tracking (queues must be stopped) and unmap the buffer."""
         for v in self.vrings:
             lib.vn_vq_set_inflight(v.native, ffi.NULL, 0)
-        self._free_mem(self.inflight_mem)
+        lib.vn_mem_free(self.inflight_mem)
         self.inflight_mem = ffi.NULL
 
     # ---------------------------------------------------------------- config
@@ -673,7 +749,8 @@ class Session:
         except OSError:
             os.close(fd)
             raise ValueError("the back-end request fd is not a socket") from None
-        sock.settimeout(1.0)
+        # Written under the control lock: it must never wait for the front-end.
+        sock.setblocking(False)
         if self.backend_sock is not None:
             self.backend_sock.close()
         self.backend_sock = sock
@@ -685,10 +762,21 @@ class Session:
         the new config on its next GET_CONFIG, e.g. after a reconnect)."""
         if self.backend_sock is None:
             return False
+        data = m.HEADER.pack(m.BackendRequest.CONFIG_CHANGE_MSG, m.VERSION, 0)
         try:
-            self.backend_sock.sendall(m.HEADER.pack(m.BackendRequest.CONFIG_CHANGE_MSG, m.VERSION, 0))
+            sent = self.backend_sock.send(data)
+        except BlockingIOError:
+            sent = 0
         except OSError as exc:
             log.error("Controller %s: cannot notify the front-end of a config change: %s", self.name, exc)
+            return False
+        if sent < len(data):
+            # The front-end does not read its back-end channel (and a partial
+            # message would garble it): give the channel up rather than wait.
+            log.error("Controller %s: the front-end does not read its back-end request channel; closing "
+                      "it (the guest sees the new config after a reconnect)", self.name)
+            self.backend_sock.close()
+            self.backend_sock = None
             return False
         notice(log, "Controller %s: config space changed, front-end notified", self.name)
         return True
@@ -723,27 +811,28 @@ class Session:
                                   "(QEMU does this when its guest RAM is not shared)")
         self.stop_all()
         self._summarize_errors(final=True)
+        self._summarize_refusals()
         for v in self.vrings:
+            # On the reactor's thread (vn_vq_set_*): a stuck queue is still polled.
             lib.vn_vq_set_kick(v.native, -1)
             lib.vn_vq_set_call(v.native, -1)
             lib.vn_vq_set_enabled(v.native, 0)
             v.close_fds()
         for v in self.vrings:
-            lib.vn_vq_set_mem(v.native, ffi.NULL)
-        self._free_mem(self.mem)
-        self.mem = ffi.NULL
-        self._drop_inflight()
+            if not v.stuck:
+                lib.vn_vq_set_mem(v.native, ffi.NULL)
+                lib.vn_vq_set_inflight(v.native, ffi.NULL, 0)
+        stuck = {v.index: v.native for v in self.vrings if v.stuck}
+        if stuck:
+            # Late completions write into the used ring, the guest buffers and the
+            # inflight buffer: the controller keeps those queues and mappings
+            # until they drain, and serves the next front-end with fresh queues.
+            self.ctrlr.retire(stuck, [self.mem, self.inflight_mem])
+        else:
+            lib.vn_mem_free(self.mem)
+            lib.vn_mem_free(self.inflight_mem)
+        self.mem = self.inflight_mem = ffi.NULL
         if self.backend_sock is not None:
             self.backend_sock.close()
             self.backend_sock = None
         notice(log, "Controller %s: front-end disconnected", self.name)
-
-    def _free_mem(self, mem) -> None:
-        if mem == ffi.NULL:
-            return
-        if self.stuck_requests:
-            # A request the backend still owns may write into this memory: leak it.
-            log.error("Controller %s: keeping a guest memory table mapped: %d requests never completed",
-                      self.name, self.stuck_requests)
-            return
-        lib.vn_mem_free(mem)
