@@ -28,13 +28,17 @@ from scsi_driver import (
     mode_select6,
     mode_sense6,
     report_luns,
+    rw6,
     rw10,
+    rw12,
     rw16,
     unmap,
     unmap_params,
 )
 
 GUARD = 256
+#: VN_MAX_TRANSFER: config max_sectors and the Block Limits VPD page state it.
+MAX_XFER = 4 << 20
 
 
 class Guarded:
@@ -249,3 +253,81 @@ def test_a_hostile_session_leaves_the_controller_serving_the_next_one(scsi_daemo
         assert dev.command(1, rw10(False, 5, 1), data_in_len=4096, queue=2).data == data
     assert scsi_daemon.alive()
     assert "Traceback" not in scsi_daemon.log()
+
+
+# ---------------------------------------------------------------- request size
+
+def invalid_cdb_field(r, field: int) -> None:
+    assert (r.response, r.status) == (S_OK, CHECK_CONDITION), r
+    assert (r.sense.key, r.sense.asc, r.sense.ascq) == (ILLEGAL_REQUEST, 0x24, 0), r
+    assert r.sense.sksv and r.sense.cd and r.sense.field == field, r.sense.raw.hex()
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+@pytest.mark.parametrize("size, field", [(10, 7), (12, 6), (16, 10)])
+def test_transfer_one_block_over_the_maximum_moves_nothing(scsi_dev, write, size, field):
+    """The buffer holds the whole transfer and the LBA range is on the disk: only the
+    length is wrong, and the command fails before the bdev sees it."""
+    cdb = {10: rw10, 12: rw12, 16: rw16}[size]
+    before = marker(scsi_dev)
+    n = MAX_XFER // 512 + 1
+    if write:
+        r = scsi_dev.command(0, cdb(True, 0, n), data_out=b"\x5a" * (n * 512))
+        assert r.resid == n * 512
+    else:
+        r = scsi_dev.command(0, cdb(False, 0, n), data_in_len=n * 512)
+        assert r.used_len == RESP_SIZE and r.resid == n * 512
+        assert r.data == b"\xee" * (n * 512), "data-in written"
+    invalid_cdb_field(r, field)
+    healthy(scsi_dev, data=before)
+
+
+def test_transfer_lengths_the_cdb_can_hold_move_nothing(scsi_dev):
+    """The largest length of each CDB, with a small buffer: refused (too long, or past
+    the end of the disk) before any byte moves, whatever the buffer."""
+    before = marker(scsi_dev)
+    mem = scsi_dev.memory
+    for cdb in (rw10(False, 0, 0xFFFF), rw10(True, 0, 0xFFFF), rw12(False, 0, 0xFFFFFFFF),
+                rw12(True, 0, 0xFFFFFFFF), rw16(False, 0, 0xFFFFFFFF), rw16(True, 2**63, 0xFFFFFFFF),
+                rw6(True, 0, 0)):           # 256 blocks: within the limit, but no buffer for them
+        for din, dout in ((4096, 0), (0, 4096), (0, 0)):
+            hdr = mem.alloc_bytes(header(0, cdb))
+            bufs = [(hdr, 51, False)]
+            out = Guarded(mem, dout, fill=0x5A)
+            if dout:
+                bufs.append((out.gpa, dout, False))
+            resp = Guarded(mem, RESP_SIZE)
+            bufs.append((resp.gpa, RESP_SIZE, True))
+            data = Guarded(mem, din)
+            if din:
+                bufs.append((data.gpa, din, True))
+            used = scsi_dev.chain(2, bufs)
+            response, status, _resid, sense = parse_resp(resp.read())
+            assert used == RESP_SIZE
+            if status == CHECK_CONDITION:
+                assert response == S_OK and sense[2] & 0x0F == ILLEGAL_REQUEST and sense[12] in (0x21, 0x24)
+            else:
+                assert response == S_OVERRUN, (cdb.hex(), din, dout, response, status)
+            assert data.read() == b"\xee" * din and data.guards_intact() and resp.guards_intact()
+    healthy(scsi_dev, data=before)
+
+
+LONG = b"\xff" * 4
+UNSUPPORTED_DATA_COMMANDS = {
+    "compare-and-write": bytes([0x89]) + bytes(12) + b"\xff" + bytes(2),
+    "write-and-verify-10": bytes([0x2E]) + bytes(6) + b"\xff\xff\x00",
+    "write-and-verify-16": bytes([0x8E]) + bytes(9) + LONG + bytes(2),
+    "verify-16": bytes([0x8F]) + bytes(9) + LONG + bytes(2),
+    "orwrite-16": bytes([0x8B]) + bytes(9) + LONG + bytes(2),
+    "write-atomic-16": bytes([0x9C]) + bytes(9) + LONG + bytes(2),
+    "write-32": bytes([0x7F]) + bytes(6) + bytes([0x18, 0x00, 0x0B]) + bytes(18) + LONG,
+}
+
+
+@pytest.mark.parametrize("cdb", list(UNSUPPORTED_DATA_COMMANDS.values()), ids=list(UNSUPPORTED_DATA_COMMANDS))
+def test_unsupported_data_commands_move_nothing(scsi_dev, cdb):
+    before = marker(scsi_dev)
+    r = scsi_dev.command(0, cdb, data_out=b"\x5a" * 8192)
+    assert (r.response, r.status, r.sense.key, r.sense.asc) == (S_OK, CHECK_CONDITION, ILLEGAL_REQUEST, 0x20)
+    healthy(scsi_dev, data=before)
+

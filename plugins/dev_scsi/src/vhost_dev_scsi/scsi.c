@@ -88,8 +88,10 @@
 #define UA_LUNS_CHANGED 4u
 #define UA_CAPACITY_CHANGED 8u
 
-/* Limits we advertise (block limits VPD page) and enforce. */
-#define MAX_XFER_BYTES (4u << 20)
+/* Limits we advertise (block limits VPD page, config max_sectors) and enforce.  The
+ * transfer limit is the core's: a larger one would be advertised only to have the
+ * core fail the chains that use it (E2BIG) without a SCSI status. */
+#define MAX_XFER_BYTES VN_MAX_TRANSFER
 #define MAX_UNMAP_BYTES (2ull << 30)
 #define MAX_UNMAP_DESC 64
 #define WS_BLOCK_IOV 8
@@ -161,6 +163,8 @@ struct scsi_req {
 };
 
 _Static_assert(sizeof(struct scsi_req) <= VN_DEV_PRIV_SIZE, "scsi_req must fit in dev_priv");
+/* The VPD page states the limit in blocks, config max_sectors in 512-byte sectors. */
+_Static_assert(MAX_XFER_BYTES % 65536 == 0, "MAX_XFER_BYTES must be a whole number of blocks of any size");
 
 static const uint8_t zero_block[65536];
 
@@ -1331,6 +1335,8 @@ static const struct vn_device_ops scsi_ops = {
 };
 
 const void *scsi_device_ops(void) { return &scsi_ops; }
+
+uint32_t scsi_dev_max_transfer(void) { return MAX_XFER_BYTES; }
 
 struct scsi_dev *scsi_dev_new(void) { return calloc(1, sizeof(struct scsi_dev)); }
 
