@@ -39,6 +39,7 @@ from scsi_driver import (
 GUARD = 256
 #: VN_MAX_TRANSFER: config max_sectors and the Block Limits VPD page state it.
 MAX_XFER = 4 << 20
+MAX_UNMAP_BYTES = 2 << 30
 
 
 class Guarded:
@@ -331,3 +332,28 @@ def test_unsupported_data_commands_move_nothing(scsi_dev, cdb):
     assert (r.response, r.status, r.sense.key, r.sense.asc) == (S_OK, CHECK_CONDITION, ILLEGAL_REQUEST, 0x20)
     healthy(scsi_dev, data=before)
 
+
+def test_unmap_block_count_is_bounded_for_the_whole_list(scsi_daemon):
+    """MAXIMUM UNMAP LBA COUNT (Block Limits VPD page) bounds the sum of the
+    descriptors (SBC-3, UNMAP), not each one: 64 descriptors of the maximum would
+    be 64 times the work.  On a 1 GiB null bdev, two descriptors reach it."""
+    d = scsi_daemon
+    blocks = 1 << 21
+    assert 2 * blocks * 512 == MAX_UNMAP_BYTES
+    d.rpc("bdev_null_create", name="NullU", num_blocks=blocks, block_size=512)
+    d.rpc("vhost_create_scsi_controller", ctrlr="vhost.u")
+    try:
+        d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.u", scsi_target_num=0, bdev_name="NullU")
+        with connect_scsi(d.socket("vhost.u")) as dev:
+            dev.command(0, TEST_UNIT_READY)
+            over = unmap_params((0, blocks), (0, blocks), (blocks - 1, 1))
+            r = dev.command(0, unmap(len(over)), data_out=over)
+            assert (r.response, r.status) == (S_OK, CHECK_CONDITION), r
+            assert (r.sense.key, r.sense.asc) == (ILLEGAL_REQUEST, 0x26), r
+            assert r.sense.sksv and not r.sense.cd and r.sense.field == 8 + 16 * 2 + 8, r.sense.raw.hex()
+            exact = unmap_params((0, blocks), (0, blocks))
+            r = dev.command(0, unmap(len(exact)), data_out=exact)
+            assert (r.response, r.status) == (S_OK, GOOD), r
+    finally:
+        d.rpc("vhost_delete_controller", ctrlr="vhost.u")
+        d.rpc("bdev_null_delete", name="NullU")

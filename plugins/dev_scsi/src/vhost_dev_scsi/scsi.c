@@ -834,6 +834,7 @@ static void cmd_unmap(struct scsi_dev *d, struct scsi_req *sr, const uint8_t *cd
         invalid_param(d, sr, 2);
         return;
     }
+    uint64_t total = 0;
     for (uint32_t i = 0; i < ndesc; i++) {
         vn_iov_copy_from(sr->req->iov, sr->req->n_out, REQ_SIZE + 8 + 16 * i, desc, sizeof(desc));
         uint64_t lba = be64(desc);
@@ -842,7 +843,10 @@ static void cmd_unmap(struct scsi_dev *d, struct scsi_req *sr, const uint8_t *cd
             check(d, sr, ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE, NOFIELD, 0);
             return;
         }
-        if (n > max_unmap_blocks(t)) {
+        /* MAXIMUM UNMAP LBA COUNT bounds the whole list (SBC-3, UNMAP), not each
+         * descriptor: 64 descriptors of the maximum would be 64 times the work. */
+        total += n;
+        if (total > max_unmap_blocks(t)) {
             invalid_param(d, sr, 8 + 16 * i + 8);
             return;
         }
