@@ -234,7 +234,8 @@ class ScsiDevice:
         self._exec("scsi_dev_set_features", self._ctl(value=value))
 
     def queue_stopping(self, index: int) -> None:
-        """The core stops virtqueue ``index``: give back the event buffers held on it."""
+        """The core stops virtqueue ``index``: give back the event buffers (queue 1) or
+        the task management functions (queue 0) held on it."""
         self._exec("scsi_dev_queue_stopping", self._ctl(value=index))
 
     def stats(self) -> dict[str, int]:

@@ -111,6 +111,12 @@ struct scsi_target {
     uint32_t io_types;
     int readonly;
     uint32_t outstanding;       /* commands with bdev I/O in flight */
+    /* Those commands in the order they started, oldest first, and the number the
+     * next one gets: a task management function waits for the commands older
+     * than it, not for those the driver keeps sending after it. */
+    struct scsi_req *oldest, *newest;
+    uint64_t next_seq;
+    struct scsi_req *tmf_head, *tmf_tail;  /* held TMFs, in arrival order */
     uint32_t ua;
     char product[16];
     char serial[64];
@@ -131,7 +137,6 @@ struct scsi_dev {
     int events_missed;
     struct scsi_req *ev_head, *ev_tail;
     uint32_t ev_held;
-    struct scsi_req *tmf_head;
     uint32_t tmf_held;
     uint64_t outstanding;
     struct scsi_dev_stats stats;
@@ -145,6 +150,8 @@ struct scsi_req {
     vn_bdev_io io;
     vn_req *req;
     struct scsi_req *next;      /* held event buffers and task management requests */
+    struct scsi_req *older, *newer;     /* the target's commands in flight */
+    uint64_t seq;               /* command: its start order; TMF: the first command it does not wait for */
     struct scsi_target *t;
     uint64_t din_len, dout_len; /* data-in / data-out bytes past the response / request header */
     uint64_t xfer;              /* data bytes moved, for resid and the used length */
@@ -390,15 +397,39 @@ static void ctrl_reply(vn_req *req, const void *resp, uint32_t len)
     req->complete(req, len);
 }
 
-static void tmf_finish(struct scsi_dev *d, struct scsi_req *sr)
+static void tmf_finish(struct scsi_dev *d, struct scsi_req *sr, uint8_t resp)
 {
     struct scsi_target *t = &d->tgt[sr->tmf_target];
-    uint8_t resp = VIRTIO_SCSI_S_FUNCTION_COMPLETE;
-    if (t->state == TGT_PRESENT) {
+    if (resp == VIRTIO_SCSI_S_FUNCTION_COMPLETE && t->state == TGT_PRESENT) {
         if (sr->tmf_subtype == TMF_LOGICAL_UNIT_RESET) t->ua |= UA_RESET;
         else if (sr->tmf_subtype == TMF_I_T_NEXUS_RESET) t->ua |= UA_NEXUS_LOSS;
     }
     ctrl_reply(sr->req, &resp, 1);
+}
+
+/* Every command that was in flight on the target when the TMF arrived is done. */
+static int tmf_ready(const struct scsi_target *t, const struct scsi_req *tmf)
+{
+    return !t->oldest || t->oldest->seq >= tmf->seq;
+}
+
+/* Complete the target's held TMFs that wait on nothing any more; with `force`,
+ * all of them, rejecting those that still would (their queue is stopping).  They
+ * are held in arrival order, so the first that must wait ends the pass. */
+static int tmf_release(struct scsi_dev *d, struct scsi_target *t, int force)
+{
+    int n = 0;
+    struct scsi_req *sr;
+    while ((sr = t->tmf_head) != NULL) {
+        int ready = tmf_ready(t, sr);
+        if (!ready && !force) break;
+        t->tmf_head = sr->next;
+        if (!t->tmf_head) t->tmf_tail = NULL;
+        d->tmf_held--;
+        tmf_finish(d, sr, ready ? VIRTIO_SCSI_S_FUNCTION_COMPLETE : VIRTIO_SCSI_S_FUNCTION_REJECTED);
+        n++;
+    }
+    return n;
 }
 
 static void tmf_submit(struct scsi_dev *d, struct scsi_req *sr)
@@ -426,14 +457,18 @@ static void tmf_submit(struct scsi_dev *d, struct scsi_req *sr)
     case TMF_I_T_NEXUS_RESET:
     case TMF_LOGICAL_UNIT_RESET:
         /* Commands cannot be recalled from a bdev: the function completes once
-         * every command of the logical unit has. */
+         * every command the logical unit had when it arrived has.  Not those sent
+         * after it: a driver that keeps I/O flowing would hold it forever. */
         sr->tmf_target = (uint8_t)(t - d->tgt);
         sr->tmf_subtype = (uint8_t)subtype;
-        if (t->outstanding == 0) {
-            tmf_finish(d, sr);
+        sr->seq = t->next_seq;
+        if (tmf_ready(t, sr)) {
+            tmf_finish(d, sr, VIRTIO_SCSI_S_FUNCTION_COMPLETE);
         } else {
-            sr->next = d->tmf_head;
-            d->tmf_head = sr;
+            sr->next = NULL;
+            if (t->tmf_tail) t->tmf_tail->next = sr;
+            else t->tmf_head = sr;
+            t->tmf_tail = sr;
             d->tmf_held++;
         }
         return;
@@ -581,6 +616,10 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
     struct scsi_target *t = sr->t;
     t->outstanding--;
     d->outstanding--;
+    if (sr->older) sr->older->newer = sr->newer;
+    else t->oldest = sr->newer;
+    if (sr->newer) sr->newer->older = sr->older;
+    else t->newest = sr->older;
     if (sr->io_status) {
         d->stats.io_errors++;
         if (sr->op == OP_RW && !sr->is_write)
@@ -640,8 +679,15 @@ static void start_io(struct scsi_dev *d, struct scsi_req *sr, uint8_t op)
     sr->op = op;
     sr->stage = 0;
     sr->io_status = 0;
-    sr->t->outstanding++;
+    struct scsi_target *t = sr->t;
+    t->outstanding++;
     d->outstanding++;
+    sr->seq = t->next_seq++;
+    sr->newer = NULL;
+    sr->older = t->newest;
+    if (t->newest) t->newest->newer = sr;
+    else t->oldest = sr;
+    t->newest = sr;
     step(d, sr);
 }
 
@@ -1293,17 +1339,9 @@ static int scsi_poll(void *ctx)
         if (t->state != TGT_EMPTY && t->chan && t->bdev->ops->channel_poll)
             work += t->bdev->ops->channel_poll(t->bdev->ctx, t->chan);
     }
-    if (d->tmf_head) {
-        struct scsi_req **pp = &d->tmf_head;
-        while (*pp) {
-            struct scsi_req *sr = *pp;
-            if (d->tgt[sr->tmf_target].outstanding) { pp = &sr->next; continue; }
-            *pp = sr->next;
-            d->tmf_held--;
-            tmf_finish(d, sr);
-            work++;
-        }
-    }
+    if (d->tmf_held)
+        for (int i = 0; i < SCSI_MAX_TARGETS; i++)
+            if (d->tgt[i].tmf_head) work += tmf_release(d, &d->tgt[i], 0);
     vn_iostat_flush(&d->clock);
     return work;
 }
@@ -1393,6 +1431,7 @@ int scsi_dev_remove_target(void *arg)
     if (t->state == TGT_EMPTY) return 0;
     t->state = TGT_REMOVING;
     if (t->outstanding) return (int)t->outstanding;
+    tmf_release(d, t, 1);      /* nothing left for them to wait on */
     if (d->attached) channel_close(t);
     struct vn_iostat keep = t->iostat;     /* the control plane retires it (bdev_get_iostat) */
     memset(t, 0, sizeof(*t));
@@ -1431,13 +1470,21 @@ int scsi_dev_set_features(void *arg)
     return 0;
 }
 
-/* Queue `value` stops fetching: hand back the event buffers we hold on it
- * (as VIRTIO_SCSI_T_NO_EVENT), since they would never complete otherwise. */
+/* Queue `value` stops fetching: hand back what we hold on it.  Event buffers (as
+ * VIRTIO_SCSI_T_NO_EVENT) would never complete otherwise; a held TMF would
+ * complete only once commands on the request queues did, which the driver
+ * stopping the control queue may keep busy, or which may be stuck on their bdev:
+ * the stop must not wait for either.  A TMF whose commands are not all done is
+ * rejected (the driver then treats it as failed), the others complete. */
 int scsi_dev_queue_stopping(void *arg)
 {
     struct scsi_ctl *c = arg;
     struct scsi_dev *d = c->dev;
     int n = 0;
+    if (c->value == 0) {
+        for (int i = 0; i < SCSI_MAX_TARGETS; i++) n += tmf_release(d, &d->tgt[i], 1);
+        return n;
+    }
     if (c->value != 1) return 0;
     struct scsi_req *sr;
     while ((sr = pop_event(d)) != NULL) {
