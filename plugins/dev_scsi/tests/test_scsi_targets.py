@@ -40,6 +40,7 @@ from scsi_driver import (
     unmap,
     unmap_params,
     wait_no_session,
+    write_same16,
 )
 from vhost_core.rpc.client import RpcError
 
@@ -336,6 +337,27 @@ def aio_file(tmp_path):
     with open(path, "wb") as f:
         f.truncate(8 << 20)
     return str(path)
+
+
+def test_write_same_with_large_blocks_stays_within_the_transfer_limit(vhost_daemon, aio_file):
+    """WRITE SAME repeats the block in writes of up to VN_MAX_IOV segments: with
+    64 KiB blocks that would be 16 MiB per write, which bdevs refuse above
+    VN_MAX_TRANSFER.  It writes in pieces of at most that instead."""
+    d = vhost_daemon
+    if "bdev_aio_create" not in d.rpc("rpc_get_methods"):
+        pytest.fail("the bdev_aio plugin is not installed: scripts/install.sh installs it")
+    bs = 65536
+    d.rpc("bdev_aio_create", filename=aio_file, name="Aio64", block_size=bs)
+    d.rpc("vhost_create_scsi_controller", ctrlr="vhost.0")
+    d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=0, bdev_name="Aio64")
+    block = bytes(range(256)) * (bs // 256)
+    n = 100                                     # 6.25 MiB, in one command
+    with connect_scsi(d.socket("vhost.0")) as dev:
+        r = dev.command(0, write_same16(4, n), data_out=block)
+        assert (r.response, r.status) == (S_OK, GOOD), r
+    with open(aio_file, "rb") as f:
+        f.seek(3 * bs)
+        assert f.read((n + 2) * bs) == bytes(bs) + block * n + bytes(bs)
 
 
 def test_target_on_an_asynchronous_readonly_bdev(vhost_daemon, aio_file):

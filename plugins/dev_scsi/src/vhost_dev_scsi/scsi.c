@@ -593,7 +593,10 @@ static int next_io(struct scsi_req *sr, vn_bdev_io *io)
         return 1;
     case OP_WS_DATA: {
         if (sr->nblocks == 0) return 0;
+        /* Each write repeats the block's segments; with large blocks the segment
+         * count is not what bounds it: bdevs refuse I/O over VN_MAX_TRANSFER. */
         uint64_t chunk = VN_MAX_IOV / sr->blk_niov;
+        if (chunk > MAX_XFER_BYTES / t->block_size) chunk = MAX_XFER_BYTES / t->block_size;
         if (chunk > sr->nblocks) chunk = sr->nblocks;
         uint32_t n = 0;
         for (uint64_t b = 0; b < chunk; b++)
