@@ -138,6 +138,8 @@ struct scsi_dev {
     struct scsi_req *ev_head, *ev_tail;
     uint32_t ev_held;
     uint32_t tmf_held;
+    /* Commands that used up their share of inline bdev work (see step). */
+    struct scsi_req *resume_head, *resume_tail;
     uint64_t outstanding;
     struct scsi_dev_stats stats;
     struct vn_iostat_clock clock;
@@ -149,7 +151,7 @@ struct unmap_desc { uint64_t lba; uint64_t n; };
 struct scsi_req {
     vn_bdev_io io;
     vn_req *req;
-    struct scsi_req *next;      /* held event buffers and task management requests */
+    struct scsi_req *next;      /* held event buffers and TMFs; commands to resume */
     struct scsi_req *older, *newer;     /* the target's commands in flight */
     uint64_t seq;               /* command: its start order; TMF: the first command it does not wait for */
     struct scsi_target *t;
@@ -650,10 +652,16 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
 
 /* Run the command's bdev I/Os one after the other.  A bdev that completes inline
  * (malloc) calls io_done from inside submit: that only marks the I/O done and the
- * loop carries on, so a long WRITE SAME or UNMAP list never recurses. */
+ * loop carries on, so a long WRITE SAME or UNMAP list never recurses.  Such a bdev
+ * copies or zeroes on this thread, though: once a command has had more than one
+ * maximum transfer's worth done inline, the rest waits for the next reactor
+ * iteration (scsi_poll), or a WRITE SAME of gigabytes would be one long memcpy
+ * that every other device on the reactor waits for.  A single READ or WRITE
+ * never reaches that. */
 static void step(struct scsi_dev *d, struct scsi_req *sr)
 {
     struct scsi_target *t = sr->t;
+    uint64_t inline_bytes = 0;
     for (;;) {
         if (sr->io_status || !next_io(sr, &sr->io)) {
             finish_io(d, sr);
@@ -666,7 +674,30 @@ static void step(struct scsi_dev *d, struct scsi_req *sr)
         t->bdev->ops->submit(t->bdev->ctx, t->chan, &sr->io);
         sr->inline_wait = 0;
         if (!sr->inline_done) return;
+        if (sr->io.type != VN_IO_FLUSH) inline_bytes += sr->io.num_blocks * t->block_size;
+        if (inline_bytes > MAX_XFER_BYTES && !sr->io_status) {
+            sr->next = NULL;
+            if (d->resume_tail) d->resume_tail->next = sr;
+            else d->resume_head = sr;
+            d->resume_tail = sr;
+            return;
+        }
     }
+}
+
+static int resume_parked(struct scsi_dev *d)
+{
+    struct scsi_req *sr = d->resume_head;
+    int n = 0;
+    /* Detached first: a command that uses up its share again waits for the next pass. */
+    d->resume_head = d->resume_tail = NULL;
+    while (sr) {
+        struct scsi_req *next = sr->next;
+        step(d, sr);
+        sr = next;
+        n++;
+    }
+    return n;
 }
 
 static void start_io(struct scsi_dev *d, struct scsi_req *sr, uint8_t op)
@@ -1342,6 +1373,7 @@ static int scsi_poll(void *ctx)
         if (t->state != TGT_EMPTY && t->chan && t->bdev->ops->channel_poll)
             work += t->bdev->ops->channel_poll(t->bdev->ctx, t->chan);
     }
+    if (d->resume_head) work += resume_parked(d);
     if (d->tmf_held)
         for (int i = 0; i < SCSI_MAX_TARGETS; i++)
             if (d->tgt[i].tmf_head) work += tmf_release(d, &d->tgt[i], 0);
