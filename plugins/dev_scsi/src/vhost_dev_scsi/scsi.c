@@ -685,19 +685,16 @@ static void step(struct scsi_dev *d, struct scsi_req *sr)
     }
 }
 
+/* One parked command per reactor iteration, round robin (one that uses up its
+ * share again goes to the back): however many a driver parks, an iteration does
+ * one share of their work, as it would for one such command. */
 static int resume_parked(struct scsi_dev *d)
 {
     struct scsi_req *sr = d->resume_head;
-    int n = 0;
-    /* Detached first: a command that uses up its share again waits for the next pass. */
-    d->resume_head = d->resume_tail = NULL;
-    while (sr) {
-        struct scsi_req *next = sr->next;
-        step(d, sr);
-        sr = next;
-        n++;
-    }
-    return n;
+    d->resume_head = sr->next;
+    if (!d->resume_head) d->resume_tail = NULL;
+    step(d, sr);
+    return 1;
 }
 
 static void start_io(struct scsi_dev *d, struct scsi_req *sr, uint8_t op)
