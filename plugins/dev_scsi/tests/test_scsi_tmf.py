@@ -13,7 +13,6 @@ target always has commands in flight.
 
 from __future__ import annotations
 
-import struct
 import textwrap
 import threading
 import time
@@ -22,17 +21,14 @@ import pytest
 
 from scsi_driver import (
     CHECK_CONDITION,
-    REQ_HDR,
-    RESP_SIZE,
     S_FUNCTION_COMPLETE,
     S_FUNCTION_REJECTED,
     S_OK,
-    T_TMF,
     TMF_ABORT_TASK_SET,
     TMF_LOGICAL_UNIT_RESET,
     UNIT_ATTENTION,
+    ReadStream,
     connect_scsi,
-    lun_bytes,
     rw10,
     wait_no_session,
 )
@@ -102,51 +98,10 @@ def slow_daemon(tmp_path_factory):
         assert d.stop() == 0, d.log()
 
 
-class Reads:
-    """Reads of one block posted on queue 2 without waiting, from preallocated
-    buffers (safe to drive from a second thread: it touches only queue 2)."""
-
-    def __init__(self, dev, slots: int = 16) -> None:
-        self.dev, self.vq = dev, dev.queues[2]
-        mem = dev.memory
-        self.free = []
-        for _ in range(slots):
-            hdr = mem.alloc_bytes(REQ_HDR.pack(lun_bytes(0), 1, 0, 0, 0, rw10(False, 0, 1).ljust(32, b"\0")))
-            self.free.append((hdr, mem.alloc(RESP_SIZE), mem.alloc(512)))
-        self.posted: dict[int, tuple] = {}
-        self.completed = 0
-        self.unit_attentions: list[tuple[int, int]] = []     # (asc, ascq) seen
-
-    def post(self) -> None:
-        slot = self.free.pop()
-        hdr, resp, din = slot
-        head = self.vq.add_chain([(hdr, REQ_HDR.size, False), (resp, RESP_SIZE, True), (din, 512, True)])
-        self.posted[head] = slot
-        self.vq.kick()
-
-    def reap(self) -> None:
-        for el in self.vq.get_used():
-            slot = self.posted.pop(el.head)
-            raw = self.dev.memory.read(slot[1], RESP_SIZE)
-            if raw[10] == CHECK_CONDITION and raw[12 + 2] & 0x0F == UNIT_ATTENTION:
-                self.unit_attentions.append((raw[12 + 12], raw[12 + 13]))
-            self.free.append(slot)
-            self.completed += 1
-
-    def keep(self, depth: int) -> None:
-        self.reap()
-        while len(self.posted) < depth:
-            self.post()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.posted)
-
-
 class Pump(threading.Thread):
     """Keeps ``depth`` reads in flight until stopped."""
 
-    def __init__(self, reads: Reads, depth: int) -> None:
+    def __init__(self, reads: ReadStream, depth: int) -> None:
         super().__init__(daemon=True)
         self.reads, self.depth = reads, depth
         self.halt = threading.Event()
@@ -167,40 +122,25 @@ class Pump(threading.Thread):
             raise self.error
 
 
-def post_tmf(dev, subtype: int) -> tuple[int, int]:
-    """A TMF on the control queue, not waited for: (head, response byte gpa)."""
-    mem = dev.memory
-    req = mem.alloc_bytes(struct.pack("<II8sQ", T_TMF, subtype, lun_bytes(0), 7))
-    resp = mem.alloc(1)
-    mem.fill(resp, 1, 0xEE)
-    head = dev.queues[0].add_chain([(req, 24, False), (resp, 1, True)])
-    dev.queues[0].kick()
-    return head, resp
-
-
-def tmf_done(dev, head: int) -> bool:
-    return any(el.head == head for el in dev.queues[0].get_used())
-
-
 @pytest.mark.parametrize("subtype", [TMF_LOGICAL_UNIT_RESET, TMF_ABORT_TASK_SET])
 def test_a_held_tmf_completes_while_the_driver_keeps_io_in_flight(slow_daemon, subtype):
     wait_no_session(slow_daemon, "vhost.0")
     with connect_scsi(slow_daemon.socket("vhost.0")) as dev:
-        reads = Reads(dev)
+        reads = ReadStream(dev)
         reads.keep(DEPTH)
         time.sleep(DELAY / 3)                       # the first read is at the bdev
-        head, resp = post_tmf(dev, subtype)
+        tmf = dev.post_tmf(0, subtype)
         time.sleep(0.05)
-        assert not tmf_done(dev, head), "completed with the commands before it still in flight"
+        assert dev.tmf_response(tmf) is None, "completed with the commands before it still in flight"
         t0 = time.monotonic()
-        done = False
-        while not done and time.monotonic() - t0 < 10 * DELAY * DEPTH:
+        response = None
+        while response is None and time.monotonic() - t0 < 10 * DELAY * DEPTH:
             reads.keep(DEPTH)
-            done = tmf_done(dev, head)
+            response = dev.tmf_response(tmf)
             time.sleep(0.005)
-        assert done, "the TMF waited for commands sent after it"
+        assert response is not None, "the TMF waited for commands sent after it"
         assert reads.in_flight > 0
-        assert dev.memory.read(resp, 1)[0] == S_FUNCTION_COMPLETE
+        assert response == S_FUNCTION_COMPLETE
         # It waited for the DEPTH commands before it, not for the later ones.
         assert time.monotonic() - t0 < DELAY * (DEPTH + 2)
         while reads.in_flight:
@@ -220,10 +160,10 @@ def test_stopping_the_control_queue_hands_back_a_held_tmf(slow_daemon):
     reads flowing on queue 2: the stop returns at once, the TMF rejected."""
     wait_no_session(slow_daemon, "vhost.0")
     with connect_scsi(slow_daemon.socket("vhost.0")) as dev:
-        reads = Reads(dev)
+        reads = ReadStream(dev)
         reads.keep(DEPTH)
         time.sleep(DELAY / 3)
-        head, resp = post_tmf(dev, TMF_LOGICAL_UNIT_RESET)
+        tmf = dev.post_tmf(0, TMF_LOGICAL_UNIT_RESET)
         pump = Pump(reads, DEPTH)
         pump.start()
         try:
@@ -235,8 +175,7 @@ def test_stopping_the_control_queue_hands_back_a_held_tmf(slow_daemon):
         finally:
             pump.stop()
         assert elapsed < 1.0, f"stopping the control queue took {elapsed:.1f}s"
-        assert tmf_done(dev, head)
-        assert dev.memory.read(resp, 1)[0] == S_FUNCTION_REJECTED
+        assert dev.tmf_response(tmf) == S_FUNCTION_REJECTED
         # The request queue serves on; rejected, the reset raised no unit attention.
         assert reads.completed >= 1 and reads.unit_attentions == []
 
@@ -249,10 +188,10 @@ def test_disconnect_with_a_held_tmf_and_io_still_flowing_is_prompt(slow_daemon):
     wait_no_session(d, "vhost.0")
     dev = connect_scsi(d.socket("vhost.0"))
     try:
-        reads = Reads(dev)
+        reads = ReadStream(dev)
         reads.keep(DEPTH)
         time.sleep(DELAY / 3)
-        post_tmf(dev, TMF_LOGICAL_UNIT_RESET)
+        dev.post_tmf(0, TMF_LOGICAL_UNIT_RESET)
         pump = Pump(reads, DEPTH)
         pump.start()
         try:
