@@ -141,8 +141,8 @@ def test_a_held_tmf_completes_while_the_driver_keeps_io_in_flight(slow_daemon, s
         assert response is not None, "the TMF waited for commands sent after it"
         assert reads.in_flight > 0
         assert response == S_FUNCTION_COMPLETE
-        # It waited for the DEPTH commands before it, not for the later ones.
-        assert time.monotonic() - t0 < DELAY * (DEPTH + 2)
+        # It waited for the DEPTH commands before it (DEPTH x DELAY), not for the later ones.
+        assert time.monotonic() - t0 < 2 * DELAY * (DEPTH + 1)
         while reads.in_flight:
             reads.reap()
             time.sleep(0.01)
