@@ -6,6 +6,7 @@ request that met them."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -24,6 +25,7 @@ from vhost_core.testing.constants import (
 )
 
 SECTOR = 512
+MAX_TRANSFER = 4 << 20      # VN_MAX_TRANSFER
 F_DISCARD = 13
 F_WRITE_ZEROES = 14
 ENGINES = ("aio", "io_uring")
@@ -128,6 +130,29 @@ def test_unaligned_guest_buffers_go_through_bounce_buffers(vhost_daemon, backing
     assert _file_bytes(f, 2048 * SECTOR, len(big)) == big
     s = _stats(d)
     assert s["bounced"] >= 6 and s["io_errors"] == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_transfer_over_the_maximum_fails_and_moves_nothing(vhost_daemon, backing_dir, helpers, engine):
+    """VN_MAX_TRANSFER bounds one READ or WRITE, and with it a bounce buffer and an
+    io_uring SQE's length: exactly the maximum works, misaligned (bounced whole);
+    a block more fails with E2BIG without touching the file or the guest buffer."""
+    d = vhost_daemon
+    f = helpers.make_file(backing_dir / "disk.img", 16 << 20)
+    _setup(d, f, engine=engine)
+    with connect_blk(d.socket("vhost.0"), memory_mb=32) as dev:
+        data = os.urandom(MAX_TRANSFER)
+        dev.write(0, data, seg_size=20000, indirect=True)
+        assert dev.read(0, MAX_TRANSFER // SECTOR, seg_size=30000, indirect=True) == data
+        r = dev.submit(VIRTIO_BLK_T_OUT, 0, b"\x5a" * (MAX_TRANSFER + SECTOR))
+        assert r.status == VIRTIO_BLK_S_IOERR
+        r = dev.submit(VIRTIO_BLK_T_IN, 0, b"", MAX_TRANSFER + SECTOR, seg_size=20000, indirect=True)
+        assert r.status == VIRTIO_BLK_S_IOERR
+    assert _file_bytes(f, 0, MAX_TRANSFER + SECTOR) == data + bytes(SECTOR)
+    s = _stats(d)
+    assert (s["bytes_written"], s["bytes_read"], s["bounced"]) == (MAX_TRANSFER, MAX_TRANSFER, 2)
+    if s["io_errors"]:          # refused here, not by the device type already
+        assert s["last_error"]["errno"] == errno.E2BIG
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -141,6 +141,7 @@ class VirtioScsiDevice:
         self._events: dict[int, int] = {}   # head -> gpa of posted event buffers
         self._pending_events: list = []
         self._tag = 0
+        self._tmf_done: set[int] = set()
 
     def close(self) -> None:
         self.frontend.close()
@@ -229,6 +230,27 @@ class VirtioScsiDevice:
             mem.free(g)
             mem.free(r)
 
+    def post_tmf(self, target: int, subtype: int, *, lun: int = 0) -> tuple[int, int]:
+        """A TMF made available without waiting: ``(head, gpa of its response byte)``;
+        see :meth:`tmf_response`."""
+        mem = self.memory
+        req = mem.alloc_bytes(struct.pack("<II8sQ", T_TMF, subtype, lun_bytes(target, lun), 7))
+        resp = mem.alloc(1)
+        mem.fill(resp, 1, 0xEE)
+        head = self.queues[0].add_chain([(req, 24, False), (resp, 1, True)])
+        self.queues[0].kick()
+        return head, resp
+
+    def tmf_response(self, posted: tuple[int, int]) -> int | None:
+        """The response of a :meth:`post_tmf` TMF once the control queue returned it,
+        else None (other control-queue completions are consumed and dropped)."""
+        head, resp = posted
+        if any(el.head == head for el in self.queues[0].get_used()):
+            self._tmf_done.add(head)
+        if head not in self._tmf_done:
+            return None
+        return self.memory.read(resp, 1)[0]
+
     def an(self, kind: int, target: int, events: int = 0xFFFFFFFF) -> tuple[int, int]:
         mem = self.memory
         req = struct.pack("<I8sI", kind, lun_bytes(target), events)
@@ -273,6 +295,48 @@ class VirtioScsiDevice:
             out.append(EVENT.unpack(self.memory.read(g, EVENT.size)) + (el.len,))
             self.memory.free(g)
         return out
+
+
+class ReadStream:
+    """One-block READs of ``target`` posted on ``queue`` without waiting, as a driver
+    keeping I/O in flight does: :meth:`keep` tops them up to a depth.  Buffers are
+    allocated up front, so a second thread may drive it (it touches only its queue)."""
+
+    def __init__(self, dev: VirtioScsiDevice, target: int = 0, lba: int = 0, queue: int = 2,
+                 slots: int = 16) -> None:
+        self.dev, self.vq = dev, dev.queues[queue]
+        mem = dev.memory
+        hdr = REQ_HDR.pack(lun_bytes(target), 1, 0, 0, 0, rw10(False, lba, 1))
+        self.free = [(mem.alloc_bytes(hdr), mem.alloc(RESP_SIZE), mem.alloc(512)) for _ in range(slots)]
+        self.posted: dict[int, tuple[int, int, int]] = {}
+        self.completed = 0
+        #: (asc, ascq) of each UNIT ATTENTION the reads were answered with
+        self.unit_attentions: list[tuple[int, int]] = []
+
+    def post(self) -> None:
+        slot = self.free.pop()
+        hdr, resp, din = slot
+        head = self.vq.add_chain([(hdr, REQ_HDR.size, False), (resp, RESP_SIZE, True), (din, 512, True)])
+        self.posted[head] = slot
+        self.vq.kick()
+
+    def reap(self) -> None:
+        for el in self.vq.get_used():
+            slot = self.posted.pop(el.head)
+            raw = self.dev.memory.read(slot[1], RESP_SIZE)
+            if raw[10] == CHECK_CONDITION and raw[12 + 2] & 0x0F == UNIT_ATTENTION:
+                self.unit_attentions.append((raw[12 + 12], raw[12 + 13]))
+            self.free.append(slot)
+            self.completed += 1
+
+    def keep(self, depth: int) -> None:
+        self.reap()
+        while len(self.posted) < depth:
+            self.post()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.posted)
 
 
 def _segments(gpa: int, n: int, writable: bool, seg: int | None):

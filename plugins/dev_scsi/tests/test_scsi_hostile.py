@@ -28,13 +28,19 @@ from scsi_driver import (
     mode_select6,
     mode_sense6,
     report_luns,
+    rw6,
     rw10,
+    rw12,
     rw16,
     unmap,
     unmap_params,
+    write_same16,
 )
 
 GUARD = 256
+#: VN_MAX_TRANSFER: config max_sectors and the Block Limits VPD page state it.
+MAX_XFER = 4 << 20
+MAX_UNMAP_BYTES = 2 << 30
 
 
 class Guarded:
@@ -249,3 +255,141 @@ def test_a_hostile_session_leaves_the_controller_serving_the_next_one(scsi_daemo
         assert dev.command(1, rw10(False, 5, 1), data_in_len=4096, queue=2).data == data
     assert scsi_daemon.alive()
     assert "Traceback" not in scsi_daemon.log()
+
+
+# ---------------------------------------------------------------- request size
+
+def invalid_cdb_field(r, field: int) -> None:
+    assert (r.response, r.status) == (S_OK, CHECK_CONDITION), r
+    assert (r.sense.key, r.sense.asc, r.sense.ascq) == (ILLEGAL_REQUEST, 0x24, 0), r
+    assert r.sense.sksv and r.sense.cd and r.sense.field == field, r.sense.raw.hex()
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+@pytest.mark.parametrize("size, field", [(10, 7), (12, 6), (16, 10)])
+def test_transfer_one_block_over_the_maximum_moves_nothing(scsi_dev, write, size, field):
+    """The buffer holds the whole transfer and the LBA range is on the disk: only the
+    length is wrong, and the command fails before the bdev sees it."""
+    cdb = {10: rw10, 12: rw12, 16: rw16}[size]
+    before = marker(scsi_dev)
+    n = MAX_XFER // 512 + 1
+    if write:
+        r = scsi_dev.command(0, cdb(True, 0, n), data_out=b"\x5a" * (n * 512))
+        assert r.resid == n * 512
+    else:
+        r = scsi_dev.command(0, cdb(False, 0, n), data_in_len=n * 512)
+        assert r.used_len == RESP_SIZE and r.resid == n * 512
+        assert r.data == b"\xee" * (n * 512), "data-in written"
+    invalid_cdb_field(r, field)
+    healthy(scsi_dev, data=before)
+
+
+def test_transfer_lengths_the_cdb_can_hold_move_nothing(scsi_dev):
+    """The largest length of each CDB, with a small buffer: refused (too long, or past
+    the end of the disk) before any byte moves, whatever the buffer."""
+    before = marker(scsi_dev)
+    mem = scsi_dev.memory
+    for cdb in (rw10(False, 0, 0xFFFF), rw10(True, 0, 0xFFFF), rw12(False, 0, 0xFFFFFFFF),
+                rw12(True, 0, 0xFFFFFFFF), rw16(False, 0, 0xFFFFFFFF), rw16(True, 2**63, 0xFFFFFFFF),
+                rw6(True, 0, 0)):           # 256 blocks: within the limit, but no buffer for them
+        for din, dout in ((4096, 0), (0, 4096), (0, 0)):
+            hdr = mem.alloc_bytes(header(0, cdb))
+            bufs = [(hdr, 51, False)]
+            out = Guarded(mem, dout, fill=0x5A)
+            if dout:
+                bufs.append((out.gpa, dout, False))
+            resp = Guarded(mem, RESP_SIZE)
+            bufs.append((resp.gpa, RESP_SIZE, True))
+            data = Guarded(mem, din)
+            if din:
+                bufs.append((data.gpa, din, True))
+            used = scsi_dev.chain(2, bufs)
+            response, status, _resid, sense = parse_resp(resp.read())
+            assert used == RESP_SIZE
+            if status == CHECK_CONDITION:
+                assert response == S_OK and sense[2] & 0x0F == ILLEGAL_REQUEST and sense[12] in (0x21, 0x24)
+            else:
+                assert response == S_OVERRUN, (cdb.hex(), din, dout, response, status)
+            assert data.read() == b"\xee" * din and data.guards_intact() and resp.guards_intact()
+    healthy(scsi_dev, data=before)
+
+
+LONG = b"\xff" * 4
+UNSUPPORTED_DATA_COMMANDS = {
+    "compare-and-write": bytes([0x89]) + bytes(12) + b"\xff" + bytes(2),
+    "write-and-verify-10": bytes([0x2E]) + bytes(6) + b"\xff\xff\x00",
+    "write-and-verify-16": bytes([0x8E]) + bytes(9) + LONG + bytes(2),
+    "verify-16": bytes([0x8F]) + bytes(9) + LONG + bytes(2),
+    "orwrite-16": bytes([0x8B]) + bytes(9) + LONG + bytes(2),
+    "write-atomic-16": bytes([0x9C]) + bytes(9) + LONG + bytes(2),
+    "write-32": bytes([0x7F]) + bytes(6) + bytes([0x18, 0x00, 0x0B]) + bytes(18) + LONG,
+}
+
+
+@pytest.mark.parametrize("cdb", list(UNSUPPORTED_DATA_COMMANDS.values()), ids=list(UNSUPPORTED_DATA_COMMANDS))
+def test_unsupported_data_commands_move_nothing(scsi_dev, cdb):
+    before = marker(scsi_dev)
+    r = scsi_dev.command(0, cdb, data_out=b"\x5a" * 8192)
+    assert (r.response, r.status, r.sense.key, r.sense.asc) == (S_OK, CHECK_CONDITION, ILLEGAL_REQUEST, 0x20)
+    healthy(scsi_dev, data=before)
+
+
+def test_unmap_block_count_is_bounded_for_the_whole_list(scsi_daemon):
+    """MAXIMUM UNMAP LBA COUNT (Block Limits VPD page) bounds the sum of the
+    descriptors (SBC-3, UNMAP), not each one: 64 descriptors of the maximum would
+    be 64 times the work.  On a 1 GiB null bdev, two descriptors reach it."""
+    d = scsi_daemon
+    blocks = 1 << 21
+    assert 2 * blocks * 512 == MAX_UNMAP_BYTES
+    d.rpc("bdev_null_create", name="NullU", num_blocks=blocks, block_size=512)
+    d.rpc("vhost_create_scsi_controller", ctrlr="vhost.u")
+    try:
+        d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.u", scsi_target_num=0, bdev_name="NullU")
+        with connect_scsi(d.socket("vhost.u")) as dev:
+            dev.command(0, TEST_UNIT_READY)
+            over = unmap_params((0, blocks), (0, blocks), (blocks - 1, 1))
+            r = dev.command(0, unmap(len(over)), data_out=over)
+            assert (r.response, r.status) == (S_OK, CHECK_CONDITION), r
+            assert (r.sense.key, r.sense.asc) == (ILLEGAL_REQUEST, 0x26), r
+            assert r.sense.sksv and not r.sense.cd and r.sense.field == 8 + 16 * 2 + 8, r.sense.raw.hex()
+            exact = unmap_params((0, blocks), (0, blocks))
+            r = dev.command(0, unmap(len(exact)), data_out=exact)
+            assert (r.response, r.status) == (S_OK, GOOD), r
+    finally:
+        d.rpc("vhost_delete_controller", ctrlr="vhost.u")
+        d.rpc("bdev_null_delete", name="NullU")
+
+
+@pytest.mark.parametrize("kind, count", [("write-same", 1), ("unmap", 1), ("write-same", 3)])
+def test_a_command_that_copies_the_whole_disk_does_not_hold_up_the_next(scsi_dev, kind, count):
+    """A malloc bdev copies and zeroes on the reactor: a WRITE SAME or UNMAP over the
+    whole 16 MiB disk gets VN_MAX_TRANSFER of that per reactor iteration (and
+    several such commands take turns), so a READ posted right behind them, in the
+    same kick, completes first."""
+    mem, vq = scsi_dev.memory, scsi_dev.queues[2]
+    nb = 32768
+    block = bytes(range(256)) * 2
+    if kind == "write-same":
+        cdb, out = write_same16(0, nb), block
+    else:
+        out = unmap_params(*[(i * 512, 512) for i in range(64)])
+        cdb = unmap(len(out))
+    big, big_resps = [], []
+    for _ in range(count):
+        hdr, data, resp = mem.alloc_bytes(header(0, cdb)), mem.alloc_bytes(out), Guarded(mem, RESP_SIZE)
+        big.append(vq.add_chain([(hdr, 51, False), (data, len(out), False), (resp.gpa, RESP_SIZE, True)],
+                                publish=False))
+        big_resps.append(resp)
+    rd_hdr = mem.alloc_bytes(header(0, rw10(False, 900, 1)))
+    rd_resp, rd_data = Guarded(mem, RESP_SIZE), Guarded(mem, 512)
+    rd = vq.add_chain([(rd_hdr, 51, False), (rd_resp.gpa, RESP_SIZE, True), (rd_data.gpa, 512, True)],
+                      publish=False)
+    vq.publish()
+    vq.kick(force=True)
+    done = vq.wait_used(10, min_count=count + 1)
+    assert done[0].head == rd and sorted(el.head for el in done[1:]) == sorted(big)
+    assert parse_resp(rd_resp.read())[:2] == (S_OK, GOOD)
+    assert all(parse_resp(r.read())[:2] == (S_OK, GOOD) for r in big_resps)
+    expect = block if kind == "write-same" else bytes(512)
+    for lba in (0, 8191, 8192, 8193, 16384, nb - 1):
+        healthy(scsi_dev, lba=lba, data=expect)

@@ -8,6 +8,7 @@ Each test runs its own daemon (``vhost_daemon``): they change the topology.
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from scsi_driver import (
     EVT_RESET_RESCAN,
     F_HOTPLUG,
     GOOD,
+    ILLEGAL_REQUEST,
     RESP_SIZE,
     S_BAD_TARGET,
     S_OK,
@@ -35,11 +37,13 @@ from scsi_driver import (
     inquiry,
     mode_sense6,
     report_luns,
+    rw6,
     rw10,
     sync_cache10,
     unmap,
     unmap_params,
     wait_no_session,
+    write_same16,
 )
 from vhost_core.rpc.client import RpcError
 
@@ -336,6 +340,34 @@ def aio_file(tmp_path):
     with open(path, "wb") as f:
         f.truncate(8 << 20)
     return str(path)
+
+
+def test_write_same_with_large_blocks_stays_within_the_transfer_limit(vhost_daemon, aio_file):
+    """WRITE SAME repeats the block in writes of up to VN_MAX_IOV segments: with
+    64 KiB blocks that would be 16 MiB per write, which bdevs refuse above
+    VN_MAX_TRANSFER.  It writes in pieces of at most that instead."""
+    d = vhost_daemon
+    if "bdev_aio_create" not in d.rpc("rpc_get_methods"):
+        pytest.fail("the bdev_aio plugin is not installed: scripts/install.sh installs it")
+    bs = 65536
+    os.truncate(aio_file, 32 << 20)             # 512 blocks: room for a READ (6) of 256
+    d.rpc("bdev_aio_create", filename=aio_file, name="Aio64", block_size=bs)
+    d.rpc("vhost_create_scsi_controller", ctrlr="vhost.0")
+    d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=0, bdev_name="Aio64")
+    block = bytes(range(256)) * (bs // 256)
+    n = 100                                     # 6.25 MiB, in one command
+    with connect_scsi(d.socket("vhost.0")) as dev:
+        r = dev.command(0, write_same16(4, n), data_out=block)
+        assert (r.response, r.status) == (S_OK, GOOD), r
+        # The limit in blocks is 64 here, and READ (6)'s 256 blocks exceed it.
+        b0 = dev.command(0, inquiry(64, evpd=True, page=0xB0), data_in_len=64).data
+        assert struct.unpack(">I", b0[8:12])[0] == (4 << 20) // bs
+        r = dev.command(0, rw6(False, 0, 0), data_in_len=bs)
+        assert (r.status, r.sense.key, r.sense.asc) == (CHECK_CONDITION, ILLEGAL_REQUEST, 0x24)
+        assert r.sense.field == 4, "TRANSFER LENGTH"
+    with open(aio_file, "rb") as f:
+        f.seek(3 * bs)
+        assert f.read((n + 2) * bs) == bytes(bs) + block * n + bytes(bs)
 
 
 def test_target_on_an_asynchronous_readonly_bdev(vhost_daemon, aio_file):

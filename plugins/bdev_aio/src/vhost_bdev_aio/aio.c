@@ -95,6 +95,10 @@ struct aio_io {
 
 _Static_assert(sizeof(struct aio_io) <= sizeof(((vn_bdev_io *)0)->driver_ctx),
                "struct aio_io must fit in vn_bdev_io.driver_ctx");
+/* READ and WRITE are refused above VN_MAX_TRANSFER (aio_submit), which keeps a
+ * bounce buffer that small and a request's length within an io_uring SQE's 32
+ * bits and the kernel's per-call cap (MAX_RW_COUNT, 2 GiB - 4 KiB). */
+_Static_assert(VN_MAX_TRANSFER <= (1u << 30), "VN_MAX_TRANSFER must stay far below MAX_RW_COUNT");
 
 struct uring {
     int fd;
@@ -806,11 +810,18 @@ static int reap(struct aio_chan *c)
 /* the vn_bdev_ops table                                               */
 /* ------------------------------------------------------------------ */
 
-static int iov_aligned(const struct iovec *iov, uint32_t cnt, uint32_t align)
+/* The segments' addresses and lengths ORed together (for the alignment check);
+ * their total length in *len. */
+static uintptr_t iov_scan(const struct iovec *iov, uint32_t cnt, uint64_t *len)
 {
     uintptr_t acc = 0;
-    for (uint32_t i = 0; i < cnt; i++) acc |= (uintptr_t)iov[i].iov_base | iov[i].iov_len;
-    return (acc & (align - 1)) == 0;
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < cnt; i++) {
+        acc |= (uintptr_t)iov[i].iov_base | iov[i].iov_len;
+        n += iov[i].iov_len;
+    }
+    *len = n;
+    return acc;
 }
 
 static void aio_submit(void *ctx, void *chan, vn_bdev_io *io)
@@ -839,15 +850,26 @@ static void aio_submit(void *ctx, void *chan, vn_bdev_io *io)
     }
     switch (io->type) {
     case VN_IO_READ:
-    case VN_IO_WRITE:
+    case VN_IO_WRITE: {
         a->op = io->type == VN_IO_READ ? OP_READ : OP_WRITE;
         a->cur = io->num_blocks * bs;
-        if ((b->flags & AIO_F_DIRECT) && !iov_aligned(io->iov, io->iovcnt, b->align)) {
+        /* Above the limit no device advertises, a bounce buffer (the whole request
+         * when misaligned, the rest after a short transfer) would be as large as
+         * the guest liked.  Segments that do not add up to the blocks would have
+         * the kernel move more (past the range checked above) or fewer bytes. */
+        uint64_t len;
+        uintptr_t acc = iov_scan(io->iov, io->iovcnt, &len);
+        if (a->cur > VN_MAX_TRANSFER || len != a->cur) {
+            finish(c, a, a->cur > VN_MAX_TRANSFER ? -E2BIG : -EINVAL);
+            return;
+        }
+        if ((b->flags & AIO_F_DIRECT) && (acc & (b->align - 1))) {
             if (bounce_get(c, a, 0, a->cur)) { finish(c, a, -ENOMEM); return; }
             if (a->op == OP_WRITE) vn_iov_copy_from(io->iov, io->iovcnt, 0, a->bounce, a->cur);
             stat_add(&b->stats.bounced, 1);
         }
         break;
+    }
     case VN_IO_FLUSH:
         a->op = OP_FSYNC;
         break;

@@ -40,7 +40,8 @@ F_T10_PI = 3
 #: Data segments per request (the chain also carries the request and response
 #: headers, and buffers split at memory-region boundaries; VN_MAX_IOV is 260).
 SEG_MAX = 126
-MAX_SECTORS = (4 << 20) // 512   # MAX_XFER_BYTES of scsi.c, in 512-byte sectors
+#: What scsi.c enforces (VN_MAX_TRANSFER), in 512-byte sectors.
+MAX_SECTORS = lib.scsi_dev_max_transfer() // 512
 CMD_PER_LUN = 128
 EVENT_INFO_SIZE = 16
 SENSE_SIZE = 96
@@ -233,7 +234,8 @@ class ScsiDevice:
         self._exec("scsi_dev_set_features", self._ctl(value=value))
 
     def queue_stopping(self, index: int) -> None:
-        """The core stops virtqueue ``index``: give back the event buffers held on it."""
+        """The core stops virtqueue ``index``: give back the event buffers (queue 1) or
+        the task management functions (queue 0) held on it."""
         self._exec("scsi_dev_queue_stopping", self._ctl(value=index))
 
     def stats(self) -> dict[str, int]:

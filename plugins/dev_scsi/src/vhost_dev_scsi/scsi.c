@@ -88,8 +88,10 @@
 #define UA_LUNS_CHANGED 4u
 #define UA_CAPACITY_CHANGED 8u
 
-/* Limits we advertise (block limits VPD page) and enforce. */
-#define MAX_XFER_BYTES (4u << 20)
+/* Limits we advertise (block limits VPD page, config max_sectors) and enforce.  The
+ * transfer limit is the core's: a larger one would be advertised only to have the
+ * core fail the chains that use it (E2BIG) without a SCSI status. */
+#define MAX_XFER_BYTES VN_MAX_TRANSFER
 #define MAX_UNMAP_BYTES (2ull << 30)
 #define MAX_UNMAP_DESC 64
 #define WS_BLOCK_IOV 8
@@ -109,6 +111,12 @@ struct scsi_target {
     uint32_t io_types;
     int readonly;
     uint32_t outstanding;       /* commands with bdev I/O in flight */
+    /* Those commands in the order they started, oldest first, and the number the
+     * next one gets: a task management function waits for the commands older
+     * than it, not for those the driver keeps sending after it. */
+    struct scsi_req *oldest, *newest;
+    uint64_t next_seq;
+    struct scsi_req *tmf_head, *tmf_tail;  /* held TMFs, in arrival order */
     uint32_t ua;
     char product[16];
     char serial[64];
@@ -129,8 +137,9 @@ struct scsi_dev {
     int events_missed;
     struct scsi_req *ev_head, *ev_tail;
     uint32_t ev_held;
-    struct scsi_req *tmf_head;
     uint32_t tmf_held;
+    /* Commands that used up their share of inline bdev work (see step). */
+    struct scsi_req *resume_head, *resume_tail;
     uint64_t outstanding;
     struct scsi_dev_stats stats;
     struct vn_iostat_clock clock;
@@ -142,7 +151,9 @@ struct unmap_desc { uint64_t lba; uint64_t n; };
 struct scsi_req {
     vn_bdev_io io;
     vn_req *req;
-    struct scsi_req *next;      /* held event buffers and task management requests */
+    struct scsi_req *next;      /* held event buffers and TMFs; commands to resume */
+    struct scsi_req *older, *newer;     /* the target's commands in flight */
+    uint64_t seq;               /* command: its start order; TMF: the first command it does not wait for */
     struct scsi_target *t;
     uint64_t din_len, dout_len; /* data-in / data-out bytes past the response / request header */
     uint64_t xfer;              /* data bytes moved, for resid and the used length */
@@ -161,6 +172,8 @@ struct scsi_req {
 };
 
 _Static_assert(sizeof(struct scsi_req) <= VN_DEV_PRIV_SIZE, "scsi_req must fit in dev_priv");
+/* The VPD page states the limit in blocks, config max_sectors in 512-byte sectors. */
+_Static_assert(MAX_XFER_BYTES % 65536 == 0, "MAX_XFER_BYTES must be a whole number of blocks of any size");
 
 static const uint8_t zero_block[65536];
 
@@ -386,15 +399,39 @@ static void ctrl_reply(vn_req *req, const void *resp, uint32_t len)
     req->complete(req, len);
 }
 
-static void tmf_finish(struct scsi_dev *d, struct scsi_req *sr)
+static void tmf_finish(struct scsi_dev *d, struct scsi_req *sr, uint8_t resp)
 {
     struct scsi_target *t = &d->tgt[sr->tmf_target];
-    uint8_t resp = VIRTIO_SCSI_S_FUNCTION_COMPLETE;
-    if (t->state == TGT_PRESENT) {
+    if (resp == VIRTIO_SCSI_S_FUNCTION_COMPLETE && t->state == TGT_PRESENT) {
         if (sr->tmf_subtype == TMF_LOGICAL_UNIT_RESET) t->ua |= UA_RESET;
         else if (sr->tmf_subtype == TMF_I_T_NEXUS_RESET) t->ua |= UA_NEXUS_LOSS;
     }
     ctrl_reply(sr->req, &resp, 1);
+}
+
+/* Every command that was in flight on the target when the TMF arrived is done. */
+static int tmf_ready(const struct scsi_target *t, const struct scsi_req *tmf)
+{
+    return !t->oldest || t->oldest->seq >= tmf->seq;
+}
+
+/* Complete the target's held TMFs that wait on nothing any more; with `force`,
+ * all of them, rejecting those that still would (their queue is stopping).  They
+ * are held in arrival order, so the first that must wait ends the pass. */
+static int tmf_release(struct scsi_dev *d, struct scsi_target *t, int force)
+{
+    int n = 0;
+    struct scsi_req *sr;
+    while ((sr = t->tmf_head) != NULL) {
+        int ready = tmf_ready(t, sr);
+        if (!ready && !force) break;
+        t->tmf_head = sr->next;
+        if (!t->tmf_head) t->tmf_tail = NULL;
+        d->tmf_held--;
+        tmf_finish(d, sr, ready ? VIRTIO_SCSI_S_FUNCTION_COMPLETE : VIRTIO_SCSI_S_FUNCTION_REJECTED);
+        n++;
+    }
+    return n;
 }
 
 static void tmf_submit(struct scsi_dev *d, struct scsi_req *sr)
@@ -422,14 +459,18 @@ static void tmf_submit(struct scsi_dev *d, struct scsi_req *sr)
     case TMF_I_T_NEXUS_RESET:
     case TMF_LOGICAL_UNIT_RESET:
         /* Commands cannot be recalled from a bdev: the function completes once
-         * every command of the logical unit has. */
+         * every command the logical unit had when it arrived has.  Not those sent
+         * after it: a driver that keeps I/O flowing would hold it forever. */
         sr->tmf_target = (uint8_t)(t - d->tgt);
         sr->tmf_subtype = (uint8_t)subtype;
-        if (t->outstanding == 0) {
-            tmf_finish(d, sr);
+        sr->seq = t->next_seq;
+        if (tmf_ready(t, sr)) {
+            tmf_finish(d, sr, VIRTIO_SCSI_S_FUNCTION_COMPLETE);
         } else {
-            sr->next = d->tmf_head;
-            d->tmf_head = sr;
+            sr->next = NULL;
+            if (t->tmf_tail) t->tmf_tail->next = sr;
+            else t->tmf_head = sr;
+            t->tmf_tail = sr;
             d->tmf_held++;
         }
         return;
@@ -554,7 +595,10 @@ static int next_io(struct scsi_req *sr, vn_bdev_io *io)
         return 1;
     case OP_WS_DATA: {
         if (sr->nblocks == 0) return 0;
+        /* Each write repeats the block's segments; with large blocks the segment
+         * count is not what bounds it: bdevs refuse I/O over VN_MAX_TRANSFER. */
         uint64_t chunk = VN_MAX_IOV / sr->blk_niov;
+        if (chunk > MAX_XFER_BYTES / t->block_size) chunk = MAX_XFER_BYTES / t->block_size;
         if (chunk > sr->nblocks) chunk = sr->nblocks;
         uint32_t n = 0;
         for (uint64_t b = 0; b < chunk; b++)
@@ -577,6 +621,10 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
     struct scsi_target *t = sr->t;
     t->outstanding--;
     d->outstanding--;
+    if (sr->older) sr->older->newer = sr->newer;
+    else t->oldest = sr->newer;
+    if (sr->newer) sr->newer->older = sr->older;
+    else t->newest = sr->older;
     if (sr->io_status) {
         d->stats.io_errors++;
         if (sr->op == OP_RW && !sr->is_write)
@@ -604,10 +652,16 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
 
 /* Run the command's bdev I/Os one after the other.  A bdev that completes inline
  * (malloc) calls io_done from inside submit: that only marks the I/O done and the
- * loop carries on, so a long WRITE SAME or UNMAP list never recurses. */
+ * loop carries on, so a long WRITE SAME or UNMAP list never recurses.  Such a bdev
+ * copies or zeroes on this thread, though: once a command has had more than one
+ * maximum transfer's worth done inline, the rest waits for the next reactor
+ * iteration (scsi_poll), or a WRITE SAME of gigabytes would be one long memcpy
+ * that every other device on the reactor waits for.  A single READ or WRITE
+ * never reaches that. */
 static void step(struct scsi_dev *d, struct scsi_req *sr)
 {
     struct scsi_target *t = sr->t;
+    uint64_t inline_bytes = 0;
     for (;;) {
         if (sr->io_status || !next_io(sr, &sr->io)) {
             finish_io(d, sr);
@@ -620,7 +674,27 @@ static void step(struct scsi_dev *d, struct scsi_req *sr)
         t->bdev->ops->submit(t->bdev->ctx, t->chan, &sr->io);
         sr->inline_wait = 0;
         if (!sr->inline_done) return;
+        if (sr->io.type != VN_IO_FLUSH) inline_bytes += sr->io.num_blocks * t->block_size;
+        if (inline_bytes > MAX_XFER_BYTES && !sr->io_status) {
+            sr->next = NULL;
+            if (d->resume_tail) d->resume_tail->next = sr;
+            else d->resume_head = sr;
+            d->resume_tail = sr;
+            return;
+        }
     }
+}
+
+/* One parked command per reactor iteration, round robin (one that uses up its
+ * share again goes to the back): however many a driver parks, an iteration does
+ * one share of their work, as it would for one such command. */
+static int resume_parked(struct scsi_dev *d)
+{
+    struct scsi_req *sr = d->resume_head;
+    d->resume_head = sr->next;
+    if (!d->resume_head) d->resume_tail = NULL;
+    step(d, sr);
+    return 1;
 }
 
 static void start_io(struct scsi_dev *d, struct scsi_req *sr, uint8_t op)
@@ -636,8 +710,15 @@ static void start_io(struct scsi_dev *d, struct scsi_req *sr, uint8_t op)
     sr->op = op;
     sr->stage = 0;
     sr->io_status = 0;
-    sr->t->outstanding++;
+    struct scsi_target *t = sr->t;
+    t->outstanding++;
     d->outstanding++;
+    sr->seq = t->next_seq++;
+    sr->newer = NULL;
+    sr->older = t->newest;
+    if (t->newest) t->newest->newer = sr;
+    else t->oldest = sr;
+    t->newest = sr;
     step(d, sr);
 }
 
@@ -830,6 +911,7 @@ static void cmd_unmap(struct scsi_dev *d, struct scsi_req *sr, const uint8_t *cd
         invalid_param(d, sr, 2);
         return;
     }
+    uint64_t total = 0;
     for (uint32_t i = 0; i < ndesc; i++) {
         vn_iov_copy_from(sr->req->iov, sr->req->n_out, REQ_SIZE + 8 + 16 * i, desc, sizeof(desc));
         uint64_t lba = be64(desc);
@@ -838,7 +920,10 @@ static void cmd_unmap(struct scsi_dev *d, struct scsi_req *sr, const uint8_t *cd
             check(d, sr, ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE, NOFIELD, 0);
             return;
         }
-        if (n > max_unmap_blocks(t)) {
+        /* MAXIMUM UNMAP LBA COUNT bounds the whole list (SBC-3, UNMAP), not each
+         * descriptor: 64 descriptors of the maximum would be 64 times the work. */
+        total += n;
+        if (total > max_unmap_blocks(t)) {
             invalid_param(d, sr, 8 + 16 * i + 8);
             return;
         }
@@ -1285,17 +1370,10 @@ static int scsi_poll(void *ctx)
         if (t->state != TGT_EMPTY && t->chan && t->bdev->ops->channel_poll)
             work += t->bdev->ops->channel_poll(t->bdev->ctx, t->chan);
     }
-    if (d->tmf_head) {
-        struct scsi_req **pp = &d->tmf_head;
-        while (*pp) {
-            struct scsi_req *sr = *pp;
-            if (d->tgt[sr->tmf_target].outstanding) { pp = &sr->next; continue; }
-            *pp = sr->next;
-            d->tmf_held--;
-            tmf_finish(d, sr);
-            work++;
-        }
-    }
+    if (d->resume_head) work += resume_parked(d);
+    if (d->tmf_held)
+        for (int i = 0; i < SCSI_MAX_TARGETS; i++)
+            if (d->tgt[i].tmf_head) work += tmf_release(d, &d->tgt[i], 0);
     vn_iostat_flush(&d->clock);
     return work;
 }
@@ -1331,6 +1409,8 @@ static const struct vn_device_ops scsi_ops = {
 };
 
 const void *scsi_device_ops(void) { return &scsi_ops; }
+
+uint32_t scsi_dev_max_transfer(void) { return MAX_XFER_BYTES; }
 
 struct scsi_dev *scsi_dev_new(void) { return calloc(1, sizeof(struct scsi_dev)); }
 
@@ -1383,6 +1463,7 @@ int scsi_dev_remove_target(void *arg)
     if (t->state == TGT_EMPTY) return 0;
     t->state = TGT_REMOVING;
     if (t->outstanding) return (int)t->outstanding;
+    tmf_release(d, t, 1);      /* nothing left for them to wait on */
     if (d->attached) channel_close(t);
     struct vn_iostat keep = t->iostat;     /* the control plane retires it (bdev_get_iostat) */
     memset(t, 0, sizeof(*t));
@@ -1421,13 +1502,21 @@ int scsi_dev_set_features(void *arg)
     return 0;
 }
 
-/* Queue `value` stops fetching: hand back the event buffers we hold on it
- * (as VIRTIO_SCSI_T_NO_EVENT), since they would never complete otherwise. */
+/* Queue `value` stops fetching: hand back what we hold on it.  Event buffers (as
+ * VIRTIO_SCSI_T_NO_EVENT) would never complete otherwise; a held TMF would
+ * complete only once commands on the request queues did, which the driver
+ * stopping the control queue may keep busy, or which may be stuck on their bdev:
+ * the stop must not wait for either.  A TMF whose commands are not all done is
+ * rejected (the driver then treats it as failed), the others complete. */
 int scsi_dev_queue_stopping(void *arg)
 {
     struct scsi_ctl *c = arg;
     struct scsi_dev *d = c->dev;
     int n = 0;
+    if (c->value == 0) {
+        for (int i = 0; i < SCSI_MAX_TARGETS; i++) n += tmf_release(d, &d->tgt[i], 1);
+        return n;
+    }
     if (c->value != 1) return 0;
     struct scsi_req *sr;
     while ((sr = pop_event(d)) != NULL) {

@@ -25,6 +25,8 @@ struct scsi_ctl {
     uint32_t value;
 };
 const void *scsi_device_ops(void);
+/* Most data bytes a command may move (VN_MAX_TRANSFER), as max_sectors and VPD 0xB0 state. */
+uint32_t scsi_dev_max_transfer(void);
 struct scsi_dev *scsi_dev_new(void);
 void scsi_dev_free(struct scsi_dev *d);
 int scsi_dev_add_target(void *desc);
