@@ -46,6 +46,7 @@ __all__ = [
     "RpcMethod",
     "RpcRegistry",
     "RpcState",
+    "extension",
     "unsupported",
 ]
 
@@ -122,6 +123,12 @@ def unsupported(default: Any, why: str, *, accepts: tuple[Any, ...] = (), same_a
     """
     return attrs.field(default=default, metadata={_UNSUPPORTED: {"why": why, "accepts": tuple(accepts),
                                                                  "same_as": same_as}})
+
+
+def extension(default: Any, help: str) -> Any:
+    """Declare a parameter of this target's own that SPDK does not have (``help`` says what it
+    does); SPDK's clients never send it, this target's CLI and JSON configs may."""
+    return attrs.field(default=default, metadata={"extension": help})
 
 
 def _refusal(f: attrs.Attribute) -> dict[str, Any] | None:
@@ -373,6 +380,8 @@ def _describe_params(cls: type | None) -> list[dict[str, Any]]:
         help_text = f.metadata.get("help") if f.metadata else None
         if help_text:
             entry["help"] = help_text
+        if f.metadata and "extension" in f.metadata:
+            entry["extension"] = f.metadata["extension"]
         rule = _refusal(f)
         if rule is not None:
             entry["unsupported"] = rule["why"]
@@ -400,6 +409,9 @@ class RpcMethod:
     owner: str | None
     #: The RPC states in which the method may be called (SPDK's state mask).
     states: RpcState = RpcState.RUNTIME
+    #: An old SPDK name kept as a method of its own: what to use instead.  Listed, like
+    #: aliases, only with ``include_aliases``; the first call logs a deprecation warning.
+    deprecated: str | None = None
 
     def decode(self, params: Any, called_as: str | None = None) -> Any:
         """Turn the JSON ``params`` value into what the handler takes."""
@@ -464,9 +476,11 @@ class RpcRegistry:
         deprecated_aliases: Sequence[str] = (),
         owner: str | None = None,
         states: RpcState = RpcState.RUNTIME,
+        deprecated: str | None = None,
     ) -> RpcMethod:
         """Register ``fn`` as ``name``; ``states``: where it may be called (default: once
-        the daemon serves, as SPDK's ``SPDK_RPC_RUNTIME``)."""
+        the daemon serves, as SPDK's ``SPDK_RPC_RUNTIME``); ``deprecated``: ``name`` is an
+        old SPDK name and this is what to use instead."""
         if isinstance(deprecated_aliases, str):
             deprecated_aliases = (deprecated_aliases,)
         if params is not None and not attrs.has(params):
@@ -488,6 +502,7 @@ class RpcRegistry:
             deprecated_aliases=tuple(deprecated_aliases),
             owner=owner,
             states=states,
+            deprecated=deprecated,
         )
         self._methods[name] = m
         for alias in deprecated_aliases:
@@ -502,12 +517,13 @@ class RpcRegistry:
         deprecated_aliases: Sequence[str] = (),
         owner: str | None = None,
         states: RpcState = RpcState.RUNTIME,
+        deprecated: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator form of :meth:`add`; returns the function unchanged."""
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.add(name, fn, params=params, deprecated_aliases=deprecated_aliases, owner=owner,
-                     states=states)
+                     states=states, deprecated=deprecated)
             return fn
 
         return deco
@@ -542,6 +558,8 @@ class RpcRegistry:
         out = [n for n, m in self._methods.items() if not current or self.rpc_state in m.states]
         if include_aliases:
             out.extend(a for a, n in self._aliases.items() if n in out)
+        else:
+            out = [n for n in out if self._methods[n].deprecated is None]
         return sorted(out)
 
     def aliases(self) -> dict[str, str]:
@@ -558,12 +576,21 @@ class RpcRegistry:
             "name": m.name,
             "owner": m.owner,
             "deprecated_aliases": list(m.deprecated_aliases),
+            "deprecated": m.deprecated,
             "states": [s.name.lower() for s in RpcState if s in m.states],
             "params": _describe_params(m.params),
             "help": doc.split("\n\n", 1)[0] if doc else "",
         }
 
     # -- calling ------------------------------------------------------------
+
+    def has_hint(self, name: str) -> bool:
+        """Whether calling the unregistered ``name`` answers more than "not found"."""
+        return name in self._hints
+
+    def not_found(self, name: str) -> RpcError:
+        """The error calling the unregistered ``name`` answers (with its hint, if any)."""
+        return self._not_found(name)
 
     def _not_found(self, name: str) -> RpcError:
         hint = self._hints.get(name)
@@ -578,9 +605,9 @@ class RpcRegistry:
         m = self._lookup(name)
         if m is None:
             raise self._not_found(name)
-        if name != m.name and name not in self._warned:
+        if (name != m.name or m.deprecated) and name not in self._warned:
             self._warned.add(name)
-            log.warning("rpc: method '%s' is deprecated, use '%s'", name, m.name)
+            log.warning("rpc: method '%s' is deprecated, use '%s'", name, m.deprecated or m.name)
         return m
 
     def check_state(self, m: RpcMethod) -> None:
