@@ -433,9 +433,10 @@ class App:
     @staticmethod
     def _ignored(method: str, spec: Ignored) -> Callable[[Any], bool]:
         def ignore(p: Any) -> bool:
-            given = [k for k, v in attrs.asdict(p).items() if v is not None]
-            shown = ", ".join(given[:6]) + (f", ... ({len(given)} options)" if len(given) > 6 else "")
-            notice(log, "%s: ignored%s: %s", method, f" {shown}" if shown else "", spec.why)
+            given = {k: v for k, v in attrs.asdict(p).items() if v is not None}
+            which = "".join(f" {k}={json.dumps(given.pop(k))}" for k in spec.required if k in given)
+            shown = ", ".join(list(given)[:6]) + (f", ... ({len(given)} options)" if len(given) > 6 else "")
+            notice(log, "%s%s: ignored%s: %s", method, which, f" {shown}" if shown else "", spec.why)
             return True
 
         ignore.__doc__ = f"Accepted and ignored: {spec.why}."

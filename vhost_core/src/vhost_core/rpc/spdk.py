@@ -138,9 +138,8 @@ IGNORED: dict[str, Ignored] = {
 
 #: SPDK methods this target does not implement yet, and what calling one answers.
 NOT_YET: dict[str, str] = {
-    "bdev_set_qos_limit": "QoS rate limits (bdev_set_qos_limit) are not implemented yet",
-    "vhost_controller_set_coalescing": "interrupt coalescing (vhost_controller_set_coalescing) is not "
-                                       "implemented yet",
+    "bdev_set_qos_limit": "QoS rate limits are not implemented yet",
+    "vhost_controller_set_coalescing": "Interrupt coalescing is not implemented yet",
 }
 
 #: Methods that attach a bdev to a controller, and the parameter naming the bdev: SPDK lets one
