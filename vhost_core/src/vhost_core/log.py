@@ -142,7 +142,8 @@ def get_level() -> int:
 
 def flag_names() -> list[str]:
     """Every flag ``log_set_flag`` takes: SPDK's names and our loggers' names."""
-    return sorted(set(SPDK_FLAGS) | _our_loggers())
+    mapped = {name for names in SPDK_FLAGS.values() for name in names}
+    return sorted(set(SPDK_FLAGS) | mapped | _our_loggers())
 
 
 def get_flags() -> dict[str, bool]:
