@@ -79,6 +79,8 @@ def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
 
 @hookimpl
 def vhost_add_cli_commands(subparsers) -> None:
+    from vhost_core.rpc.cli import NO_OUTPUT
+
     def create(client, args):
         params: dict[str, Any] = {"ctrlr": args.ctrlr, "dev_name": args.dev_name}
         if args.cpumask:
@@ -89,7 +91,8 @@ def vhost_add_cli_commands(subparsers) -> None:
             params["packed_ring"] = True
         if args.transport:
             params["transport"] = args.transport
-        return client.call(args.method_name, params)
+        client.call(args.method_name, params)
+        return NO_OUTPUT        # as rpc.py: the target's NOTICE says what was created
 
     for name, deprecated in (("vhost_create_blk_controller", None),
                              ("construct_vhost_blk_controller", "vhost_create_blk_controller")):
