@@ -39,7 +39,8 @@ def test_the_guide(vhost_daemon):
     paste(d, "remove_vhost_controller vhost.1")
     paste(d, "construct_vhost_blk_controller --cpumask 0x1 -r vhost.1 Malloc0")
     (c,) = d.rpc("vhost_get_controllers", name="vhost.1")
-    assert c["backend_specific"]["block"] == {"readonly": True, "bdev": "Malloc0", "transport": "vhost_user_blk"}
+    assert c["backend_specific"]["block"] == {"readonly": True, "bdev": "Malloc0",
+                                              "transport": "vhost_user_blk"}
     paste(d, "remove_vhost_controller vhost.1")
     paste(d, "add_vhost_scsi_lun vhost.0 0 Malloc0", "0\n")         # hot-attach
     paste(d, "remove_vhost_scsi_dev vhost.0 0")                      # hot-detach
@@ -57,7 +58,7 @@ def test_the_example_output(tmp_path):
         r = vhost_rpc(d, "construct_nvme_bdev -b Nvme0 -t pcie -a 0000:01:00.0")
         assert r.returncode == 2 and "pip install vhost-bdev-nvme" in r.stderr
         paste(d, "construct_malloc_bdev 128 4096 Malloc0", "Malloc0\n")      # the name given positionally
-        paste(d, "construct_vhost_scsi_controller --cpumask 0x1".replace("0x1", hex(1 << cores[0])) + " vhost.0")
+        paste(d, f"construct_vhost_scsi_controller --cpumask {hex(1 << cores[0])} vhost.0")   # 0x1 there
         assert "Controller vhost.0: new controller added" in d.log()
         r = vhost_rpc(d, "add_vhost_scsi_lun vhost.0 0 Nvme0n1")             # Nvme0 was not created
         assert r.returncode == 1 and "bdev 'Nvme0n1' does not exist" in r.stderr

@@ -98,7 +98,8 @@ def test_everything_else_of_the_spdk_config_is_served(loaded):
     assert set(bdevs) == {"Malloc0", "Malloc1", "Aio0"}
     for name, uuid in (("Malloc0", "edb1bcbf-3e8c-41b6-8744-971b3e1204f9"),
                        ("Malloc1", "ea969f03-9403-472d-839b-d6fc7da1dd7d")):
-        assert (bdevs[name]["num_blocks"], bdevs[name]["block_size"], bdevs[name]["uuid"]) == (131072, 512, uuid)
+        b = bdevs[name]
+        assert (b["num_blocks"], b["block_size"], b["uuid"]) == (131072, 512, uuid)
     assert bdevs["Aio0"]["driver_specific"]["aio"]["filename"] == str(AIO_FILE)
     assert (bdevs["Aio0"]["block_size"], bdevs["Aio0"]["num_blocks"]) == (512, (64 << 20) // 512)
     assert bdevs["Aio0"]["driver_specific"]["aio"]["fallocate"] is False      # SPDK's "fallocate": false
@@ -125,7 +126,8 @@ def test_what_spdk_saved_is_saved_again_and_reloads(loaded, tmp_path):
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps(config))
     with VhostDaemon(tmp_path / "again", extra_args=("--json", str(saved))) as d:
-        assert {b["uuid"] for b in d.rpc("bdev_get_bdevs")} == {b["uuid"] for b in loaded.rpc("bdev_get_bdevs")}
+        uuids = {b["uuid"] for b in loaded.rpc("bdev_get_bdevs")}
+        assert {b["uuid"] for b in d.rpc("bdev_get_bdevs")} == uuids
         assert ({c["ctrlr"]: c["backend_specific"] for c in d.rpc("vhost_get_controllers")}
                 == {c["ctrlr"]: c["backend_specific"] for c in loaded.rpc("vhost_get_controllers")})
         assert "*ERROR*" not in d.log()

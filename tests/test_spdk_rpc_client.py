@@ -164,7 +164,8 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     assert rpc.json("vhost_get_controllers", "-n", "vhost.0")[0]["backend_specific"]["scsi"][0]["luns"] == [
         {"id": 0, "bdev_name": "Malloc0"}]
     stat = rpc.json("bdev_get_iostat")
-    assert {"tick_rate", "ticks", "bdevs"} <= stat.keys() and all(b.keys() >= IOSTAT_KEYS for b in stat["bdevs"])
+    assert {"tick_rate", "ticks", "bdevs"} <= stat.keys()
+    assert all(b.keys() >= IOSTAT_KEYS for b in stat["bdevs"])
     assert [b["name"] for b in rpc.json("bdev_get_iostat", "--names", "Malloc1")["bdevs"]] == ["Malloc1"]
     rpc.run("bdev_reset_iostat")
     reactors = rpc.json("framework_get_reactors")
@@ -254,3 +255,32 @@ def _seed_old_names(rpc: SpdkRpc) -> None:
     log = rpc.daemon.log()
     assert "'construct_malloc_bdev' is deprecated, use 'bdev_malloc_create'" in log
     assert "'delete_bdev' is deprecated" in log
+
+
+def test_rpc_py_load_config_of_spdks_own_config_into_a_target_waiting_for_rpc(tmp_path):
+    """SPDK's way to configure a target started with --wait-for-rpc: load_config calls the start-up
+    methods, framework_start_init, then the rest."""
+    from test_spdk_config import SPDK_CONFIG
+
+    if not SPDK_CONFIG.exists():
+        pytest.skip(f"{SPDK_CONFIG} is not here")
+    spdk = json.loads(SPDK_CONFIG.read_text())
+    # Not implemented yet (other sessions of issue 12): QoS, coalescing, vhost.2 sharing Malloc1.
+    # rpc.py refuses a whole file naming a method the target does not list, so they are left out.
+    for sub in spdk["subsystems"]:
+        sub["config"] = [c for c in sub["config"] or []
+                         if c["method"] not in ("bdev_set_qos_limit", "vhost_controller_set_coalescing")
+                         and (c.get("params") or {}).get("ctrlr") != "vhost.2"]
+        for c in sub["config"]:
+            if c["method"] == "bdev_aio_create":
+                c["params"]["filename"] = str(tmp_path / "disk.img")
+    (tmp_path / "disk.img").write_bytes(b"\0" * (4 << 20))
+    (tmp_path / "spdk.json").write_text(json.dumps(spdk))
+    with VhostDaemon(tmp_path / "d", extra_args=("--wait-for-rpc",)) as d:
+        rpc = SpdkRpc(d)
+        out = rpc.run("load_config", "-j", str(tmp_path / "spdk.json"))
+        assert "Some configs were skipped" not in out
+        assert "framework_start_init" not in rpc.json("rpc_get_methods", "-c")
+        assert {b["name"] for b in rpc.json("bdev_get_bdevs")} == {"Malloc0", "Malloc1", "Aio0"}
+        assert {c["ctrlr"] for c in rpc.json("vhost_get_controllers")} == {"vhost.0", "vhost.1"}
+        assert d.log().count(": ignored") == 10
