@@ -309,7 +309,8 @@ class App:
             """Bdevs here are ready when created (nothing examines them): answers at once."""
             return True
 
-        @rpc.method("get_bdevs_iostat", params=NameOptParams, owner="vhost-core", deprecated="bdev_get_iostat")
+        @rpc.method("get_bdevs_iostat", params=NameOptParams, owner="vhost-core",
+                    deprecated="bdev_get_iostat")
         def get_bdevs_iostat(p: NameOptParams):
             # SPDK's old name answered a list: the tick rate first, then one object per bdev.
             bdevs = [self.bdevs.get(p.name)] if p.name is not None else list(self.bdevs)
