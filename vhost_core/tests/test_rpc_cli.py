@@ -74,6 +74,7 @@ def make_registry():
     @attrs.frozen
     class CfgP:
         name: str
+        with_batches: bool = False
 
     @r.method("framework_get_config", params=CfgP)
     def get_config(p):

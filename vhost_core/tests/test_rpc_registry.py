@@ -6,7 +6,7 @@ import attrs
 import pytest
 
 
-from vhost_core.rpc.registry import RpcError, RpcRegistry  # noqa: E402
+from vhost_core.rpc.registry import RpcError, RpcRegistry, RpcState, unsupported  # noqa: E402
 
 
 def _positive(instance, attribute, value):
@@ -305,3 +305,90 @@ def test_rpc_error_json():
     assert RpcError(-17, "exists").to_json() == {"code": -17, "message": "exists"}
     assert RpcError(-17, "exists", {"a": 1}).to_json() == {"code": -17, "message": "exists", "data": {"a": 1}}
     assert str(RpcError(-1, "m")) == "m"
+
+
+# -- SPDK's whole parameter set: what we do not honour is refused only when asked for --------
+
+
+@attrs.frozen
+class SpdkMallocParams:
+    num_blocks: int
+    block_size: int
+    physical_block_size: int | None = unsupported(None, "the physical block size is the block size",
+                                                  same_as="block_size")
+    md_size: int = unsupported(0, "no separate metadata; omit md_size")
+    md_interleave: bool = unsupported(False, "no metadata")
+    numa_id: int = unsupported(-1, "memory comes from any NUMA node")
+    transport: str | None = unsupported(None, "vhost-user only", accepts=("vhost_user_blk",))
+
+
+@pytest.fixture
+def spdk_reg():
+    r = RpcRegistry()
+    r.add("bdev_malloc_create", lambda p: p, params=SpdkMallocParams)
+    return r
+
+
+def test_unsupported_parameters_at_their_default_pass_silently(spdk_reg):
+    # What SPDK's rpc.py of today sends for `bdev_malloc_create 64 512`.
+    p = spdk_reg.dispatch("bdev_malloc_create", {"num_blocks": 131072, "block_size": 512,
+                                                 "md_interleave": False, "md_size": 0, "numa_id": -1,
+                                                 "physical_block_size": 512, "transport": "vhost_user_blk"})
+    assert (p.num_blocks, p.md_interleave, p.physical_block_size) == (131072, False, 512)
+    # null is "absent": the default applies.
+    assert spdk_reg.dispatch("bdev_malloc_create", {"num_blocks": 1, "block_size": 512,
+                                                    "md_size": None, "numa_id": None}).md_size == 0
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("md_size", 8, "md_size=8"),
+    ("md_interleave", True, "md_interleave=true"),
+    ("numa_id", 1, "numa_id=1"),
+    ("physical_block_size", 4096, "physical_block_size=4096"),
+    ("transport", "vfio_user_virtio_blk", 'transport="vfio_user_virtio_blk"'),
+])
+def test_unsupported_value_refused_naming_parameter_and_value(spdk_reg, key, value, shown):
+    e = err_of(spdk_reg, "bdev_malloc_create", {"num_blocks": 1, "block_size": 512, key: value})
+    assert e.code == -errno.ENOTSUP
+    assert e.message.startswith(f"bdev_malloc_create: {shown} is not supported by this target: ")
+
+
+def test_name_spdk_never_had_lists_the_valid_ones(spdk_reg):
+    e = err_of(spdk_reg, "bdev_malloc_create", {"num_blocks": 1, "block_size": 512, "dif": 1})
+    assert e.code == -32602
+    assert e.message == ("bdev_malloc_create: unknown parameter 'dif'; valid parameters: num_blocks, "
+                         "block_size, physical_block_size, md_size, md_interleave, numa_id, transport")
+
+
+def test_schema_marks_unsupported_parameters(spdk_reg):
+    by = {p["name"]: p for p in spdk_reg.schema("bdev_malloc_create")["params"]}
+    assert by["md_size"]["unsupported"] == "no separate metadata; omit md_size"
+    assert by["transport"]["accepts"] == ["vhost_user_blk"]
+    assert by["physical_block_size"]["same_as"] == "block_size"
+    assert "unsupported" not in by["num_blocks"]
+
+
+# -- SPDK's RPC states ---------------------------------------------------------------
+
+
+def test_startup_state_allows_only_startup_methods():
+    r = RpcRegistry()
+    r.add("bdev_get_bdevs", lambda: [])
+    r.add("framework_start_init", lambda: True, states=RpcState.STARTUP)
+    r.add("log_get_flags", lambda: {}, states=RpcState.STARTUP | RpcState.RUNTIME)
+    r.rpc_state = RpcState.STARTUP
+    e = err_of(r, "bdev_get_bdevs")
+    assert (e.code, e.message) == (-1, "Method may only be called after framework is initialized using "
+                                       "framework_start_init RPC.")
+    assert r.dispatch("log_get_flags") == {}
+    assert r.dispatch("rpc_get_methods", {"current": True}) == ["framework_start_init", "log_get_flags",
+                                                                "rpc_get_methods"]
+    r.rpc_state = RpcState.RUNTIME
+    e = err_of(r, "framework_start_init")
+    assert e.code == -1 and e.message.startswith("Method may only be called before framework is initialized. "
+                                                 "Use --wait-for-rpc")
+    assert r.dispatch("rpc_get_methods", {"current": True}) == ["bdev_get_bdevs", "log_get_flags",
+                                                                "rpc_get_methods"]
+    assert r.dispatch("rpc_get_methods") == ["bdev_get_bdevs", "framework_start_init", "log_get_flags",
+                                             "rpc_get_methods"]
+    assert r.schema("log_get_flags")["states"] == ["startup", "runtime"]

@@ -23,7 +23,7 @@ import attrs
 from vhost_core.bdev.interface import IO_TYPES, Bdev, check_block_size
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
+from vhost_core.rpc.registry import RpcError, extension, unsupported
 
 from vhost_bdev_aio._aio_native import ffi, lib
 
@@ -47,13 +47,18 @@ MONITOR_TICK_S = 1.0
 
 @attrs.frozen
 class AioCreateParams:
+    """SPDK's parameters (v24.01 to 26.9) and ``engine``, ours."""
+
     filename: str
     name: str
-    block_size: int = 0
+    block_size: int = 0                     # 0: the device's logical block size, 512 for files
     readonly: bool = False
+    # None: unmap/write-zeroes where the file or device can; true: required; false: none (SPDK's default)
     fallocate: bool | None = None
     uuid: str | None = None
-    engine: str | None = None
+    nowait: bool = unsupported(False, "it does not submit with RWF_NOWAIT (io_uring or its helper thread "
+                                      "keep the reactor from blocking): omit --no-wait")
+    engine: str | None = extension(None, "I/O engine: aio (Linux AIO) or io_uring")
 
 
 @attrs.frozen
@@ -588,6 +593,8 @@ def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
                                   "uuid": b.uuid}
         if state.block_size_override:
             params["block_size"] = b.block_size
+        if not b.readonly and not b.driver_specific["aio"]["fallocate"]:
+            params["fallocate"] = False     # no unmap now: none after a reload either
         if state.engine != "aio":
             params["engine"] = state.engine
         calls.append({"method": "bdev_aio_create", "params": params})
@@ -608,6 +615,8 @@ def vhost_add_cli_commands(subparsers) -> None:
             params["uuid"] = args.uuid
         if args.engine:
             params["engine"] = args.engine
+        if args.nowait:
+            params["nowait"] = True
         return client.call(args.method_name, params)
 
     for name, deprecated in (("bdev_aio_create", None), ("construct_aio_bdev", "bdev_aio_create")):
@@ -621,6 +630,8 @@ def vhost_add_cli_commands(subparsers) -> None:
         p.add_argument("--fallocate", action="store_true",
                        help="Require unmap/write_zeroes by fallocate (default: offered where it works)")
         p.add_argument("-u", "--uuid", help="UUID of the bdev (optional)")
+        p.add_argument("--no-wait", dest="nowait", action="store_true",
+                       help="RWF_NOWAIT (SPDK's option): not supported")
         p.add_argument("--engine", choices=sorted(ENGINES),
                        help=f"I/O engine (default aio, or ${ENGINE_ENV} of the daemon)")
         p.set_defaults(func=create, method_name=name)

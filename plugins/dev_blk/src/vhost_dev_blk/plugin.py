@@ -10,7 +10,7 @@ import attrs
 
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
+from vhost_core.rpc.registry import RpcError, extension, unsupported
 
 from vhost_dev_blk.device import MAX_QUEUES, BlkDevice
 
@@ -20,12 +20,18 @@ log = get_logger("vhost_blk")
 
 @attrs.frozen
 class CreateBlkParams:
+    """SPDK's parameters (v24.01 to 26.9) and ``num_queues``, ours."""
+
     ctrlr: str
     dev_name: str
     cpumask: str | None = None
     readonly: bool = False
-    packed_ring: bool = False
-    num_queues: int | None = None
+    transport: str | None = unsupported(None, "it serves vhost-user only: omit transport (or vhost_user_blk)",
+                                        accepts=("vhost_user_blk",))
+    packed_ring: bool = unsupported(False, "it serves split virtqueues (which every QEMU offers): "
+                                           "omit packed_ring (-p)")
+    num_queues: int | None = extension(None, f"request queues offered to the guest, 1..{MAX_QUEUES} "
+                                             f"(default {MAX_QUEUES})")
 
 
 @hookimpl
@@ -33,9 +39,6 @@ def vhost_register_rpc_methods(rpc, app) -> None:
     @rpc.method("vhost_create_blk_controller", params=CreateBlkParams, owner="dev_blk",
                 deprecated_aliases=("construct_vhost_blk_controller",))
     def vhost_create_blk_controller(p: CreateBlkParams) -> bool:
-        if p.packed_ring:
-            raise RpcError(-errno.ENOTSUP, "packed_ring is not supported yet: leave it off "
-                                           "(split rings work with every QEMU)")
         nq = MAX_QUEUES if p.num_queues is None else p.num_queues
         if not 1 <= nq <= MAX_QUEUES:
             raise RpcError(-errno.EINVAL, f"num_queues {nq} out of range: use 1..{MAX_QUEUES}")
@@ -76,6 +79,8 @@ def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
 
 @hookimpl
 def vhost_add_cli_commands(subparsers) -> None:
+    from vhost_core.rpc.cli import NO_OUTPUT
+
     def create(client, args):
         params: dict[str, Any] = {"ctrlr": args.ctrlr, "dev_name": args.dev_name}
         if args.cpumask:
@@ -84,7 +89,10 @@ def vhost_add_cli_commands(subparsers) -> None:
             params["readonly"] = True
         if args.packed_ring:
             params["packed_ring"] = True
-        return client.call(args.method_name, params)
+        if args.transport:
+            params["transport"] = args.transport
+        client.call(args.method_name, params)
+        return NO_OUTPUT        # as rpc.py: the target's NOTICE says what was created
 
     for name, deprecated in (("vhost_create_blk_controller", None),
                              ("construct_vhost_blk_controller", "vhost_create_blk_controller")):
@@ -95,7 +103,8 @@ def vhost_add_cli_commands(subparsers) -> None:
         p.add_argument("dev_name", help="bdev name")
         p.add_argument("--cpumask", help="cpu mask for this controller")
         p.add_argument("-r", "--readonly", action="store_true", help="set the controller as read-only")
-        p.add_argument("-p", "--packed_ring", action="store_true", help="use a packed ring (unsupported)")
+        p.add_argument("-p", "--packed-ring", action="store_true", help="use a packed ring (unsupported)")
+        p.add_argument("--transport", help="virtio-blk transport: vhost_user_blk, the only one here")
         p.set_defaults(func=create, method_name=name)
         if deprecated:
             p.set_defaults(deprecated_use=deprecated)

@@ -356,4 +356,7 @@ def main(argv: list[str] | None = None, *, contributors: Iterable[Contributor] |
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # python -m: run the imported module's main, so that NO_OUTPUT is the one plugins import.
+    from vhost_core.rpc import cli as _cli
+
+    sys.exit(_cli.main())

@@ -88,18 +88,106 @@ def _bdev_reset_iostat(client: Any, args: argparse.Namespace) -> Any:
     return NO_OUTPUT
 
 
-def _save_config(client: Any, args: argparse.Namespace) -> Any:
-    # Same procedure as SPDK's rpc.py: ask for the subsystems, then each one's config.
-    config: dict[str, Any] = {"subsystems": []}
-    for elem in client.call("framework_get_subsystems"):
-        name = elem["subsystem"]
-        config["subsystems"].append(
-            {"subsystem": name, "config": client.call("framework_get_config", {"name": name})}
-        )
-    indent = args.indent
-    json.dump(config, sys.stdout, indent=None if indent < 0 else indent)
+def _dump(obj: Any, indent: int) -> None:
+    json.dump(obj, sys.stdout, indent=None if indent < 0 else indent)
     sys.stdout.write("\n")
+
+
+def _save_config(client: Any, args: argparse.Namespace) -> Any:
+    # Same procedure as SPDK's rpc.py: the subsystems (and what they depend on), then each one's config.
+    subsystems = client.call("framework_get_subsystems")
+    deps: dict[str, set[str]] = {}
+    for elem in subsystems:
+        deps[elem["subsystem"]] = {elem["subsystem"]}.union(*(deps[d] for d in elem["depends_on"]))
+    wanted = set(deps)
+    if args.subsystems:
+        wanted = set().union(*(deps[s] for s in args.subsystems.split(",")))
+    config = {"subsystems": [
+        {"subsystem": e["subsystem"],
+         "config": client.call("framework_get_config", {"name": e["subsystem"],
+                                                        "with_batches": args.with_batches})}
+        for e in subsystems if e["subsystem"] in wanted]}
+    _dump(config, args.indent)
     return NO_OUTPUT
+
+
+def _save_subsystem_config(client: Any, args: argparse.Namespace) -> Any:
+    _dump({"subsystem": args.name,
+           "config": client.call("framework_get_config",
+                                 {"name": args.name, "with_batches": args.with_batches})},
+          args.indent)
+    return NO_OUTPUT
+
+
+def _read_json(source: Any) -> Any:
+    if source is sys.stdin or source == "-":
+        return json.load(sys.stdin)
+    with open(source) as f:
+        return json.load(f)
+
+
+def _call_entries(client: Any, entries: list[Any], allowed: list[str]) -> bool:
+    """Call, and remove from ``entries``, those whose method is in ``allowed``."""
+    called = False
+    for elem in list(entries):
+        if elem["method"] in allowed:
+            client.call(elem["method"], elem.get("params"))
+            entries.remove(elem)
+            called = True
+    return called
+
+
+def _check_known(client: Any, entries: list[Any], include_aliases: bool) -> None:
+    known = client.call("rpc_get_methods", {"include_aliases": include_aliases})
+    unknown = sorted({e["method"] for e in entries if e["method"] not in known})
+    if unknown:
+        raise SystemExit(f"vhost-rpc: the config calls methods this target does not have: "
+                         f"{', '.join(unknown)}")
+
+
+def _load_config(client: Any, args: argparse.Namespace) -> Any:
+    # SPDK's rpc.py procedure: what the current state allows, framework_start_init, again.
+    config = _read_json(args.json_conf)
+    subsystems = [s for s in config["subsystems"] if s.get("config")]
+    _check_known(client, [e for s in subsystems for e in s["config"]], args.include_aliases)
+    if not subsystems and "framework_start_init" in client.call("rpc_get_methods", {"current": True}):
+        client.call("framework_start_init")
+    while subsystems:
+        allowed = client.call("rpc_get_methods", {"current": True, "include_aliases": args.include_aliases})
+        progress = False
+        for sub in list(subsystems):
+            progress |= _call_entries(client, sub["config"], allowed)
+            if not sub["config"]:
+                subsystems.remove(sub)
+        if "framework_start_init" in allowed:
+            client.call("framework_start_init")
+            progress = True
+        if not progress:
+            break
+    if subsystems:
+        print("Some configs were skipped because the RPC state that can call them passed over.")
+    return NO_OUTPUT
+
+
+def _load_subsystem_config(client: Any, args: argparse.Namespace) -> Any:
+    entries = list(_read_json(args.json_conf).get("config") or [])
+    _check_known(client, entries, False)
+    _call_entries(client, entries, client.call("rpc_get_methods", {"current": True}))
+    if entries:
+        print("Some configs were skipped because they cannot be called in the current RPC state.")
+    return NO_OUTPUT
+
+
+def _no_params(method: str) -> Any:
+    return lambda client, args: client.call(method)
+
+
+def _void(method: str, *keys: str) -> Any:
+    """A command that sends ``keys`` from its arguments and prints nothing (as rpc.py)."""
+    def run(client: Any, args: argparse.Namespace) -> Any:
+        client.call(method, {k: getattr(args, k) for k in keys} or None)
+        return NO_OUTPUT
+    return run
 
 
 def contribute(subparsers: Any) -> None:
@@ -123,7 +211,71 @@ def contribute(subparsers: Any) -> None:
                               help="Print the live configuration as JSON (SPDK format)")
     p.add_argument("-i", "--indent", type=int, default=2,
                    help="Indent level; below 0 means compact. Default: 2")
+    p.add_argument("-s", "--subsystems", help="Comma-separated subsystems (and their dependencies) to save")
+    p.add_argument("--with-batches", action=argparse.BooleanOptionalAction, default=False,
+                   help="Keep batch arrays (nothing here is batched: the same output)")
     p.set_defaults(func=_save_config)
+
+    p = subparsers.add_parser("save_subsystem_config", help="Print one subsystem's live configuration")
+    p.add_argument("-i", "--indent", type=int, default=2,
+                   help="Indent level; below 0 means compact. Default: 2")
+    p.add_argument("-n", "--name", required=True, help="Name of the subsystem (bdev, vhost_blk, vhost_scsi)")
+    p.add_argument("--with-batches", action=argparse.BooleanOptionalAction, default=False,
+                   help="Keep batch arrays (nothing here is batched: the same output)")
+    p.set_defaults(func=_save_subsystem_config)
+
+    p = subparsers.add_parser("load_config", help="Apply a configuration written by save_config")
+    p.add_argument("-i", "--include-aliases", action="store_true", help="Accept deprecated method names")
+    p.add_argument("-j", "--json-conf", default=sys.stdin, help="The JSON file (default: stdin)")
+    p.set_defaults(func=_load_config)
+
+    p = subparsers.add_parser("load_subsystem_config",
+                              help="Apply one subsystem's configuration written by save_subsystem_config")
+    p.add_argument("-j", "--json-conf", default=sys.stdin, help="The JSON file (default: stdin)")
+    p.set_defaults(func=_load_subsystem_config)
+
+    p = subparsers.add_parser("framework_get_subsystems", help="List the subsystems save_config writes")
+    p.set_defaults(func=_no_params("framework_get_subsystems"))
+
+    p = subparsers.add_parser("framework_get_config", help="Print one subsystem's configuration")
+    p.add_argument("name", help="Name of the subsystem (bdev, vhost_blk, vhost_scsi)")
+    p.add_argument("--with-batches", action=argparse.BooleanOptionalAction, default=False,
+                   help="Keep batch arrays (nothing here is batched: the same output)")
+    p.set_defaults(func=lambda client, args: client.call(
+        "framework_get_config", {"name": args.name, "with_batches": args.with_batches}))
+
+    p = subparsers.add_parser("framework_start_init",
+                              help="Leave the start-up state (vhost --wait-for-rpc) and serve every method")
+    p.set_defaults(func=_void("framework_start_init"))
+
+    p = subparsers.add_parser("framework_wait_init", help="Wait until the target serves every method")
+    p.set_defaults(func=_void("framework_wait_init"))
+
+    p = subparsers.add_parser("spdk_kill_instance", help="Send the target a signal")
+    p.add_argument("sig_name", choices=["SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1"],
+                   help="SIGINT or SIGTERM: clean shutdown; SIGKILL: as a crash")
+    p.set_defaults(func=_void("spdk_kill_instance", "sig_name"))
+
+    p = subparsers.add_parser("thread_get_stats", help="Busy and idle time of each reactor thread")
+    p.set_defaults(func=_no_params("thread_get_stats"))
+
+    p = subparsers.add_parser("bdev_wait_for_examine",
+                              help="Wait until every bdev is examined (at once here)")
+    p.set_defaults(func=_void("bdev_wait_for_examine"))
+
+    levels = ["ERROR", "WARNING", "NOTICE", "INFO", "DEBUG"]
+    for name, what in (("log_set_print_level", "what the target prints"),
+                       ("log_set_level", "SPDK's syslog level (kept; this target prints only)")):
+        p = subparsers.add_parser(name, help=f"Set {what}")
+        p.add_argument("level", choices=levels, help="Log level")
+        p.set_defaults(func=_void(name, "level"))
+    for name in ("log_get_print_level", "log_get_level", "log_get_flags"):
+        p = subparsers.add_parser(name, help=name.replace("_", " ").replace("log get", "Show the log"))
+        p.set_defaults(func=_no_params(name))
+    for name, what in (("log_set_flag", "Turn on"), ("log_clear_flag", "Turn off")):
+        p = subparsers.add_parser(name, help=f"{what} the debug lines of an area")
+        p.add_argument("flag", help="vhost, vhost_ring, bdev, ... (log_get_flags lists them), or all")
+        p.set_defaults(func=_void(name, "flag"))
 
     p = subparsers.add_parser("bdev_get_bdevs", help="List all block devices, or one with -b")
     p.add_argument("-b", "--name", help="Name of the bdev, e.g. Malloc0")

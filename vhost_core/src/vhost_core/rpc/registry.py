@@ -8,13 +8,24 @@ handler is called as ``fn()`` and any parameter is rejected.
 Errors follow SPDK's conventions: JSON-RPC 2.0 codes for protocol level
 problems and negative errno values for domain errors raised by handlers
 (``RpcError(-errno.ENODEV, "...")``).
+
+SPDK's clients send every optional parameter they know, with its default value, so a
+params class declares SPDK's *whole* parameter set for its method.  A parameter this
+target does not honour is declared with :func:`unsupported`: its default passes
+silently, any other value is refused with an error naming the parameter, the value
+and why.  A name SPDK never had is refused with the list of valid ones.
+
+Methods carry SPDK's RPC states (:class:`RpcState`): until the daemon leaves
+``STARTUP`` (``framework_start_init``, or at once without ``--wait-for-rpc``) only
+methods registered for ``STARTUP`` run, and the others get SPDK's own error.
 """
 
 from __future__ import annotations
 
 import collections.abc
-import enum
 import contextlib
+import enum
+import errno
 import inspect
 import json
 import logging
@@ -25,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 import attrs
 
 __all__ = [
+    "INVALID_STATE",
     "PARSE_ERROR",
     "INVALID_REQUEST",
     "METHOD_NOT_FOUND",
@@ -33,6 +45,9 @@ __all__ = [
     "RpcError",
     "RpcMethod",
     "RpcRegistry",
+    "RpcState",
+    "extension",
+    "unsupported",
 ]
 
 log = logging.getLogger("vhost.rpc")
@@ -42,6 +57,17 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+#: SPDK_JSONRPC_ERROR_INVALID_STATE: the method is not allowed in the current RPC state.
+INVALID_STATE = -1
+
+
+class RpcState(enum.Flag):
+    """SPDK's RPC states (``SPDK_RPC_STARTUP`` / ``SPDK_RPC_RUNTIME``)."""
+
+    #: Before ``framework_start_init`` (the daemon was started with ``--wait-for-rpc``).
+    STARTUP = enum.auto()
+    #: Serving: every bdev and controller method.
+    RUNTIME = enum.auto()
 
 
 class RpcError(Exception):
@@ -82,6 +108,46 @@ def _show(value: Any, limit: int = 60) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text
+
+
+_UNSUPPORTED = "vhost_unsupported"
+
+
+def unsupported(default: Any, why: str, *, accepts: tuple[Any, ...] = (), same_as: str | None = None) -> Any:
+    """Declare a parameter SPDK has and this target does not honour.
+
+    The default (and ``null``, any value in ``accepts``, or the value of the field named
+    ``same_as``) is accepted silently: it asks for what this target does anyway.  Any
+    other value is refused (``-ENOTSUP``) with a message naming the parameter, the value
+    and ``why`` (what this target does instead, or how to do without it).
+    """
+    return attrs.field(default=default, metadata={_UNSUPPORTED: {"why": why, "accepts": tuple(accepts),
+                                                                 "same_as": same_as}})
+
+
+def extension(default: Any, help: str) -> Any:
+    """Declare a parameter of this target's own that SPDK does not have (``help`` says what it
+    does); SPDK's clients never send it, this target's CLI and JSON configs may."""
+    return attrs.field(default=default, metadata={"extension": help})
+
+
+def _refusal(f: attrs.Attribute) -> dict[str, Any] | None:
+    return f.metadata.get(_UNSUPPORTED) if f.metadata else None
+
+
+def _check_unsupported(cls: type, obj: Any, method: str, prefix: str) -> None:
+    for f in attrs.fields(cls):
+        rule = _refusal(f)
+        if rule is None:
+            continue
+        value = getattr(obj, f.name)
+        ok = [f.default, *rule["accepts"]]
+        if rule["same_as"] is not None:
+            ok.append(getattr(obj, rule["same_as"]))
+        if value is None or any(value == v and type(value) is type(v) for v in ok):
+            continue
+        raise RpcError(-errno.ENOTSUP, f"{method}: {prefix}{_field_key(f)}={_show(value)} is not supported "
+                                       f"by this target: {rule['why']}")
 
 
 def _describe(tp: Any) -> str:
@@ -269,7 +335,8 @@ def _build(cls: type, obj: dict[str, Any], method: str, prefix: str = "") -> Any
     types_ = _field_types(cls)
     kwargs: dict[str, Any] = {}
     for key, f in by_key.items():
-        if key not in obj:
+        # null for an optional parameter means "absent": SPDK clients write it so.
+        if key not in obj or (obj[key] is None and not _required(f)):
             continue
         try:
             kwargs[key] = _convert(obj[key], types_.get(f.name, Any), f"{prefix}{key}", method)
@@ -279,11 +346,13 @@ def _build(cls: type, obj: dict[str, Any], method: str, prefix: str = "") -> Any
                 f"{method}: parameter '{exc.path}' must be {exc.expected}, got {_show(exc.value)}",
             ) from None
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except RpcError:
         raise
     except (ValueError, TypeError) as exc:
         raise RpcError(INVALID_PARAMS, f"{method}: {exc}") from None
+    _check_unsupported(cls, built, method, prefix)
+    return built
 
 
 def _describe_params(cls: type | None) -> list[dict[str, Any]]:
@@ -311,6 +380,15 @@ def _describe_params(cls: type | None) -> list[dict[str, Any]]:
         help_text = f.metadata.get("help") if f.metadata else None
         if help_text:
             entry["help"] = help_text
+        if f.metadata and "extension" in f.metadata:
+            entry["extension"] = f.metadata["extension"]
+        rule = _refusal(f)
+        if rule is not None:
+            entry["unsupported"] = rule["why"]
+            if rule["accepts"]:
+                entry["accepts"] = list(rule["accepts"])
+            if rule["same_as"]:
+                entry["same_as"] = rule["same_as"]
         out.append(entry)
     return out
 
@@ -329,6 +407,11 @@ class RpcMethod:
     params: type | None
     deprecated_aliases: tuple[str, ...]
     owner: str | None
+    #: The RPC states in which the method may be called (SPDK's state mask).
+    states: RpcState = RpcState.RUNTIME
+    #: An old SPDK name kept as a method of its own: what to use instead.  Listed, like
+    #: aliases, only with ``include_aliases``; the first call logs a deprecation warning.
+    deprecated: str | None = None
 
     def decode(self, params: Any, called_as: str | None = None) -> Any:
         """Turn the JSON ``params`` value into what the handler takes."""
@@ -358,9 +441,13 @@ class RpcRegistry:
 
     ``builtins=True`` (default) registers ``rpc_get_methods`` (deprecated alias
     ``get_rpc_methods``) on construction, answering the way SPDK's does.
+
+    ``rpc_state`` is the current RPC state (``RUNTIME`` unless the owner says otherwise);
+    a method called outside its ``states`` is refused with SPDK's error.
     """
 
     def __init__(self, *, builtins: bool = True) -> None:
+        self.rpc_state = RpcState.RUNTIME
         self._methods: dict[str, RpcMethod] = {}
         self._aliases: dict[str, str] = {}
         self._hints: dict[str, str] = {}
@@ -375,6 +462,7 @@ class RpcRegistry:
                 params=RpcGetMethodsParams,
                 deprecated_aliases=("get_rpc_methods",),
                 owner="vhost-core",
+                states=RpcState.STARTUP | RpcState.RUNTIME,
             )
 
     # -- registration -----------------------------------------------------
@@ -387,7 +475,12 @@ class RpcRegistry:
         params: type | None = None,
         deprecated_aliases: Sequence[str] = (),
         owner: str | None = None,
+        states: RpcState = RpcState.RUNTIME,
+        deprecated: str | None = None,
     ) -> RpcMethod:
+        """Register ``fn`` as ``name``; ``states``: where it may be called (default: once
+        the daemon serves, as SPDK's ``SPDK_RPC_RUNTIME``); ``deprecated``: ``name`` is an
+        old SPDK name and this is what to use instead."""
         if isinstance(deprecated_aliases, str):
             deprecated_aliases = (deprecated_aliases,)
         if params is not None and not attrs.has(params):
@@ -408,6 +501,8 @@ class RpcRegistry:
             params=params,
             deprecated_aliases=tuple(deprecated_aliases),
             owner=owner,
+            states=states,
+            deprecated=deprecated,
         )
         self._methods[name] = m
         for alias in deprecated_aliases:
@@ -421,11 +516,14 @@ class RpcRegistry:
         params: type | None = None,
         deprecated_aliases: Sequence[str] = (),
         owner: str | None = None,
+        states: RpcState = RpcState.RUNTIME,
+        deprecated: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator form of :meth:`add`; returns the function unchanged."""
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.add(name, fn, params=params, deprecated_aliases=deprecated_aliases, owner=owner)
+            self.add(name, fn, params=params, deprecated_aliases=deprecated_aliases, owner=owner,
+                     states=states, deprecated=deprecated)
             return fn
 
         return deco
@@ -455,10 +553,13 @@ class RpcRegistry:
         """The method registered under ``name`` (canonical name or alias), or None."""
         return self._lookup(name)
 
-    def names(self, include_aliases: bool = True) -> list[str]:
-        out = list(self._methods)
+    def names(self, include_aliases: bool = True, current: bool = False) -> list[str]:
+        """Method names, sorted; ``current``: only those callable in the current state."""
+        out = [n for n, m in self._methods.items() if not current or self.rpc_state in m.states]
         if include_aliases:
-            out.extend(self._aliases)
+            out.extend(a for a, n in self._aliases.items() if n in out)
+        else:
+            out = [n for n in out if self._methods[n].deprecated is None]
         return sorted(out)
 
     def aliases(self) -> dict[str, str]:
@@ -475,11 +576,21 @@ class RpcRegistry:
             "name": m.name,
             "owner": m.owner,
             "deprecated_aliases": list(m.deprecated_aliases),
+            "deprecated": m.deprecated,
+            "states": [s.name.lower() for s in RpcState if s in m.states],
             "params": _describe_params(m.params),
             "help": doc.split("\n\n", 1)[0] if doc else "",
         }
 
     # -- calling ------------------------------------------------------------
+
+    def has_hint(self, name: str) -> bool:
+        """Whether calling the unregistered ``name`` answers more than "not found"."""
+        return name in self._hints
+
+    def not_found(self, name: str) -> RpcError:
+        """The error calling the unregistered ``name`` answers (with its hint, if any)."""
+        return self._not_found(name)
 
     def _not_found(self, name: str) -> RpcError:
         hint = self._hints.get(name)
@@ -494,13 +605,25 @@ class RpcRegistry:
         m = self._lookup(name)
         if m is None:
             raise self._not_found(name)
-        if name != m.name and name not in self._warned:
+        if (name != m.name or m.deprecated) and name not in self._warned:
             self._warned.add(name)
-            log.warning("rpc: method '%s' is deprecated, use '%s'", name, m.name)
+            log.warning("rpc: method '%s' is deprecated, use '%s'", name, m.deprecated or m.name)
         return m
+
+    def check_state(self, m: RpcMethod) -> None:
+        """Refuse ``m`` outside its states, with SPDK's words (rpc.c ``jsonrpc_handler``)."""
+        if self.rpc_state in m.states:
+            return
+        if self.rpc_state is RpcState.STARTUP:
+            raise RpcError(INVALID_STATE, "Method may only be called after framework is initialized "
+                                          "using framework_start_init RPC.")
+        raise RpcError(INVALID_STATE, "Method may only be called before framework is initialized. "
+                                      "Use --wait-for-rpc command line parameter and then issue this RPC "
+                                      "before the framework_start_init RPC.")
 
     def _invoke(self, name: str, params: Any) -> Any:
         m = self.resolve(name)
+        self.check_state(m)
         arg = m.decode(params, called_as=name)
         try:
             with self.lock:
@@ -545,10 +668,8 @@ class RpcRegistry:
     # -- builtin methods ----------------------------------------------------
 
     def _rpc_get_methods(self, p: "RpcGetMethodsParams") -> list[str]:
-        """List the RPC methods this target answers."""
-        # Every method is callable at runtime (there is no SPDK "startup" state),
-        # so ``current`` does not filter anything.
-        return self.names(include_aliases=p.include_aliases)
+        """List the RPC methods this target answers (``current``: those callable now)."""
+        return self.names(include_aliases=p.include_aliases, current=p.current)
 
 
 @attrs.frozen
