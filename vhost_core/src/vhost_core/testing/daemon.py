@@ -21,7 +21,7 @@ from vhost_core.rpc.client import RpcClient
 class VhostDaemon:
     def __init__(self, workdir: Path, cpumask: str = "0x1", interrupt_mode: bool = True,
                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         """``python``: the interpreter that runs the daemon (default: this one), e.g. a
         virtual environment's, to test what exactly that environment has installed."""
         self.workdir = Path(workdir)
@@ -34,11 +34,13 @@ class VhostDaemon:
                      *(["--interrupt-mode"] if interrupt_mode else []), *extra_args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.pass_fds = pass_fds
 
     def start(self, timeout: float = 15.0) -> VhostDaemon:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self._logf = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env,
+                                     pass_fds=self.pass_fds)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
