@@ -126,6 +126,7 @@ def test_a_plugin_registering_a_taken_rpc_name_is_rolled_back_and_the_others_ser
 
 BAD_ABI = """
     from vhost_core.bdev.interface import Bdev
+    from vhost_core.device import Device, NativeDevice
     from vhost_core.hookspecs import hookimpl
     from vhost_core.native import ffi
 
@@ -141,16 +142,11 @@ BAD_ABI = """
         return int(ffi.cast("uintptr_t", ops))
 
 
-    class Backend:
+    class Backend(Device):
         device_type = "fake"
-        num_queues = 1
-        native_ctx = 0
 
-        def __init__(self):
-            self.native_ops = _table(99)
-
-        def close(self):
-            pass
+        def attach(self, ctx):
+            return NativeDevice(ops=_table(99), ctx=0)
 
 
     @hookimpl
@@ -171,12 +167,13 @@ BAD_ABI = """
 
         @rpc.method("tp_abi_controller_create", owner="tp_abi")
         def controller_create():
-            app.add_controller("abi.0", Backend)
+            app.add_controller("abi.0", Backend())
             return True
 """
 
 
 def test_a_native_table_of_another_abi_is_refused_with_one_clear_error(tmp_path):
+    from vhost_core import NATIVE_ABI_VERSION
     from vhost_core.rpc.registry import RpcError
     from vhost_core.testing.daemon import VhostDaemon
 
@@ -185,7 +182,7 @@ def test_a_native_table_of_another_abi_is_refused_with_one_clear_error(tmp_path)
         with pytest.raises(RpcError) as err:
             d.rpc("tp_abi_bdev_create")
         assert "bdev 'Abi0' (module tp_abi)" in err.value.message
-        assert "native ABI 99" in err.value.message and "provides ABI 1" in err.value.message
+        assert "native ABI 99" in err.value.message and f"provides ABI {NATIVE_ABI_VERSION}" in err.value.message
         assert d.rpc("bdev_get_bdevs") == []
         assert d.rpc("tp_abi_destructed") == ["Abi0"]     # refused, and freed by its module
         with pytest.raises(RpcError) as err:

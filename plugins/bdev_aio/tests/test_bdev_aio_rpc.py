@@ -285,7 +285,7 @@ def test_rescan_calls_the_resize_callbacks_in_process(backing_dir, helpers):
         rpc.dispatch("bdev_aio_create", {"filename": str(f), "name": "aio0"})
         bdev = app.bdevs.get("aio0")
         seen = []
-        bdev.resize_callbacks.append(lambda b: seen.append(b.num_blocks))
+        app.bdevs.open("aio0", "test", on_resize=lambda desc: seen.append(desc.bdev.num_blocks))
         rpc.dispatch("bdev_aio_rescan", {"name": "aio0"})
         assert seen == []                       # unchanged size: nobody is bothered
         with open(f, "r+b") as fh:

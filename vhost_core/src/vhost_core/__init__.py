@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 #: Generation of the Python plugin API (hookspecs, bdev and device contracts).
 CORE_API_VERSION = 1
 #: Must match VN_ABI_VERSION in include/vhost_core/vhost_native.h.
-NATIVE_ABI_VERSION = 1
+NATIVE_ABI_VERSION = 2
 
 
 def get_include() -> str:

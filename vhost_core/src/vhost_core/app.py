@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Literal
 
 import attrs
@@ -38,7 +39,7 @@ from vhost_core.rpc.json_config import ConfigError, JsonConfig
 from vhost_core.rpc.registry import INVALID_PARAMS, RpcError, RpcRegistry, RpcState, unsupported
 from vhost_core.rpc.server import RpcServer
 from vhost_core.rpc.spdk import IGNORED, NOT_YET, Ignored, ignored_params_class
-from vhost_core.vhost_user.backend import DeviceBackend
+from vhost_core.device import Device, DeviceContext
 
 log = get_logger("app")
 
@@ -143,6 +144,7 @@ class App:
         self.lock_cond = threading.Condition(self.lock)
         self.reactors = Reactors(cpumask, interrupt_mode)
         self.bdevs = BdevRegistry()
+        self.bdevs.wait_unlocked = self.wait_unlocked
         self.controllers: dict[str, Controller] = {}
         self.rpc = RpcRegistry()
         self.rpc.lock = self.lock
@@ -158,11 +160,19 @@ class App:
         #: Set by the daemon's main loop: ends it with this exit code.
         self.exit: Callable[[int], None] = lambda rc: None
 
+    def wait_unlocked(self, seconds: float) -> None:
+        """Sleep with the control lock released (re-taken before returning), so that a
+        wait for a slow backend holds up no RPC and no other controller."""
+        try:
+            self.lock_cond.wait(seconds)
+        except RuntimeError:        # not under the lock: nothing to release
+            time.sleep(seconds)
+
     # ------------------------------------------------------------ controllers
 
-    def add_controller(self, name: str, make_backend: Callable[[], DeviceBackend],
-                       cpumask: str | int | None = None, listen: bool = True) -> Controller:
-        """Create a controller: validate, place on a reactor, build its device, listen.
+    def add_controller(self, name: str, device: Device, cpumask: str | int | None = None,
+                       listen: bool = True) -> Controller:
+        """Create a controller: validate, place on a reactor, attach its device, listen.
 
         ``listen=False`` leaves the socket closed until the caller runs
         ``ctrlr.listen()`` (SPDK's ``vhost_create_scsi_controller --delay``)."""
@@ -177,11 +187,18 @@ class App:
             reactor = self.reactors.place(mask)
         except ValueError as exc:
             raise RpcError(-errno.EINVAL, f"controller {name}: {exc}") from None
-        backend = make_backend()
+        mask = mask if mask is not None else self.reactors.mask
+
+        def notify() -> bool:
+            ctrlr = self.controllers.get(name)
+            return ctrlr is not None and ctrlr.session is not None and ctrlr.session.notify_config_change()
+
+        ctx = DeviceContext(name, format_mask(mask), reactor, self.bdevs, self.wait_unlocked, notify)
         try:
-            ctrlr = Controller(self, name, backend, reactor, mask if mask is not None else self.reactors.mask)
+            native = device.attach(ctx)
+            ctrlr = Controller(self, name, device, ctx, reactor, mask, native)
         except BaseException:
-            backend.close()
+            ctx.release(device)
             raise
         try:
             if listen:
@@ -460,20 +477,13 @@ class App:
         what bdev_reset_iostat set aside."""
         total = IoStat()
         total.add(bdev.iostat_retired)
-        for ctrlr in self.controllers.values():
-            report = getattr(ctrlr.backend, "bdev_iostat", None)
-            if report is None:
-                continue
-            for name, words in report():
-                if name == bdev.name:
-                    total.add(IoStat.from_words(words))
+        for desc in bdev.descriptors:
+            total.add(desc.iostat())
         return total.since(bdev.iostat_base) if bdev.iostat_base is not None else total
 
     def reset_iostat(self, bdev: Bdev, mode: str) -> None:
-        for ctrlr in self.controllers.values():
-            reset = getattr(ctrlr.backend, "reset_iostat_maxmin", None)
-            if reset is not None:
-                reset(bdev.name)
+        for desc in bdev.descriptors:
+            desc.reset_iostat_maxmin()
         r = bdev.iostat_retired
         r.max_ticks[:] = [0] * len(r.max_ticks)
         r.min_ticks[:] = [0] * len(r.min_ticks)
@@ -610,12 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def qemu_command_line(ctrlr: Controller, mem_mb: int = 1024) -> str:
     cid = ctrlr.name.replace(".", "_")
-    dev = "vhost-user-blk-pci" if ctrlr.backend.device_type == "blk" else "vhost-user-scsi-pci"
-    queues = "num-queues" if ctrlr.backend.device_type == "blk" else "num_queues"
+    dev = "vhost-user-blk-pci" if ctrlr.device.device_type == "blk" else "vhost-user-scsi-pci"
+    queues = "num-queues" if ctrlr.device.device_type == "blk" else "num_queues"
     return (f"qemu-system-x86_64 -m {mem_mb}M "
             f"-object memory-backend-memfd,id=mem,size={mem_mb}M,share=on -numa node,memdev=mem "
             f"-chardev socket,id={cid},path={ctrlr.path},reconnect=1 "
-            f"-device {dev},chardev={cid},{queues}={min(4, ctrlr.backend.num_queues)} ...")
+            f"-device {dev},chardev={cid},{queues}={min(4, ctrlr.device.num_queues)} ...")
 
 
 def main(argv: list[str] | None = None) -> int:

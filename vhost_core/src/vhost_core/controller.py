@@ -20,8 +20,8 @@ from vhost_core.log import get_logger, notice
 from vhost_core.native import abi_mismatch, ffi, lib
 from vhost_core.reactor import Reactor, format_mask
 from vhost_core.rpc.registry import RpcError
+from vhost_core.device import Device, DeviceContext, NativeDevice
 from vhost_core.vhost_user import messages as m
-from vhost_core.vhost_user.backend import DeviceBackend
 from vhost_core.vhost_user.connection import Connection
 from vhost_core.vhost_user.handler import Session
 
@@ -40,11 +40,12 @@ REAP_INTERVAL_S = 0.1
 
 
 class Controller:
-    def __init__(self, app: App, name: str, backend: DeviceBackend, reactor: Reactor,
-                 cpumask: int) -> None:
+    def __init__(self, app: App, name: str, device: Device, device_ctx: DeviceContext, reactor: Reactor,
+                 cpumask: int, native: NativeDevice) -> None:
         self.app = app
         self.name = name
-        self.backend = backend
+        self.device = device
+        self.device_ctx = device_ctx
         self.reactor = reactor
         self.cpumask = cpumask
         self.path = os.path.join(app.socket_dir, name)
@@ -59,17 +60,17 @@ class Controller:
         self._retired: list[tuple[list, list]] = []
         self._reaper: threading.Thread | None = None
         self._teardown_deferred = False
-        why = abi_mismatch(f"the {backend.device_type} device type of controller {name}", backend.native_ops)
+        why = abi_mismatch(f"the {device.device_type} device type of controller {name}", native.ops)
         if why is not None:
             log.error("%s", why)
             raise RpcError(-errno.EPROTO, why)
-        ops = ffi.cast("const struct vn_device_ops *", backend.native_ops)
-        self.native_dev = lib.vn_dev_new(reactor.native, ops, ffi.cast("void *", backend.native_ctx))
+        err = ffi.new("int *")
+        self.native_dev = lib.vn_dev_new(reactor.native, ffi.cast("const struct vn_device_ops *", native.ops),
+                                         ffi.cast("void *", native.ctx), err)
         if self.native_dev == ffi.NULL:
-            raise RpcError(-errno.EINVAL, f"controller {name}: the {backend.device_type} device could not "
-                                          f"attach to reactor {reactor.core} (plugin built for another "
-                                          f"core ABI, or its bdev channel failed)")
-        self.native_vqs = [lib.vn_vq_new(self.native_dev, i) for i in range(backend.num_queues)]
+            raise RpcError(err[0], f"controller {name}: the {device.device_type} device cannot be placed on "
+                                   f"reactor {reactor.core}: {os.strerror(-err[0])}")
+        self.native_vqs = [lib.vn_vq_new(self.native_dev, i) for i in range(device.num_queues)]
 
     # ------------------------------------------------------------ socket
 
@@ -200,10 +201,15 @@ class Controller:
             return
         self._free_device()
 
+    @property
+    def backend(self) -> Device:
+        """The device (the name vhost_user/handler.py still uses)."""
+        return self.device
+
     def _free_device(self) -> None:
         lib.vn_dev_free(self.native_dev)
         self.native_dev = ffi.NULL
-        self.backend.close()
+        self.device_ctx.release(self.device)
 
     # ------------------------------------------------------------ stuck queues
 
@@ -250,7 +256,7 @@ class Controller:
             "socket": self.path,
             "sessions": [] if self.session is None else [{"vid": 0, "id": 0, "name": f"{self.name}s0",
                                                           "started": any(v.started for v in self.session.vrings)}],
-            "backend_specific": self.backend.backend_specific(),
+            "backend_specific": self.device.backend_specific(),
         }
 
     def queue_stats(self) -> list[dict[str, int]]:

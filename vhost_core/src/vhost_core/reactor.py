@@ -81,8 +81,9 @@ class Reactor:
         lib.vn_reactor_get_stats(self.native, out)
         return {"loops": out[0], "busy_loops": out[1], "idle_ns": out[2], "busy_ns": out[3]}
 
-    def exec_native(self, fn_addr: int, arg_addr: int) -> int:
-        """Run a plugin's ``int fn(void *arg)`` (by address) on this reactor's thread."""
+    def run(self, fn_addr: int, arg_addr: int) -> int:
+        """Run a plugin's ``int fn(void *arg)`` (by address) on this reactor's thread and
+        wait for its result."""
         fn = ffi.cast("vn_exec_fn", fn_addr)
         return lib.vn_reactor_exec(self.native, fn, ffi.cast("void *", arg_addr))
 

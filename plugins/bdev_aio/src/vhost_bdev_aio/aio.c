@@ -84,6 +84,7 @@ struct aio_bdev {
 struct aio_io {
     struct iocb iocb;
     struct aio_io *next;
+    struct vn_xq_node node;     /* helper thread -> reactor */
     void *bounce;
     uint64_t bounce_off;        /* byte of the request that bounce[0] holds */
     uint64_t cur;               /* READ/WRITE: request bytes; WRITE_ZEROES: bytes of this chunk */
@@ -129,9 +130,9 @@ struct aio_chan {
     unsigned helper_inflight;
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    struct aio_io *work_head, *work_tail, *done_head;
+    struct aio_io *work_head, *work_tail;
     int helper_stop;
-    atomic_int done_pending;
+    struct vn_xq helper_done;   /* signals efd, which the channel resets itself */
     /* bounce buffers */
     void *cache[BOUNCE_CLASSES][BOUNCE_CACHE_MAX];
     int ncache[BOUNCE_CLASSES];
@@ -398,12 +399,8 @@ static void *helper_main(void *p)
         if (!c->work_head) c->work_tail = NULL;
         pthread_mutex_unlock(&c->lock);
         a->status = helper_run(c->b, a);
+        vn_xq_push(&c->helper_done, &a->node);
         pthread_mutex_lock(&c->lock);
-        a->next = c->done_head;
-        c->done_head = a;
-        atomic_store_explicit(&c->done_pending, 1, memory_order_release);
-        uint64_t one = 1;
-        if (write(c->efd, &one, sizeof(one)) < 0) { /* saturated: still readable */ }
     }
     pthread_mutex_unlock(&c->lock);
     return NULL;
@@ -781,16 +778,11 @@ static void flush_queue(struct aio_chan *c)
 
 static int reap_helper(struct aio_chan *c)
 {
-    if (!atomic_load_explicit(&c->done_pending, memory_order_acquire)) return 0;
-    pthread_mutex_lock(&c->lock);
-    struct aio_io *list = c->done_head;
-    c->done_head = NULL;
-    atomic_store_explicit(&c->done_pending, 0, memory_order_relaxed);
-    pthread_mutex_unlock(&c->lock);
+    struct vn_xq_node *node = vn_xq_take(&c->helper_done);
     int n = 0;
-    while (list) {
-        struct aio_io *a = list;
-        list = a->next;
+    while (node) {
+        struct aio_io *a = (struct aio_io *)((char *)node - offsetof(struct aio_io, node));
+        node = node->next;
         c->helper_inflight--;
         n++;
         op_done(c, a, a->status);
@@ -896,6 +888,7 @@ static void *aio_chan_create(void *ctx)
     c->ring.fd = -1;
     c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (c->efd < 0) { free(c); return NULL; }
+    vn_xq_init(&c->helper_done, c->efd);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
     c->engine = AIO_ENGINE_AIO;
@@ -933,6 +926,7 @@ static void aio_chan_destroy(void *ctx, void *chan)
     (void)ctx;
     if (!c) return;
     helper_stop(c);
+    vn_xq_destroy(&c->helper_done);
     if (c->engine == AIO_ENGINE_URING) uring_teardown(&c->ring);
     else sys_io_destroy(c->actx);
     close(c->efd);
@@ -1027,12 +1021,6 @@ void aio_bdev_free(void *p)
     if (b->fd >= 0) close(b->fd);
     free(b->zero_buf);
     free(b);
-}
-
-void aio_bdev_set_num_blocks(void *p, uint64_t num_blocks)
-{
-    struct aio_bdev *b = p;
-    __atomic_store_n(&b->bdev.num_blocks, num_blocks, __ATOMIC_RELAXED);
 }
 
 void aio_bdev_get_stats(void *p, struct aio_bdev_stats *out)

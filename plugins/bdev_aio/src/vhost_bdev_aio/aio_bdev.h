@@ -43,7 +43,6 @@ void *aio_bdev_new(int fd, uint32_t block_size, uint64_t num_blocks, uint32_t al
                    int engine, uint32_t flags);
 /* Only once no channel exists any more. */
 void aio_bdev_free(void *bdev);
-void aio_bdev_set_num_blocks(void *bdev, uint64_t num_blocks);
 void aio_bdev_get_stats(void *bdev, struct aio_bdev_stats *out);
 
 /* Probes, run by the control plane; 0 or a negative errno. */

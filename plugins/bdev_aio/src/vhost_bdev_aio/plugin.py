@@ -415,16 +415,10 @@ def _rescan(app, method: str, name: str) -> bool:
     old = bdev.num_blocks
     if new == old:
         return True
-    lib.aio_bdev_set_num_blocks(state.native, new)
-    bdev.num_blocks = new
     notice(log, "bdev %s: size changed from %d to %d blocks of %d bytes ('%s' %s)", bdev.name, old, new, bs,
            state.filename, "grew" if new > old else "shrank")
-    # Whoever serves the bdev to a guest (virtio-blk) registers here to tell it.
-    for cb in list(getattr(bdev, "resize_callbacks", ())):
-        try:
-            cb(bdev)
-        except Exception:
-            log.exception("bdev %s: a resize callback failed", bdev.name)
+    # Every reactor sees the new size; the devices serving it tell their guests.
+    app.bdevs.resize(bdev.name, new)
     return True
 
 

@@ -32,15 +32,11 @@ struct blk_hdr { uint32_t type; uint32_t ioprio; uint64_t sector; };
 struct blk_seg { uint64_t sector; uint32_t num_sectors; uint32_t flags; };
 
 struct blk_dev {
-    vn_bdev *bdev;          /* NULL once the bdev was hot-removed */
-    void *chan;
+    vn_bdev_desc *desc;     /* not usable once the bdev was hot-removed */
     int readonly;
     uint32_t max_discard_sectors;
     char id[VIRTIO_BLK_ID_BYTES];
-    uint64_t outstanding;
     struct blk_dev_stats stats;
-    struct vn_iostat iostat;    /* of the bdev, for bdev_get_iostat */
-    struct vn_iostat_clock clock;
 };
 
 /* Lives in vn_req.dev_priv. */
@@ -49,7 +45,6 @@ struct blk_req {
     vn_req *req;
     uint8_t *status;
     uint32_t written;
-    uint64_t start_ticks;
     struct iovec data[VN_MAX_IOV];
 };
 
@@ -72,15 +67,11 @@ static void io_done(vn_bdev_io *io, int status)
     struct blk_req *br = io->cb_arg;
     vn_req *req = br->req;
     struct blk_dev *d = req->dev_ctx;
-    d->outstanding--;
     if (status == 0) {
-        uint64_t bytes = io->num_blocks * d->bdev->block_size;
-        enum vn_stat_kind kind;
-        if (io->type == VN_IO_READ) { d->stats.reads++; d->stats.bytes_read += br->written; kind = VN_STAT_READ; }
-        else if (io->type == VN_IO_WRITE) { d->stats.writes++; d->stats.bytes_written += bytes; kind = VN_STAT_WRITE; }
-        else if (io->type == VN_IO_FLUSH) { d->stats.flushes++; kind = VN_STAT_FLUSH; bytes = 0; }
-        else { d->stats.unmaps++; kind = io->type == VN_IO_UNMAP ? VN_STAT_UNMAP : VN_STAT_WRITE_ZEROES; }
-        vn_iostat_defer(&d->clock, &d->iostat, kind, bytes, br->start_ticks);
+        if (io->type == VN_IO_READ) { d->stats.reads++; d->stats.bytes_read += br->written; }
+        else if (io->type == VN_IO_WRITE) { d->stats.writes++; d->stats.bytes_written += io->num_blocks * d->desc->bdev->block_size; }
+        else if (io->type == VN_IO_FLUSH) d->stats.flushes++;
+        else d->stats.unmaps++;
     } else {
         br->written = 0;
     }
@@ -115,11 +106,8 @@ static void submit_io(struct blk_dev *d, struct blk_req *br, uint32_t type,
     io->num_blocks = nblocks;
     io->iov = br->data;
     io->iovcnt = iovcnt > 0 ? (uint32_t)iovcnt : 0;
-    io->cb = io_done;
-    io->cb_arg = br;
-    d->outstanding++;
-    br->start_ticks = vn_iostat_start(&d->clock);
-    d->bdev->ops->submit(d->bdev->ctx, d->chan, io);
+    io->flags = 0;
+    vn_desc_submit(d->desc, io, io_done, br);
 }
 
 static void blk_submit(void *ctx, vn_req *req)
@@ -147,13 +135,13 @@ static void blk_submit(void *ctx, vn_req *req)
     vn_iov_copy_from(req->iov, req->n_out, 0, &hdr, sizeof(hdr));
     uint64_t data_in = req->in_len - 1;
     uint64_t data_out = req->out_len - sizeof(hdr);
-    vn_bdev *b = d->bdev;
+    vn_bdev *b = vn_desc_usable(d->desc) ? d->desc->bdev : NULL;
     uint64_t off_blocks, nblocks;
     int n;
 
     switch (hdr.type) {
     case VIRTIO_BLK_T_IN:
-        if (!b || b->removed) goto removed;
+        if (!b) goto removed;
         /* What seg_max * size_max promised (and the used length's 32-bit field). */
         if (data_in > VN_MAX_TRANSFER) goto invalid;
         if (data_in == 0 || to_blocks(b, hdr.sector, data_in, &off_blocks, &nblocks)) goto invalid;
@@ -164,7 +152,7 @@ static void blk_submit(void *ctx, vn_req *req)
         return;
     case VIRTIO_BLK_T_OUT:
         if (d->readonly) goto invalid;
-        if (!b || b->removed) goto removed;
+        if (!b) goto removed;
         if (data_out == 0 || data_out > VN_MAX_TRANSFER) goto invalid;
         if (to_blocks(b, hdr.sector, data_out, &off_blocks, &nblocks)) goto invalid;
         n = vn_iov_slice(req->iov, req->n_out, sizeof(hdr), data_out, br->data, VN_MAX_IOV);
@@ -172,7 +160,7 @@ static void blk_submit(void *ctx, vn_req *req)
         submit_io(d, br, VN_IO_WRITE, off_blocks, nblocks, n);
         return;
     case VIRTIO_BLK_T_FLUSH:
-        if (!b || b->removed) goto removed;
+        if (!b) goto removed;
         if (!supports(b, VN_IO_FLUSH)) { finish(d, req, br, VIRTIO_BLK_S_OK); return; }
         submit_io(d, br, VN_IO_FLUSH, 0, b->num_blocks, 0);
         return;
@@ -187,7 +175,7 @@ static void blk_submit(void *ctx, vn_req *req)
         int is_discard = hdr.type == VIRTIO_BLK_T_DISCARD;
         uint32_t type = is_discard ? VN_IO_UNMAP : VN_IO_WRITE_ZEROES;
         struct blk_seg seg;
-        if (!b || b->removed) goto removed;
+        if (!b) goto removed;
         if (!supports(b, type)) { finish(d, req, br, VIRTIO_BLK_S_UNSUPP); return; }
         if (d->readonly) goto invalid;
         /* max_discard_seg = max_write_zeroes_seg = 1 */
@@ -216,66 +204,18 @@ removed:
     finish(d, req, br, VIRTIO_BLK_S_IOERR);
 }
 
-static int blk_attach(void *ctx)
-{
-    struct blk_dev *d = ctx;
-    if (d->bdev && d->bdev->ops->channel_create) {
-        d->chan = d->bdev->ops->channel_create(d->bdev->ctx);
-        if (!d->chan) return -ENOMEM;
-    }
-    return 0;
-}
-
-static void blk_detach(void *ctx)
-{
-    struct blk_dev *d = ctx;
-    if (d->bdev && d->chan && d->bdev->ops->channel_destroy)
-        d->bdev->ops->channel_destroy(d->bdev->ctx, d->chan);
-    d->chan = NULL;
-}
-
-static int blk_poll(void *ctx)
-{
-    struct blk_dev *d = ctx;
-    int work = 0;
-    if (d->bdev && d->chan && d->bdev->ops->channel_poll)
-        work = d->bdev->ops->channel_poll(d->bdev->ctx, d->chan);
-    vn_iostat_flush(&d->clock);
-    return work;
-}
-
-static int blk_poll_fds(void *ctx, int *fds, int max)
-{
-    struct blk_dev *d = ctx;
-    if (max < 1 || !d->bdev || !d->chan || !d->bdev->ops->channel_fd) return 0;
-    int fd = d->bdev->ops->channel_fd(d->bdev->ctx, d->chan);
-    if (fd < 0) return 0;
-    fds[0] = fd;
-    return 1;
-}
-
-static int blk_outstanding(void *ctx)
-{
-    return (int)((struct blk_dev *)ctx)->outstanding;
-}
-
 static const struct vn_device_ops blk_ops = {
     .abi_version = VN_ABI_VERSION,
     .submit = blk_submit,
-    .attach = blk_attach,
-    .detach = blk_detach,
-    .poll = blk_poll,
-    .poll_fds = blk_poll_fds,
-    .outstanding = blk_outstanding,
 };
 
 const void *blk_device_ops(void) { return &blk_ops; }
 
-struct blk_dev *blk_dev_new(void *bdev, int readonly, const char *id, uint32_t max_discard_sectors)
+struct blk_dev *blk_dev_new(void *desc, int readonly, const char *id, uint32_t max_discard_sectors)
 {
     struct blk_dev *d = calloc(1, sizeof(*d));
     if (!d) return NULL;
-    d->bdev = bdev;
+    d->desc = desc;
     d->readonly = readonly;
     d->max_discard_sectors = max_discard_sectors;
     strncpy(d->id, id, VIRTIO_BLK_ID_BYTES);   /* not NUL-terminated at 20 bytes: per spec */
@@ -284,30 +224,4 @@ struct blk_dev *blk_dev_new(void *bdev, int readonly, const char *id, uint32_t m
 
 void blk_dev_free(struct blk_dev *d) { free(d); }
 
-/* Runs on the reactor (through vn_reactor_exec): new requests fail from now on.
- * Returns the I/O still outstanding at the bdev; the caller retries until 0. */
-int blk_dev_remove_bdev(void *arg)
-{
-    struct blk_dev *d = arg;
-    if (d->outstanding) return (int)d->outstanding;
-    if (d->bdev && d->chan && d->bdev->ops->channel_destroy)
-        d->bdev->ops->channel_destroy(d->bdev->ctx, d->chan);
-    d->chan = NULL;
-    d->bdev = NULL;
-    return 0;
-}
-
-void *blk_dev_remove_bdev_ptr(void) { return (void *)blk_dev_remove_bdev; }
-
 void blk_dev_get_stats(struct blk_dev *d, struct blk_dev_stats *out) { *out = d->stats; }
-
-void blk_dev_get_iostat(struct blk_dev *d, uint64_t *out)
-{
-    __builtin_memcpy(out, &d->iostat, sizeof(d->iostat));
-}
-
-/* Runs on the control thread: a racing completion may keep its old max or min. */
-void blk_dev_reset_iostat_maxmin(struct blk_dev *d)
-{
-    for (int k = 0; k < VN_STAT_KINDS; k++) d->iostat.max_ticks[k] = d->iostat.min_ticks[k] = 0;
-}

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import struct
-import time
 from typing import Any
 
 from vhost_core.bdev.interface import Bdev
-from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
+from vhost_core.bdev.registry import BdevDescriptor
+from vhost_core.device import Device, DeviceContext, NativeDevice
 from vhost_core.log import get_logger, notice
 from vhost_core.native import lib as core_lib
 
@@ -38,7 +38,6 @@ SIZE_MAX = (core_lib.vn_max_transfer() // SEG_MAX) & ~4095
 #: multiple of every block size.
 MAX_DISCARD_SECTORS = (32 << 20) // 512
 MAX_QUEUES = 16
-REMOVE_TIMEOUT_S = 30
 
 # capacity, size_max, seg_max, geometry(c,h,s), blk_size, topology(exp, align, min_io, opt_io),
 # writeback, unused0, num_queues, max_discard_sectors, max_discard_seg,
@@ -48,55 +47,55 @@ CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 assert CONFIG.size == 60
 
 
-class BlkDevice:
-    """One vhost-blk controller's device half (implements DeviceBackend)."""
+class BlkDevice(Device):
+    """One vhost-blk controller's device half: one bdev, opened at attach."""
 
     device_type = "blk"
 
-    def __init__(self, app, ctrlr_name: str, bdev: Bdev, readonly: bool, num_queues: int = MAX_QUEUES) -> None:
-        self.app = app
-        self.ctrlr_name = ctrlr_name
-        self.bdev = bdev
-        self.readonly = readonly or bdev.readonly
+    def __init__(self, bdev_name: str, readonly: bool, num_queues: int = MAX_QUEUES) -> None:
+        self.bdev_name = bdev_name
+        self.requested_readonly = readonly
         self.num_queues = num_queues
-        self.removed = False
+        self.desc: BdevDescriptor | None = None
+        self.ctx: DeviceContext | None = None
+        self.native = ffi.NULL
         # GET_ID: the bdev name, as SPDK answers (20 bytes, NUL-padded).
-        self._id = ffi.new("char[]", bdev.name.encode()[:20])
-        self.native = lib.blk_dev_new(ffi.cast("void *", bdev.native), int(self.readonly), self._id,
+        self._id = ffi.new("char[]", bdev_name.encode()[:20])
+
+    @property
+    def bdev(self) -> Bdev:
+        assert self.desc is not None
+        return self.desc.bdev
+
+    @property
+    def readonly(self) -> bool:
+        return self.requested_readonly or (self.desc is not None and self.desc.bdev.readonly)
+
+    @property
+    def removed(self) -> bool:
+        """The bdev was hot-removed: I/O fails, the controller stays until deleted."""
+        return self.desc is None or self.desc.closed
+
+    def attach(self, ctx: DeviceContext) -> NativeDevice:
+        self.ctx = ctx
+        self.desc = ctx.open_bdev(self.bdev_name, on_remove=self._bdev_removed, on_resize=self._bdev_resized)
+        self.native = lib.blk_dev_new(ffi.cast("void *", self.desc.address), int(self.readonly), self._id,
                                       MAX_DISCARD_SECTORS)
         if self.native == ffi.NULL:
             raise MemoryError("cannot allocate the blk device")
-        self.native_ops = int(ffi.cast("uintptr_t", lib.blk_device_ops()))
-        self.native_ctx = int(ffi.cast("uintptr_t", self.native))
-        bdev.removal_callbacks.append(self.on_bdev_removed)
-        bdev.resize_callbacks.append(self.on_bdev_resized)
+        return NativeDevice(ops=int(ffi.cast("uintptr_t", lib.blk_device_ops())),
+                            ctx=int(ffi.cast("uintptr_t", self.native)))
 
-    def on_bdev_resized(self, bdev: Bdev) -> None:
+    def _bdev_resized(self, desc: BdevDescriptor) -> None:
         """The bdev grew or shrank: a running guest learns it via a config-change message."""
-        ctrlr = self.app.controllers.get(self.ctrlr_name)
-        session = ctrlr.session if ctrlr is not None and ctrlr.backend is self else None
-        if session is not None:
-            session.notify_config_change()
+        if self.ctx is not None:
+            self.ctx.notify_config_change()
 
-    def on_bdev_removed(self, bdev: Bdev) -> None:
+    def _bdev_removed(self, desc: BdevDescriptor) -> None:
         """Hot-remove: new I/O fails at once, in-flight I/O drains, then we let go."""
-        ctrlr = self.app.controllers.get(self.ctrlr_name)
-        fn = int(ffi.cast("uintptr_t", lib.blk_dev_remove_bdev_ptr()))
-        deadline = time.monotonic() + REMOVE_TIMEOUT_S
-        while ctrlr is not None and ctrlr.backend is self:
-            left = ctrlr.reactor.exec_native(fn, self.native_ctx)
-            if left == 0:
-                break
-            if time.monotonic() > deadline:
-                log.error("Controller %s: %d I/O still outstanding on removed bdev '%s'",
-                          self.ctrlr_name, left, bdev.name)
-                break
-            time.sleep(0.001)
-        self._retire_iostat()
-        self.removed = True
-        self.app.bdevs.release(bdev, self.ctrlr_name)
+        desc.close()
         notice(log, "Controller %s: bdev '%s' was removed; I/O to this controller now fails. "
-                    "Delete it with vhost_delete_controller %s", self.ctrlr_name, bdev.name, self.ctrlr_name)
+                    "Delete it with vhost_delete_controller %s", desc.owner, desc.bdev.name, desc.owner)
 
     def device_features(self) -> int:
         f = (1 << F_SIZE_MAX) | (1 << F_SEG_MAX) | (1 << F_BLK_SIZE) | (1 << F_MQ)
@@ -125,9 +124,6 @@ class BlkDevice:
         # which we do not offer: the cache mode is fixed by the bdev.
         raise ValueError("the virtio-blk config space is read-only on this target")
 
-    def features_negotiated(self, features: int) -> None:
-        pass
-
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct blk_dev_stats *")
         lib.blk_dev_get_stats(self.native, s)
@@ -135,38 +131,18 @@ class BlkDevice:
                                            "bytes_written", "errors", "invalid", "unsupported",
                                            "removed_io")}
 
-    def _iostat_words(self) -> list[int]:
-        words = ffi.new("uint64_t[]", IOSTAT_WORDS)
-        lib.blk_dev_get_iostat(self.native, words)
-        return list(words)
-
-    def bdev_iostat(self) -> list[tuple[str, list[int]]]:
-        """bdev_get_iostat: what this controller completed on its bdev."""
-        if self.removed or self.native == ffi.NULL:
-            return []
-        return [(self.bdev.name, self._iostat_words())]
-
-    def reset_iostat_maxmin(self, bdev_name: str) -> None:
-        if not self.removed and self.native != ffi.NULL and bdev_name == self.bdev.name:
-            lib.blk_dev_reset_iostat_maxmin(self.native)
-
-    def _retire_iostat(self) -> None:
-        """Letting go of the bdev: its totals stay with it (bdev_get_iostat)."""
-        if self.native != ffi.NULL:
-            self.bdev.iostat_retired.add(IoStat.from_words(self._iostat_words()))
-
     def backend_specific(self) -> dict[str, Any]:
         return {"block": {"readonly": self.readonly, "bdev": None if self.removed else self.bdev.name,
                           "transport": "vhost_user_blk"}}
 
-    def close(self) -> None:
-        if self.on_bdev_removed in self.bdev.removal_callbacks:
-            self.bdev.removal_callbacks.remove(self.on_bdev_removed)
-        if self.on_bdev_resized in self.bdev.resize_callbacks:
-            self.bdev.resize_callbacks.remove(self.on_bdev_resized)
-        if not self.removed:
-            self._retire_iostat()
-            self.app.bdevs.release(self.bdev, self.ctrlr_name)
+    def config_json(self) -> list[dict[str, Any]]:
+        if self.removed or self.ctx is None:
+            return []
+        return [{"method": "vhost_create_blk_controller",
+                 "params": {"ctrlr": self.ctx.name, "dev_name": self.bdev.name, "cpumask": self.ctx.cpumask,
+                            "readonly": self.readonly}}]
+
+    def detach(self) -> None:
         if self.native != ffi.NULL:
             lib.blk_dev_free(self.native)
             self.native = ffi.NULL

@@ -42,25 +42,9 @@ def vhost_register_rpc_methods(rpc, app) -> None:
         nq = MAX_QUEUES if p.num_queues is None else p.num_queues
         if not 1 <= nq <= MAX_QUEUES:
             raise RpcError(-errno.EINVAL, f"num_queues {nq} out of range: use 1..{MAX_QUEUES}")
-        if p.ctrlr in app.controllers:
-            # Before claiming: a failed create must not release the claim that
-            # the existing controller of this name holds on its bdev.
-            raise RpcError(-errno.EEXIST, f"controller '{p.ctrlr}' already exists: pick another name or "
-                                          f"vhost_delete_controller {p.ctrlr} first")
-        bdev = app.bdevs.claim(p.dev_name, p.ctrlr)
-        holder: dict[str, BlkDevice] = {}
-
-        def make() -> BlkDevice:
-            holder["dev"] = BlkDevice(app, p.ctrlr, bdev, p.readonly, nq)
-            return holder["dev"]
-
-        try:
-            app.add_controller(p.ctrlr, make, p.cpumask)
-        except BaseException:
-            app.bdevs.release(bdev, p.ctrlr)
-            raise
-        device = holder["dev"]
-        notice(log, "Controller %s: using bdev '%s'%s", p.ctrlr, bdev.name,
+        device = BlkDevice(p.dev_name, p.readonly, nq)
+        app.add_controller(p.ctrlr, device, p.cpumask)
+        notice(log, "Controller %s: using bdev '%s'%s", p.ctrlr, device.bdev.name,
                " (read-only)" if device.readonly else "")
         return True
 
@@ -69,11 +53,8 @@ def vhost_register_rpc_methods(rpc, app) -> None:
 def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
     calls = []
     for c in app.controllers.values():
-        if c.backend.device_type != "blk" or c.backend.removed:
-            continue
-        calls.append({"method": "vhost_create_blk_controller",
-                      "params": {"ctrlr": c.name, "dev_name": c.backend.bdev.name,
-                                 "cpumask": hex(c.cpumask), "readonly": c.backend.readonly}})
+        if c.device.device_type == "blk":
+            calls.extend(c.device.config_json())
     return {"vhost_blk": calls}
 
 

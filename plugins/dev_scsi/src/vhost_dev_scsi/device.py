@@ -1,8 +1,8 @@
 """The virtio-scsi device type: targets, features, config space, the native request table.
 
 Targets come and go while a VM runs (hot-attach / hot-detach).  Every change to
-the native target table runs on the controller's reactor thread through
-``Reactor.exec_native``, so it never races the data path.
+the native target table runs on the controller's reactor thread
+(``DeviceContext.run``), so it never races the data path.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import struct
-import time
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 
 from vhost_core.bdev.interface import Bdev
-from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
+from vhost_core.bdev.registry import BdevDescriptor
+from vhost_core.device import Device, DeviceContext, NativeDevice
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError
 
@@ -46,7 +46,6 @@ CMD_PER_LUN = 128
 EVENT_INFO_SIZE = 16
 SENSE_SIZE = 96
 CDB_SIZE = 32
-REMOVE_TIMEOUT_S = 30
 
 # num_queues, seg_max, max_sectors, cmd_per_lun, event_info_size, sense_size,
 # cdb_size, max_channel, max_target, max_lun
@@ -79,48 +78,51 @@ def naa_locally_assigned(bdev_uuid: str) -> bytes:
 @attrs.define(eq=False)
 class ScsiTarget:
     num: int
-    bdev: Bdev
+    desc: BdevDescriptor
     dev_id: int
-    on_removed: Callable[[Bdev], None]
-    on_resized: Callable[[Bdev], None]
     removing: bool = False
+
+    @property
+    def bdev(self) -> Bdev:
+        return self.desc.bdev
 
     @property
     def name(self) -> str:
         return f"Target {self.num}"
 
 
-class ScsiDevice:
-    """One vhost-scsi controller's device half (implements DeviceBackend)."""
+class ScsiDevice(Device):
+    """One vhost-scsi controller's device half: up to MAX_TARGETS bdevs, one per target."""
 
     device_type = "scsi"
 
-    def __init__(self, app, ctrlr_name: str) -> None:
-        self.app = app
-        self.ctrlr_name = ctrlr_name
+    def __init__(self) -> None:
         self.num_queues = NUM_VIRTQUEUES
         #: False while a controller created with ``delay`` waits for vhost_start_scsi_controller.
         self.started = False
         self.targets: dict[int, ScsiTarget] = {}
-        #: The controller's reactor, set once the controller exists; kept (not looked
-        #: up by name) because a controller being deleted is no longer in
-        #: ``app.controllers`` while its queues stop.
-        self.reactor = None
+        self.ctx: DeviceContext | None = None
+        self.native = ffi.NULL
+
+    @property
+    def ctrlr_name(self) -> str:
+        return self.ctx.name if self.ctx is not None else "?"
+
+    def attach(self, ctx: DeviceContext) -> NativeDevice:
+        self.ctx = ctx
         self.native = lib.scsi_dev_new()
         if self.native == ffi.NULL:
             raise MemoryError("cannot allocate the scsi device")
-        self.native_ops = int(ffi.cast("uintptr_t", lib.scsi_device_ops()))
-        self.native_ctx = int(ffi.cast("uintptr_t", self.native))
+        return NativeDevice(ops=int(ffi.cast("uintptr_t", lib.scsi_device_ops())),
+                            ctx=int(ffi.cast("uintptr_t", self.native)))
 
     # ------------------------------------------------------------ reactor calls
 
-    def _exec(self, fn_name: str, arg) -> int:
+    def _run(self, fn_name: str, arg) -> int:
         """Run ``int fn(void *arg)`` of scsi.c on the controller's reactor thread."""
-        if self.reactor is None:
-            # Not placed on a reactor yet: nothing else touches the device.
-            return getattr(lib, fn_name)(arg)
+        assert self.ctx is not None
         fn = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn_name)))
-        return self.reactor.exec_native(fn, int(ffi.cast("uintptr_t", arg)))
+        return self.ctx.run(fn, int(ffi.cast("uintptr_t", arg)))
 
     def _ctl(self, target: int = 0, value: int = 0):
         return ffi.new("struct scsi_ctl *", {"dev": self.native, "target": target, "value": value})
@@ -134,79 +136,72 @@ class ScsiDevice:
         raise RpcError(-errno.ENOSPC, f"controller {self.ctrlr_name}: all {MAX_TARGETS} SCSI target slots "
                                       f"are in use: remove one with vhost_scsi_controller_remove_target")
 
-    def add_target(self, num: int, bdev: Bdev) -> None:
-        """Hot-attach ``bdev`` as LUN 0 of target ``num`` (the caller claimed the bdev)."""
-        desc = ffi.new("struct scsi_target_desc *")
-        desc.dev = self.native
-        desc.bdev = ffi.cast("void *", bdev.native)
-        desc.target = num
-        desc.readonly = int(bdev.readonly)
+    def add_target(self, num: int, bdev_name: str) -> ScsiTarget:
+        """Hot-attach bdev ``bdev_name`` as LUN 0 of target ``num``."""
+        assert self.ctx is not None
+        desc = self.ctx.open_bdev(bdev_name, on_remove=lambda d: self._bdev_removed(num, d),
+                                  on_resize=lambda d: self._bdev_resized(num, d))
+        bdev = desc.bdev
+        native = ffi.new("struct scsi_target_desc *")
+        native.dev = self.native
+        native.desc = ffi.cast("void *", desc.address)
+        native.target = num
+        native.readonly = int(bdev.readonly)
         product = _ascii(bdev.product_name)[:16].ljust(16)
-        ffi.memmove(desc.product, product, 16)
+        ffi.memmove(native.product, product, 16)
         serial = _ascii(bdev.name)[:64]
-        ffi.memmove(desc.serial, serial, len(serial))
-        desc.serial_len = len(serial)
-        ffi.memmove(desc.naa, naa_locally_assigned(bdev.uuid), 8)
+        ffi.memmove(native.serial, serial, len(serial))
+        native.serial_len = len(serial)
+        ffi.memmove(native.naa, naa_locally_assigned(bdev.uuid), 8)
         t10 = _ascii(bdev.uuid)[:40]
-        ffi.memmove(desc.t10_id, t10, len(t10))
-        desc.t10_id_len = len(t10)
-        target = ScsiTarget(num, bdev, _alloc_dev_id(), on_removed=lambda b: self.on_bdev_removed(num, b),
-                            on_resized=lambda b: self.on_bdev_resized(num, b))
-        rc = self._exec("scsi_dev_add_target", desc)
+        ffi.memmove(native.t10_id, t10, len(t10))
+        native.t10_id_len = len(t10)
+        rc = self._run("scsi_dev_add_target", native)
         if rc < 0:
-            _used_dev_ids.discard(target.dev_id)
+            desc.close()
             raise RpcError(rc, f"controller {self.ctrlr_name}: cannot attach bdev '{bdev.name}' as "
-                               f"target {num}: its I/O channel could not be created")
+                               f"target {num}")
+        target = ScsiTarget(num, desc, _alloc_dev_id())
         self.targets[num] = target
-        bdev.removal_callbacks.append(target.on_removed)
-        bdev.resize_callbacks.append(target.on_resized)
+        return target
 
     def remove_target(self, num: int) -> ScsiTarget:
         """Hot-detach target ``num``: new commands to it fail at once (BAD_TARGET),
-        commands in flight drain, then the driver gets a REMOVED event."""
+        commands in flight drain (with the control lock released), then the driver
+        gets a REMOVED event and the bdev is let go."""
+        assert self.ctx is not None
         target = self.targets[num]
+        if target.removing:
+            raise RpcError(-errno.EBUSY, f"controller {self.ctrlr_name}: SCSI target {num} is already "
+                                         f"being removed")
         target.removing = True
         ctl = self._ctl(num)
-        deadline = time.monotonic() + REMOVE_TIMEOUT_S
-        while True:
-            left = self._exec("scsi_dev_remove_target", ctl)
-            if left <= 0:
-                break
-            if time.monotonic() > deadline:
-                log.error("Controller %s: %d commands still outstanding on target %d (bdev '%s') "
-                          "after %ds; letting go of it anyway", self.ctrlr_name, left, num,
-                          target.bdev.name, REMOVE_TIMEOUT_S)
-                break
-            time.sleep(0.001)
+        self.ctx.drain(lambda: self._run("scsi_dev_remove_target", ctl),
+                       f"commands still in flight on target {num} (bdev '{target.bdev.name}')")
         del self.targets[num]
-        self._retire_iostat(num, target)
         _used_dev_ids.discard(target.dev_id)
-        if target.on_removed in target.bdev.removal_callbacks:
-            target.bdev.removal_callbacks.remove(target.on_removed)
-        if target.on_resized in target.bdev.resize_callbacks:
-            target.bdev.resize_callbacks.remove(target.on_resized)
-        self.app.bdevs.release(target.bdev, self.ctrlr_name)
+        target.desc.close()
         return target
 
-    def on_bdev_resized(self, num: int, bdev: Bdev) -> None:
+    def _bdev_resized(self, num: int, desc: BdevDescriptor) -> None:
         """The bdev grew or shrank: capacity-changed unit attention (+ PARAM_CHANGE event)."""
         target = self.targets.get(num)
-        if target is None or target.bdev is not bdev:
+        if target is None or target.desc is not desc:
             return
-        self._exec("scsi_dev_capacity_changed", self._ctl(num))
+        self._run("scsi_dev_capacity_changed", self._ctl(num))
         notice(log, "Controller %s: target %d capacity changed to %d blocks (bdev '%s')",
-               self.ctrlr_name, num, bdev.num_blocks, bdev.name)
+               self.ctrlr_name, num, desc.bdev.num_blocks, desc.bdev.name)
 
-    def on_bdev_removed(self, num: int, bdev: Bdev) -> None:
+    def _bdev_removed(self, num: int, desc: BdevDescriptor) -> None:
         """The bdev is being deleted: hot-detach the target that holds it."""
         target = self.targets.get(num)
-        if target is None or target.bdev is not bdev:
+        if target is None or target.desc is not desc or target.removing:
             return
         self.remove_target(num)
         notice(log, "Controller %s: bdev '%s' was removed: hot-detached target '%s'",
-               self.ctrlr_name, bdev.name, target.name)
+               self.ctrlr_name, desc.bdev.name, target.name)
 
-    # ------------------------------------------------------------ DeviceBackend
+    # ------------------------------------------------------------ Device
 
     def device_features(self) -> int:
         # CHANGE as SPDK: QEMU's vhost-user-scsi passes its own CHANGE bit through to
@@ -231,38 +226,17 @@ class ScsiDevice:
 
     def features_negotiated(self, features: int) -> None:
         value = int(bool(features & (1 << F_HOTPLUG))) | int(bool(features & (1 << F_CHANGE))) << 1
-        self._exec("scsi_dev_set_features", self._ctl(value=value))
+        self._run("scsi_dev_set_features", self._ctl(value=value))
 
     def queue_stopping(self, index: int) -> None:
         """The core stops virtqueue ``index``: give back the event buffers (queue 1) or
         the task management functions (queue 0) held on it."""
-        self._exec("scsi_dev_queue_stopping", self._ctl(value=index))
+        self._run("scsi_dev_queue_stopping", self._ctl(value=index))
 
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct scsi_dev_stats *")
         lib.scsi_dev_get_stats(self.native, s)
         return {name: getattr(s, name) for name in dir(s)}
-
-    def _iostat_words(self, num: int) -> list[int]:
-        words = ffi.new("uint64_t[]", IOSTAT_WORDS)
-        lib.scsi_dev_get_iostat(self.native, num, words)
-        return list(words)
-
-    def _retire_iostat(self, num: int, target: ScsiTarget) -> None:
-        """Letting go of a target's bdev: its totals stay with it (bdev_get_iostat)."""
-        if self.native != ffi.NULL:
-            target.bdev.iostat_retired.add(IoStat.from_words(self._iostat_words(num)))
-
-    def bdev_iostat(self) -> list[tuple[str, list[int]]]:
-        """bdev_get_iostat: what each target completed on its bdev."""
-        if self.native == ffi.NULL:
-            return []
-        return [(t.bdev.name, self._iostat_words(n)) for n, t in sorted(self.targets.items())]
-
-    def reset_iostat_maxmin(self, bdev_name: str) -> None:
-        for n, t in self.targets.items():
-            if t.bdev.name == bdev_name and self.native != ffi.NULL:
-                lib.scsi_dev_reset_iostat_maxmin(self.native, n)
 
     def backend_specific(self) -> dict[str, Any]:
         return {"scsi": [
@@ -270,14 +244,19 @@ class ScsiDevice:
              "luns": [{"id": 0, "bdev_name": t.bdev.name}]}
             for _, t in sorted(self.targets.items()) if not t.removing]}
 
-    def close(self) -> None:
-        for num, target in self.targets.items():
-            self._retire_iostat(num, target)
-            if target.on_removed in target.bdev.removal_callbacks:
-                target.bdev.removal_callbacks.remove(target.on_removed)
-            if target.on_resized in target.bdev.resize_callbacks:
-                target.bdev.resize_callbacks.remove(target.on_resized)
-            self.app.bdevs.release(target.bdev, self.ctrlr_name)
+    def config_json(self) -> list[dict[str, Any]]:
+        assert self.ctx is not None
+        calls: list[dict[str, Any]] = [{"method": "vhost_create_scsi_controller",
+                                        "params": {"ctrlr": self.ctx.name, "cpumask": self.ctx.cpumask}}]
+        for num, t in sorted(self.targets.items()):
+            if not t.removing:
+                calls.append({"method": "vhost_scsi_controller_add_target",
+                              "params": {"ctrlr": self.ctx.name, "scsi_target_num": num,
+                                         "bdev_name": t.bdev.name}})
+        return calls
+
+    def detach(self) -> None:
+        for target in self.targets.values():
             _used_dev_ids.discard(target.dev_id)
         self.targets.clear()
         if self.native != ffi.NULL:

@@ -49,11 +49,11 @@ class RemoveTargetParams:
 
 def _scsi_device(app, name: str) -> ScsiDevice:
     ctrlr = app.get_controller(name)
-    if not isinstance(ctrlr.backend, ScsiDevice):
-        raise RpcError(-errno.EINVAL, f"controller '{name}' is a vhost-{ctrlr.backend.device_type} "
+    if not isinstance(ctrlr.device, ScsiDevice):
+        raise RpcError(-errno.EINVAL, f"controller '{name}' is a vhost-{ctrlr.device.device_type} "
                                       f"controller, not vhost-scsi: targets exist only on "
                                       f"vhost_create_scsi_controller controllers")
-    return ctrlr.backend
+    return ctrlr.device
 
 
 def _check_target_num(ctrlr: str, num: int) -> None:
@@ -68,16 +68,9 @@ def vhost_register_rpc_methods(rpc, app) -> None:
                 deprecated_aliases=("construct_vhost_scsi_controller",))
     def vhost_create_scsi_controller(p: CreateScsiParams) -> bool:
         """Add a vhost-scsi controller (targets are added with vhost_scsi_controller_add_target)."""
-        holder: dict[str, ScsiDevice] = {}
-
-        def make() -> ScsiDevice:
-            holder["dev"] = ScsiDevice(app, p.ctrlr)
-            return holder["dev"]
-
-        ctrlr = app.add_controller(p.ctrlr, make, p.cpumask, listen=not p.delay)
-        # Still under the control lock: no front-end message reached the device yet.
-        holder["dev"].reactor = ctrlr.reactor
-        holder["dev"].started = not p.delay
+        device = ScsiDevice()
+        device.started = not p.delay
+        app.add_controller(p.ctrlr, device, p.cpumask, listen=not p.delay)
         if p.delay:
             notice(log, "Controller %s: created; it accepts a front-end after vhost_start_scsi_controller %s",
                    p.ctrlr, p.ctrlr)
@@ -112,12 +105,7 @@ def vhost_register_rpc_methods(rpc, app) -> None:
             if t.bdev is bdev:
                 raise RpcError(-errno.EBUSY, f"controller {p.ctrlr}: bdev '{bdev.name}' already backs "
                                              f"SCSI target {t.num}: a bdev serves one target")
-        app.bdevs.claim(bdev.name, p.ctrlr)
-        try:
-            device.add_target(num, bdev)
-        except BaseException:
-            app.bdevs.release(bdev, p.ctrlr)
-            raise
+        device.add_target(num, bdev.name)
         notice(log, "Controller %s: defined target 'Target %d' using lun '%s'", p.ctrlr, num, bdev.name)
         return num
 
@@ -139,14 +127,8 @@ def vhost_register_rpc_methods(rpc, app) -> None:
 def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
     calls: list[dict[str, Any]] = []
     for c in app.controllers.values():
-        if not isinstance(c.backend, ScsiDevice):
-            continue
-        calls.append({"method": "vhost_create_scsi_controller",
-                      "params": {"ctrlr": c.name, "cpumask": hex(c.cpumask)}})
-        for num, t in sorted(c.backend.targets.items()):
-            if not t.removing:
-                calls.append({"method": "vhost_scsi_controller_add_target",
-                              "params": {"ctrlr": c.name, "scsi_target_num": num, "bdev_name": t.bdev.name}})
+        if isinstance(c.device, ScsiDevice):
+            calls.extend(c.device.config_json())
     return {"vhost_scsi": calls}
 
 

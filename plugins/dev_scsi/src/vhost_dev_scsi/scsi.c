@@ -104,8 +104,7 @@ enum { OP_RW = 1, OP_FLUSH, OP_UNMAP, OP_WS_ZERO, OP_WS_DATA };
 
 struct scsi_target {
     int state;
-    vn_bdev *bdev;
-    void *chan;
+    vn_bdev_desc *desc;         /* the bdev, opened by the controller on its reactor */
     uint32_t block_size;
     uint64_t num_blocks;
     uint32_t io_types;
@@ -124,14 +123,12 @@ struct scsi_target {
     uint8_t naa[8];
     char t10_id[40];
     uint32_t t10_id_len;
-    struct vn_iostat iostat;    /* of the bdev, for bdev_get_iostat */
 };
 
 struct scsi_req;
 
 struct scsi_dev {
     struct scsi_target tgt[SCSI_MAX_TARGETS];
-    int attached;               /* placed on a reactor: channels exist */
     int hotplug;                /* the driver negotiated VIRTIO_SCSI_F_HOTPLUG */
     int change;                 /* ... and VIRTIO_SCSI_F_CHANGE */
     int events_missed;
@@ -140,9 +137,7 @@ struct scsi_dev {
     uint32_t tmf_held;
     /* Commands that used up their share of inline bdev work (see step). */
     struct scsi_req *resume_head, *resume_tail;
-    uint64_t outstanding;
     struct scsi_dev_stats stats;
-    struct vn_iostat_clock clock;
 };
 
 struct unmap_desc { uint64_t lba; uint64_t n; };
@@ -389,7 +384,7 @@ static struct scsi_target *lookup_target(struct scsi_dev *d, const uint8_t *lun)
 {
     if (lun[0] != 1 || lun[1] >= SCSI_MAX_TARGETS) return NULL;
     struct scsi_target *t = &d->tgt[lun[1]];
-    if (t->state != TGT_PRESENT || !t->bdev || t->bdev->removed) return NULL;
+    if (t->state != TGT_PRESENT || !vn_desc_usable(t->desc)) return NULL;
     return t;
 }
 
@@ -620,7 +615,6 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
 {
     struct scsi_target *t = sr->t;
     t->outstanding--;
-    d->outstanding--;
     if (sr->older) sr->older->newer = sr->newer;
     else t->oldest = sr->newer;
     if (sr->newer) sr->newer->older = sr->older;
@@ -646,7 +640,7 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
     case OP_WS_ZERO: d->stats.write_sames++; kind = VN_STAT_WRITE_ZEROES; break;
     default: d->stats.write_sames++; kind = VN_STAT_WRITE; break;
     }
-    vn_iostat_defer(&d->clock, &t->iostat, kind, sr->stat_bytes, sr->start_ticks);
+    vn_desc_account(t->desc, kind, sr->stat_bytes, sr->start_ticks);
     good(d, sr);
 }
 
@@ -667,11 +661,11 @@ static void step(struct scsi_dev *d, struct scsi_req *sr)
             finish_io(d, sr);
             return;
         }
-        sr->io.cb = io_done;
-        sr->io.cb_arg = sr;
+        /* Counted once per command, in finish_io. */
+        sr->io.flags = VN_IO_F_NO_STAT;
         sr->inline_wait = 1;
         sr->inline_done = 0;
-        t->bdev->ops->submit(t->bdev->ctx, t->chan, &sr->io);
+        vn_desc_submit(t->desc, &sr->io, io_done, sr);
         sr->inline_wait = 0;
         if (!sr->inline_done) return;
         if (sr->io.type != VN_IO_FLUSH) inline_bytes += sr->io.num_blocks * t->block_size;
@@ -706,13 +700,12 @@ static void start_io(struct scsi_dev *d, struct scsi_req *sr, uint8_t op)
         for (uint32_t i = 0; i < sr->ndesc; i++) blocks += sr->u.unmap[i].n;
     }
     sr->stat_bytes = blocks * sr->t->block_size;
-    sr->start_ticks = vn_iostat_start(&d->clock);
+    sr->start_ticks = vn_desc_now(sr->t->desc);
     sr->op = op;
     sr->stage = 0;
     sr->io_status = 0;
     struct scsi_target *t = sr->t;
     t->outstanding++;
-    d->outstanding++;
     sr->seq = t->next_seq++;
     sr->newer = NULL;
     sr->older = t->newest;
@@ -1322,90 +1315,23 @@ static void scsi_submit(void *ctx, vn_req *req)
     }
 }
 
-static int channel_open(struct scsi_target *t)
-{
-    if (t->bdev->ops->channel_create) {
-        t->chan = t->bdev->ops->channel_create(t->bdev->ctx);
-        if (!t->chan) return -ENOMEM;
-    }
-    return 0;
-}
-
-static void channel_close(struct scsi_target *t)
-{
-    if (t->chan && t->bdev->ops->channel_destroy) t->bdev->ops->channel_destroy(t->bdev->ctx, t->chan);
-    t->chan = NULL;
-}
-
-static int scsi_attach(void *ctx)
-{
-    struct scsi_dev *d = ctx;
-    for (int i = 0; i < SCSI_MAX_TARGETS; i++) {
-        struct scsi_target *t = &d->tgt[i];
-        if (t->state == TGT_EMPTY) continue;
-        int rc = channel_open(t);
-        if (rc) {
-            while (--i >= 0) if (d->tgt[i].state != TGT_EMPTY) channel_close(&d->tgt[i]);
-            return rc;
-        }
-    }
-    d->attached = 1;
-    return 0;
-}
-
-static void scsi_detach(void *ctx)
-{
-    struct scsi_dev *d = ctx;
-    for (int i = 0; i < SCSI_MAX_TARGETS; i++)
-        if (d->tgt[i].state != TGT_EMPTY) channel_close(&d->tgt[i]);
-    d->attached = 0;
-}
-
+/* The device's own work, once per reactor iteration after the bdev channels
+ * were polled: parked commands go on, TMFs whose commands are done complete. */
 static int scsi_poll(void *ctx)
 {
     struct scsi_dev *d = ctx;
     int work = 0;
-    for (int i = 0; i < SCSI_MAX_TARGETS; i++) {
-        struct scsi_target *t = &d->tgt[i];
-        if (t->state != TGT_EMPTY && t->chan && t->bdev->ops->channel_poll)
-            work += t->bdev->ops->channel_poll(t->bdev->ctx, t->chan);
-    }
     if (d->resume_head) work += resume_parked(d);
     if (d->tmf_held)
         for (int i = 0; i < SCSI_MAX_TARGETS; i++)
             if (d->tgt[i].tmf_head) work += tmf_release(d, &d->tgt[i], 0);
-    vn_iostat_flush(&d->clock);
     return work;
-}
-
-static int scsi_poll_fds(void *ctx, int *fds, int max)
-{
-    struct scsi_dev *d = ctx;
-    int n = 0;
-    for (int i = 0; i < SCSI_MAX_TARGETS && n < max; i++) {
-        struct scsi_target *t = &d->tgt[i];
-        if (t->state == TGT_EMPTY || !t->chan || !t->bdev->ops->channel_fd) continue;
-        int fd = t->bdev->ops->channel_fd(t->bdev->ctx, t->chan);
-        if (fd >= 0) fds[n++] = fd;
-    }
-    return n;
-}
-
-static int scsi_outstanding(void *ctx)
-{
-    struct scsi_dev *d = ctx;
-    /* Held event buffers wait on nothing the reactor must poll for. */
-    return (int)(d->outstanding + d->tmf_held);
 }
 
 static const struct vn_device_ops scsi_ops = {
     .abi_version = VN_ABI_VERSION,
     .submit = scsi_submit,
-    .attach = scsi_attach,
-    .detach = scsi_detach,
     .poll = scsi_poll,
-    .poll_fds = scsi_poll_fds,
-    .outstanding = scsi_outstanding,
 };
 
 const void *scsi_device_ops(void) { return &scsi_ops; }
@@ -1424,14 +1350,15 @@ int scsi_dev_add_target(void *arg)
 {
     struct scsi_target_desc *desc = arg;
     struct scsi_dev *d = desc->dev;
-    if (desc->target >= SCSI_MAX_TARGETS || !desc->bdev) return -EINVAL;
+    vn_bdev_desc *bd = desc->desc;
+    if (desc->target >= SCSI_MAX_TARGETS || !vn_desc_usable(bd)) return -EINVAL;
     struct scsi_target *t = &d->tgt[desc->target];
     if (t->state != TGT_EMPTY) return -EEXIST;
     memset(t, 0, sizeof(*t));
-    t->bdev = desc->bdev;
-    t->block_size = t->bdev->block_size;
-    t->num_blocks = t->bdev->num_blocks;
-    t->io_types = t->bdev->io_types;
+    t->desc = bd;
+    t->block_size = bd->bdev->block_size;
+    t->num_blocks = bd->bdev->num_blocks;
+    t->io_types = bd->bdev->io_types;
     t->readonly = desc->readonly != 0;
     memcpy(t->product, desc->product, sizeof(t->product));
     t->serial_len = desc->serial_len < sizeof(t->serial) ? desc->serial_len : sizeof(t->serial);
@@ -1439,13 +1366,6 @@ int scsi_dev_add_target(void *arg)
     memcpy(t->naa, desc->naa, sizeof(t->naa));
     t->t10_id_len = desc->t10_id_len < sizeof(t->t10_id) ? desc->t10_id_len : sizeof(t->t10_id);
     memcpy(t->t10_id, desc->t10_id, t->t10_id_len);
-    if (d->attached) {
-        int rc = channel_open(t);
-        if (rc) {
-            memset(t, 0, sizeof(*t));
-            return rc;
-        }
-    }
     t->state = TGT_PRESENT;
     notify(d, (int)desc->target, VIRTIO_SCSI_EVT_RESET_RESCAN);
     return 0;
@@ -1453,7 +1373,7 @@ int scsi_dev_add_target(void *arg)
 
 /* New commands to the target answer BAD_TARGET from the first call on; returns
  * the commands still in flight at its bdev, 0 once the target is gone (the
- * caller retries until then). */
+ * caller retries until then, and then closes the bdev's descriptor). */
 int scsi_dev_remove_target(void *arg)
 {
     struct scsi_ctl *c = arg;
@@ -1464,10 +1384,7 @@ int scsi_dev_remove_target(void *arg)
     t->state = TGT_REMOVING;
     if (t->outstanding) return (int)t->outstanding;
     tmf_release(d, t, 1);      /* nothing left for them to wait on */
-    if (d->attached) channel_close(t);
-    struct vn_iostat keep = t->iostat;     /* the control plane retires it (bdev_get_iostat) */
     memset(t, 0, sizeof(*t));
-    t->iostat = keep;
     notify(d, (int)c->target, VIRTIO_SCSI_EVT_RESET_REMOVED);
     return 0;
 }
@@ -1481,8 +1398,8 @@ int scsi_dev_capacity_changed(void *arg)
     struct scsi_dev *d = c->dev;
     if (c->target >= SCSI_MAX_TARGETS) return -EINVAL;
     struct scsi_target *t = &d->tgt[c->target];
-    if (t->state != TGT_PRESENT || !t->bdev) return -ENODEV;
-    t->num_blocks = t->bdev->num_blocks;
+    if (t->state != TGT_PRESENT || !vn_desc_usable(t->desc)) return -ENODEV;
+    t->num_blocks = __atomic_load_n(&t->desc->bdev->num_blocks, __ATOMIC_RELAXED);
     t->ua |= UA_CAPACITY_CHANGED;
     if (d->change)   /* reason: asc | ascq << 8 */
         send_event(d, VIRTIO_SCSI_T_PARAM_CHANGE, (int)c->target,
@@ -1532,16 +1449,3 @@ int scsi_dev_target_outstanding(struct scsi_dev *d, uint32_t target)
 }
 
 void scsi_dev_get_stats(struct scsi_dev *d, struct scsi_dev_stats *out) { *out = d->stats; }
-
-void scsi_dev_get_iostat(struct scsi_dev *d, uint32_t target, uint64_t *out)
-{
-    if (target < SCSI_MAX_TARGETS) __builtin_memcpy(out, &d->tgt[target].iostat, sizeof(struct vn_iostat));
-}
-
-/* Runs on the control thread: a racing completion may keep its old max or min. */
-void scsi_dev_reset_iostat_maxmin(struct scsi_dev *d, uint32_t target)
-{
-    if (target >= SCSI_MAX_TARGETS) return;
-    struct vn_iostat *s = &d->tgt[target].iostat;
-    for (int k = 0; k < VN_STAT_KINDS; k++) s->max_ticks[k] = s->min_ticks[k] = 0;
-}

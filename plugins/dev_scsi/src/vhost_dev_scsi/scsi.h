@@ -8,7 +8,7 @@ struct scsi_dev_stats {
 /* What the control plane tells the reactor about a target it attaches. */
 struct scsi_target_desc {
     struct scsi_dev *dev;
-    void *bdev;
+    void *desc;                 /* struct vn_bdev_desc: the bdev, opened on the controller's reactor */
     uint32_t target;
     uint32_t readonly;
     char product[16];
@@ -36,6 +36,3 @@ int scsi_dev_capacity_changed(void *ctl);
 int scsi_dev_queue_stopping(void *ctl);
 int scsi_dev_target_outstanding(struct scsi_dev *d, uint32_t target);
 void scsi_dev_get_stats(struct scsi_dev *d, struct scsi_dev_stats *out);
-/* A target's struct vn_iostat as 25 uint64 words (bdev_get_iostat). */
-void scsi_dev_get_iostat(struct scsi_dev *d, uint32_t target, uint64_t *out);
-void scsi_dev_reset_iostat_maxmin(struct scsi_dev *d, uint32_t target);

@@ -28,7 +28,8 @@ def _header_cdef(name: str) -> str:
 def _cdef_text() -> str:
     # Plugin structs are opaque to Python: it only passes their addresses.  The
     # Python-bdev adapter's worker reads iovecs (sys/uio.h's, declared for cffi).
-    return ("struct vn_device_ops;\n" + _header_cdef("core.h")
+    return ("struct vn_device_ops;\ntypedef struct vn_bdev vn_bdev;\ntypedef struct vn_bdev_desc vn_bdev_desc;\n"
+            + _header_cdef("core.h")
             + "\nstruct iovec { void *iov_base; size_t iov_len; };\n" + _header_cdef("pybdev.h"))
 
 

@@ -50,6 +50,7 @@
 #define VQ_MAX_PART_BYTES ((uint64_t)VN_MAX_TRANSFER + VN_MAX_HEADER_BYTES)
 #define REACTOR_MAX_DEVS 256
 #define REACTOR_MAX_QUEUES 1024
+#define REACTOR_MAX_DESCS 1024
 
 struct vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 struct vring_avail { uint16_t flags; uint16_t idx; uint16_t ring[]; };
@@ -504,8 +505,14 @@ struct vn_dev {
     struct vn_reactor *reactor;
     const struct vn_device_ops *ops;
     void *ctx;
-    int attached;
-    int attach_error;
+};
+
+/* A descriptor as the core keeps it: the public part first. */
+struct core_desc {
+    vn_bdev_desc d;
+    struct vn_reactor *r;
+    int (*poll)(void *bdev_ctx, void *chan);   /* the channel's poller, or NULL */
+    int listed;                 /* on the reactor's lists */
 };
 
 struct exec_msg {
@@ -533,6 +540,15 @@ struct vn_reactor {
     int nqueues;
     struct vn_dev *devs[REACTOR_MAX_DEVS];
     int ndevs;
+    /* Devices with a poll member (a subset of devs). */
+    struct vn_dev *polled_devs[REACTOR_MAX_DEVS];
+    int npolled_devs;
+    /* Open bdev descriptors, and those whose channel has a poller. */
+    struct core_desc *descs[REACTOR_MAX_DESCS];
+    int ndescs;
+    struct core_desc *polled_descs[REACTOR_MAX_DESCS];
+    int npolled_descs;
+    struct vn_iostat_clock clock;
     int epoll_dirty;
     uint64_t loops, busy_loops, idle_ns, busy_ns;
 };
@@ -558,11 +574,6 @@ int vn_reactor_exec(struct vn_reactor *r, vn_exec_fn fn, void *arg)
     pthread_mutex_unlock(&r->lock);
     pthread_mutex_unlock(&r->exec_lock);
     return msg.result;
-}
-
-void *vn_reactor_exec_ptr(void)
-{
-    return (void *)vn_reactor_exec;
 }
 
 static void reactor_handle_msgs(struct vn_reactor *r)
@@ -1134,18 +1145,24 @@ int vn_vq_stop(struct vn_vq *q, int timeout_ms)
 /* devices                                                             */
 /* ------------------------------------------------------------------ */
 
+/* Remove `item` from an unordered array of `*n` pointers. */
+static void list_remove(void **arr, int *n, const void *item)
+{
+    for (int i = 0; i < *n; i++) {
+        if (arr[i] == item) {
+            arr[i] = arr[--*n];
+            return;
+        }
+    }
+}
+
 static int dev_attach_on_reactor(void *p)
 {
     struct vn_dev *d = p;
     struct vn_reactor *r = d->reactor;
     if (r->ndevs >= REACTOR_MAX_DEVS) return -ENOSPC;
-    if (d->ops->attach) {
-        int rc = d->ops->attach(d->ctx);
-        if (rc) return rc;
-    }
     r->devs[r->ndevs++] = d;
-    d->attached = 1;
-    r->epoll_dirty = 1;
+    if (d->ops->poll) r->polled_devs[r->npolled_devs++] = d;
     return 0;
 }
 
@@ -1153,43 +1170,133 @@ static int dev_detach_on_reactor(void *p)
 {
     struct vn_dev *d = p;
     struct vn_reactor *r = d->reactor;
-    for (int i = 0; i < r->ndevs; i++) {
-        if (r->devs[i] == d) {
-            r->devs[i] = r->devs[--r->ndevs];
-            break;
-        }
-    }
-    if (d->attached && d->ops->detach) d->ops->detach(d->ctx);
-    d->attached = 0;
-    r->epoll_dirty = 1;
+    list_remove((void **)r->devs, &r->ndevs, d);
+    list_remove((void **)r->polled_devs, &r->npolled_devs, d);
     return 0;
 }
 
-struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx)
+struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx, int *err)
 {
-    if (!ops || ops->abi_version != VN_ABI_VERSION || !ops->submit) return NULL;
-    struct vn_dev *d = calloc(1, sizeof(*d));
-    if (!d) return NULL;
-    d->reactor = r;
-    d->ops = ops;
-    d->ctx = ctx;
-    d->attach_error = vn_reactor_exec(r, dev_attach_on_reactor, d);
-    if (d->attach_error) {
-        int err = d->attach_error;
+    int rc = 0;
+    struct vn_dev *d = NULL;
+    if (!ops || ops->abi_version != VN_ABI_VERSION) rc = -EPROTO;
+    else if (!ops->submit) rc = -EINVAL;
+    else if (!(d = calloc(1, sizeof(*d)))) rc = -ENOMEM;
+    if (!rc) {
+        d->reactor = r;
+        d->ops = ops;
+        d->ctx = ctx;
+        rc = vn_reactor_exec(r, dev_attach_on_reactor, d);
+    }
+    if (err) *err = rc;
+    if (rc) {
         free(d);
-        (void)err;
         return NULL;
     }
     return d;
 }
-
-int vn_dev_attach_error(struct vn_dev *d) { return d ? d->attach_error : -EINVAL; }
 
 void vn_dev_free(struct vn_dev *d)
 {
     if (!d) return;
     vn_reactor_exec(d->reactor, dev_detach_on_reactor, d);
     free(d);
+}
+
+/* ------------------------------------------------------------------ */
+/* bdev descriptors                                                    */
+/* ------------------------------------------------------------------ */
+
+static int desc_open_on_reactor(void *p)
+{
+    struct core_desc *c = p;
+    struct vn_reactor *r = c->r;
+    vn_bdev *b = c->d.bdev;
+    if (r->ndescs >= REACTOR_MAX_DESCS) return -ENOSPC;
+    if (b->ops->channel_create) {
+        c->d.chan = b->ops->channel_create(b->ctx);
+        if (!c->d.chan) return -ENOMEM;
+    }
+    c->poll = c->d.chan ? b->ops->channel_poll : NULL;
+    r->descs[r->ndescs++] = c;
+    if (c->poll) r->polled_descs[r->npolled_descs++] = c;
+    c->listed = 1;
+    return 0;
+}
+
+vn_bdev_desc *vn_desc_open(struct vn_reactor *r, vn_bdev *bdev, int *err)
+{
+    int rc = 0;
+    struct core_desc *c = NULL;
+    if (!bdev || !bdev->ops || bdev->ops->abi_version != VN_ABI_VERSION) rc = -EPROTO;
+    else if (!bdev->ops->submit) rc = -EINVAL;
+    else if (!(c = calloc(1, sizeof(*c)))) rc = -ENOMEM;
+    if (!rc) {
+        c->r = r;
+        c->d.bdev = bdev;
+        c->d.clock = &r->clock;
+        rc = vn_reactor_exec(r, desc_open_on_reactor, c);
+    }
+    if (err) *err = rc;
+    if (rc) {
+        free(c);
+        return NULL;
+    }
+    return &c->d;
+}
+
+static int desc_close_on_reactor(void *p)
+{
+    struct core_desc *c = p;
+    struct vn_reactor *r = c->r;
+    vn_bdev *b = c->d.bdev;
+    if (!b) return 0;
+    c->d.closing = 1;
+    if (c->d.in_flight) return (int)(c->d.in_flight > INT32_MAX ? INT32_MAX : c->d.in_flight);
+    if (c->d.chan && b->ops->channel_destroy) b->ops->channel_destroy(b->ctx, c->d.chan);
+    c->d.chan = NULL;
+    c->d.bdev = NULL;
+    c->poll = NULL;
+    list_remove((void **)r->descs, &r->ndescs, c);
+    list_remove((void **)r->polled_descs, &r->npolled_descs, c);
+    c->listed = 0;
+    return 0;
+}
+
+int vn_desc_close(vn_bdev_desc *d)
+{
+    if (!d) return 0;
+    struct core_desc *c = (struct core_desc *)d;
+    return vn_reactor_exec(c->r, desc_close_on_reactor, c);
+}
+
+int vn_desc_free(vn_bdev_desc *d)
+{
+    if (!d) return 0;
+    struct core_desc *c = (struct core_desc *)d;
+    /* Still on the reactor (its I/O never completed): leaked rather than freed
+     * under the reactor's feet. */
+    if (c->listed) return -EBUSY;
+    free(c);
+    return 0;
+}
+
+uint64_t vn_desc_in_flight(vn_bdev_desc *d) { return d ? __atomic_load_n(&d->in_flight, __ATOMIC_RELAXED) : 0; }
+
+void vn_desc_get_iostat(vn_bdev_desc *d, uint64_t *out)
+{
+    __builtin_memcpy(out, &d->iostat, sizeof(d->iostat));
+}
+
+/* Runs on the control thread: a racing completion may keep its old max or min. */
+void vn_desc_reset_iostat_maxmin(vn_bdev_desc *d)
+{
+    for (int k = 0; k < VN_STAT_KINDS; k++) d->iostat.max_ticks[k] = d->iostat.min_ticks[k] = 0;
+}
+
+void vn_bdev_set_num_blocks(vn_bdev *b, uint64_t num_blocks)
+{
+    __atomic_store_n(&b->num_blocks, num_blocks, __ATOMIC_RELAXED);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1209,16 +1316,15 @@ static void reactor_rebuild_epoll(struct vn_reactor *r)
         ev.data.ptr = q;
         epoll_ctl(r->epfd, EPOLL_CTL_ADD, q->kick_fd, &ev);
     }
-    for (int i = 0; i < r->ndevs; i++) {
-        struct vn_dev *d = r->devs[i];
-        int fds[16];
-        if (!d->ops->poll_fds) continue;
-        int n = d->ops->poll_fds(d->ctx, fds, 16);
-        for (int j = 0; j < n; j++) {
-            ev.events = EPOLLIN;
-            ev.data.ptr = d;   /* never dereferenced: readiness only */
-            epoll_ctl(r->epfd, EPOLL_CTL_ADD, fds[j], &ev);
-        }
+    for (int i = 0; i < r->ndescs; i++) {
+        struct core_desc *c = r->descs[i];
+        vn_bdev *b = c->d.bdev;
+        if (!c->d.chan || !b->ops->channel_fd) continue;
+        int fd = b->ops->channel_fd(b->ctx, c->d.chan);
+        if (fd < 0) continue;
+        ev.events = EPOLLIN;
+        ev.data.ptr = c;   /* never dereferenced: readiness only */
+        epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev);
     }
     r->epoll_dirty = 0;
 }
@@ -1229,10 +1335,15 @@ static int reactor_iteration(struct vn_reactor *r)
     reactor_handle_msgs(r);
     for (int i = 0; i < r->nqueues; i++)
         work += vq_process(r->queues[i]);
-    for (int i = 0; i < r->ndevs; i++) {
-        struct vn_dev *d = r->devs[i];
-        if (d->ops->poll) work += d->ops->poll(d->ctx);
+    for (int i = 0; i < r->npolled_descs; i++) {
+        struct core_desc *c = r->polled_descs[i];
+        work += c->poll(c->d.bdev->ctx, c->d.chan);
     }
+    for (int i = 0; i < r->npolled_devs; i++) {
+        struct vn_dev *d = r->polled_devs[i];
+        work += d->ops->poll(d->ctx);
+    }
+    vn_iostat_flush(&r->clock);
     for (int i = 0; i < r->nqueues; i++) {
         struct vn_vq *q = r->queues[i];
         vq_publish_used(q);
@@ -1241,19 +1352,13 @@ static int reactor_iteration(struct vn_reactor *r)
     return work;
 }
 
-/* Interrupt mode: must the reactor keep polling (1 ms) instead of sleeping?
- * Devices that say what they wait on are asked; requests a device merely holds
- * (virtio-scsi event buffers) do not count.  Others: any request in flight. */
+/* Interrupt mode: must the reactor keep polling (1 ms) instead of sleeping?  While
+ * bdev I/O is in flight: a channel without an fd is only ever polled.  Requests a
+ * device merely holds (virtio-scsi event buffers) do not count. */
 static int reactor_outstanding(struct vn_reactor *r)
 {
-    for (int i = 0; i < r->ndevs; i++) {
-        struct vn_dev *d = r->devs[i];
-        if (d->ops->outstanding && d->ops->outstanding(d->ctx) > 0) return 1;
-    }
-    for (int i = 0; i < r->nqueues; i++) {
-        struct vn_vq *q = r->queues[i];
-        if (!q->dev->ops->outstanding && q->inflight) return 1;
-    }
+    for (int i = 0; i < r->ndescs; i++)
+        if (r->descs[i]->d.in_flight) return 1;
     return 0;
 }
 

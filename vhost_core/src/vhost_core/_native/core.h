@@ -81,10 +81,27 @@ void vn_vq_get_recovery(struct vn_vq *q, uint32_t *out);
 
 /* ---- devices (a controller's data-path half) ---- */
 struct vn_reactor;
-struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx);
+/* Place a device on a reactor; NULL and *err = -errno on failure (-EPROTO: the
+ * table was built for another VN_ABI_VERSION; -ENOSPC: the reactor is full). */
+struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx, int *err);
 /* Detach from the reactor (all queues must be stopped) and free. */
 void vn_dev_free(struct vn_dev *d);
-int vn_dev_attach_error(struct vn_dev *d);
+
+/* ---- bdev descriptors (vhost_native.h) ---- */
+/* Open `bdev` on reactor r: its channel is made there and polled from then on.
+ * NULL and *err = -errno on failure. */
+vn_bdev_desc *vn_desc_open(struct vn_reactor *r, vn_bdev *bdev, int *err);
+/* New I/O is refused from the first call on (closing); returns the I/O still in
+ * flight, 0 once the channel is gone and the descriptor closed (call until 0). */
+int vn_desc_close(vn_bdev_desc *d);
+/* Free a closed descriptor (-EBUSY, and nothing freed, while it is still open). */
+int vn_desc_free(vn_bdev_desc *d);
+uint64_t vn_desc_in_flight(vn_bdev_desc *d);
+/* The descriptor's struct vn_iostat as 25 uint64 words. */
+void vn_desc_get_iostat(vn_bdev_desc *d, uint64_t *out);
+void vn_desc_reset_iostat_maxmin(vn_bdev_desc *d);
+/* A resized bdev: its size for every reactor from now on. */
+void vn_bdev_set_num_blocks(vn_bdev *b, uint64_t num_blocks);
 
 /* ---- reactors ---- */
 struct vn_reactor *vn_reactor_new(int core, int interrupt_mode);
@@ -95,11 +112,10 @@ void vn_reactor_free(struct vn_reactor *r);
 void vn_reactor_get_stats(struct vn_reactor *r, uint64_t *out);
 int vn_reactor_core(struct vn_reactor *r);
 int vn_reactor_tid(struct vn_reactor *r);
-/* Run fn(arg) on the reactor thread and wait for it.  Used by plugins' control
- * paths through a pointer; returns fn's result. */
+/* Run fn(arg) on the reactor thread and wait for it; returns fn's result.  A
+ * device's control plane reaches its C half this way (Reactor.run). */
 typedef int (*vn_exec_fn)(void *arg);
 int vn_reactor_exec(struct vn_reactor *r, vn_exec_fn fn, void *arg);
-void *vn_reactor_exec_ptr(void);
 
 /* ---- front-end eventfds ---- */
 /* Signal (add 1) / drain an eventfd the front-end gave us, on any thread, without

@@ -2,16 +2,17 @@
  * Python-bdev adapter: the vn_bdev half of vhost_core.bdev.python_adapter.
  *
  * Two queues, both linked through the I/Os' driver_ctx:
- *   submissions: reactor threads -> the bdev's Python worker (sub_fd wakes it);
- *   completions: the worker -> the reactor channel that submitted (comp_fd wakes
- *                an interrupt-mode reactor; channel_poll calls io->cb there).
- * Mutexes, not lock-free rings: the worker is Python, the queues are never the
- * bottleneck.
+ *   submissions: reactor threads -> the bdev's Python worker (sub_fd wakes it),
+ *                under a mutex: the worker is Python, never the bottleneck;
+ *   completions: the worker -> the reactor channel that submitted, through the
+ *                channel's struct vn_xq (vhost_native.h), whose fd wakes an
+ *                interrupt-mode reactor; channel_poll calls io->cb there.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,15 +24,13 @@
 
 struct pyb_chan {
     struct pyb_bdev *b;
-    int comp_fd;
-    pthread_mutex_t lock;
-    vn_bdev_io *head, *tail;
-    atomic_uint count;
+    struct vn_xq done;
 };
 
 /* Per-I/O state, in vn_bdev_io.driver_ctx. */
 struct pyb_io {
-    vn_bdev_io *next;
+    vn_bdev_io *next;           /* submission queue */
+    struct vn_xq_node node;     /* completion queue */
     struct pyb_chan *chan;
     int status;
 };
@@ -49,6 +48,12 @@ struct pyb_bdev {
 };
 
 static inline struct pyb_io *pio(vn_bdev_io *io) { return (struct pyb_io *)io->driver_ctx; }
+
+static inline vn_bdev_io *io_of_node(struct vn_xq_node *n)
+{
+    struct pyb_io *p = (struct pyb_io *)((char *)n - offsetof(struct pyb_io, node));
+    return (vn_bdev_io *)((char *)p - offsetof(vn_bdev_io, driver_ctx));
+}
 
 static void wake(int fd)
 {
@@ -82,9 +87,7 @@ static void *pyb_channel_create(void *ctx)
     struct pyb_chan *c = calloc(1, sizeof(*c));
     if (!c) return NULL;
     c->b = ctx;
-    c->comp_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (c->comp_fd < 0) { free(c); return NULL; }
-    pthread_mutex_init(&c->lock, NULL);
+    if (vn_xq_init(&c->done, -1) < 0) { free(c); return NULL; }
     return c;
 }
 
@@ -93,30 +96,21 @@ static void pyb_channel_destroy(void *ctx, void *chan)
     struct pyb_chan *c = chan;
     (void)ctx;
     if (!c) return;
-    close(c->comp_fd);
-    pthread_mutex_destroy(&c->lock);
+    vn_xq_destroy(&c->done);
     free(c);
 }
 
 static int pyb_channel_poll(void *ctx, void *chan)
 {
     struct pyb_chan *c = chan;
-    uint64_t v;
     (void)ctx;
-    if (!c || atomic_load_explicit(&c->count, memory_order_acquire) == 0) return 0;
-    /* Clear the fd before taking the list: a completion added after this read
-     * leaves the fd readable for the next epoll_wait. */
-    if (read(c->comp_fd, &v, sizeof(v)) < 0) { /* EAGAIN: nothing signalled yet */ }
-    pthread_mutex_lock(&c->lock);
-    vn_bdev_io *io = c->head;
-    c->head = c->tail = NULL;
-    atomic_store(&c->count, 0);
-    pthread_mutex_unlock(&c->lock);
     int n = 0;
-    while (io) {
-        vn_bdev_io *next = pio(io)->next;
+    struct vn_xq_node *node = vn_xq_take(&c->done);
+    while (node) {
+        struct vn_xq_node *next = node->next;
+        vn_bdev_io *io = io_of_node(node);
         io->cb(io, pio(io)->status);
-        io = next;
+        node = next;
         n++;
     }
     return n;
@@ -125,7 +119,7 @@ static int pyb_channel_poll(void *ctx, void *chan)
 static int pyb_channel_fd(void *ctx, void *chan)
 {
     (void)ctx;
-    return chan ? ((struct pyb_chan *)chan)->comp_fd : -1;
+    return chan ? ((struct pyb_chan *)chan)->done.fd : -1;
 }
 
 static const struct vn_bdev_ops pyb_ops = {
@@ -189,14 +183,8 @@ void pyb_bdev_complete(struct pyb_bdev *b, uint64_t handle, int status)
     vn_bdev_io *io = (vn_bdev_io *)(uintptr_t)handle;
     struct pyb_chan *c = pio(io)->chan;
     pio(io)->status = status;
-    pio(io)->next = NULL;
-    pthread_mutex_lock(&c->lock);
-    if (c->tail) pio(c->tail)->next = io; else c->head = io;
-    c->tail = io;
-    atomic_fetch_add_explicit(&c->count, 1, memory_order_release);
-    pthread_mutex_unlock(&c->lock);
     atomic_fetch_sub(&b->queued, 1);
-    wake(c->comp_fd);
+    vn_xq_push(&c->done, &pio(io)->node);
 }
 
 void pyb_bdev_shutdown(struct pyb_bdev *b)

@@ -56,11 +56,10 @@ class Bdev:
     ``destruct`` (frees ``native``; called exactly once).
     Optional with defaults: ``uuid`` (random), ``io_types`` (read+write),
     ``driver_specific`` ({}), ``readonly`` (False), ``aliases`` ([]).
-    Managed by the registry: ``claimed_by`` (the controller using it) and
-    ``removal_callbacks`` (called before the bdev goes away).
-    ``resize_callbacks``: called as ``cb(bdev)`` after ``num_blocks`` changed (e.g.
-    ``bdev_aio_rescan``), so that a device serving the bdev can tell its guest (virtio
-    config-change notification); a device appends its callback when it opens the bdev.
+    Managed by the registry: ``descriptors`` (who has it open, see
+    :meth:`BdevRegistry.open <vhost_core.bdev.registry.BdevRegistry.open>`; a device is
+    told through its descriptor's callbacks when the bdev is removed or resized) and
+    ``claimed_by`` (the controller holding a claim on it).
     """
 
     name: str
@@ -75,13 +74,22 @@ class Bdev:
     driver_specific: dict[str, Any] = attrs.Factory(dict)
     readonly: bool = False
     aliases: list[str] = attrs.Factory(list)
-    claimed_by: str | None = None
-    removal_callbacks: list[Callable[[Bdev], None]] = attrs.Factory(list)
-    resize_callbacks: list[Callable[[Bdev], None]] = attrs.Factory(list)
-    #: bdev_get_iostat: counts of devices that no longer drive this bdev (a device
-    #: folds its counters in here when it lets go), and what bdev_reset_iostat set aside.
+    #: Open descriptors (BdevDescriptor), oldest first.
+    descriptors: list[Any] = attrs.Factory(list)
+    #: Set while the registry deletes it (open() refuses it meanwhile).
+    deleting: bool = False
+    #: bdev_get_iostat: counts of descriptors closed since (folded in when they close),
+    #: and what bdev_reset_iostat set aside.
     iostat_retired: IoStat = attrs.Factory(IoStat)
     iostat_base: IoStat | None = None
+
+    @property
+    def claimed_by(self) -> str | None:
+        """The owner (controller name) of the descriptor that claims the bdev, if any."""
+        for desc in self.descriptors:
+            if desc.claim:
+                return desc.owner
+        return None
 
     @property
     def size_bytes(self) -> int:

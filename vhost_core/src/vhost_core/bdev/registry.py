@@ -1,20 +1,156 @@
-"""The daemon's bdevs by name: creation, claims by controllers, and removal."""
+"""The daemon's bdevs by name, and the descriptors through which devices use them.
+
+A device does not take a bdev, it opens it (SPDK's ``spdk_bdev_open_ext``)::
+
+    desc = bdevs.open("Malloc0", "vhost.0", reactor=ctx.reactor,
+                      on_remove=self.bdev_removed, on_resize=self.bdev_resized)
+    ...  # hand desc.address to the device's C half, which submits through it
+    desc.close()
+
+The descriptor is the device's claim on the bdev, its callbacks, and (with a reactor)
+the bdev's channel on that reactor, whose I/O the core counts and times.  ``close()``
+waits for the I/O in flight (with the control lock released), lets the channel go,
+releases the claim, drops the callbacks and folds the descriptor's counters into the
+bdev's (``bdev_get_iostat`` outlives it).  Deleting a bdev calls each descriptor's
+``on_remove`` (the device fails new I/O and closes it), closes what is still open,
+then frees the bdev; :meth:`BdevRegistry.resize` calls each ``on_resize``.
+"""
 
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
+from typing import Any, Callable
 
 from vhost_core.bdev.interface import Bdev
+from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError
 
 log = get_logger("bdev")
 
+#: How long closing a descriptor waits for the bdev I/O in flight.
+CLOSE_TIMEOUT_S = 30.0
+#: How often that wait looks again.
+CLOSE_POLL_S = 0.001
+
+Callback = Callable[["BdevDescriptor"], None]
+
+
+class BdevDescriptor:
+    """An open bdev: what a device holds while it uses one (SPDK's ``spdk_bdev_desc``).
+
+    ``bdev``: the bdev (geometry, name); ``owner``: who opened it (a controller name);
+    ``address``: the native ``struct vn_bdev_desc *`` (vhost_native.h) the device's C
+    half submits through, 0 without a reactor.  Made by :meth:`BdevRegistry.open`.
+    """
+
+    def __init__(self, registry: BdevRegistry, bdev: Bdev, owner: str, reactor: Any, claim: bool,
+                 on_remove: Callback | None, on_resize: Callback | None) -> None:
+        self._registry = registry
+        self.bdev = bdev
+        self.owner = owner
+        self.claim = claim
+        self.on_remove = on_remove
+        self.on_resize = on_resize
+        self._native: Any = None
+        self._state = "open"
+        #: Its I/O never completed: the native half stays on the reactor (leaked).
+        self.stuck = False
+        if reactor is not None:
+            from vhost_core.native import ffi, lib
+
+            err = ffi.new("int *")
+            native = lib.vn_desc_open(reactor.native, ffi.cast("vn_bdev *", bdev.native), err)
+            if native == ffi.NULL:
+                raise OSError(-err[0], f"cannot open bdev '{bdev.name}' on reactor {reactor.core}")
+            # Freed when the last reference goes (the device's C half may keep reading
+            # the closed descriptor until the device is freed).
+            self._native = ffi.gc(native, lib.vn_desc_free)
+
+    @property
+    def address(self) -> int:
+        if self._native is None:
+            return 0
+        from vhost_core.native import ffi
+
+        return int(ffi.cast("uintptr_t", self._native))
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    @property
+    def in_flight(self) -> int:
+        """bdev I/O submitted through this descriptor and not completed (read racily)."""
+        if self._native is None:
+            return 0
+        from vhost_core.native import lib
+
+        return int(lib.vn_desc_in_flight(self._native))
+
+    def iostat(self) -> IoStat:
+        """What completed through this descriptor (bdev_get_iostat)."""
+        if self._native is None:
+            return IoStat()
+        from vhost_core.native import ffi, lib
+
+        words = ffi.new("uint64_t[]", IOSTAT_WORDS)
+        lib.vn_desc_get_iostat(self._native, words)
+        return IoStat.from_words(list(words))
+
+    def reset_iostat_maxmin(self) -> None:
+        if self._native is not None and not self.closed:
+            from vhost_core.native import lib
+
+            lib.vn_desc_reset_iostat_maxmin(self._native)
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Let go of the bdev: new I/O fails at once, the I/O in flight is waited for
+        (with the control lock released), then the channel goes, the claim and the
+        callbacks are dropped and the counters stay with the bdev.  Idempotent; a
+        second caller waits for the first."""
+        if self._state == "closed":
+            return
+        if self._state == "closing":
+            while self._state != "closed":
+                self._registry.wait_unlocked(CLOSE_POLL_S)
+            return
+        self._state = "closing"
+        try:
+            if self._native is not None:
+                self._drain(timeout_s)
+        finally:
+            self.bdev.iostat_retired.add(self.iostat())
+            if self in self.bdev.descriptors:
+                self.bdev.descriptors.remove(self)
+            self.on_remove = self.on_resize = None
+            self._state = "closed"
+
+    def _drain(self, timeout_s: float) -> None:
+        from vhost_core.native import lib
+
+        deadline = time.monotonic() + timeout_s
+        left = lib.vn_desc_close(self._native)
+        while left > 0 and time.monotonic() < deadline:
+            self._registry.wait_unlocked(CLOSE_POLL_S)
+            left = lib.vn_desc_close(self._native)
+        if left > 0:
+            self.stuck = True
+            log.error("bdev %s: %d I/O of %s still in flight after %d s; letting go of it anyway: the bdev "
+                      "is not freed until the daemon exits", self.bdev.name, left, self.owner, timeout_s)
+
+    def __repr__(self) -> str:
+        return f"<BdevDescriptor {self.bdev.name} of {self.owner} ({self._state})>"
+
 
 class BdevRegistry:
     def __init__(self) -> None:
         self._bdevs: dict[str, Bdev] = {}
+        #: Waits that must not hold up the control plane (draining a descriptor) call
+        #: this; the daemon sets it to a wait that releases its control lock.
+        self.wait_unlocked: Callable[[float], Any] = time.sleep
 
     def __iter__(self) -> Iterator[Bdev]:
         return iter(list(self._bdevs.values()))
@@ -50,31 +186,73 @@ class BdevRegistry:
                                           f"create it first, e.g. bdev_malloc_create")
         return bdev
 
-    def claim(self, name: str, owner: str) -> Bdev:
-        bdev = self.get(name)
-        if bdev.claimed_by is not None and bdev.claimed_by != owner:
-            raise RpcError(-errno.EBUSY, f"bdev '{name}' is already claimed by controller "
-                                         f"'{bdev.claimed_by}': a bdev serves one controller; "
-                                         f"create another bdev or delete that controller")
-        bdev.claimed_by = owner
-        return bdev
+    def open(self, name: str, owner: str, *, reactor: Any = None, claim: bool = True,
+             on_remove: Callback | None = None, on_resize: Callback | None = None) -> BdevDescriptor:
+        """Open bdev ``name`` for ``owner`` (a controller name).
 
-    def release(self, bdev: Bdev, owner: str) -> None:
-        if bdev.claimed_by == owner:
-            bdev.claimed_by = None
+        :param reactor: the device's reactor: the bdev's channel is made there and the
+            descriptor's ``address`` is what the device's C half submits through.
+            None: a control-plane-only descriptor (callbacks and claim, no I/O).
+        :param claim: hold the bdev exclusively for ``owner`` (a bdev serves one
+            controller); a claim by another owner raises ``EBUSY``.
+        :param on_remove: ``cb(desc)`` when the bdev is being deleted: fail new I/O and
+            ``desc.close()`` (the registry closes what is left open after it).
+        :param on_resize: ``cb(desc)`` after ``desc.bdev.num_blocks`` changed.
+        """
+        bdev = self.get(name)
+        if bdev.deleting:
+            raise RpcError(-errno.EBUSY, f"bdev '{name}' is being deleted")
+        holder = bdev.claimed_by
+        if claim and holder is not None and holder != owner:
+            raise RpcError(-errno.EBUSY, f"bdev '{name}' is already claimed by controller "
+                                         f"'{holder}': a bdev serves one controller; "
+                                         f"create another bdev or delete that controller")
+        try:
+            desc = BdevDescriptor(self, bdev, owner, reactor, claim, on_remove, on_resize)
+        except OSError as exc:
+            raise RpcError(-(exc.errno or errno.EIO), str(exc.strerror or exc)) from None
+        bdev.descriptors.append(desc)
+        return desc
+
+    def resize(self, name: str, num_blocks: int) -> None:
+        """The bdev's module changed its size: every reactor and every device learns it."""
+        bdev = self.get(name)
+        if bdev.native:
+            from vhost_core.native import ffi, lib
+
+            lib.vn_bdev_set_num_blocks(ffi.cast("vn_bdev *", bdev.native), num_blocks)
+        bdev.num_blocks = num_blocks
+        for desc in list(bdev.descriptors):
+            if desc.on_resize is None:
+                continue
+            try:
+                desc.on_resize(desc)
+            except Exception:
+                log.exception("bdev %s: the resize callback of %s failed", bdev.name, desc.owner)
 
     def delete(self, name: str, module: str | None = None) -> None:
-        """Remove a bdev: whoever holds it is told first (hot-detach), then it is freed."""
+        """Remove a bdev: whoever has it open is told first (hot-detach) and lets go,
+        then it is freed."""
         bdev = self.get(name)
         if module is not None and bdev.module != module:
             raise RpcError(-errno.EINVAL, f"bdev '{name}' is a {bdev.module} bdev, not {module}: "
                                           f"use bdev_{bdev.module}_delete")
-        for cb in list(bdev.removal_callbacks):
+        if bdev.deleting:
+            raise RpcError(-errno.EBUSY, f"bdev '{name}' is already being deleted")
+        bdev.deleting = True
+        opened = list(bdev.descriptors)
+        for desc in opened:
+            if desc.on_remove is None:
+                continue
             try:
-                cb(bdev)
+                desc.on_remove(desc)
             except Exception:
-                log.exception("bdev %s: a removal callback failed", name)
-        bdev.removal_callbacks.clear()
+                log.exception("bdev %s: the removal callback of %s failed", name, desc.owner)
+        for desc in list(bdev.descriptors):
+            desc.close()
         del self._bdevs[bdev.name]
-        bdev.destruct()
+        if any(desc.stuck for desc in opened):
+            log.error("bdev %s: deleted with I/O that never completed; its memory is not freed", name)
+        else:
+            bdev.destruct()
         notice(log, "bdev %s deleted", name)

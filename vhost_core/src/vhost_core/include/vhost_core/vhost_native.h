@@ -9,7 +9,18 @@
  *
  * Threading: every callback below runs on the reactor thread that owns the device
  * (one pinned native thread per core of the daemon's cpumask), without the GIL.
- * Callbacks must not block.
+ * Callbacks must not block.  The one exception is struct vn_xq, the queue that
+ * brings completions from other threads (a backend's helper thread, a library's
+ * callback thread) back to the reactor.
+ *
+ * The pieces, as SPDK splits them: a bdev (struct vn_bdev, its module's I/O
+ * table) is opened by a device on its reactor and the device gets a descriptor
+ * (struct vn_bdev_desc, owned by the core).  The device submits through the
+ * descriptor; the core keeps the per-reactor channel, counts I/O in flight,
+ * times it and keeps bdev_get_iostat's counters, and the reactor polls the
+ * channel and waits on its fd.  A device's own table (struct vn_device_ops) is
+ * only what is truly the device's: turning a descriptor chain into bdev I/O,
+ * and its own deferred work.
  *
  * ABI: VN_ABI_VERSION changes whenever a struct in this file changes layout.  A
  * plugin records the version it was built with in its ops tables (`abi_version`)
@@ -18,12 +29,16 @@
 #ifndef VHOST_CORE_VHOST_NATIVE_H
 #define VHOST_CORE_VHOST_NATIVE_H
 
+#include <errno.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
-#define VN_ABI_VERSION 1
+#define VN_ABI_VERSION 2
 
 /* Most descriptors one request may carry (data segments + header + status). */
 #define VN_MAX_IOV 260
@@ -39,7 +54,7 @@
  * (virtio-scsi's 51-byte request with a 32-byte CDB, 108-byte response). */
 #define VN_MAX_HEADER_BYTES 4096u
 /* Bytes of per-request scratch space reserved for the device type. */
-#define VN_DEV_PRIV_SIZE 4608
+#define VN_DEV_PRIV_SIZE 4672
 
 /* ------------------------------------------------------------------ */
 /* bdev I/O: what a device type asks of a block backend               */
@@ -56,14 +71,24 @@ enum vn_io_type {
 };
 
 typedef struct vn_bdev_io vn_bdev_io;
+typedef struct vn_bdev_desc vn_bdev_desc;
 
 /* Completion callback: status 0 on success, a negative errno on failure. */
 typedef void (*vn_bdev_io_cb)(vn_bdev_io *io, int status);
 
+/* vn_bdev_io.flags, set by the device. */
+enum {
+    /* Part of a larger request the device accounts itself (vn_desc_account): the
+     * core counts it in flight but not in bdev_get_iostat. */
+    VN_IO_F_NO_STAT = 1,
+};
+
 /*
  * One block I/O.  Owned by the submitter (a device type keeps it inside its
- * per-request scratch space); the bdev must call `cb` exactly once, either from
- * inside submit() or later from its channel poller, on the same reactor thread.
+ * per-request scratch space), which fills the first block of members and hands it
+ * to vn_desc_submit().  The bdev must call `cb` exactly once, either from inside
+ * submit() or later from its channel poller, on the same reactor thread (or hand
+ * it back there through a struct vn_xq).
  */
 struct vn_bdev_io {
     uint32_t type;              /* enum vn_io_type */
@@ -71,14 +96,24 @@ struct vn_bdev_io {
     uint64_t offset_blocks;     /* first block */
     uint64_t num_blocks;        /* block count (0 for FLUSH means "all") */
     struct iovec *iov;          /* host-virtual data segments (READ/WRITE) */
+    uint32_t flags;             /* VN_IO_F_* */
+    uint32_t reserved;
+    /* What the bdev calls on completion (the core's accounting, set by vn_desc_submit). */
     vn_bdev_io_cb cb;
+    /* The device's completion and its argument (vn_desc_submit's `done`, `arg`). */
+    vn_bdev_io_cb done;
     void *cb_arg;
+    /* The core's (vn_desc_submit): the descriptor and the start of the I/O. */
+    vn_bdev_desc *desc;
+    uint64_t start_ticks;
     uint8_t driver_ctx[128];    /* scratch space for the bdev module */
 };
 
 /*
  * The per-bdev I/O table.  `submit` is required; the channel members are
  * optional (NULL: the bdev needs no per-thread state and completes inline).
+ * The core calls every member: channels are created, polled, waited on and
+ * destroyed by the reactor of the descriptor that opened the bdev.
  */
 struct vn_bdev_ops {
     uint32_t abi_version;       /* VN_ABI_VERSION at build time */
@@ -97,7 +132,9 @@ struct vn_bdev_ops {
 
 /*
  * A block device as the data path sees it.  Created by the bdev module (in C or by
- * the core's adapter), owned by it, and outlives every device that opened it.
+ * the core's adapter), owned by it, and outlives every descriptor that opened it.
+ * num_blocks may change while devices run (a resize): the core stores it
+ * atomically, readers load it once per request.
  */
 typedef struct vn_bdev {
     const struct vn_bdev_ops *ops;
@@ -105,80 +142,16 @@ typedef struct vn_bdev {
     uint32_t block_size;        /* bytes, a power of two >= 512 */
     uint32_t io_types;          /* bit (1 << enum vn_io_type) per supported type */
     uint64_t num_blocks;
-    /* Set (by the control plane) when the bdev is going away: new I/O fails. */
-    volatile int removed;
 } vn_bdev;
 
 /* ------------------------------------------------------------------ */
-/* virtqueue requests: what the core hands a device type             */
-/* ------------------------------------------------------------------ */
-
-/* Why a request could not be mapped; the device answers it with an error. */
-enum vn_req_error {
-    VN_REQ_OK = 0,
-    VN_REQ_EFAULT = 1,          /* a descriptor lies outside guest memory */
-    VN_REQ_E2BIG = 2,           /* more than VN_MAX_IOV segments */
-};
-
-typedef struct vn_req vn_req;
-
-/*
- * One descriptor chain popped from a virtqueue, already translated to host
- * addresses and bounds-checked.  iov[0 .. n_out) are device-readable (driver ->
- * device), iov[n_out .. n_out + n_in) device-writable.  The device must call
- * `complete(req, written)` exactly once, on the reactor thread, with the number of
- * bytes it wrote into the writable part.
- *
- * When `error` is set the chain could not be mapped whole: n_out is 0 and iov
- * holds only the chain's last descriptor (n_in > 0) if that one is
- * device-writable and inside guest memory, so that the device can still write an
- * error status there; otherwise n_in is 0 too and nothing may be written.
- */
-struct vn_req {
-    void (*complete)(vn_req *req, uint32_t written);
-    void *dev_ctx;              /* the device's context pointer */
-    uint16_t queue_index;       /* virtqueue this request came from */
-    uint16_t head;              /* descriptor head id (opaque to devices) */
-    uint32_t error;             /* enum vn_req_error; see above for iov when set */
-    uint32_t n_out, n_in;
-    uint64_t out_len, in_len;   /* total bytes of each part */
-    struct iovec iov[VN_MAX_IOV];
-    void *core_priv;            /* owned by the core */
-    /* Scratch space for the device type (its request state, bdev_io, iovecs). */
-    uint8_t dev_priv[VN_DEV_PRIV_SIZE] __attribute__((aligned(16)));
-};
-
-/*
- * A device type's table.  `submit` is required; the others are optional.
- * attach/detach/poll run on the reactor thread that owns the device.
- */
-struct vn_device_ops {
-    uint32_t abi_version;
-    void (*submit)(void *dev_ctx, vn_req *req);
-    /* The device was placed on a reactor (create bdev channels here). 0 = ok. */
-    int (*attach)(void *dev_ctx);
-    /* The device leaves its reactor; no request is outstanding any more. */
-    void (*detach)(void *dev_ctx);
-    /* Poll backends for completions; returns the work done.  */
-    int (*poll)(void *dev_ctx);
-    /* Fds to wait on in interrupt mode (bdev completion fds).  Returns a count. */
-    int (*poll_fds)(void *dev_ctx, int *fds, int max);
-    /* Requests waiting on backend I/O (not buffers the device merely holds,
-     * such as virtio-scsi event buffers).  In interrupt mode the reactor keeps
-     * polling while this is > 0; without this member, any request in flight
-     * counts. */
-    int (*outstanding)(void *dev_ctx);
-};
-
-/* ------------------------------------------------------------------ */
-/* I/O statistics a device keeps per bdev (SPDK's bdev_get_iostat)    */
+/* I/O statistics (SPDK's bdev_get_iostat)                             */
 /* ------------------------------------------------------------------ */
 
 /*
- * A device type counts the bdev I/O it completes successfully, one struct per bdev
- * it drives, written only by its reactor thread (plain stores: no atomics on the
- * hot path; the control plane reads a slightly stale copy) and reported to the
- * core through its Python backend (DeviceBackend.bdev_iostat).  Latency is in
+ * The core counts the I/O a descriptor completes successfully, one struct per
+ * descriptor, written only by its reactor thread (plain stores: no atomics on
+ * the hot path; the control plane reads a slightly stale copy).  Latency is in
  * vn_ticks() units and measured as struct vn_iostat_clock below describes.
  */
 enum vn_stat_kind { VN_STAT_READ = 0, VN_STAT_WRITE, VN_STAT_UNMAP, VN_STAT_FLUSH, VN_STAT_WRITE_ZEROES,
@@ -209,13 +182,13 @@ static inline uint64_t vn_ticks(void)
 
 /*
  * Two clock reads per reactor iteration instead of two per request (a TSC read
- * costs ~20 ns in a VM): a device takes start times from vn_iostat_start(),
- * defers completions with vn_iostat_defer(), and at the end of its poll() --
- * which the reactor runs once per iteration, after that iteration's requests were
- * submitted and just before it publishes their completions to the guest -- calls
- * vn_iostat_flush(), which times every deferred completion with one clock read
- * and expires the start time.  Latency is thus what the guest sees: from the
- * iteration that took the request from the ring to the one that returned it.
+ * costs ~20 ns in a VM): each reactor has one clock.  A submission takes its start
+ * time from vn_iostat_start(), a completion is deferred with vn_iostat_defer(),
+ * and at the end of every iteration -- after its requests were submitted and its
+ * channels polled, just before it publishes their completions to the guest -- the
+ * reactor calls vn_iostat_flush(), which times every deferred completion with one
+ * clock read and expires the start time.  Latency is thus what the guest sees: from
+ * the iteration that took the request from the ring to the one that returned it.
  */
 #define VN_IOSTAT_DEFER_MAX 256
 
@@ -264,6 +237,222 @@ static inline void vn_iostat_defer(struct vn_iostat_clock *c, struct vn_iostat *
     c->pend[c->n].kind = kind;
     c->n++;
 }
+
+/* ------------------------------------------------------------------ */
+/* bdev descriptors: how a device uses a bdev (SPDK's spdk_bdev_desc)  */
+/* ------------------------------------------------------------------ */
+
+/*
+ * An open bdev on one reactor.  The core makes it (vn_desc_open, from the control
+ * plane, when the device's Python half calls DeviceContext.open_bdev) together
+ * with the bdev's channel on that reactor, polls the channel and waits on its fd
+ * in interrupt mode, and frees it; the device only reads `bdev` (geometry) and
+ * calls the inline functions below, on the reactor thread.
+ *
+ * Closing is the control plane's: first `closing` is set (devices fail new I/O,
+ * see vn_desc_usable), then, once nothing is in flight, the channel goes and
+ * `bdev` becomes NULL.  A device that submits on a closed descriptor gets its I/O
+ * failed with -ENODEV at once.
+ */
+struct vn_bdev_desc {
+    vn_bdev *bdev;              /* NULL once closed */
+    void *chan;                 /* the bdev's channel on this reactor (or NULL) */
+    struct vn_iostat_clock *clock;   /* the reactor's */
+    uint64_t in_flight;         /* submitted and not completed yet */
+    int closing;                /* the bdev goes away or the device lets go of it */
+    int reserved;
+    struct vn_iostat iostat;    /* what completed successfully (bdev_get_iostat) */
+};
+
+/* Whether new I/O may be submitted (the bdev is open and not being closed). */
+static inline int vn_desc_usable(const vn_bdev_desc *d)
+{
+    return d && d->bdev && !d->closing;
+}
+
+/* The iteration's start time, for a device that accounts a request itself. */
+static inline uint64_t vn_desc_now(vn_bdev_desc *d)
+{
+    return vn_iostat_start(d->clock);
+}
+
+/* Count one successful request of `kind` moving `bytes` that started at `start`
+ * (vn_desc_now): for devices that submit it as several I/Os with VN_IO_F_NO_STAT. */
+static inline void vn_desc_account(vn_bdev_desc *d, enum vn_stat_kind kind, uint64_t bytes, uint64_t start)
+{
+    vn_iostat_defer(d->clock, &d->iostat, kind, bytes, start);
+}
+
+static inline void vn__desc_io_done(vn_bdev_io *io, int status)
+{
+    /* enum vn_io_type -> enum vn_stat_kind; RESET is not counted. */
+    static const int8_t kind_of[VN_IO_TYPE_COUNT] = {
+        VN_STAT_READ, VN_STAT_WRITE, VN_STAT_FLUSH, VN_STAT_UNMAP, VN_STAT_WRITE_ZEROES, -1 };
+    vn_bdev_desc *d = io->desc;
+    d->in_flight--;
+    if (__builtin_expect(status == 0 && !(io->flags & VN_IO_F_NO_STAT), 1) && io->type < VN_IO_TYPE_COUNT &&
+        kind_of[io->type] >= 0) {
+        uint64_t bytes = io->type == VN_IO_FLUSH ? 0 : io->num_blocks * d->bdev->block_size;
+        vn_iostat_defer(d->clock, &d->iostat, (enum vn_stat_kind)kind_of[io->type], bytes, io->start_ticks);
+    }
+    io->done(io, status);
+}
+
+/*
+ * Submit `io` (its type, blocks, iovecs and flags filled in) on the descriptor's
+ * channel; `done(io, status)` runs once it completes (possibly inside this call),
+ * with io->cb_arg == arg.  Runs on the descriptor's reactor thread.
+ */
+static inline void vn_desc_submit(vn_bdev_desc *d, vn_bdev_io *io, vn_bdev_io_cb done, void *arg)
+{
+    io->done = done;
+    io->cb_arg = arg;
+    if (__builtin_expect(d->bdev == NULL, 0)) {
+        done(io, -ENODEV);
+        return;
+    }
+    io->cb = vn__desc_io_done;
+    io->desc = d;
+    io->start_ticks = vn_iostat_start(d->clock);
+    d->in_flight++;
+    d->bdev->ops->submit(d->bdev->ctx, d->chan, io);
+}
+
+/* ------------------------------------------------------------------ */
+/* cross-thread completions                                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * A lock-free queue that brings work done on other threads (a backend's helper
+ * thread, a client library's callback thread, the Python bdev adapter's worker)
+ * back to one consumer, the reactor that owns a channel.  Any number of threads
+ * push; only the consumer takes, in push order.  The queue's eventfd becomes
+ * readable when it goes from empty to non-empty, so that an interrupt-mode reactor
+ * sleeping on the channel's fd wakes; it is the channel's own fd (made by
+ * vn_xq_init with fd < 0, and reset by vn_xq_take) or one the channel shares with
+ * other sources (fd >= 0: the channel resets it itself).
+ *
+ * Items embed a struct vn_xq_node; get the item back with offsetof.
+ */
+struct vn_xq_node {
+    struct vn_xq_node *next;
+};
+
+struct vn_xq {
+    _Atomic(struct vn_xq_node *) head;      /* newest first */
+    int fd;
+    int own_fd;
+};
+
+/* 0, or -errno when the eventfd cannot be made. */
+static inline int vn_xq_init(struct vn_xq *q, int fd)
+{
+    atomic_init(&q->head, (struct vn_xq_node *)0);
+    q->own_fd = fd < 0;
+    q->fd = fd < 0 ? eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC) : fd;
+    return q->fd < 0 ? -errno : 0;
+}
+
+static inline void vn_xq_destroy(struct vn_xq *q)
+{
+    if (q->own_fd && q->fd >= 0) close(q->fd);
+    q->fd = -1;
+}
+
+/* Any thread. */
+static inline void vn_xq_push(struct vn_xq *q, struct vn_xq_node *n)
+{
+    struct vn_xq_node *old = atomic_load_explicit(&q->head, memory_order_relaxed);
+    do {
+        n->next = old;
+    } while (!atomic_compare_exchange_weak_explicit(&q->head, &old, n, memory_order_release,
+                                                    memory_order_relaxed));
+    if (!old) {
+        uint64_t one = 1;
+        if (write(q->fd, &one, sizeof(one)) < 0) { /* saturated: already readable */ }
+    }
+}
+
+/* Whether anything waits (a cheap check for the consumer's poller). */
+static inline int vn_xq_pending(struct vn_xq *q)
+{
+    return atomic_load_explicit(&q->head, memory_order_relaxed) != 0;
+}
+
+/* The consumer: everything pushed so far, oldest first (NULL when empty). */
+static inline struct vn_xq_node *vn_xq_take(struct vn_xq *q)
+{
+    if (!vn_xq_pending(q)) return 0;
+    if (q->own_fd) {
+        /* Reset the fd before taking: a push after this read finds the queue empty
+         * again (once taken) and signals anew, so no wake-up is lost. */
+        uint64_t v;
+        if (read(q->fd, &v, sizeof(v)) < 0) { /* EAGAIN: nothing signalled */ }
+    }
+    struct vn_xq_node *n = atomic_exchange_explicit(&q->head, (struct vn_xq_node *)0, memory_order_acquire);
+    struct vn_xq_node *fifo = 0;
+    while (n) {
+        struct vn_xq_node *next = n->next;
+        n->next = fifo;
+        fifo = n;
+        n = next;
+    }
+    return fifo;
+}
+
+/* ------------------------------------------------------------------ */
+/* virtqueue requests: what the core hands a device type             */
+/* ------------------------------------------------------------------ */
+
+/* Why a request could not be mapped; the device answers it with an error. */
+enum vn_req_error {
+    VN_REQ_OK = 0,
+    VN_REQ_EFAULT = 1,          /* a descriptor lies outside guest memory */
+    VN_REQ_E2BIG = 2,           /* more than VN_MAX_IOV segments */
+};
+
+typedef struct vn_req vn_req;
+
+/*
+ * One descriptor chain popped from a virtqueue, already translated to host
+ * addresses and bounds-checked.  iov[0 .. n_out) are device-readable (driver ->
+ * device), iov[n_out .. n_out + n_in) device-writable.  The device must call
+ * `complete(req, written)` exactly once, on the reactor thread, with the number of
+ * bytes it wrote into the writable part.
+ *
+ * When `error` is set the chain could not be mapped whole: n_out is 0 and iov
+ * holds only the chain's last descriptor (n_in > 0) if that one is
+ * device-writable and inside guest memory, so that the device can still write an
+ * error status there; otherwise n_in is 0 too and nothing may be written.
+ */
+struct vn_req {
+    void (*complete)(vn_req *req, uint32_t written);
+    void *dev_ctx;              /* the device's context pointer */
+    uint16_t queue_index;       /* virtqueue this request came from */
+    uint16_t head;              /* descriptor head id (opaque to devices) */
+    uint32_t error;             /* enum vn_req_error; see above for iov when set */
+    uint32_t n_out, n_in;
+    uint64_t out_len, in_len;   /* total bytes of each part */
+    struct iovec iov[VN_MAX_IOV];
+    void *core_priv;            /* owned by the core */
+    /* Scratch space for the device type (its request state, bdev_io, iovecs). */
+    uint8_t dev_priv[VN_DEV_PRIV_SIZE] __attribute__((aligned(16)));
+};
+
+/*
+ * A device type's table: what is truly the device's.  Bdev channels, their
+ * polling and fds, I/O in flight and statistics are the core's (descriptors).
+ */
+struct vn_device_ops {
+    uint32_t abi_version;
+    /* Required: a request from one of the device's virtqueues. */
+    void (*submit)(void *dev_ctx, vn_req *req);
+    /* Optional: the device's own deferred work (SCSI task management functions
+     * waiting for commands, commands resumed in a later iteration), run once per
+     * reactor iteration after the bdev channels were polled.  Returns the work
+     * done: non-zero keeps an interrupt-mode reactor from sleeping. */
+    int (*poll)(void *dev_ctx);
+};
 
 /* Helpers for devices: copy between flat buffers and iovec ranges. */
 static inline uint64_t vn_iov_copy_from(const struct iovec *iov, uint32_t cnt,
