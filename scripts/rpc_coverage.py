@@ -69,8 +69,7 @@ def _notes(app, method: str) -> str:
 
 
 def section() -> str:
-    from vhost_core.plugins import KNOWN_PROVIDERS
-    from vhost_core.rpc.spdk import IGNORED, NOT_YET, SPDK_METHODS
+    from vhost_core.rpc.spdk import DISTRIBUTIONS, IGNORED, NOT_YET, SPDK_METHODS, family_match
 
     app = _registry()
     served = set(app.rpc.names(include_aliases=False))
@@ -98,12 +97,11 @@ def section() -> str:
     missing: dict[str, list[str]] = defaultdict(list)
     for method in sorted(spdk - served - set(NOT_YET)):
         missing[_family(method)].append(method)
-    planned = {dist for m, dist in KNOWN_PROVIDERS.items() if m.startswith("bdev_")} - {
-        i.distribution for i in app.plugins.infos}
+    installed = {i.distribution for i in app.plugins.infos}
     items = []
     for family, methods in sorted(missing.items()):
-        dist = next((KNOWN_PROVIDERS[m] for m in methods
-                     if m in KNOWN_PROVIDERS and KNOWN_PROVIDERS[m] in planned), None)
+        dist = next((d for d in (family_match(DISTRIBUTIONS, m) for m in methods)
+                     if d is not None and d not in installed), None)
         if len(methods) == 1:
             family = methods[0]
         text = f"`{family}`" + (f" ({len(methods)})" if family.endswith("*") else "")

@@ -43,7 +43,7 @@ def test_the_copied_template_is_listed_and_passes_its_own_conformance_suite(out_
     listed = subprocess.run([sys.executable, "-m", "vhost_core.app", "--list-plugins"],
                             capture_output=True, text=True, timeout=60).stdout
     line = next(line for line in listed.splitlines() if line.startswith("bdev_example"))
-    assert DIST in line and "vhost_register_rpc_methods" in line
+    assert DIST in line and "vhost_register_commands" in line
     # The plugin's own tests, run the way its author runs them: from its folder.
     out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests"],
                          cwd=out_of_tree_plugin, capture_output=True, text=True, timeout=300)

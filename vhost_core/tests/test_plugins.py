@@ -31,10 +31,10 @@ def list_plugins(root: Path, *args: str, env: dict[str, str] | None = None) -> s
 
 GOOD = """
     from vhost_core.hookspecs import hookimpl
-    VHOST_CORE_API = (1,)
+    VHOST_CORE_API = (2,)
 
     @hookimpl
-    def vhost_app_started(app):
+    def vhost_register_commands(registry):
         pass
 """
 
@@ -48,14 +48,15 @@ def plugin_root(tmp_path):
 def test_builtin_and_third_party_plugins_are_listed_with_distribution_and_hooks(plugin_root):
     out = list_plugins(plugin_root)
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert "third-party-good" in lines["tp_good"] and "vhost_app_started" in lines["tp_good"]
-    assert "vhost-dev-blk" in lines["dev_blk"] and "vhost_register_rpc_methods" in lines["dev_blk"]
+    assert "third-party-good" in lines["tp_good"] and "vhost_register_commands" in lines["tp_good"]
+    assert "vhost-dev-blk" in lines["dev_blk"] and "vhost_register_commands" in lines["dev_blk"]
     assert "vhost-bdev-malloc" in lines["bdev_malloc"]
 
 
 @pytest.mark.parametrize("source, expected", [
     ("raise RuntimeError('boom at import')\n", "failed to import"),
-    ("from vhost_core.hookspecs import hookimpl\n@hookimpl\ndef vhost_no_such_hook(app):\n    pass\n",
+    ("from vhost_core.hookspecs import hookimpl\nVHOST_CORE_API = (2,)\n"
+     "@hookimpl\ndef vhost_no_such_hook(app):\n    pass\n",
      "vhost_no_such_hook"),
     ("VHOST_CORE_API = (99,)\n", "supports core API (99,)"),
 ])
@@ -97,13 +98,14 @@ def test_missing_plugin_rpc_names_the_wheel_to_install(tmp_path):
 
 
 DUPLICATE_RPC = """
+    from vhost_core.commands import Command
     from vhost_core.hookspecs import hookimpl
-    VHOST_CORE_API = (1,)
+    VHOST_CORE_API = (2,)
 
     @hookimpl
-    def vhost_register_rpc_methods(rpc, app):
-        rpc.add("tp_dup_first", lambda: True, owner="tp_dup")
-        rpc.add("bdev_get_bdevs", lambda: [], owner="tp_dup")   # the core's: taken
+    def vhost_register_commands(registry):
+        registry.add(Command("tp_dup_first", lambda ctx: True))
+        registry.add(Command("bdev_get_bdevs", lambda ctx: []))   # the core's: taken
 """
 
 
@@ -130,7 +132,7 @@ BAD_ABI = """
     from vhost_core.hookspecs import hookimpl
     from vhost_core.native import ffi
 
-    VHOST_CORE_API = (1,)
+    VHOST_CORE_API = (2,)
     _keep = []
     destructed = []
 
@@ -150,24 +152,24 @@ BAD_ABI = """
 
 
     @hookimpl
-    def vhost_register_rpc_methods(rpc, app):
-        @rpc.method("tp_abi_bdev_create", owner="tp_abi")
-        def bdev_create():
+    def vhost_register_commands(registry):
+        @registry.command("tp_abi_bdev_create")
+        def bdev_create(ctx):
             vn_bdev = ffi.new("uint64_t[6]")
             vn_bdev[0] = _table(99)
             _keep.append(vn_bdev)
-            app.bdevs.add(Bdev(name="Abi0", module="tp_abi", product_name="ABI test", block_size=512,
+            ctx.bdevs.add(Bdev(name="Abi0", module="tp_abi", product_name="ABI test", block_size=512,
                                num_blocks=8, native=int(ffi.cast("uintptr_t", vn_bdev)),
                                destruct=lambda: destructed.append("Abi0")))
             return "Abi0"
 
-        @rpc.method("tp_abi_destructed", owner="tp_abi")
-        def was_destructed():
+        @registry.command("tp_abi_destructed")
+        def was_destructed(ctx):
             return destructed
 
-        @rpc.method("tp_abi_controller_create", owner="tp_abi")
-        def controller_create():
-            app.add_controller("abi.0", Backend())
+        @registry.command("tp_abi_controller_create")
+        def controller_create(ctx):
+            ctx.controllers.create("abi.0", Backend())
             return True
 """
 
@@ -209,3 +211,26 @@ def test_cli_names_the_wheel_of_a_known_method_whose_plugin_is_missing(tmp_path)
     out = subprocess.run([sys.executable, "-m", "vhost_core.rpc.cli", "no_such_method"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_each_plugin_declares_the_methods_it_registers_and_the_hints_agree():
+    """The provider hints come from data: each installed plugin's ``vhost.provides`` entry
+    points, and rpc.spdk.DISTRIBUTIONS for plugins that are not installed.  Both must say
+    what the plugins really register."""
+    from vhost_core import plugins
+    from vhost_core.rpc.spdk import DISTRIBUTIONS, family_match
+
+    manager = plugins.load_plugins()
+    declared: dict[str, set[str]] = {}
+    for ep in plugins._entry_points(plugins.PROVIDES_GROUP):
+        declared.setdefault(ep.dist.metadata["Name"], set()).add(ep.name)
+    for info in manager.infos:
+        if not info.distribution.startswith("vhost-"):
+            continue
+        reg = plugins.collect(manager, info.name)
+        names = {n for c in reg.commands for n in (c.name, *c.aliases)}
+        assert names == declared.get(info.distribution, set()), info.name
+        for name in names:
+            assert family_match(DISTRIBUTIONS, name) == info.distribution, name
+            assert plugins.provider_of(name) == info.distribution, name
+    assert plugins.provider_of("bdev_malloc_create_call") is None     # families hold SPDK's methods only

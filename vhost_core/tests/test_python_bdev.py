@@ -20,7 +20,7 @@ PLUGIN = """
     from vhost_core.bdev.python_adapter import make_python_bdev
     from vhost_core.hookspecs import hookimpl
 
-    VHOST_CORE_API = (1,)
+    VHOST_CORE_API = (2,)
 
 
     class Minimal:
@@ -84,16 +84,16 @@ PLUGIN = """
 
 
     @hookimpl
-    def vhost_register_rpc_methods(rpc, app):
-        @rpc.method("tp_py_create", params=Create, owner="tp_py")
-        def create(p):
+    def vhost_register_commands(registry):
+        @registry.command("tp_py_create", params=Create)
+        def create(ctx, p):
             impl = KINDS[p.kind](p.num_blocks, p.block_size)
-            app.bdevs.add(make_python_bdev(p.name, impl, module="tp_py", product_name="Python test disk"))
+            ctx.bdevs.add(make_python_bdev(p.name, impl, module="tp_py", product_name="Python test disk"))
             return p.name
 
-        @rpc.method("tp_py_delete", params=Delete, owner="tp_py")
-        def delete(p):
-            app.bdevs.delete(p.name, module="tp_py")
+        @registry.command("tp_py_delete", params=Delete, blocking=True)
+        def delete(ctx, p):
+            ctx.bdevs.delete(p.name, module="tp_py")
             return True
 """
 

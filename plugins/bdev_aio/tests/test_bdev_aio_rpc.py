@@ -268,18 +268,17 @@ def test_cli_commands_match_spdk_rpc_py(vhost_daemon, backing_dir, helpers):
     assert r.returncode != 0 and "does not exist" in r.stdout + r.stderr
 
 
-def test_rescan_calls_the_resize_callbacks_in_process(backing_dir, helpers):
+def test_rescan_calls_the_resize_callbacks_in_process(backing_dir, helpers, tmp_path):
     """The hook a device uses to tell a running guest about the new size."""
-    import types
-
-    from vhost_core.bdev.registry import BdevRegistry
-    from vhost_core.rpc.registry import RpcRegistry
+    from vhost_core.app import App
 
     from vhost_bdev_aio import plugin
 
-    app = types.SimpleNamespace(bdevs=BdevRegistry())
-    rpc = RpcRegistry()
-    plugin.vhost_register_rpc_methods(rpc=rpc, app=app)
+    app = App(str(tmp_path), 1 << min(os.sched_getaffinity(0)), str(tmp_path / "rpc.sock"),
+              plugin_modules={"bdev_aio": plugin})
+    app.register_rpc_methods()
+    app.start_init()
+    rpc = app.rpc
     f = helpers.make_file(backing_dir / "disk.img", 1 << 20)
     try:
         rpc.dispatch("bdev_aio_create", {"filename": str(f), "name": "aio0"})
@@ -293,6 +292,6 @@ def test_rescan_calls_the_resize_callbacks_in_process(backing_dir, helpers):
         assert rpc.dispatch("bdev_aio_rescan", {"name": "aio0"}) is True
         assert seen == [6144] and bdev.num_blocks == 6144
         app.bdevs.delete("aio0")
-        assert plugin._bdevs == {}
+        assert app.bdev_modules.get("aio").states == {}
     finally:
-        plugin.vhost_app_stopping(app=app)
+        app.stop()

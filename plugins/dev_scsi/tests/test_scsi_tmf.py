@@ -41,7 +41,7 @@ PLUGIN = """
     from vhost_core.bdev.python_adapter import make_python_bdev
     from vhost_core.hookspecs import hookimpl
 
-    VHOST_CORE_API = (1,)
+    VHOST_CORE_API = (2,)
 
 
     class Slow:
@@ -65,10 +65,10 @@ PLUGIN = """
 
 
     @hookimpl
-    def vhost_register_rpc_methods(rpc, app):
-        @rpc.method("tp_slow_create", params=Create, owner="tp_slow")
-        def create(p):
-            app.bdevs.add(make_python_bdev(p.name, Slow(p.num_blocks, p.block_size, p.delay),
+    def vhost_register_commands(registry):
+        @registry.command("tp_slow_create", params=Create)
+        def create(ctx, p):
+            ctx.bdevs.add(make_python_bdev(p.name, Slow(p.num_blocks, p.block_size, p.delay),
                                            module="tp_slow", product_name="Slow disk"))
             return p.name
 """

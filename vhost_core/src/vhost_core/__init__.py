@@ -5,7 +5,7 @@ Public entry points for plugin authors:
 - :func:`get_include` - directory holding ``vhost_core/vhost_native.h``, the C contract
   a plugin's native part compiles against.
 - :data:`CORE_API_VERSION` - the plugin API generation; a plugin declares the versions
-  it supports (``VHOST_CORE_API = (1,)`` in its plugin module) and the core refuses
+  it supports (``VHOST_CORE_API = (2,)`` in its plugin module) and the core refuses
   others with one clear log line.
 - :mod:`vhost_core.hookspecs` - every hook a plugin may implement.
 """
@@ -16,8 +16,9 @@ import os
 
 __version__ = "0.1.0"
 
-#: Generation of the Python plugin API (hookspecs, bdev and device contracts).
-CORE_API_VERSION = 1
+#: Generation of the Python plugin API (hookspecs, bdev and device contracts).  2: hooks
+#: register bdev modules, device types and commands, and receive registries, not the App.
+CORE_API_VERSION = 2
 #: Must match VN_ABI_VERSION in include/vhost_core/vhost_native.h.
 NATIVE_ABI_VERSION = 2
 

@@ -17,7 +17,6 @@ import asyncio
 import errno
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -26,12 +25,14 @@ from typing import Any, Callable, Literal
 
 import attrs
 
-from vhost_core import __version__, plugins
+from vhost_core import __version__, commands, plugins
 from vhost_core.bdev.iostat import IoStat
-from vhost_core.bdev.interface import Bdev
+from vhost_core.bdev.interface import Bdev, BdevModuleRegistry
 from vhost_core.bdev.registry import BdevRegistry
 from vhost_core import log as logs
 from vhost_core.controller import Controller
+from vhost_core.controllers import ControllerRegistry
+from vhost_core.device import DeviceTypeRegistry
 from vhost_core.log import get_logger, notice, setup as setup_logging
 from vhost_core.native import lib
 from vhost_core.reactor import Reactors, format_mask, parse_cpumask
@@ -39,12 +40,10 @@ from vhost_core.rpc.json_config import ConfigError, JsonConfig
 from vhost_core.rpc.registry import INVALID_PARAMS, RpcError, RpcRegistry, RpcState, unsupported
 from vhost_core.rpc.server import RpcServer
 from vhost_core.rpc.spdk import IGNORED, NOT_YET, Ignored, ignored_params_class
-from vhost_core.device import Device, DeviceContext
 
 log = get_logger("app")
 
 DEFAULT_RPC_SOCKET = "/var/tmp/spdk.sock"
-CONTROLLER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 #: What ``vhost --default-config`` creates: the README's quick start.
 DEFAULT_CONFIG = {
@@ -135,7 +134,7 @@ class FlagParams:
 
 class App:
     def __init__(self, socket_dir: str, cpumask: int, rpc_path: str, interrupt_mode: bool = False,
-                 disabled_plugins: tuple[str, ...] = ()) -> None:
+                 disabled_plugins: tuple[str, ...] = (), plugin_modules: dict[str, Any] | None = None) -> None:
         self.socket_dir = os.path.abspath(socket_dir)
         self.rpc_path = rpc_path
         self.lock = threading.RLock()
@@ -145,11 +144,16 @@ class App:
         self.reactors = Reactors(cpumask, interrupt_mode)
         self.bdevs = BdevRegistry()
         self.bdevs.wait_unlocked = self.wait_unlocked
-        self.controllers: dict[str, Controller] = {}
+        self.bdev_modules = BdevModuleRegistry()
+        self.device_types = DeviceTypeRegistry()
+        self.controllers = ControllerRegistry(self)
         self.rpc = RpcRegistry()
         self.rpc.lock = self.lock
         self.rpc.rpc_state = RpcState.STARTUP
-        self.plugins = plugins.load_plugins(disabled_plugins)
+        self.rpc.hint_resolver = self._missing_method_hint
+        #: What a plugin's command handlers see of the daemon.
+        self.command_context = commands.CommandContext(self.bdevs, self.controllers, self.bdev_modules)
+        self.plugins = plugins.load_plugins(disabled_plugins, plugin_modules)
         self.rpc_server: RpcServer | None = None
         self._stopped = False
         #: The ``--json`` config whose RUNTIME part applies at framework_start_init.
@@ -167,67 +171,6 @@ class App:
             self.lock_cond.wait(seconds)
         except RuntimeError:        # not under the lock: nothing to release
             time.sleep(seconds)
-
-    # ------------------------------------------------------------ controllers
-
-    def add_controller(self, name: str, device: Device, cpumask: str | int | None = None,
-                       listen: bool = True) -> Controller:
-        """Create a controller: validate, place on a reactor, attach its device, listen.
-
-        ``listen=False`` leaves the socket closed until the caller runs
-        ``ctrlr.listen()`` (SPDK's ``vhost_create_scsi_controller --delay``)."""
-        if not CONTROLLER_NAME.match(name or ""):
-            raise RpcError(-errno.EINVAL, f"controller name '{name}' is invalid: use 1-64 letters, "
-                                          f"digits, '.', '_', ':' or '-' (it becomes the socket file name)")
-        if name in self.controllers:
-            raise RpcError(-errno.EEXIST, f"controller '{name}' already exists: pick another name or "
-                                          f"vhost_delete_controller {name} first")
-        try:
-            mask = None if cpumask is None else parse_cpumask(cpumask)
-            reactor = self.reactors.place(mask)
-        except ValueError as exc:
-            raise RpcError(-errno.EINVAL, f"controller {name}: {exc}") from None
-        mask = mask if mask is not None else self.reactors.mask
-
-        def notify() -> bool:
-            ctrlr = self.controllers.get(name)
-            return ctrlr is not None and ctrlr.session is not None and ctrlr.session.notify_config_change()
-
-        ctx = DeviceContext(name, format_mask(mask), reactor, self.bdevs, self.wait_unlocked, notify)
-        try:
-            native = device.attach(ctx)
-            ctrlr = Controller(self, name, device, ctx, reactor, mask, native)
-        except BaseException:
-            ctx.release(device)
-            raise
-        try:
-            if listen:
-                ctrlr.listen()
-        except BaseException:
-            ctrlr.close()
-            raise
-        reactor.controllers.add(name)
-        self.controllers[name] = ctrlr
-        notice(log, "Controller %s: new controller added", name)
-        return ctrlr
-
-    def get_controller(self, name: str) -> Controller:
-        ctrlr = self.controllers.get(name)
-        if ctrlr is None:
-            known = ", ".join(sorted(self.controllers)) or "none"
-            raise RpcError(-errno.ENODEV, f"controller '{name}' does not exist (existing controllers: "
-                                          f"{known}); see vhost_get_controllers")
-        return ctrlr
-
-    def delete_controller(self, name: str, force: bool = False) -> None:
-        ctrlr = self.get_controller(name)
-        if ctrlr.session is not None and not force:
-            raise RpcError(-errno.EBUSY, f"controller '{name}' has a connected front-end (a running VM): "
-                                         f"shut the VM down or unplug the device first, then delete it")
-        del self.controllers[name]
-        ctrlr.reactor.controllers.discard(name)
-        ctrlr.close()
-        notice(log, "Controller %s: removed", name)
 
     # ------------------------------------------------------------ RPC
 
@@ -252,7 +195,7 @@ class App:
                     "busy": s["busy_ns"],
                     "idle": s["idle_ns"],
                     "in_interrupt": r.interrupt_mode,
-                    "lw_threads": [{"name": c, "id": i, "cpumask": format_mask(self.controllers[c].cpumask),
+                    "lw_threads": [{"name": c, "id": i, "cpumask": format_mask(self.controllers.get(c).cpumask),
                                     "elapsed": 0}
                                    for i, c in enumerate(sorted(r.controllers)) if c in self.controllers],
                 })
@@ -268,7 +211,7 @@ class App:
                 threads.append({"name": f"reactor_{r.core}", "id": i, "cpumask": f"{1 << r.core:x}",
                                 "busy": s["busy_ns"], "idle": s["idle_ns"],
                                 "active_pollers_count": sum(1 for c in served
-                                                            if self.controllers[c].session is not None),
+                                                            if self.controllers.get(c).session is not None),
                                 "timed_pollers_count": 0, "paused_pollers_count": 0})
             return {"tick_rate": 1000000000, "threads": threads}
 
@@ -355,13 +298,13 @@ class App:
                     deprecated_aliases=("get_vhost_controllers",))
         def vhost_get_controllers(p: GetControllersParams):
             if p.name is not None:
-                return [self.get_controller(p.name).to_json()]
-            return [c.to_json() for c in self.controllers.values()]
+                return [self.controllers.get(p.name).to_json()]
+            return [c.to_json() for c in self.controllers]
 
         @rpc.method("vhost_delete_controller", params=CtrlrParams, owner="vhost-core",
-                    deprecated_aliases=("remove_vhost_controller",))
+                    deprecated_aliases=("remove_vhost_controller",), blocking=True)
         def vhost_delete_controller(p: CtrlrParams):
-            self.delete_controller(p.ctrlr)
+            self.controllers.delete(p.ctrlr)
             return True
 
         @rpc.method("framework_get_subsystems", owner="vhost-core")
@@ -377,7 +320,7 @@ class App:
             return config[p.name]
 
         @rpc.method("delete_bdev", params=NameParams, owner="vhost-core",
-                    deprecated="the bdev type's delete method (bdev_malloc_delete, ...)")
+                    deprecated="the bdev type's delete method (bdev_malloc_delete, ...)", blocking=True)
         def delete_bdev(p: NameParams):
             """Deprecated SPDK name: delete a bdev of any module (hot-detaching it)."""
             self.bdevs.delete(p.name)
@@ -385,7 +328,7 @@ class App:
 
         @rpc.method("vhost_get_queue_stats", params=CtrlrParams, owner="vhost-core")
         def vhost_get_queue_stats(p: CtrlrParams):
-            return self.get_controller(p.ctrlr).queue_stats()
+            return self.controllers.get(p.ctrlr).queue_stats()
 
         self._register_log_methods()
 
@@ -492,11 +435,18 @@ class App:
             bdev.iostat_base = self.bdev_iostat(bdev)
 
     def config_by_subsystem(self) -> dict[str, list[dict]]:
-        """RPC calls that recreate the current state, by subsystem (bdev first)."""
-        out: dict[str, list[dict]] = {"bdev": [], "vhost_blk": [], "vhost_scsi": []}
-        for part in self.plugins.hook.vhost_config_json(app=self):
-            for subsystem, calls in (part or {}).items():
-                out.setdefault(subsystem, []).extend(calls)
+        """RPC calls that recreate the current state, by subsystem: the bdev modules'
+        bdevs first, then each device type's controllers."""
+        out: dict[str, list[dict]] = {"bdev": []}
+        bdevs = list(self.bdevs)
+        for module in self.bdev_modules:
+            out["bdev"].extend(module.config_json([b for b in bdevs if b.module == module.name]))
+        for dtype in self.device_types:
+            out.setdefault(dtype.subsystem, [])
+        for ctrlr in self.controllers:
+            dtype = self.device_types.get(ctrlr.device.device_type)
+            if dtype is not None:
+                out[dtype.subsystem].extend(ctrlr.device.config_json())
         return out
 
     def call(self, method: str, params: dict | None = None) -> Any:
@@ -543,47 +493,60 @@ class App:
     def start(self) -> None:
         self.reactors.start()
         self.register_rpc_methods()
-        self.plugins.hook.vhost_app_started(app=self)
 
     def register_rpc_methods(self) -> None:
-        """The core's methods, every plugin's, then SPDK's options that mean nothing here."""
+        """The core's methods, every plugin's registrations, then SPDK's options that mean
+        nothing here."""
         self.register_core_methods()
-        for impl in self.plugins.pm.hook.vhost_register_rpc_methods.get_hookimpls():
-            before = set(self.rpc.names(include_aliases=False))
+        for name in self.plugins.names():
             try:
-                impl.function(rpc=self.rpc, app=self)
+                self._register_plugin(name)
             except (ValueError, TypeError) as exc:
-                # All or nothing: a plugin half registered would answer some of its
-                # RPCs with objects whose other half (delete, ...) is missing.
-                for name in set(self.rpc.names(include_aliases=False)) - before:
-                    self.rpc.remove(name)
-                log.error("plugin '%s' could not register its RPC methods: %s; none of its methods "
-                          "are available, the other plugins are", impl.plugin_name, exc)
-        registered = set(self.rpc.names())
-        for method, dist in plugins.KNOWN_PROVIDERS.items():
-            if method not in registered:
-                self.rpc.set_missing_hint(method, plugins.provider_hint(dist))
+                log.error("plugin '%s' could not register its bdev modules, device types and commands: %s; "
+                          "none of them is available, the other plugins' are", name, exc)
         self._register_ignored_methods()
+
+    def _register_plugin(self, name: str) -> None:
+        """All or nothing: a plugin half registered would answer some of its RPCs with
+        objects whose other half (delete, save_config, ...) is missing."""
+        reg = plugins.collect(self.plugins, name)
+        for module in reg.bdev_modules:
+            if module.name in self.bdev_modules:
+                raise ValueError(f"bdev module '{module.name}' is already registered")
+        for dtype in reg.device_types:
+            if self.device_types.get(dtype.name) is not None:
+                raise ValueError(f"device type '{dtype.name}' is already registered")
+        commands.register(self.rpc, reg.commands, self.command_context, owner=name)
+        for module in reg.bdev_modules:
+            self.bdev_modules.add(module)
+        for dtype in reg.device_types:
+            self.device_types.add(dtype)
+
+    @staticmethod
+    def _missing_method_hint(method: str) -> str | None:
+        dist = plugins.provider_of(method)
+        return plugins.provider_hint(dist) if dist is not None else None
 
     def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
         with self.lock:
-            for name in list(self.controllers):
+            for name in self.controllers.names():
                 try:
-                    self.delete_controller(name, force=True)
+                    self.controllers.delete(name, force=True)
                 except Exception:
                     log.exception("Controller %s: error while stopping", name)
-            try:
-                self.plugins.hook.vhost_app_stopping(app=self)
-            except Exception:
-                log.exception("a plugin failed while stopping")
             for bdev in list(self.bdevs):
                 try:
                     self.bdevs.delete(bdev.name)
                 except Exception:
                     log.exception("bdev %s: error while deleting", bdev.name)
+            for module in self.bdev_modules:
+                try:
+                    module.fini()
+                except Exception:
+                    log.exception("bdev module %s failed to stop", module.name)
             self.reactors.stop()
 
 
@@ -618,14 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def qemu_command_line(ctrlr: Controller, mem_mb: int = 1024) -> str:
+def qemu_command_line(ctrlr: Controller, device_types: DeviceTypeRegistry, mem_mb: int = 1024) -> str:
     cid = ctrlr.name.replace(".", "_")
-    dev = "vhost-user-blk-pci" if ctrlr.device.device_type == "blk" else "vhost-user-scsi-pci"
-    queues = "num-queues" if ctrlr.device.device_type == "blk" else "num_queues"
+    dtype = device_types.get(ctrlr.device.device_type)
+    device = dtype.qemu_args(cid, min(4, ctrlr.device.num_queues)) if dtype is not None else "-device ..."
     return (f"qemu-system-x86_64 -m {mem_mb}M "
             f"-object memory-backend-memfd,id=mem,size={mem_mb}M,share=on -numa node,memdev=mem "
             f"-chardev socket,id={cid},path={ctrlr.path},reconnect=1 "
-            f"-device {dev},chardev={cid},{queues}={min(4, ctrlr.device.num_queues)} ...")
+            f"{device} ...")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,7 +657,8 @@ async def _run(app: App, args) -> int:
         if args.default_config:
             app.after_init(lambda: print(
                 "vhost target ready: Malloc0 (64 MiB, 512-byte blocks) on vhost-blk controller vhost.0\n"
-                "Start a VM with:\n  " + qemu_command_line(app.controllers["vhost.0"]), flush=True))
+                "Start a VM with:\n  " + qemu_command_line(app.controllers.get("vhost.0"), app.device_types),
+                flush=True))
         await stop.wait()
         notice(log, "Exiting")
     except (ConfigError, RpcError, OSError, ValueError, KeyError) as exc:

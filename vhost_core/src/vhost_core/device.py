@@ -25,6 +25,7 @@ grows, documented, here.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any, Callable, ClassVar
 
 import attrs
@@ -37,6 +38,47 @@ log = get_logger("vhost")
 #: How long :meth:`DeviceContext.drain` waits by default.
 DRAIN_TIMEOUT_S = 30.0
 DRAIN_POLL_S = 0.001
+
+
+@attrs.frozen
+class DeviceType:
+    """A device type as the core needs to know it (``vhost_register_device_types``)."""
+
+    #: ``Device.device_type`` of its devices ("blk").
+    name: str
+    #: The SPDK subsystem ``save_config`` files its controllers under ("vhost_blk").
+    subsystem: str
+    #: The QEMU device that drives it ("vhost-user-blk-pci") and that device's property
+    #: for the number of request queues ("num-queues"): the command line a user is shown.
+    qemu_device: str
+    qemu_queues_property: str
+
+    def qemu_args(self, chardev_id: str, num_queues: int) -> str:
+        return f"-device {self.qemu_device},chardev={chardev_id},{self.qemu_queues_property}={num_queues}"
+
+
+class DeviceTypeRegistry:
+    """The registered device types, by name."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, DeviceType] = {}
+
+    def add(self, device_type: DeviceType) -> DeviceType:
+        if not isinstance(device_type, DeviceType):
+            raise TypeError(f"device type {device_type!r} is not a vhost_core.device.DeviceType")
+        if device_type.name in self._types:
+            raise ValueError(f"device type '{device_type.name}' is already registered")
+        self._types[device_type.name] = device_type
+        return device_type
+
+    def remove(self, name: str) -> None:
+        self._types.pop(name, None)
+
+    def get(self, name: str) -> DeviceType | None:
+        return self._types.get(name)
+
+    def __iter__(self) -> Iterator[DeviceType]:
+        return iter(list(self._types.values()))
 
 
 @attrs.frozen

@@ -1,25 +1,34 @@
 """Every hook a vhost plugin may implement.  This module is the whole plugin API surface.
 
 A plugin is a module named by an entry point in the ``vhost.plugins`` group; it
-implements some of the hooks below with ``@vhost_core.hookspecs.hookimpl`` and may set
-``VHOST_CORE_API = (1,)`` (the :data:`vhost_core.CORE_API_VERSION` values it was written
-for; a plugin without it is assumed to support version 1 only).
+implements some of the hooks below with ``@vhost_core.hookspecs.hookimpl`` and sets
+``VHOST_CORE_API = (2,)`` (the :data:`vhost_core.CORE_API_VERSION` values it was written
+for; a plugin without it is assumed to support version 1 only, which this core no
+longer provides).
 
-Hooks are for lifecycle, configuration and registration.  None is ever called per I/O:
-the data path calls native function tables resolved once when a device opens.
+Hooks register things; they never receive the daemon.  What a plugin's objects may
+use at run time is handed to them: a command's handler gets a
+:class:`~vhost_core.commands.CommandContext` (the bdev registry, the controllers, the
+plugin's bdev modules), a device gets a :class:`~vhost_core.device.DeviceContext` when
+it is attached.  None of these hooks is ever called per I/O: the data path calls native
+function tables resolved once when a device opens a bdev.
+
+Each hook is called once per plugin while the daemon starts (and, for
+``vhost_register_commands``, in the ``vhost-rpc`` process to build its sub-commands).
+A plugin whose registration fails (a name already taken, a malformed declaration)
+costs one log line and has nothing registered: all or nothing, the others load.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    import argparse
-
-    from vhost_core.app import App
-    from vhost_core.rpc.registry import RpcRegistry
+    from vhost_core.bdev.interface import BdevModuleRegistry
+    from vhost_core.commands import CommandRegistry
+    from vhost_core.device import DeviceTypeRegistry
 
 PROJECT = "vhost"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -32,55 +41,44 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def vhost_register_rpc_methods(rpc: RpcRegistry, app: App) -> None:
-    """Register the plugin's JSON-RPC methods.
+def vhost_register_bdev_modules(registry: BdevModuleRegistry) -> None:
+    """Register the plugin's bdev module types.
 
-    :param rpc: call ``rpc.add(name, handler, params=AttrsClass, deprecated_aliases=(...),
-        owner=<plugin name>)`` or use ``@rpc.method(...)``.  Names follow SPDK
-        (``bdev_<backend>_<verb>``, ``vhost_create_<type>_controller``); a duplicate
-        name raises ``ValueError`` and costs the plugin one log line: the methods
-        it registered before are removed again (all or nothing), the other plugins
-        are unaffected.
-    :param app: the running daemon: ``app.bdevs`` (the bdev registry),
-        ``app.controllers``, ``app.reactors``, ``app.add_controller(...)``.
+    :param registry: call ``registry.add(module)`` with a
+        :class:`~vhost_core.bdev.interface.BdevModule` (its ``name`` is what the module's
+        bdevs carry in ``Bdev.module``; it answers ``config_json`` for ``save_config``
+        and ``fini`` at shutdown).  A name already registered raises ``ValueError``.
     :return: ignored.
     """
 
 
 @hookspec
-def vhost_add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``vhost-rpc`` subcommands for the plugin's RPCs.
+def vhost_register_device_types(registry: DeviceTypeRegistry) -> None:
+    """Register the plugin's device types (virtio-blk, virtio-scsi, ...).
 
-    Each subcommand calls ``set_defaults(func=handler)`` where
-    ``handler(client, args)`` returns the result to print (see
-    :mod:`vhost_core.rpc.cli`).  Called in the CLI process, not in the daemon.
-    """
-
-
-# --------------------------------------------------------------------------
-# lifecycle
-# --------------------------------------------------------------------------
-
-
-@hookspec
-def vhost_app_started(app: App) -> None:
-    """The reactors run and the RPC socket listens; ``--json`` config is not yet applied."""
-
-
-@hookspec
-def vhost_app_stopping(app: App) -> None:
-    """The daemon is shutting down: controllers are already stopped and deleted.
-
-    Release the plugin's bdevs and native resources here.  Bdevs registered in
-    ``app.bdevs`` are deleted by the core after this hook returns.
+    :param registry: call ``registry.add(device_type)`` with a
+        :class:`~vhost_core.device.DeviceType`: its name (``Device.device_type`` of its
+        devices), the SPDK subsystem its controllers are saved under and the QEMU device
+        that drives it.  A name already registered raises ``ValueError``.
+    :return: ignored.
     """
 
 
 @hookspec
-def vhost_config_json(app: App) -> dict[str, list[dict[str, Any]]]:
-    """Return the RPC calls that recreate the plugin's current objects, by SPDK
-    subsystem: ``{"bdev": [{"method": "bdev_malloc_create", "params": {...}}]}``.
+def vhost_register_commands(registry: CommandRegistry) -> None:
+    """Register the plugin's commands: each one a JSON-RPC method of the daemon and a
+    ``vhost-rpc`` sub-command, from one declaration.
 
-    Serves ``framework_get_config`` / ``save_config``; a ``--json`` file made from
-    it recreates the state.  Subsystems used: ``bdev``, ``vhost_blk``, ``vhost_scsi``.
+    :param registry: ``registry.add(Command(...))`` or the ``@registry.command(name,
+        params=AttrsClass, ...)`` decorator (see :mod:`vhost_core.commands`).  Names follow
+        SPDK (``bdev_<backend>_<verb>``, ``vhost_create_<type>_controller``); a name
+        another plugin or the core already has fails this plugin's registration.
+    :return: ignored.
     """
+
+
+@hookspec
+def vhost_add_cli_commands(subparsers) -> None:
+    """Add ``vhost-rpc`` subcommands for the plugin's RPCs (argparse sub-parsers; each
+    calls ``set_defaults(func=handler)`` with ``handler(client, args)``).  Called in the
+    CLI process, not in the daemon."""

@@ -22,32 +22,41 @@ import pluggy
 import stevedore
 
 from vhost_core import CORE_API_VERSION, hookspecs
+from vhost_core.bdev.interface import BdevModuleRegistry
+from vhost_core.commands import CommandRegistry
+from vhost_core.device import DeviceTypeRegistry
 from vhost_core.log import get_logger
 
 ENTRY_POINT_GROUP = "vhost.plugins"
+#: Entry points a plugin distribution declares for the RPC methods it serves (name: a method,
+#: value: its plugin module), so that a daemon where it is installed but not loaded
+#: (disabled, broken) can say which wheel serves a method.
+PROVIDES_GROUP = "vhost.provides"
 log = get_logger("plugins")
-
-#: SPDK RPC methods that well-known plugin distributions provide.  When the
-#: plugin is not installed, calling one answers which wheel to install.
-_PROVIDED_BY = {
-    "vhost-bdev-malloc": ("bdev_malloc_create", "bdev_malloc_delete", "bdev_null_create",
-                          "bdev_null_delete", "construct_malloc_bdev", "delete_malloc_bdev"),
-    "vhost-bdev-aio": ("bdev_aio_create", "bdev_aio_delete", "bdev_aio_rescan",
-                       "construct_aio_bdev", "delete_aio_bdev"),
-    "vhost-bdev-nvme": ("bdev_nvme_attach_controller", "bdev_nvme_detach_controller",
-                        "bdev_nvme_get_controllers", "construct_nvme_bdev"),
-    "vhost-bdev-rbd": ("bdev_rbd_create", "bdev_rbd_delete", "bdev_rbd_resize", "construct_rbd_bdev"),
-    "vhost-dev-blk": ("vhost_create_blk_controller", "construct_vhost_blk_controller"),
-    "vhost-dev-scsi": ("vhost_create_scsi_controller", "vhost_start_scsi_controller",
-                       "vhost_scsi_controller_add_target", "vhost_scsi_controller_remove_target",
-                       "construct_vhost_scsi_controller", "add_vhost_scsi_lun",
-                       "remove_vhost_scsi_dev", "remove_vhost_scsi_target"),
-}
-KNOWN_PROVIDERS = {method: dist for dist, methods in _PROVIDED_BY.items() for method in methods}
 
 
 def provider_hint(dist: str) -> str:
     return f"It is provided by the {dist} plugin: pip install {dist}"
+
+
+def _entry_points(group: str) -> list[Any]:
+    eps = metadata.entry_points()
+    if hasattr(eps, "select"):
+        return list(eps.select(group=group))
+    return list(eps.get(group, ()))  # type: ignore[attr-defined]  # Python 3.9
+
+
+def provider_of(method: str) -> str | None:
+    """The plugin distribution that serves RPC method ``method``: from the installed
+    distributions' own declarations first, else from SPDK's method families
+    (``rpc.spdk.DISTRIBUTIONS``); None when no plugin of ours serves it."""
+    from vhost_core.rpc.spdk import DISTRIBUTIONS, family_match
+
+    for ep in _entry_points(PROVIDES_GROUP):
+        dist = getattr(ep, "dist", None)
+        if ep.name == method and dist is not None:
+            return dist.metadata["Name"]
+    return family_match(DISTRIBUTIONS, method)
 
 
 @attrs.frozen
@@ -105,6 +114,30 @@ class PluginManager:
         log.error("%s", message)
 
 
+@attrs.define
+class Registrations:
+    """What one plugin registered through its hooks."""
+
+    bdev_modules: BdevModuleRegistry = attrs.Factory(BdevModuleRegistry)
+    device_types: DeviceTypeRegistry = attrs.Factory(DeviceTypeRegistry)
+    commands: CommandRegistry = attrs.Factory(CommandRegistry)
+
+
+def collect(manager: PluginManager, plugin_name: str) -> Registrations:
+    """Call ``plugin_name``'s registration hooks into fresh registries (ValueError or
+    TypeError when one of them refuses what the plugin registers)."""
+    module = manager.pm.get_plugin(plugin_name)
+    out = Registrations()
+    hooks = manager.pm.hook
+    for caller, kwargs in ((hooks.vhost_register_bdev_modules, {"registry": out.bdev_modules}),
+                           (hooks.vhost_register_device_types, {"registry": out.device_types}),
+                           (hooks.vhost_register_commands, {"registry": out.commands})):
+        for impl in caller.get_hookimpls():
+            if impl.plugin is module:
+                impl.function(*[kwargs[a] for a in impl.argnames])
+    return out
+
+
 def _selection(disabled: Iterable[str]) -> tuple[set[str] | None, set[str]]:
     allow = os.environ.get("VHOST_PLUGINS")
     allowed = {p.strip() for p in allow.split(",") if p.strip()} if allow else None
@@ -113,9 +146,14 @@ def _selection(disabled: Iterable[str]) -> tuple[set[str] | None, set[str]]:
     return allowed, blocked
 
 
-def load_plugins(disabled: Iterable[str] = ()) -> PluginManager:
-    """Find, filter and register every plugin of the ``vhost.plugins`` group."""
+def load_plugins(disabled: Iterable[str] = (), modules: dict[str, Any] | None = None) -> PluginManager:
+    """Find, filter and register every plugin of the ``vhost.plugins`` group; or, with
+    ``modules`` (name -> plugin module), exactly those (an in-process daemon in a test)."""
     manager = PluginManager()
+    if modules is not None:
+        for name, module in modules.items():
+            manager.register_module(name, module)
+        return manager
     allowed, blocked = _selection(disabled)
 
     def on_load_failure(_mgr, ep, exc):

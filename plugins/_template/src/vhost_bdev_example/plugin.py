@@ -5,8 +5,9 @@ Three parts, as every bdev plugin has them:
 1. the block device itself (:class:`DictDisk`): plain Python methods that the core's
    Python-bdev adapter calls from a worker thread (see
    ``vhost_core.bdev.python_adapter.PythonBdev`` for the contract);
-2. the RPCs that create and delete it (hook ``vhost_register_rpc_methods``), and the
-   calls that recreate it for ``save_config`` (hook ``vhost_config_json``);
+2. its bdev module (hook ``vhost_register_bdev_modules``: the calls that recreate its
+   bdevs for ``save_config``) and the commands that create and delete them (hook
+   ``vhost_register_commands``);
 3. the ``vhost-rpc`` subcommands for those RPCs (hook ``vhost_add_cli_commands``).
 """
 
@@ -18,14 +19,15 @@ from typing import Any
 
 import attrs
 
-from vhost_core.bdev.interface import check_block_size
+from vhost_core.bdev.interface import Bdev, BdevModule, check_block_size
 from vhost_core.bdev.python_adapter import make_python_bdev
+from vhost_core.commands import CommandContext
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError
 
 #: The plugin API generations this plugin was written for (vhost_core.CORE_API_VERSION).
-VHOST_CORE_API = (1,)
+VHOST_CORE_API = (2,)
 MODULE = "example"
 log = get_logger("bdev_example")
 
@@ -88,10 +90,29 @@ class DeleteParams:
     name: str
 
 
+class ExampleModule(BdevModule):
+    """The bdev module: its name is what its bdevs carry in ``Bdev.module``."""
+
+    def __init__(self) -> None:
+        super().__init__(MODULE)
+
+    def config_json(self, bdevs: list[Bdev]) -> list[dict[str, Any]]:
+        """The calls that recreate this module's bdevs (``save_config``)."""
+        return [{"method": "bdev_example_create",
+                 "params": {"name": b.name, "num_blocks": b.num_blocks, "block_size": b.block_size,
+                            "uuid": b.uuid}}
+                for b in bdevs]
+
+
 @hookimpl
-def vhost_register_rpc_methods(rpc, app) -> None:
-    @rpc.method("bdev_example_create", params=CreateParams, owner="bdev_example")
-    def bdev_example_create(p: CreateParams) -> str:
+def vhost_register_bdev_modules(registry) -> None:
+    registry.add(ExampleModule())
+
+
+@hookimpl
+def vhost_register_commands(registry) -> None:
+    @registry.command("bdev_example_create", params=CreateParams)
+    def bdev_example_create(ctx: CommandContext, p: CreateParams) -> str:
         """Create an in-memory example bdev; returns its name."""
         try:
             check_block_size(p.block_size)
@@ -101,29 +122,23 @@ def vhost_register_rpc_methods(rpc, app) -> None:
         if p.num_blocks <= 0:
             raise RpcError(-errno.EINVAL, f"bdev_example_create: num_blocks must be positive, "
                                           f"got {p.num_blocks}")
-        if p.name in app.bdevs:
+        if p.name in ctx.bdevs:
             raise RpcError(-errno.EEXIST, f"bdev_example_create: bdev name '{p.name}' is already taken: "
                                           f"pick another name or delete the existing bdev first")
         bdev = make_python_bdev(p.name, DictDisk(p.num_blocks, p.block_size), module=MODULE,
                                 product_name="Example disk", uuid=uuid)
-        app.bdevs.add(bdev)
+        ctx.bdevs.add(bdev)
         notice(log, "bdev %s: example disk of %d blocks of %d bytes created", p.name, p.num_blocks,
                p.block_size)
         return p.name
 
-    @rpc.method("bdev_example_delete", params=DeleteParams, owner="bdev_example")
-    def bdev_example_delete(p: DeleteParams) -> bool:
+    # blocking: deleting waits for the I/O in flight (a controller using the bdev
+    # lets go of it first), so it runs off the RPC server's event loop.
+    @registry.command("bdev_example_delete", params=DeleteParams, blocking=True)
+    def bdev_example_delete(ctx: CommandContext, p: DeleteParams) -> bool:
         """Delete an example bdev (a controller using it sees it hot-removed)."""
-        app.bdevs.delete(p.name, module=MODULE)
+        ctx.bdevs.delete(p.name, module=MODULE)
         return True
-
-
-@hookimpl
-def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
-    return {"bdev": [{"method": "bdev_example_create",
-                      "params": {"name": b.name, "num_blocks": b.num_blocks, "block_size": b.block_size,
-                                 "uuid": b.uuid}}
-                     for b in app.bdevs if b.module == MODULE]}
 
 
 # ---------------------------------------------------------------- vhost-rpc

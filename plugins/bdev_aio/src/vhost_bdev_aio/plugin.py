@@ -20,14 +20,16 @@ from typing import Any
 
 import attrs
 
-from vhost_core.bdev.interface import IO_TYPES, Bdev, check_block_size
+from vhost_core.bdev.interface import IO_TYPES, Bdev, BdevModule, check_block_size
+from vhost_core.bdev.registry import BdevRegistry
+from vhost_core.commands import CommandContext
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError, extension, unsupported
 
 from vhost_bdev_aio._aio_native import ffi, lib
 
-VHOST_CORE_API = (1,)
+VHOST_CORE_API = (2,)
 log = get_logger("bdev_aio")
 
 BLKSSZGET = 0x1268
@@ -103,8 +105,36 @@ class _AioBdev:
     uring_fallbacks: int = 0
 
 
-_lock = threading.Lock()
-_bdevs: dict[str, _AioBdev] = {}
+class AioModule(BdevModule):
+    """The aio bdev module: its bdevs' state and the thread that reports their errors."""
+
+    def __init__(self) -> None:
+        super().__init__("aio")
+        self.lock = threading.Lock()
+        #: Module state of each aio bdev, by name (the Bdev objects are the registry's).
+        self.states: dict[str, _AioBdev] = {}
+        self.monitor = _ErrorMonitor(self)
+
+    def config_json(self, bdevs: list[Bdev]) -> list[dict[str, Any]]:
+        calls = []
+        for b in bdevs:
+            with self.lock:
+                state = self.states.get(b.name)
+            if state is None:
+                continue
+            params: dict[str, Any] = {"name": b.name, "filename": state.filename, "readonly": b.readonly,
+                                      "uuid": b.uuid}
+            if state.block_size_override:
+                params["block_size"] = b.block_size
+            if not b.readonly and not b.driver_specific["aio"]["fallocate"]:
+                params["fallocate"] = False     # no unmap now: none after a reload either
+            if state.engine != "aio":
+                params["engine"] = state.engine
+            calls.append({"method": "bdev_aio_create", "params": params})
+        return calls
+
+    def fini(self) -> None:
+        self.monitor.stop()
 
 
 # --------------------------------------------------------------------------
@@ -264,10 +294,10 @@ def _parse_uuid(method: str, value: str | None) -> str:
                                       f"(e.g. 1b9e4f5a-6a3c-4a2b-9b8e-0d3c5f7a9e21)") from None
 
 
-def _create(app, method: str, p: AioCreateParams) -> str:
+def _create(module: AioModule, bdevs: BdevRegistry, method: str, p: AioCreateParams) -> str:
     if not p.name:
         raise RpcError(-errno.EINVAL, f"{method}: name must not be empty")
-    if p.name in app.bdevs:
+    if p.name in bdevs:
         raise RpcError(-errno.EEXIST, f"{method}: bdev name '{p.name}' is already taken: "
                                       f"pick another name or delete the existing bdev first")
     if p.block_size:
@@ -279,8 +309,8 @@ def _create(app, method: str, p: AioCreateParams) -> str:
     engine, engine_id = _choose_engine(method, p.name, p.engine)
     b = _open_backing(method, p.filename, p.readonly)
     try:
-        with _lock:
-            for other in _bdevs.values():
+        with module.lock:
+            for other in module.states.values():
                 if other.identity == b.identity:
                     raise RpcError(-errno.EBUSY, f"{method}: '{p.filename}' is already used by aio bdev "
                                                  f"'{other.bdev.name}': two bdevs on one file would "
@@ -346,14 +376,14 @@ def _create(app, method: str, p: AioCreateParams) -> str:
     state: _AioBdev | None = None
 
     def destruct() -> None:
-        with _lock:
+        with module.lock:
             if state is not None:
                 s = _stats(state)
                 if s is not None:
-                    _monitor.report(state, s, time.monotonic(), final=True)
+                    module.monitor.report(state, s, time.monotonic(), final=True)
                 state.freed = True
-                if _bdevs.get(state.bdev.name) is state:
-                    del _bdevs[state.bdev.name]
+                if module.states.get(state.bdev.name) is state:
+                    del module.states[state.bdev.name]
             lib.aio_bdev_free(native)
 
     bdev = Bdev(
@@ -373,10 +403,10 @@ def _create(app, method: str, p: AioCreateParams) -> str:
     )
     state = _AioBdev(bdev=bdev, native=native, fd=b.fd, filename=p.filename, is_blockdev=b.is_blockdev,
                      identity=b.identity, block_size_override=bool(p.block_size), engine=engine)
-    app.bdevs.add(bdev)          # on a name clash it calls destruct(): nothing is left behind
-    with _lock:
-        _bdevs[p.name] = state
-    _monitor.ensure_running()
+    bdevs.add(bdev)          # on a name clash it calls destruct(): nothing is left behind
+    with module.lock:
+        module.states[p.name] = state
+    module.monitor.ensure_running()
     if not b.direct:
         notice(log, "bdev %s: '%s' is on a filesystem without O_DIRECT (%s); using buffered I/O: "
                     "durability relies on the fdatasync done for each guest flush", p.name, p.filename,
@@ -387,17 +417,17 @@ def _create(app, method: str, p: AioCreateParams) -> str:
     return p.name
 
 
-def _get(app, method: str, name: str) -> _AioBdev:
-    bdev = app.bdevs.get(name)
-    with _lock:
-        state = _bdevs.get(bdev.name)
+def _get(module: AioModule, bdevs: BdevRegistry, method: str, name: str) -> _AioBdev:
+    bdev = bdevs.get(name)
+    with module.lock:
+        state = module.states.get(bdev.name)
     if bdev.module != "aio" or state is None:
         raise RpcError(-errno.EINVAL, f"{method}: bdev '{name}' is a {bdev.module} bdev, not an aio one")
     return state
 
 
-def _rescan(app, method: str, name: str) -> bool:
-    state = _get(app, method, name)
+def _rescan(module: AioModule, bdevs: BdevRegistry, method: str, name: str) -> bool:
+    state = _get(module, bdevs, method, name)
     bdev = state.bdev
     try:
         size = _current_size(state.fd, state.is_blockdev)
@@ -418,7 +448,7 @@ def _rescan(app, method: str, name: str) -> bool:
     notice(log, "bdev %s: size changed from %d to %d blocks of %d bytes ('%s' %s)", bdev.name, old, new, bs,
            state.filename, "grew" if new > old else "shrank")
     # Every reactor sees the new size; the devices serving it tell their guests.
-    app.bdevs.resize(bdev.name, new)
+    bdevs.resize(bdev.name, new)
     return True
 
 
@@ -433,7 +463,7 @@ def _errname(neg_errno: int) -> str:
 
 
 def _stats(state: _AioBdev) -> dict[str, Any] | None:
-    """Live counters; None once the bdev is freed.  Call with _lock held."""
+    """Live counters; None once the bdev is freed.  Call with the module's lock held."""
     if state.freed:
         return None
     s = ffi.new("struct aio_bdev_stats *")
@@ -470,7 +500,8 @@ class _ErrorMonitor:
     """Logs a bdev's first I/O error at once (within a tick), then at most one summary per
     ERROR_SUMMARY_S: a failing disk costs a few lines, not one per request."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: AioModule) -> None:
+        self._module = module
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -494,16 +525,17 @@ class _ErrorMonitor:
                 log.exception("bdev_aio: the error monitor failed")
 
     def tick(self, now: float) -> None:
-        with _lock:
-            states = list(_bdevs.values())
+        lock = self._module.lock
+        with lock:
+            states = list(self._module.states.values())
         for state in states:
-            with _lock:
+            with lock:
                 s = _stats(state)
                 if s is not None:
                     self.report(state, s, now)
 
     def report(self, state: _AioBdev, s: dict[str, Any], now: float, final: bool = False) -> None:
-        """Log what is new in `s` (from _stats), with _lock held."""
+        """Log what is new in `s` (from _stats), with the module's lock held."""
         name = state.bdev.name
         if s["uring_fallbacks"] > state.uring_fallbacks:
             state.uring_fallbacks = s["uring_fallbacks"]
@@ -532,67 +564,41 @@ class _ErrorMonitor:
         state.last_log = now
 
 
-_monitor = _ErrorMonitor()
-
-
 # --------------------------------------------------------------------------
 # hooks
 # --------------------------------------------------------------------------
 
 
 @hookimpl
-def vhost_register_rpc_methods(rpc, app) -> None:
-    @rpc.method("bdev_aio_create", params=AioCreateParams, owner="bdev_aio",
-                deprecated_aliases=("construct_aio_bdev",))
-    def bdev_aio_create(p: AioCreateParams) -> str:
-        return _create(app, "bdev_aio_create", p)
+def vhost_register_bdev_modules(registry) -> None:
+    registry.add(AioModule())
 
-    @rpc.method("bdev_aio_delete", params=NameParams, owner="bdev_aio",
-                deprecated_aliases=("delete_aio_bdev",))
-    def bdev_aio_delete(p: NameParams) -> bool:
-        _get(app, "bdev_aio_delete", p.name)
-        app.bdevs.delete(p.name, module="aio")
+
+@hookimpl
+def vhost_register_commands(registry) -> None:
+    @registry.command("bdev_aio_create", params=AioCreateParams, aliases=("construct_aio_bdev",))
+    def bdev_aio_create(ctx: CommandContext, p: AioCreateParams) -> str:
+        return _create(ctx.bdev_module("aio"), ctx.bdevs, "bdev_aio_create", p)
+
+    @registry.command("bdev_aio_delete", params=NameParams, aliases=("delete_aio_bdev",), blocking=True)
+    def bdev_aio_delete(ctx: CommandContext, p: NameParams) -> bool:
+        _get(ctx.bdev_module("aio"), ctx.bdevs, "bdev_aio_delete", p.name)
+        ctx.bdevs.delete(p.name, module="aio")
         return True
 
-    @rpc.method("bdev_aio_rescan", params=NameParams, owner="bdev_aio")
-    def bdev_aio_rescan(p: NameParams) -> bool:
-        return _rescan(app, "bdev_aio_rescan", p.name)
+    @registry.command("bdev_aio_rescan", params=NameParams)
+    def bdev_aio_rescan(ctx: CommandContext, p: NameParams) -> bool:
+        return _rescan(ctx.bdev_module("aio"), ctx.bdevs, "bdev_aio_rescan", p.name)
 
-    @rpc.method("bdev_aio_get_stats", params=StatsParams, owner="bdev_aio")
-    def bdev_aio_get_stats(p: StatsParams) -> list[dict[str, Any]]:
-        states = [_get(app, "bdev_aio_get_stats", p.name)] if p.name is not None else None
-        with _lock:
+    @registry.command("bdev_aio_get_stats", params=StatsParams)
+    def bdev_aio_get_stats(ctx: CommandContext, p: StatsParams) -> list[dict[str, Any]]:
+        module = ctx.bdev_module("aio")
+        states = [_get(module, ctx.bdevs, "bdev_aio_get_stats", p.name)] if p.name is not None else None
+        with module.lock:
             if states is None:
-                states = list(_bdevs.values())
+                states = list(module.states.values())
             out = [_stats(s) for s in states]
         return [s for s in out if s is not None]
-
-
-@hookimpl
-def vhost_app_stopping(app) -> None:
-    _monitor.stop()
-
-
-@hookimpl
-def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
-    calls = []
-    for b in app.bdevs:
-        if b.module != "aio":
-            continue
-        with _lock:
-            state = _bdevs.get(b.name)
-        if state is None:
-            continue
-        params: dict[str, Any] = {"name": b.name, "filename": state.filename, "readonly": b.readonly,
-                                  "uuid": b.uuid}
-        if state.block_size_override:
-            params["block_size"] = b.block_size
-        if not b.readonly and not b.driver_specific["aio"]["fallocate"]:
-            params["fallocate"] = False     # no unmap now: none after a reload either
-        if state.engine != "aio":
-            params["engine"] = state.engine
-        calls.append({"method": "bdev_aio_create", "params": params})
-    return {"bdev": calls}
 
 
 @hookimpl

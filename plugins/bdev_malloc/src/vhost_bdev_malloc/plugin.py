@@ -10,17 +10,17 @@ from typing import Any
 
 import attrs
 
-from vhost_core.bdev.interface import Bdev, io_type_mask  # noqa: F401  (documented contract)
+from vhost_core.bdev.interface import Bdev, BdevModule
+from vhost_core.commands import CommandContext
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError, unsupported
 
 from vhost_bdev_malloc._malloc_native import ffi, lib
 
-VHOST_CORE_API = (1,)
+VHOST_CORE_API = (2,)
 log = get_logger("bdev_malloc")
 IO_TYPES = frozenset({"read", "write", "flush", "unmap", "write_zeroes", "reset"})
-_counter = itertools.count()
 
 
 # SPDK's whole parameter set (v24.01 to 26.9): what this target does not do is refused only
@@ -95,76 +95,80 @@ def _check(method: str, num_blocks: int, block_size: int, uuid: str | None, ram:
                                       f"(e.g. 1b9e4f5a-6a3c-4a2b-9b8e-0d3c5f7a9e21)") from None
 
 
-def _create(app, method: str, name: str, num_blocks: int, block_size: int, uuid: str, null: bool) -> str:
-    if name in app.bdevs:
-        raise RpcError(-errno.EEXIST, f"{method}: bdev name '{name}' is already taken: "
-                                      f"pick another name or delete the existing bdev first")
-    native = lib.ram_bdev_new(num_blocks, block_size, int(null))
-    if native == ffi.NULL:
-        raise RpcError(-errno.ENOMEM, f"{method}: cannot allocate {num_blocks * block_size >> 20} MiB "
-                                      f"for bdev '{name}': make it smaller")
-    bdev = Bdev(
-        name=name,
-        module="null" if null else "malloc",
-        product_name="Null disk" if null else "Malloc disk",
-        block_size=block_size,
-        num_blocks=num_blocks,
-        native=int(ffi.cast("uintptr_t", native)),
-        destruct=lambda: lib.ram_bdev_free(native),
-        uuid=uuid,
-        io_types=IO_TYPES,
-    )
-    app.bdevs.add(bdev)
-    notice(log, "bdev %s: %s disk of %d blocks of %d bytes created", name,
-           "null" if null else "malloc", num_blocks, block_size)
-    return name
+class RamModule(BdevModule):
+    """malloc and null: RAM-backed bdevs (malloc.c); one module object for each name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._counter = itertools.count()
+
+    def next_name(self, bdevs) -> str:
+        name = f"Malloc{next(self._counter)}"
+        while name in bdevs:
+            name = f"Malloc{next(self._counter)}"
+        return name
+
+    def create(self, bdevs, method: str, name: str, num_blocks: int, block_size: int, uuid: str) -> str:
+        null = self.name == "null"
+        if name in bdevs:
+            raise RpcError(-errno.EEXIST, f"{method}: bdev name '{name}' is already taken: "
+                                          f"pick another name or delete the existing bdev first")
+        native = lib.ram_bdev_new(num_blocks, block_size, int(null))
+        if native == ffi.NULL:
+            raise RpcError(-errno.ENOMEM, f"{method}: cannot allocate {num_blocks * block_size >> 20} MiB "
+                                          f"for bdev '{name}': make it smaller")
+        bdev = Bdev(
+            name=name,
+            module=self.name,
+            product_name="Null disk" if null else "Malloc disk",
+            block_size=block_size,
+            num_blocks=num_blocks,
+            native=int(ffi.cast("uintptr_t", native)),
+            destruct=lambda: lib.ram_bdev_free(native),
+            uuid=uuid,
+            io_types=IO_TYPES,
+        )
+        bdevs.add(bdev)
+        notice(log, "bdev %s: %s disk of %d blocks of %d bytes created", name, self.name, num_blocks, block_size)
+        return name
+
+    def config_json(self, bdevs: list[Bdev]) -> list[dict[str, Any]]:
+        return [{"method": f"bdev_{self.name}_create",
+                 "params": {"name": b.name, "num_blocks": b.num_blocks, "block_size": b.block_size,
+                            "uuid": b.uuid}}
+                for b in bdevs]
 
 
 @hookimpl
-def vhost_register_rpc_methods(rpc, app) -> None:
-    @rpc.method("bdev_malloc_create", params=MallocCreateParams, owner="bdev_malloc",
-                deprecated_aliases=("construct_malloc_bdev",))
-    def bdev_malloc_create(p: MallocCreateParams) -> str:
+def vhost_register_bdev_modules(registry) -> None:
+    registry.add(RamModule("malloc"))
+    registry.add(RamModule("null"))
+
+
+@hookimpl
+def vhost_register_commands(registry) -> None:
+    @registry.command("bdev_malloc_create", params=MallocCreateParams, aliases=("construct_malloc_bdev",))
+    def bdev_malloc_create(ctx: CommandContext, p: MallocCreateParams) -> str:
         uuid = _check("bdev_malloc_create", p.num_blocks, p.block_size, p.uuid, ram=True)
-        name = p.name
-        if not name:
-            name = f"Malloc{next(_counter)}"
-            while name in app.bdevs:
-                name = f"Malloc{next(_counter)}"
-        return _create(app, "bdev_malloc_create", name, p.num_blocks, p.block_size, uuid, null=False)
+        module = ctx.bdev_module("malloc")
+        name = p.name or module.next_name(ctx.bdevs)
+        return module.create(ctx.bdevs, "bdev_malloc_create", name, p.num_blocks, p.block_size, uuid)
 
-    @rpc.method("bdev_malloc_delete", params=DeleteParams, owner="bdev_malloc",
-                deprecated_aliases=("delete_malloc_bdev",))
-    def bdev_malloc_delete(p: DeleteParams) -> bool:
-        app.bdevs.delete(p.name, module="malloc")
+    @registry.command("bdev_malloc_delete", params=DeleteParams, aliases=("delete_malloc_bdev",), blocking=True)
+    def bdev_malloc_delete(ctx: CommandContext, p: DeleteParams) -> bool:
+        ctx.bdevs.delete(p.name, module="malloc")
         return True
 
-    @rpc.method("bdev_null_create", params=NullCreateParams, owner="bdev_malloc",
-                deprecated_aliases=("construct_null_bdev",))
-    def bdev_null_create(p: NullCreateParams) -> str:
+    @registry.command("bdev_null_create", params=NullCreateParams, aliases=("construct_null_bdev",))
+    def bdev_null_create(ctx: CommandContext, p: NullCreateParams) -> str:
         uuid = _check("bdev_null_create", p.num_blocks, p.block_size, p.uuid, ram=False)
-        return _create(app, "bdev_null_create", p.name, p.num_blocks, p.block_size, uuid, null=True)
+        return ctx.bdev_module("null").create(ctx.bdevs, "bdev_null_create", p.name, p.num_blocks,
+                                              p.block_size, uuid)
 
-    @rpc.method("bdev_null_delete", params=DeleteParams, owner="bdev_malloc",
-                deprecated_aliases=("delete_null_bdev",))
-    def bdev_null_delete(p: DeleteParams) -> bool:
-        app.bdevs.delete(p.name, module="null")
+    @registry.command("bdev_null_delete", params=DeleteParams, aliases=("delete_null_bdev",), blocking=True)
+    def bdev_null_delete(ctx: CommandContext, p: DeleteParams) -> bool:
+        ctx.bdevs.delete(p.name, module="null")
         return True
-
-
-@hookimpl
-def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
-    calls = []
-    for b in app.bdevs:
-        if b.module == "malloc":
-            calls.append({"method": "bdev_malloc_create",
-                          "params": {"name": b.name, "num_blocks": b.num_blocks,
-                                     "block_size": b.block_size, "uuid": b.uuid}})
-        elif b.module == "null":
-            calls.append({"method": "bdev_null_create",
-                          "params": {"name": b.name, "num_blocks": b.num_blocks,
-                                     "block_size": b.block_size, "uuid": b.uuid}})
-    return {"bdev": calls}
 
 
 def _mib_to_blocks(total_size_mib: float, block_size: int) -> int:

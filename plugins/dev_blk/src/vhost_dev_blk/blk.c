@@ -106,7 +106,7 @@ static void submit_io(struct blk_dev *d, struct blk_req *br, uint32_t type,
     io->num_blocks = nblocks;
     io->iov = br->data;
     io->iovcnt = iovcnt > 0 ? (uint32_t)iovcnt : 0;
-    io->flags = 0;
+    /* io->flags stays 0 (request slots start zeroed): every I/O is counted. */
     vn_desc_submit(d->desc, io, io_done, br);
 }
 

@@ -8,13 +8,15 @@ from typing import Any
 
 import attrs
 
+from vhost_core.commands import CommandContext
+from vhost_core.device import DeviceType
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError, extension, unsupported
 
 from vhost_dev_blk.device import MAX_QUEUES, BlkDevice
 
-VHOST_CORE_API = (1,)
+VHOST_CORE_API = (2,)
 log = get_logger("vhost_blk")
 
 
@@ -35,27 +37,25 @@ class CreateBlkParams:
 
 
 @hookimpl
-def vhost_register_rpc_methods(rpc, app) -> None:
-    @rpc.method("vhost_create_blk_controller", params=CreateBlkParams, owner="dev_blk",
-                deprecated_aliases=("construct_vhost_blk_controller",))
-    def vhost_create_blk_controller(p: CreateBlkParams) -> bool:
+def vhost_register_device_types(registry) -> None:
+    registry.add(DeviceType("blk", subsystem="vhost_blk", qemu_device="vhost-user-blk-pci",
+                            qemu_queues_property="num-queues"))
+
+
+@hookimpl
+def vhost_register_commands(registry) -> None:
+    @registry.command("vhost_create_blk_controller", params=CreateBlkParams,
+                      aliases=("construct_vhost_blk_controller",))
+    def vhost_create_blk_controller(ctx: CommandContext, p: CreateBlkParams) -> bool:
+        """Add a vhost-blk controller serving one bdev."""
         nq = MAX_QUEUES if p.num_queues is None else p.num_queues
         if not 1 <= nq <= MAX_QUEUES:
             raise RpcError(-errno.EINVAL, f"num_queues {nq} out of range: use 1..{MAX_QUEUES}")
         device = BlkDevice(p.dev_name, p.readonly, nq)
-        app.add_controller(p.ctrlr, device, p.cpumask)
+        ctx.controllers.create(p.ctrlr, device, p.cpumask)
         notice(log, "Controller %s: using bdev '%s'%s", p.ctrlr, device.bdev.name,
                " (read-only)" if device.readonly else "")
         return True
-
-
-@hookimpl
-def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
-    calls = []
-    for c in app.controllers.values():
-        if c.device.device_type == "blk":
-            calls.extend(c.device.config_json())
-    return {"vhost_blk": calls}
 
 
 @hookimpl

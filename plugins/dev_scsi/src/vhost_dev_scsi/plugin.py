@@ -12,13 +12,15 @@ from typing import Any
 
 import attrs
 
+from vhost_core.commands import CommandContext
+from vhost_core.device import DeviceType
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError
 
 from vhost_dev_scsi.device import MAX_TARGETS, ScsiDevice
 
-VHOST_CORE_API = (1,)
+VHOST_CORE_API = (2,)
 log = get_logger("vhost_scsi")
 
 
@@ -47,15 +49,6 @@ class RemoveTargetParams:
     scsi_target_num: int
 
 
-def _scsi_device(app, name: str) -> ScsiDevice:
-    ctrlr = app.get_controller(name)
-    if not isinstance(ctrlr.device, ScsiDevice):
-        raise RpcError(-errno.EINVAL, f"controller '{name}' is a vhost-{ctrlr.device.device_type} "
-                                      f"controller, not vhost-scsi: targets exist only on "
-                                      f"vhost_create_scsi_controller controllers")
-    return ctrlr.device
-
-
 def _check_target_num(ctrlr: str, num: int) -> None:
     if not 0 <= num < MAX_TARGETS:
         raise RpcError(-errno.EINVAL, f"controller {ctrlr}: SCSI target number {num} is out of range: "
@@ -63,34 +56,40 @@ def _check_target_num(ctrlr: str, num: int) -> None:
 
 
 @hookimpl
-def vhost_register_rpc_methods(rpc, app) -> None:
-    @rpc.method("vhost_create_scsi_controller", params=CreateScsiParams, owner="dev_scsi",
-                deprecated_aliases=("construct_vhost_scsi_controller",))
-    def vhost_create_scsi_controller(p: CreateScsiParams) -> bool:
+def vhost_register_device_types(registry) -> None:
+    registry.add(DeviceType("scsi", subsystem="vhost_scsi", qemu_device="vhost-user-scsi-pci",
+                            qemu_queues_property="num_queues"))
+
+
+@hookimpl
+def vhost_register_commands(registry) -> None:
+    @registry.command("vhost_create_scsi_controller", params=CreateScsiParams,
+                      aliases=("construct_vhost_scsi_controller",))
+    def vhost_create_scsi_controller(ctx: CommandContext, p: CreateScsiParams) -> bool:
         """Add a vhost-scsi controller (targets are added with vhost_scsi_controller_add_target)."""
         device = ScsiDevice()
         device.started = not p.delay
-        app.add_controller(p.ctrlr, device, p.cpumask, listen=not p.delay)
+        ctx.controllers.create(p.ctrlr, device, p.cpumask, listen=not p.delay)
         if p.delay:
             notice(log, "Controller %s: created; it accepts a front-end after vhost_start_scsi_controller %s",
                    p.ctrlr, p.ctrlr)
         return True
 
-    @rpc.method("vhost_start_scsi_controller", params=CtrlrParams, owner="dev_scsi")
-    def vhost_start_scsi_controller(p: CtrlrParams) -> bool:
+    @registry.command("vhost_start_scsi_controller", params=CtrlrParams)
+    def vhost_start_scsi_controller(ctx: CommandContext, p: CtrlrParams) -> bool:
         """Start a vhost-scsi controller created with ``delay``: its socket starts listening."""
-        device = _scsi_device(app, p.ctrlr)
+        device = _scsi_device(ctx, p.ctrlr)
         if not device.started:
-            app.get_controller(p.ctrlr).listen()
+            ctx.controllers.listen(p.ctrlr)
             device.started = True
             notice(log, "Controller %s: started", p.ctrlr)
         return True
 
-    @rpc.method("vhost_scsi_controller_add_target", params=AddTargetParams, owner="dev_scsi",
-                deprecated_aliases=("add_vhost_scsi_lun",))
-    def vhost_scsi_controller_add_target(p: AddTargetParams) -> int:
+    @registry.command("vhost_scsi_controller_add_target", params=AddTargetParams,
+                      aliases=("add_vhost_scsi_lun",))
+    def vhost_scsi_controller_add_target(ctx: CommandContext, p: AddTargetParams) -> int:
         """Attach a bdev as LUN 0 of a SCSI target; returns the target number (-1: first free)."""
-        device = _scsi_device(app, p.ctrlr)
+        device = _scsi_device(ctx, p.ctrlr)
         num = p.scsi_target_num
         if num == -1:
             num = device.free_target_num()
@@ -100,7 +99,7 @@ def vhost_register_rpc_methods(rpc, app) -> None:
                                           f"by bdev '{device.targets[num].bdev.name}': remove it first "
                                           f"(vhost_scsi_controller_remove_target {p.ctrlr} {num}) or pick "
                                           f"another number")
-        bdev = app.bdevs.get(p.bdev_name)
+        bdev = ctx.bdevs.get(p.bdev_name)
         for t in device.targets.values():
             if t.bdev is bdev:
                 raise RpcError(-errno.EBUSY, f"controller {p.ctrlr}: bdev '{bdev.name}' already backs "
@@ -109,11 +108,11 @@ def vhost_register_rpc_methods(rpc, app) -> None:
         notice(log, "Controller %s: defined target 'Target %d' using lun '%s'", p.ctrlr, num, bdev.name)
         return num
 
-    @rpc.method("vhost_scsi_controller_remove_target", params=RemoveTargetParams, owner="dev_scsi",
-                deprecated_aliases=("remove_vhost_scsi_dev", "remove_vhost_scsi_target"))
-    def vhost_scsi_controller_remove_target(p: RemoveTargetParams) -> bool:
+    @registry.command("vhost_scsi_controller_remove_target", params=RemoveTargetParams,
+                      aliases=("remove_vhost_scsi_dev", "remove_vhost_scsi_target"), blocking=True)
+    def vhost_scsi_controller_remove_target(ctx: CommandContext, p: RemoveTargetParams) -> bool:
         """Hot-detach a SCSI target from a vhost-scsi controller."""
-        device = _scsi_device(app, p.ctrlr)
+        device = _scsi_device(ctx, p.ctrlr)
         _check_target_num(p.ctrlr, p.scsi_target_num)
         if p.scsi_target_num not in device.targets:
             raise RpcError(-errno.ENODEV, f"controller {p.ctrlr}: SCSI target {p.scsi_target_num} is not "
@@ -123,13 +122,13 @@ def vhost_register_rpc_methods(rpc, app) -> None:
         return True
 
 
-@hookimpl
-def vhost_config_json(app) -> dict[str, list[dict[str, Any]]]:
-    calls: list[dict[str, Any]] = []
-    for c in app.controllers.values():
-        if isinstance(c.device, ScsiDevice):
-            calls.extend(c.device.config_json())
-    return {"vhost_scsi": calls}
+def _scsi_device(ctx: CommandContext, name: str) -> ScsiDevice:
+    device = ctx.controllers.get(name).device
+    if not isinstance(device, ScsiDevice):
+        raise RpcError(-errno.EINVAL, f"controller '{name}' is a vhost-{device.device_type} "
+                                      f"controller, not vhost-scsi: targets exist only on "
+                                      f"vhost_create_scsi_controller controllers")
+    return device
 
 
 @hookimpl

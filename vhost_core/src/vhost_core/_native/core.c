@@ -1234,6 +1234,7 @@ vn_bdev_desc *vn_desc_open(struct vn_reactor *r, vn_bdev *bdev, int *err)
     if (!rc) {
         c->r = r;
         c->d.bdev = bdev;
+        c->d.block_size = bdev->block_size;
         c->d.clock = &r->clock;
         rc = vn_reactor_exec(r, desc_open_on_reactor, c);
     }

@@ -1,9 +1,11 @@
 """The bdev contract: what a block backend provides, in two halves (as SPDK splits it).
 
-**Module** (lifecycle, Python; one per backend type) - registered through the
-``vhost_register_rpc_methods`` hook, which adds the backend's RPCs
-(``bdev_<backend>_create`` / ``_delete``).  A module creates :class:`Bdev` objects
-and adds them to ``app.bdevs``.
+**Module** (lifecycle, Python; one per backend type, SPDK's ``spdk_bdev_module``) - a
+:class:`BdevModule` registered through the ``vhost_register_bdev_modules`` hook: its
+name, the calls that recreate its bdevs (``save_config``) and what to do at shutdown.
+Its commands (``bdev_<backend>_create`` / ``_delete``, registered through
+``vhost_register_commands``) create :class:`Bdev` objects and add them to the bdev
+registry their context hands them (``ctx.bdevs.add(bdev)``).
 
 **Bdev** (one per block device) - the value object below, plus a native I/O table:
 ``Bdev.native`` is the address of a ``struct vn_bdev`` (see
@@ -18,13 +20,17 @@ A backend without C code uses the core's Python-bdev adapter instead:
 ``vn_bdev`` served by a worker thread.  ``Bdev.native`` tables are checked against
 the core's ``VN_ABI_VERSION`` when the bdev is added to the registry.
 
+Devices do not hold a bdev, they open it (``BdevRegistry.open``, SPDK's descriptor);
+the core owns the channels behind the descriptors.
+
 Ownership: the module owns the native memory; ``Bdev.destruct`` frees it and is
-called by the registry once no device holds the bdev any more.
+called by the registry once every descriptor of the bdev is closed.
 """
 
 from __future__ import annotations
 
 import uuid as uuid_mod
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import attrs
@@ -55,7 +61,7 @@ class Bdev:
     ``block_size``, ``num_blocks``, ``native`` (address of ``struct vn_bdev``),
     ``destruct`` (frees ``native``; called exactly once).
     Optional with defaults: ``uuid`` (random), ``io_types`` (read+write),
-    ``driver_specific`` ({}), ``readonly`` (False), ``aliases`` ([]).
+    ``driver_specific`` ({}), ``readonly`` (False), ``aliases`` ([]), ``drain`` (None).
     Managed by the registry: ``descriptors`` (who has it open, see
     :meth:`BdevRegistry.open <vhost_core.bdev.registry.BdevRegistry.open>`; a device is
     told through its descriptor's callbacks when the bdev is removed or resized) and
@@ -74,6 +80,10 @@ class Bdev:
     driver_specific: dict[str, Any] = attrs.Factory(dict)
     readonly: bool = False
     aliases: list[str] = attrs.Factory(list)
+    #: Optional: ``drain(wait)`` lets the module finish what it still holds before
+    #: ``destruct`` (a worker thread's queue), waiting only through ``wait(seconds)``,
+    #: which releases the daemon's control lock meanwhile.  None: destruct is quick.
+    drain: Callable[[Callable[[float], Any]], None] | None = None
     #: Open descriptors (BdevDescriptor), oldest first.
     descriptors: list[Any] = attrs.Factory(list)
     #: Set while the registry deletes it (open() refuses it meanwhile).
@@ -114,3 +124,53 @@ class Bdev:
             },
             "driver_specific": dict(self.driver_specific),
         }
+
+
+class BdevModule:
+    """A bdev backend type (SPDK's ``spdk_bdev_module``): ``name`` is what its bdevs carry
+    in ``Bdev.module``.  Subclass it to keep the module's state (open files, threads) on
+    the instance rather than in module-level globals; the defaults do nothing.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def config_json(self, bdevs: list[Bdev]) -> list[dict[str, Any]]:
+        """The RPC calls that recreate ``bdevs`` (this module's, in creation order) for
+        ``save_config``: ``[{"method": "bdev_malloc_create", "params": {...}}, ...]``.
+        Default: none (the module's bdevs are not saved)."""
+        return []
+
+    def fini(self) -> None:
+        """The daemon stops: every bdev (this module's too) is deleted already; release
+        what the module itself holds (threads, contexts).  Default: nothing."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class BdevModuleRegistry:
+    """The registered bdev modules, by name (``vhost_register_bdev_modules``)."""
+
+    def __init__(self) -> None:
+        self._modules: dict[str, BdevModule] = {}
+
+    def add(self, module: BdevModule) -> BdevModule:
+        if not isinstance(module, BdevModule):
+            raise TypeError(f"bdev module {module!r} is not a vhost_core.bdev.interface.BdevModule")
+        if module.name in self._modules:
+            raise ValueError(f"bdev module '{module.name}' is already registered")
+        self._modules[module.name] = module
+        return module
+
+    def remove(self, name: str) -> None:
+        self._modules.pop(name, None)
+
+    def get(self, name: str) -> BdevModule | None:
+        return self._modules.get(name)
+
+    def __iter__(self) -> Iterator[BdevModule]:
+        return iter(list(self._modules.values()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import attrs
 
-#: Order of enum vn_stat_kind.
-KINDS = ("read", "write", "unmap", "flush", "write_zeroes")
+#: Order of enum vn_stat_kind (that of enum vn_io_type).
+KINDS = ("read", "write", "flush", "unmap", "write_zeroes")
 WORDS = 5 * len(KINDS)
 #: SPDK's field names per kind; flush and write_zeroes are ours (SPDK has no such fields).
 _SPDK = {"read": ("bytes_read", "num_read_ops", "read"),

@@ -31,7 +31,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Any, Protocol, runtime_checkable
+import time
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from vhost_core.bdev.interface import IO_TYPES, Bdev, check_block_size, io_type_mask
 from vhost_core.log import get_logger
@@ -194,14 +195,25 @@ class _Worker:
 
     # ------------------------------------------------------------ control plane
 
-    def destruct(self) -> None:
-        """Stop the worker (after it served what was queued), free the native half,
-        close the object.  Called once by the bdev registry."""
-        if self.native == self._ffi.NULL:
+    def drain(self, wait: Callable[[float], Any]) -> None:
+        """Stop the worker once it served what was queued, waiting with ``wait`` (the
+        registry's, which releases the control lock).  Called by the bdev registry before
+        :meth:`destruct`."""
+        if self.native == self._ffi.NULL or self._stopping:
             return
         self._stopping = True
         self._lib.pyb_bdev_shutdown(self.native)
-        self._thread.join(STOP_TIMEOUT_S)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            wait(0.01)
+
+    def destruct(self) -> None:
+        """Free the native half and close the object (after :meth:`drain`, or stopping the
+        worker here).  Called once by the bdev registry."""
+        if self.native == self._ffi.NULL:
+            return
+        if not self._stopping:
+            self.drain(time.sleep)
         if self._thread.is_alive():
             # A method that never returns: the worker still holds an I/O of this
             # native object, so it must outlive the bdev (leaked, not freed).
@@ -254,6 +266,6 @@ def make_python_bdev(name: str, impl: Any, *, module: str, product_name: str = "
     worker = _Worker(name, impl, io_types)
     kwargs: dict[str, Any] = {} if uuid is None else {"uuid": uuid}
     return Bdev(name=name, module=module, product_name=product_name, block_size=worker.block_size,
-                num_blocks=worker.num_blocks, native=worker.vn_bdev, destruct=worker.destruct,
+                num_blocks=worker.num_blocks, native=worker.vn_bdev, destruct=worker.destruct, drain=worker.drain,
                 io_types=io_types, readonly=readonly, driver_specific=dict(driver_specific or {}),
                 **kwargs)

@@ -253,6 +253,8 @@ class BdevRegistry:
         del self._bdevs[bdev.name]
         if any(desc.stuck for desc in opened):
             log.error("bdev %s: deleted with I/O that never completed; its memory is not freed", name)
-        else:
-            bdev.destruct()
+            return
+        if bdev.drain is not None:
+            bdev.drain(self.wait_unlocked)
+        bdev.destruct()
         notice(log, "bdev %s deleted", name)

@@ -309,10 +309,10 @@ def _missing_plugin_hint(parser: argparse.ArgumentParser, argv: list[str]) -> st
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
             return None
     try:
-        from vhost_core.plugins import KNOWN_PROVIDERS
+        from vhost_core.plugins import provider_of
     except ImportError:  # pragma: no cover
         return None
-    dist = KNOWN_PROVIDERS.get(command)
+    dist = provider_of(command)
     if dist is None:
         return None
     return (f"vhost-rpc: '{command}' is provided by the {dist} plugin, which is not installed "

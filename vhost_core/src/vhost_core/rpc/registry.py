@@ -22,6 +22,7 @@ methods registered for ``STARTUP`` run, and the others get SPDK's own error.
 
 from __future__ import annotations
 
+import asyncio
 import collections.abc
 import contextlib
 import enum
@@ -412,6 +413,9 @@ class RpcMethod:
     #: An old SPDK name kept as a method of its own: what to use instead.  Listed, like
     #: aliases, only with ``include_aliases``; the first call logs a deprecation warning.
     deprecated: str | None = None
+    #: The handler may wait (drains, stops queues): the RPC server runs it on a worker
+    #: thread so that its event loop keeps answering other clients.
+    blocking: bool = False
 
     def decode(self, params: Any, called_as: str | None = None) -> Any:
         """Turn the JSON ``params`` value into what the handler takes."""
@@ -451,6 +455,9 @@ class RpcRegistry:
         self._methods: dict[str, RpcMethod] = {}
         self._aliases: dict[str, str] = {}
         self._hints: dict[str, str] = {}
+        #: Asked, for a method neither registered nor given a hint, what else to answer
+        #: (which plugin serves it); None: nothing.
+        self.hint_resolver: Callable[[str], str | None] | None = None
         self._warned: set[str] = set()
         #: Held around every handler call; the daemon sets its control lock here so
         #: that no RPC races a vhost-user message.
@@ -477,10 +484,12 @@ class RpcRegistry:
         owner: str | None = None,
         states: RpcState = RpcState.RUNTIME,
         deprecated: str | None = None,
+        blocking: bool = False,
     ) -> RpcMethod:
         """Register ``fn`` as ``name``; ``states``: where it may be called (default: once
         the daemon serves, as SPDK's ``SPDK_RPC_RUNTIME``); ``deprecated``: ``name`` is an
-        old SPDK name and this is what to use instead."""
+        old SPDK name and this is what to use instead; ``blocking``: ``fn`` may wait, run
+        it off the server's event loop."""
         if isinstance(deprecated_aliases, str):
             deprecated_aliases = (deprecated_aliases,)
         if params is not None and not attrs.has(params):
@@ -503,6 +512,7 @@ class RpcRegistry:
             owner=owner,
             states=states,
             deprecated=deprecated,
+            blocking=blocking,
         )
         self._methods[name] = m
         for alias in deprecated_aliases:
@@ -518,12 +528,13 @@ class RpcRegistry:
         owner: str | None = None,
         states: RpcState = RpcState.RUNTIME,
         deprecated: str | None = None,
+        blocking: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator form of :meth:`add`; returns the function unchanged."""
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.add(name, fn, params=params, deprecated_aliases=deprecated_aliases, owner=owner,
-                     states=states, deprecated=deprecated)
+                     states=states, deprecated=deprecated, blocking=blocking)
             return fn
 
         return deco
@@ -584,16 +595,22 @@ class RpcRegistry:
 
     # -- calling ------------------------------------------------------------
 
+    def _hint(self, name: str) -> str | None:
+        hint = self._hints.get(name)
+        if hint is None and self.hint_resolver is not None:
+            hint = self.hint_resolver(name)
+        return hint
+
     def has_hint(self, name: str) -> bool:
         """Whether calling the unregistered ``name`` answers more than "not found"."""
-        return name in self._hints
+        return self._hint(name) is not None
 
     def not_found(self, name: str) -> RpcError:
         """The error calling the unregistered ``name`` answers (with its hint, if any)."""
         return self._not_found(name)
 
     def _not_found(self, name: str) -> RpcError:
-        hint = self._hints.get(name)
+        hint = self._hint(name)
         if hint:
             return RpcError(METHOD_NOT_FOUND, f"Method not found: '{name}'. {hint}")
         return RpcError(METHOD_NOT_FOUND, f"Method not found: '{name}'. See rpc_get_methods for the list.")
@@ -654,8 +671,14 @@ class RpcRegistry:
         return result
 
     async def dispatch_async(self, name: str, params: dict[str, Any] | None = None) -> Any:
-        """Like :meth:`dispatch`, but also awaits handlers that return awaitables."""
-        result = self._invoke(name, params)
+        """Like :meth:`dispatch`, but also awaits handlers that return awaitables, and runs
+        ``blocking`` methods on a worker thread (the event loop keeps serving)."""
+        m = self._lookup(name) if isinstance(name, str) else None
+        if m is not None and m.blocking:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, self._invoke, name, params)
+        else:
+            result = self._invoke(name, params)
         if inspect.isawaitable(result):
             try:
                 result = await result

@@ -15,7 +15,7 @@ import attrs
 
 from .registry import RpcState
 
-__all__ = ["IGNORED", "NOT_YET", "SPDK_METHODS", "Ignored", "ignored_params_class"]
+__all__ = ["DISTRIBUTIONS", "IGNORED", "NOT_YET", "SPDK_METHODS", "Ignored", "family_match", "ignored_params_class"]
 
 _BOTH = RpcState.STARTUP | RpcState.RUNTIME
 
@@ -135,6 +135,39 @@ IGNORED: dict[str, Ignored] = {
         f"NVMe bdevs come from the {_NVME} plugin, which is not installed: pip install {_NVME}",
         states=RpcState.RUNTIME, required=("enable",), provider=_NVME, subsystem="bdev"),
 }
+
+#: Which distribution of this project serves each family of SPDK's methods (a method name, or
+#: a prefix ending in "_" for the SPDK methods it begins): what a call answers when that plugin
+#: is not installed.  A plugin that is installed but not loaded (disabled, broken) says it
+#: itself, in its distribution's ``vhost.provides`` entry points (one per method name);
+#: tests/test_plugins.py checks both agree.
+DISTRIBUTIONS: dict[str, str] = {
+    "bdev_malloc_": "vhost-bdev-malloc", "bdev_null_": "vhost-bdev-malloc",
+    "construct_malloc_bdev": "vhost-bdev-malloc", "delete_malloc_bdev": "vhost-bdev-malloc",
+    "construct_null_bdev": "vhost-bdev-malloc", "delete_null_bdev": "vhost-bdev-malloc",
+    "bdev_aio_": "vhost-bdev-aio", "bdev_aio_get_stats": "vhost-bdev-aio", "construct_aio_bdev": "vhost-bdev-aio",
+    "delete_aio_bdev": "vhost-bdev-aio",
+    "vhost_create_blk_controller": "vhost-dev-blk", "construct_vhost_blk_controller": "vhost-dev-blk",
+    "vhost_create_scsi_controller": "vhost-dev-scsi", "vhost_start_scsi_controller": "vhost-dev-scsi",
+    "vhost_scsi_controller_": "vhost-dev-scsi", "construct_vhost_scsi_controller": "vhost-dev-scsi",
+    "add_vhost_scsi_lun": "vhost-dev-scsi", "remove_vhost_scsi_dev": "vhost-dev-scsi",
+    "remove_vhost_scsi_target": "vhost-dev-scsi",
+    # Announced, not written yet: the hint says which wheel will serve them.
+    "bdev_nvme_": _NVME, "construct_nvme_bdev": _NVME,
+    "bdev_rbd_": "vhost-bdev-rbd", "construct_rbd_bdev": "vhost-bdev-rbd",
+}
+
+
+def family_match(families: dict[str, str], method: str) -> str | None:
+    """The value of the longest family of ``families`` that ``method`` belongs to (a family
+    ending in "_" holds the SPDK methods it prefixes)."""
+    best = None
+    for family, value in families.items():
+        if method == family or (family.endswith("_") and method.startswith(family) and method in SPDK_METHODS):
+            if best is None or len(family) > len(best[0]):
+                best = (family, value)
+    return best[1] if best else None
+
 
 #: SPDK methods this target does not implement yet, and what calling one answers.
 NOT_YET: dict[str, str] = {

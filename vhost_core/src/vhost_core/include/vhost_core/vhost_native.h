@@ -154,8 +154,9 @@ typedef struct vn_bdev {
  * the hot path; the control plane reads a slightly stale copy).  Latency is in
  * vn_ticks() units and measured as struct vn_iostat_clock below describes.
  */
-enum vn_stat_kind { VN_STAT_READ = 0, VN_STAT_WRITE, VN_STAT_UNMAP, VN_STAT_FLUSH, VN_STAT_WRITE_ZEROES,
-                    VN_STAT_KINDS };
+/* In the order of enum vn_io_type, so that an I/O's type is its kind (RESET is not counted). */
+enum vn_stat_kind { VN_STAT_READ = VN_IO_READ, VN_STAT_WRITE = VN_IO_WRITE, VN_STAT_FLUSH = VN_IO_FLUSH,
+                    VN_STAT_UNMAP = VN_IO_UNMAP, VN_STAT_WRITE_ZEROES = VN_IO_WRITE_ZEROES, VN_STAT_KINDS };
 
 struct vn_iostat {
     uint64_t ops[VN_STAT_KINDS];
@@ -260,7 +261,7 @@ struct vn_bdev_desc {
     struct vn_iostat_clock *clock;   /* the reactor's */
     uint64_t in_flight;         /* submitted and not completed yet */
     int closing;                /* the bdev goes away or the device lets go of it */
-    int reserved;
+    uint32_t block_size;        /* bdev->block_size, at hand for the accounting */
     struct vn_iostat iostat;    /* what completed successfully (bdev_get_iostat) */
 };
 
@@ -283,18 +284,16 @@ static inline void vn_desc_account(vn_bdev_desc *d, enum vn_stat_kind kind, uint
     vn_iostat_defer(d->clock, &d->iostat, kind, bytes, start);
 }
 
+/* The completion the bdev calls (io->cb): the core's accounting, then the device's.
+ * (A flush's bytes are counted but never reported.) */
 static inline void vn__desc_io_done(vn_bdev_io *io, int status)
 {
-    /* enum vn_io_type -> enum vn_stat_kind; RESET is not counted. */
-    static const int8_t kind_of[VN_IO_TYPE_COUNT] = {
-        VN_STAT_READ, VN_STAT_WRITE, VN_STAT_FLUSH, VN_STAT_UNMAP, VN_STAT_WRITE_ZEROES, -1 };
     vn_bdev_desc *d = io->desc;
+    uint32_t type = io->type;
     d->in_flight--;
-    if (__builtin_expect(status == 0 && !(io->flags & VN_IO_F_NO_STAT), 1) && io->type < VN_IO_TYPE_COUNT &&
-        kind_of[io->type] >= 0) {
-        uint64_t bytes = io->type == VN_IO_FLUSH ? 0 : io->num_blocks * d->bdev->block_size;
-        vn_iostat_defer(d->clock, &d->iostat, (enum vn_stat_kind)kind_of[io->type], bytes, io->start_ticks);
-    }
+    if (__builtin_expect(((uint32_t)status | (io->flags & VN_IO_F_NO_STAT)) == 0 && type < VN_STAT_KINDS, 1))
+        vn_iostat_defer(d->clock, &d->iostat, (enum vn_stat_kind)type, io->num_blocks * d->block_size,
+                        io->start_ticks);
     io->done(io, status);
 }
 
