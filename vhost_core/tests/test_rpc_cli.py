@@ -230,19 +230,24 @@ def test_broken_contributor_does_not_kill_cli(server, capsys):
 
 
 def test_plugin_contributions_loaded(server, capsys, monkeypatch):
+    from vhost_core.commands import Cli, Command, CommandRegistry
+
     seen = {}
 
-    class Hook:
-        def vhost_add_cli_commands(self, subparsers):
-            seen["called"] = True
-            p = subparsers.add_parser("plugin_cmd")
-            p.set_defaults(func=lambda client, args: "from-plugin")
-
     class PM:
-        hook = Hook()
+        def names(self):
+            return ["tp_cli"]
+
+    def collect(pm, name):
+        seen["called"] = True
+        commands = CommandRegistry()
+        commands.add(Command("plugin_cmd", None, rpc=False,
+                             cli=Cli(run=lambda client, args: "from-plugin")))
+        return types.SimpleNamespace(commands=commands)
 
     fake = types.ModuleType("vhost_core.plugins")
     fake.load_plugins = lambda: PM()
+    fake.collect = collect
     monkeypatch.setitem(sys.modules, "vhost_core.plugins", fake)
     assert run(server, "plugin_cmd") == 0
     assert seen["called"] and capsys.readouterr().out == "from-plugin\n"

@@ -14,30 +14,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import attrs
 
-from vhost_core import __version__, commands, plugins
-from vhost_core.bdev.iostat import IoStat
-from vhost_core.bdev.interface import Bdev, BdevModuleRegistry
+from vhost_core import commands, plugins
+from vhost_core.bdev.interface import BdevModuleRegistry
 from vhost_core.bdev.registry import BdevRegistry
 from vhost_core import log as logs
 from vhost_core.controller import Controller
 from vhost_core.controllers import ControllerRegistry
+from vhost_core.core_methods import CORE
 from vhost_core.device import DeviceTypeRegistry
 from vhost_core.log import get_logger, notice, setup as setup_logging
-from vhost_core.native import lib
-from vhost_core.reactor import Reactors, format_mask, parse_cpumask
+from vhost_core.reactor import Reactors, parse_cpumask
 from vhost_core.rpc.json_config import ConfigError, JsonConfig
-from vhost_core.rpc.registry import INVALID_PARAMS, RpcError, RpcRegistry, RpcState, unsupported
+from vhost_core.rpc.registry import RpcError, RpcRegistry, RpcState
 from vhost_core.rpc.server import RpcServer
 from vhost_core.rpc.spdk import IGNORED, NOT_YET, Ignored, ignored_params_class
 
@@ -56,80 +54,6 @@ DEFAULT_CONFIG = {
              "params": {"ctrlr": "vhost.0", "dev_name": "Malloc0"}}]},
     ]
 }
-
-
-_BOTH = RpcState.STARTUP | RpcState.RUNTIME
-
-#: spdk_kill_instance: SPDK's signals (by name or number) and, when refused here, why.
-KILL_SIGNALS: dict[str, tuple[int, str | None]] = {
-    "SIGINT": (signal.SIGINT, None),        # the clean shutdown, as Ctrl-C
-    "SIGTERM": (signal.SIGTERM, None),      # the clean shutdown
-    "SIGKILL": (signal.SIGKILL, None),      # a crash: guests' vhost-blk requests survive it
-    "SIGQUIT": (signal.SIGQUIT, "it would dump core; use SIGINT or SIGTERM to stop the target"),
-    "SIGHUP": (signal.SIGHUP, "it would kill the target without draining; use SIGINT or SIGTERM"),
-    "SIGUSR1": (signal.SIGUSR1, "it would kill the target without draining; use SIGINT or SIGTERM"),
-}
-
-
-@attrs.frozen
-class CtrlrParams:
-    ctrlr: str
-
-
-@attrs.frozen
-class NameParams:
-    name: str
-
-
-@attrs.frozen
-class GetControllersParams:
-    name: str | None = None
-
-
-@attrs.frozen
-class GetBdevsParams:
-    name: str | None = None
-    timeout: int | None = None              # with name: milliseconds to wait for it to appear
-
-
-@attrs.frozen
-class NameOptParams:
-    name: str | None = None
-
-
-@attrs.frozen
-class GetIostatParams:
-    name: str | None = None                 # older rpc.py: -b NAME
-    names: list[str] | None = None          # newer rpc.py: --names a,b
-    per_channel: bool = unsupported(False, "it keeps per-bdev totals, not per-channel ones: omit -c")
-    reset_mode: Literal["all", "maxmin", "error", "none"] | None = None
-
-
-@attrs.frozen
-class ResetIostatParams:
-    name: str | None = None
-    mode: Literal["all", "maxmin", "error", "none"] = "all"
-
-
-@attrs.frozen
-class GetConfigParams:
-    name: str
-    with_batches: bool = False              # nothing here is batched: the same list either way
-
-
-@attrs.frozen
-class KillParams:
-    sig_name: str
-
-
-@attrs.frozen
-class LevelParams:
-    level: str
-
-
-@attrs.frozen
-class FlagParams:
-    flag: str
 
 
 class App:
@@ -159,7 +83,8 @@ class App:
         #: The ``--json`` config whose RUNTIME part applies at framework_start_init.
         self.json_config: JsonConfig | None = None
         self.initialized = False
-        self._init_waiters: list[asyncio.Future] = []
+        #: framework_wait_init calls waiting for the RUNTIME state.
+        self.init_waiters: list[asyncio.Future] = []
         self._after_init: list[Callable[[], None]] = []
         #: Set by the daemon's main loop: ends it with this exit code.
         self.exit: Callable[[int], None] = lambda rc: None
@@ -173,213 +98,6 @@ class App:
             time.sleep(seconds)
 
     # ------------------------------------------------------------ RPC
-
-    def register_core_methods(self) -> None:
-        rpc = self.rpc
-
-        @rpc.method("spdk_get_version", owner="vhost-core", deprecated_aliases=("get_spdk_version",),
-                    states=_BOTH)
-        def spdk_get_version(_p=None):
-            major, minor, patch = (int(x) for x in __version__.split(".")[:3])
-            return {"version": f"vhost-py v{__version__}",
-                    "fields": {"major": major, "minor": minor, "patch": patch, "suffix": ""}}
-
-        @rpc.method("framework_get_reactors", owner="vhost-core")
-        def framework_get_reactors(_p=None):
-            out = []
-            for r in self.reactors:
-                s = r.stats()
-                out.append({
-                    "lcore": r.core,
-                    "tid": r.tid(),
-                    "busy": s["busy_ns"],
-                    "idle": s["idle_ns"],
-                    "in_interrupt": r.interrupt_mode,
-                    "lw_threads": [{"name": c, "id": i, "cpumask": format_mask(self.controllers.get(c).cpumask),
-                                    "elapsed": 0}
-                                   for i, c in enumerate(sorted(r.controllers)) if c in self.controllers],
-                })
-            return {"tick_rate": 1000000000, "reactors": out}
-
-        @rpc.method("thread_get_stats", owner="vhost-core")
-        def thread_get_stats(_p=None):
-            """SPDK's shape, one thread per reactor: busy and idle time in ns (tick_rate 1e9)."""
-            threads = []
-            for i, r in enumerate(self.reactors, start=1):
-                s = r.stats()
-                served = [c for c in r.controllers if c in self.controllers]
-                threads.append({"name": f"reactor_{r.core}", "id": i, "cpumask": f"{1 << r.core:x}",
-                                "busy": s["busy_ns"], "idle": s["idle_ns"],
-                                "active_pollers_count": sum(1 for c in served
-                                                            if self.controllers.get(c).session is not None),
-                                "timed_pollers_count": 0, "paused_pollers_count": 0})
-            return {"tick_rate": 1000000000, "threads": threads}
-
-        @rpc.method("framework_get_plugins", owner="vhost-core", states=_BOTH)
-        def framework_get_plugins(_p=None):
-            return [i.to_json() for i in self.plugins.infos]
-
-        @rpc.method("framework_start_init", owner="vhost-core", states=RpcState.STARTUP)
-        def framework_start_init(_p=None):
-            """Leave the start-up state (vhost --wait-for-rpc): serve every method."""
-            try:
-                self.start_init()
-            except ConfigError as exc:
-                self.exit(1)
-                raise RpcError(-errno.EINVAL, str(exc)) from None
-            return True
-
-        @rpc.method("framework_wait_init", owner="vhost-core", states=_BOTH)
-        def framework_wait_init(_p=None):
-            """Answer once the daemon serves (after framework_start_init with --wait-for-rpc)."""
-            if self.initialized:
-                return True
-            fut = asyncio.get_running_loop().create_future()
-            self._init_waiters.append(fut)
-            return fut
-
-        @rpc.method("spdk_kill_instance", params=KillParams, owner="vhost-core")
-        def spdk_kill_instance(p: KillParams):
-            """Send the daemon a signal: SIGINT/SIGTERM stop it cleanly, SIGKILL as a crash."""
-            by_number = {str(int(num)): name for name, (num, _) in KILL_SIGNALS.items()}
-            name = by_number.get(p.sig_name, p.sig_name)
-            if name not in KILL_SIGNALS:
-                raise RpcError(INVALID_PARAMS, f"spdk_kill_instance: sig_name '{p.sig_name}' is not one of "
-                                               f"{', '.join(KILL_SIGNALS)}")
-            num, refused = KILL_SIGNALS[name]
-            if refused is not None:
-                raise RpcError(-errno.ENOTSUP, f"spdk_kill_instance: sig_name={name} is not supported by "
-                                               f"this target: {refused}")
-            notice(log, "spdk_kill_instance: %s", name)
-            # After the answer is on its way, as SPDK's client expects it (or a closed socket).
-            asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), num)
-            return True
-
-        @rpc.method("bdev_get_bdevs", params=GetBdevsParams, owner="vhost-core",
-                    deprecated_aliases=("get_bdevs",))
-        def bdev_get_bdevs(p: GetBdevsParams):
-            if p.name is None:
-                return [b.to_json() for b in self.bdevs]
-            if p.timeout and not self._has_bdev(p.name):
-                return self._wait_for_bdev(p.name, p.timeout / 1000)
-            return [self.bdevs.get(p.name).to_json()]
-
-        @rpc.method("bdev_wait_for_examine", owner="vhost-core")
-        def bdev_wait_for_examine(_p=None):
-            """Bdevs here are ready when created (nothing examines them): answers at once."""
-            return True
-
-        @rpc.method("get_bdevs_iostat", params=NameOptParams, owner="vhost-core",
-                    deprecated="bdev_get_iostat")
-        def get_bdevs_iostat(p: NameOptParams):
-            # SPDK's old name answered a list: the tick rate first, then one object per bdev.
-            bdevs = [self.bdevs.get(p.name)] if p.name is not None else list(self.bdevs)
-            return [{"tick_rate": lib.vn_tick_rate()}] + [self.bdev_iostat(b).to_spdk(b.name) for b in bdevs]
-
-        @rpc.method("bdev_get_iostat", params=GetIostatParams, owner="vhost-core")
-        def bdev_get_iostat(p: GetIostatParams):
-            names = list(p.names or []) + ([p.name] if p.name is not None else [])
-            bdevs = [self.bdevs.get(n) for n in names] if names else list(self.bdevs)
-            out = {"tick_rate": lib.vn_tick_rate(), "ticks": lib.vn_ticks_now(),
-                   "bdevs": [self.bdev_iostat(b).to_spdk(b.name) for b in bdevs]}
-            if p.reset_mode not in (None, "none", "error"):
-                for b in bdevs:
-                    self.reset_iostat(b, p.reset_mode)
-            return out
-
-        @rpc.method("bdev_reset_iostat", params=ResetIostatParams, owner="vhost-core")
-        def bdev_reset_iostat(p: ResetIostatParams):
-            for b in [self.bdevs.get(p.name)] if p.name is not None else list(self.bdevs):
-                if p.mode in ("all", "maxmin"):
-                    self.reset_iostat(b, p.mode)
-            return True
-
-        @rpc.method("vhost_get_controllers", params=GetControllersParams, owner="vhost-core",
-                    deprecated_aliases=("get_vhost_controllers",))
-        def vhost_get_controllers(p: GetControllersParams):
-            if p.name is not None:
-                return [self.controllers.get(p.name).to_json()]
-            return [c.to_json() for c in self.controllers]
-
-        @rpc.method("vhost_delete_controller", params=CtrlrParams, owner="vhost-core",
-                    deprecated_aliases=("remove_vhost_controller",), blocking=True)
-        def vhost_delete_controller(p: CtrlrParams):
-            self.controllers.delete(p.ctrlr)
-            return True
-
-        @rpc.method("framework_get_subsystems", owner="vhost-core")
-        def framework_get_subsystems(_p=None):
-            return [{"subsystem": name, "depends_on": []} for name in self.config_by_subsystem()]
-
-        @rpc.method("framework_get_config", params=GetConfigParams, owner="vhost-core")
-        def framework_get_config(p: GetConfigParams):
-            config = self.config_by_subsystem()
-            if p.name not in config:
-                raise RpcError(-errno.ENOENT, f"subsystem '{p.name}' does not exist; "
-                                              f"see framework_get_subsystems")
-            return config[p.name]
-
-        @rpc.method("delete_bdev", params=NameParams, owner="vhost-core",
-                    deprecated="the bdev type's delete method (bdev_malloc_delete, ...)", blocking=True)
-        def delete_bdev(p: NameParams):
-            """Deprecated SPDK name: delete a bdev of any module (hot-detaching it)."""
-            self.bdevs.delete(p.name)
-            return True
-
-        @rpc.method("vhost_get_queue_stats", params=CtrlrParams, owner="vhost-core")
-        def vhost_get_queue_stats(p: CtrlrParams):
-            return self.controllers.get(p.ctrlr).queue_stats()
-
-        self._register_log_methods()
-
-    def _register_log_methods(self) -> None:
-        rpc = self.rpc
-
-        def level_of(method: str, name: str) -> int:
-            try:
-                return logs.parse_level(name)
-            except ValueError as exc:
-                raise RpcError(INVALID_PARAMS, f"{method}: {exc}") from None
-
-        @rpc.method("log_set_print_level", params=LevelParams, owner="vhost-core", states=_BOTH)
-        def log_set_print_level(p: LevelParams):
-            """What the daemon prints (stderr): ERROR, WARNING, NOTICE, INFO or DEBUG."""
-            logs.set_print_level(level_of("log_set_print_level", p.level))
-            return True
-
-        @rpc.method("log_get_print_level", owner="vhost-core", states=_BOTH)
-        def log_get_print_level(_p=None):
-            return logs.level_name(logs.get_print_level())
-
-        @rpc.method("log_set_level", params=LevelParams, owner="vhost-core", states=_BOTH)
-        def log_set_level(p: LevelParams):
-            """SPDK's syslog level: kept and reported; this target logs to stderr only."""
-            logs.set_level(level_of("log_set_level", p.level))
-            return True
-
-        @rpc.method("log_get_level", owner="vhost-core", states=_BOTH)
-        def log_get_level(_p=None):
-            return logs.level_name(logs.get_level())
-
-        def set_flag(method: str, flag: str, enabled: bool) -> bool:
-            try:
-                logs.set_flag(flag, enabled)
-            except ValueError as exc:
-                raise RpcError(INVALID_PARAMS, f"{method}: {exc}") from None
-            return True
-
-        @rpc.method("log_set_flag", params=FlagParams, owner="vhost-core", states=_BOTH)
-        def log_set_flag(p: FlagParams):
-            """Debug lines of one area (vhost, vhost_ring, bdev, ... or all), at print level DEBUG."""
-            return set_flag("log_set_flag", p.flag, True)
-
-        @rpc.method("log_clear_flag", params=FlagParams, owner="vhost-core", states=_BOTH)
-        def log_clear_flag(p: FlagParams):
-            return set_flag("log_clear_flag", p.flag, False)
-
-        @rpc.method("log_get_flags", owner="vhost-core", states=_BOTH)
-        def log_get_flags(_p=None):
-            return logs.get_flags()
 
     def _register_ignored_methods(self) -> None:
         """SPDK's options that mean nothing here (iobuf, sock, ...): accepted, with a NOTICE."""
@@ -402,37 +120,6 @@ class App:
 
         ignore.__doc__ = f"Accepted and ignored: {spec.why}."
         return ignore
-
-    def _has_bdev(self, name: str) -> bool:
-        return any(b.name == name or name in b.aliases for b in self.bdevs)
-
-    async def _wait_for_bdev(self, name: str, timeout_s: float) -> list[dict]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            await asyncio.sleep(0.01)
-            with self.lock:
-                if self._has_bdev(name) or loop.time() >= deadline:
-                    return [self.bdevs.get(name).to_json()]
-
-    def bdev_iostat(self, bdev: Bdev) -> IoStat:
-        """What every device drove on ``bdev``: live counters plus retired ones, less
-        what bdev_reset_iostat set aside."""
-        total = IoStat()
-        total.add(bdev.iostat_retired)
-        for desc in bdev.descriptors:
-            total.add(desc.iostat())
-        return total.since(bdev.iostat_base) if bdev.iostat_base is not None else total
-
-    def reset_iostat(self, bdev: Bdev, mode: str) -> None:
-        for desc in bdev.descriptors:
-            desc.reset_iostat_maxmin()
-        r = bdev.iostat_retired
-        r.max_ticks[:] = [0] * len(r.max_ticks)
-        r.min_ticks[:] = [0] * len(r.min_ticks)
-        if mode == "all":
-            bdev.iostat_base = None
-            bdev.iostat_base = self.bdev_iostat(bdev)
 
     def config_by_subsystem(self) -> dict[str, list[dict]]:
         """RPC calls that recreate the current state, by subsystem: the bdev modules'
@@ -473,10 +160,10 @@ class App:
         if self.json_config is not None:
             self.json_config.run(RpcState.RUNTIME)
         self.initialized = True
-        for fut in self._init_waiters:
+        for fut in self.init_waiters:
             if not fut.done():
                 fut.set_result(True)
-        self._init_waiters.clear()
+        self.init_waiters.clear()
         for fn in self._after_init:
             fn()
         self._after_init.clear()
@@ -497,7 +184,7 @@ class App:
     def register_rpc_methods(self) -> None:
         """The core's methods, every plugin's registrations, then SPDK's options that mean
         nothing here."""
-        self.register_core_methods()
+        commands.register(self.rpc, CORE, self, owner="vhost-core")
         for name in self.plugins.names():
             try:
                 self._register_plugin(name)

@@ -22,6 +22,26 @@ and the decoded parameters (only the context when ``params`` is None).  It runs 
 the daemon's control lock; one that may wait (draining a bdev, stopping queues) is
 declared ``blocking=True`` and then runs on a worker thread, so the RPC server keeps
 answering other clients meanwhile.
+
+The same declaration is the ``vhost-rpc`` sub-command, and so are the deprecated aliases:
+each parameter's command-line spelling and help sit in its field's metadata
+(:func:`param`, or ``cli=`` of :func:`unsupported` / :func:`extension`); by default a
+required parameter is a positional argument and an optional one ``--its-name``, a bool is
+a flag, a Literal gives the choices.  Only the options given are sent (as SPDK's
+``rpc.py`` does).  A command whose command line is not its parameters (sizes in MiB, say)
+adds :class:`CliArg` arguments and a ``to_params`` in its :class:`Cli`::
+
+    @attrs.frozen
+    class CreateParams:
+        name: str
+        num_blocks: int = param(hidden=True)
+        block_size: int = param(512, help="block size in bytes")
+        uuid: str | None = param(None, "-u", "--uuid", help="UUID of the bdev")
+
+    registry.add(Command("bdev_mydisk_create", create, params=CreateParams, cli=Cli(
+        arguments=(CliArg("total_size", type=float, help="size in MiB"),),
+        positionals=("name", "total_size", "block_size"),
+        to_params=lambda a: {**a, "num_blocks": int(a.pop("total_size") * 2**20) // a["block_size"]})))
 """
 
 from __future__ import annotations
@@ -32,7 +52,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
-from vhost_core.rpc.registry import RpcError, RpcRegistry, RpcState
+from vhost_core.rpc.registry import RpcError, RpcRegistry, RpcState, cli, extension, param, unsupported
+
+__all__ = ["Cli", "CliArg", "Command", "CommandContext", "CommandRegistry", "cli", "extension", "param",
+           "register", "unsupported"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vhost_core.bdev.interface import BdevModule, BdevModuleRegistry
@@ -41,13 +64,46 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @attrs.frozen
+class CliArg:
+    """A ``vhost-rpc`` argument that is not a parameter (its :class:`Cli` turns it into some)."""
+
+    name: str
+    #: Options ("-b", "--name"); none: a positional argument.
+    flags: tuple[str, ...] = ()
+    help: str = ""
+    type: Callable[[str], Any] | None = None
+    #: "?" for an optional positional argument.
+    nargs: str | None = None
+    metavar: str | None = None
+
+
+@attrs.frozen
+class Cli:
+    """How ``vhost-rpc`` offers a command, beyond what its parameters' fields say."""
+
+    #: The sub-command's help; default: the command's.
+    help: str | None = None
+    #: Arguments that are not parameters (converted by ``to_params``).
+    arguments: tuple[CliArg, ...] = ()
+    #: Order of the positional arguments (parameter and argument names); default: the
+    #: parameters' declaration order, then ``arguments``.
+    positionals: tuple[str, ...] | None = None
+    #: The given arguments (name -> value, those not given left out) -> the parameters sent.
+    to_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    #: Print the result (False: print nothing, as rpc.py does for deletes and setters).
+    prints: bool = True
+    #: A client-side procedure instead of one call: ``run(client, args)`` -> what to print.
+    run: Callable[[Any, Any], Any] | None = None
+
+
+@attrs.frozen
 class Command:
     """One command."""
 
     #: The JSON-RPC method name (SPDK's, where SPDK has the method).
     name: str
-    #: ``handler(ctx, params)``, or ``handler(ctx)`` when ``params`` is None.
-    handler: Callable[..., Any]
+    #: ``handler(ctx, params)``, or ``handler(ctx)`` when ``params`` is None (None with ``rpc=False``).
+    handler: Callable[..., Any] | None
     #: Frozen attrs class of the parameters, or None for a command that takes none.
     params: type | None = None
     #: Older names of the same method (SPDK's deprecated spellings): served, and listed
@@ -63,6 +119,16 @@ class Command:
     #: One line for ``rpc_get_methods`` schemas and ``vhost-rpc --help``; default: the
     #: first line of the handler's docstring.
     help: str | None = None
+    #: Its ``vhost-rpc`` sub-command, beyond what the parameters say.
+    cli: Cli = Cli()
+    #: A daemon method (False: only a ``vhost-rpc`` procedure, ``cli.run``; or a method the
+    #: RPC registry serves itself).
+    rpc: bool = True
+
+    def summary(self) -> str:
+        """The first line of ``help``, else of the handler's docstring."""
+        text = self.help or getattr(self.handler, "__doc__", None) or ""
+        return text.strip().split("\n", 1)[0]
 
 
 class CommandRegistry:
@@ -84,12 +150,13 @@ class CommandRegistry:
 
     def command(self, name: str, *, params: type | None = None, aliases: Sequence[str] = (),
                 deprecated: str | None = None, states: RpcState = RpcState.RUNTIME, blocking: bool = False,
-                help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                help: str | None = None, cli: Cli = Cli(), rpc: bool = True
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator form of :meth:`add`; returns the handler unchanged."""
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.add(Command(name, fn, params=params, aliases=tuple(aliases), deprecated=deprecated,
-                             states=states, blocking=blocking, help=help))
+                             states=states, blocking=blocking, help=help, cli=cli, rpc=rpc))
             return fn
 
         return deco
@@ -139,6 +206,8 @@ def register(rpc: RpcRegistry, commands: CommandRegistry, ctx: CommandContext, o
     added: list[str] = []
     try:
         for c in commands:
+            if not c.rpc:
+                continue
             rpc.add(c.name, _bind(c, ctx), params=c.params, deprecated_aliases=c.aliases, owner=owner,
                     states=c.states, deprecated=c.deprecated, blocking=c.blocking)
             added.append(c.name)

@@ -76,9 +76,3 @@ def vhost_register_commands(registry: CommandRegistry) -> None:
     :return: ignored.
     """
 
-
-@hookspec
-def vhost_add_cli_commands(subparsers) -> None:
-    """Add ``vhost-rpc`` subcommands for the plugin's RPCs (argparse sub-parsers; each
-    calls ``set_defaults(func=handler)`` with ``handler(client, args)``).  Called in the
-    CLI process, not in the daemon."""

@@ -5,10 +5,10 @@ Three parts, as every bdev plugin has them:
 1. the block device itself (:class:`DictDisk`): plain Python methods that the core's
    Python-bdev adapter calls from a worker thread (see
    ``vhost_core.bdev.python_adapter.PythonBdev`` for the contract);
-2. its bdev module (hook ``vhost_register_bdev_modules``: the calls that recreate its
-   bdevs for ``save_config``) and the commands that create and delete them (hook
-   ``vhost_register_commands``);
-3. the ``vhost-rpc`` subcommands for those RPCs (hook ``vhost_add_cli_commands``).
+2. its bdev module (hook ``vhost_register_bdev_modules``): the calls that recreate its
+   bdevs for ``save_config``;
+3. its commands (hook ``vhost_register_commands``): each one declaration that is both
+   the daemon's JSON-RPC method and the ``vhost-rpc`` sub-command.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import attrs
 
 from vhost_core.bdev.interface import Bdev, BdevModule, check_block_size
 from vhost_core.bdev.python_adapter import make_python_bdev
-from vhost_core.commands import CommandContext
+from vhost_core.commands import Cli, CliArg, CommandContext, param
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
 from vhost_core.rpc.registry import RpcError
@@ -79,15 +79,28 @@ class DictDisk:
 
 @attrs.frozen
 class CreateParams:
-    name: str
-    num_blocks: int
-    block_size: int = 512
-    uuid: str | None = None
+    """The JSON-RPC parameters; the field metadata is the vhost-rpc spelling and help."""
+
+    name: str = param(help="bdev name")
+    num_blocks: int = param(hidden=True)                  # vhost-rpc takes a size in MiB instead
+    block_size: int = param(512, positional=True, help="block size in bytes (512 or 4096)")
+    uuid: str | None = param(None, "-u", "--uuid", help="UUID of the bdev")
 
 
 @attrs.frozen
 class DeleteParams:
-    name: str
+    name: str = param(help="bdev name")
+
+
+def _num_blocks(args: dict[str, Any]) -> dict[str, Any]:
+    """vhost-rpc's size in MiB -> the num_blocks the RPC takes."""
+    total_mib = args.pop("total_size")
+    return {**args, "num_blocks": int(total_mib * 1024 * 1024) // args.get("block_size", 512)}
+
+
+#: ``vhost-rpc bdev_example_create NAME TOTAL_SIZE [BLOCK_SIZE] [-u UUID]``
+CREATE_CLI = Cli(arguments=(CliArg("total_size", type=float, help="size in MiB"),),
+                 positionals=("name", "total_size", "block_size"), to_params=_num_blocks)
 
 
 class ExampleModule(BdevModule):
@@ -111,7 +124,7 @@ def vhost_register_bdev_modules(registry) -> None:
 
 @hookimpl
 def vhost_register_commands(registry) -> None:
-    @registry.command("bdev_example_create", params=CreateParams)
+    @registry.command("bdev_example_create", params=CreateParams, cli=CREATE_CLI)
     def bdev_example_create(ctx: CommandContext, p: CreateParams) -> str:
         """Create an in-memory example bdev; returns its name."""
         try:
@@ -134,38 +147,8 @@ def vhost_register_commands(registry) -> None:
 
     # blocking: deleting waits for the I/O in flight (a controller using the bdev
     # lets go of it first), so it runs off the RPC server's event loop.
-    @registry.command("bdev_example_delete", params=DeleteParams, blocking=True)
+    @registry.command("bdev_example_delete", params=DeleteParams, blocking=True, cli=Cli(prints=False))
     def bdev_example_delete(ctx: CommandContext, p: DeleteParams) -> bool:
         """Delete an example bdev (a controller using it sees it hot-removed)."""
         ctx.bdevs.delete(p.name, module=MODULE)
         return True
-
-
-# ---------------------------------------------------------------- vhost-rpc
-
-
-@hookimpl
-def vhost_add_cli_commands(subparsers) -> None:
-    from vhost_core.rpc.cli import NO_OUTPUT
-
-    def create(client, args):
-        params: dict[str, Any] = {"name": args.name, "block_size": args.block_size,
-                                  "num_blocks": int(args.total_size * 1024 * 1024) // args.block_size}
-        if args.uuid:
-            params["uuid"] = args.uuid
-        return client.call("bdev_example_create", params)
-
-    p = subparsers.add_parser("bdev_example_create", help="Create an in-memory example bdev")
-    p.add_argument("name", help="bdev name")
-    p.add_argument("total_size", type=float, help="size in MiB")
-    p.add_argument("block_size", type=int, help="block size in bytes (512 or 4096)")
-    p.add_argument("-u", "--uuid", help="UUID of the bdev")
-    p.set_defaults(func=create)
-
-    def delete(client, args):
-        client.call("bdev_example_delete", {"name": args.name})
-        return NO_OUTPUT
-
-    p = subparsers.add_parser("bdev_example_delete", help="Delete an example bdev")
-    p.add_argument("name", help="bdev name")
-    p.set_defaults(func=delete)

@@ -22,10 +22,10 @@ import attrs
 
 from vhost_core.bdev.interface import IO_TYPES, Bdev, BdevModule, check_block_size
 from vhost_core.bdev.registry import BdevRegistry
-from vhost_core.commands import CommandContext
+from vhost_core.commands import Cli, CommandContext, cli, extension, param, unsupported
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError, extension, unsupported
+from vhost_core.rpc.registry import RpcError
 
 from vhost_bdev_aio._aio_native import ffi, lib
 
@@ -51,26 +51,32 @@ MONITOR_TICK_S = 1.0
 class AioCreateParams:
     """SPDK's parameters (v24.01 to 26.9) and ``engine``, ours."""
 
-    filename: str
-    name: str
-    block_size: int = 0                     # 0: the device's logical block size, 512 for files
-    readonly: bool = False
+    filename: str = param(help="Path to device or file (ex: /dev/sda)")
+    name: str = param(help="Block device name")
+    # 0: the device's logical block size, 512 for files
+    block_size: int = param(0, positional=True, help="Block size for this bdev (default: the device's "
+                                                     "logical block size, 512 for files)")
+    readonly: bool = param(False, "-r", "--readonly", help="Set this bdev as read-only")
     # None: unmap/write-zeroes where the file or device can; true: required; false: none (SPDK's default)
-    fallocate: bool | None = None
-    uuid: str | None = None
+    fallocate: bool | None = param(None, "--fallocate", help="Require unmap/write_zeroes by fallocate "
+                                                             "(default: offered where it works)")
+    uuid: str | None = param(None, "-u", "--uuid", help="UUID of the bdev (optional)")
     nowait: bool = unsupported(False, "it does not submit with RWF_NOWAIT (io_uring or its helper thread "
-                                      "keep the reactor from blocking): omit --no-wait")
-    engine: str | None = extension(None, "I/O engine: aio (Linux AIO) or io_uring")
+                                      "keep the reactor from blocking): omit --no-wait",
+                               cli=cli("--no-wait", help="RWF_NOWAIT (SPDK's option): not supported"))
+    engine: str | None = extension(None, "I/O engine: aio (Linux AIO) or io_uring",
+                                   cli=cli("--engine", choices=sorted(ENGINES),
+                                           help=f"I/O engine (default aio, or ${ENGINE_ENV} of the daemon)"))
 
 
 @attrs.frozen
 class NameParams:
-    name: str
+    name: str = param(help="Block device name")
 
 
 @attrs.frozen
 class StatsParams:
-    name: str | None = None
+    name: str | None = param(None, "-b", "--name", help="aio bdev name (default: all)")
 
 
 @attrs.define(eq=False)
@@ -578,20 +584,25 @@ def vhost_register_bdev_modules(registry) -> None:
 def vhost_register_commands(registry) -> None:
     @registry.command("bdev_aio_create", params=AioCreateParams, aliases=("construct_aio_bdev",))
     def bdev_aio_create(ctx: CommandContext, p: AioCreateParams) -> str:
+        """Add a bdev with aio backend."""
         return _create(ctx.bdev_module("aio"), ctx.bdevs, "bdev_aio_create", p)
 
-    @registry.command("bdev_aio_delete", params=NameParams, aliases=("delete_aio_bdev",), blocking=True)
+    @registry.command("bdev_aio_delete", params=NameParams, aliases=("delete_aio_bdev",), blocking=True,
+                      cli=Cli(prints=False))
     def bdev_aio_delete(ctx: CommandContext, p: NameParams) -> bool:
+        """Delete an aio disk."""
         _get(ctx.bdev_module("aio"), ctx.bdevs, "bdev_aio_delete", p.name)
         ctx.bdevs.delete(p.name, module="aio")
         return True
 
     @registry.command("bdev_aio_rescan", params=NameParams)
     def bdev_aio_rescan(ctx: CommandContext, p: NameParams) -> bool:
+        """Rescan a bdev size with aio backend."""
         return _rescan(ctx.bdev_module("aio"), ctx.bdevs, "bdev_aio_rescan", p.name)
 
     @registry.command("bdev_aio_get_stats", params=StatsParams)
     def bdev_aio_get_stats(ctx: CommandContext, p: StatsParams) -> list[dict[str, Any]]:
+        """I/O and error counters of aio bdevs."""
         module = ctx.bdev_module("aio")
         states = [_get(module, ctx.bdevs, "bdev_aio_get_stats", p.name)] if p.name is not None else None
         with module.lock:
@@ -599,63 +610,3 @@ def vhost_register_commands(registry) -> None:
                 states = list(module.states.values())
             out = [_stats(s) for s in states]
         return [s for s in out if s is not None]
-
-
-@hookimpl
-def vhost_add_cli_commands(subparsers) -> None:
-    def create(client, args):
-        params: dict[str, Any] = {"filename": args.filename, "name": args.name}
-        if args.block_size:
-            params["block_size"] = args.block_size
-        if args.readonly:
-            params["readonly"] = True
-        if args.fallocate:
-            params["fallocate"] = True
-        if args.uuid:
-            params["uuid"] = args.uuid
-        if args.engine:
-            params["engine"] = args.engine
-        if args.nowait:
-            params["nowait"] = True
-        return client.call(args.method_name, params)
-
-    for name, deprecated in (("bdev_aio_create", None), ("construct_aio_bdev", "bdev_aio_create")):
-        p = subparsers.add_parser(name, help="Add a bdev with aio backend"
-                                  + (" (deprecated)" if deprecated else ""))
-        p.add_argument("filename", help="Path to device or file (ex: /dev/sda)")
-        p.add_argument("name", help="Block device name")
-        p.add_argument("block_size", help="Block size for this bdev (default: the device's logical "
-                                          "block size, 512 for files)", type=int, nargs="?")
-        p.add_argument("-r", "--readonly", action="store_true", help="Set this bdev as read-only")
-        p.add_argument("--fallocate", action="store_true",
-                       help="Require unmap/write_zeroes by fallocate (default: offered where it works)")
-        p.add_argument("-u", "--uuid", help="UUID of the bdev (optional)")
-        p.add_argument("--no-wait", dest="nowait", action="store_true",
-                       help="RWF_NOWAIT (SPDK's option): not supported")
-        p.add_argument("--engine", choices=sorted(ENGINES),
-                       help=f"I/O engine (default aio, or ${ENGINE_ENV} of the daemon)")
-        p.set_defaults(func=create, method_name=name)
-        if deprecated:
-            p.set_defaults(deprecated_use=deprecated)
-
-    def delete(client, args):
-        client.call(args.method_name, {"name": args.name})
-        # nothing printed, as rpc.py does
-
-    for name, deprecated in (("bdev_aio_delete", None), ("delete_aio_bdev", "bdev_aio_delete")):
-        p = subparsers.add_parser(name, help="Delete an aio disk" + (" (deprecated)" if deprecated else ""))
-        p.add_argument("name", help="aio bdev name")
-        p.set_defaults(func=delete, method_name=name)
-        if deprecated:
-            p.set_defaults(deprecated_use=deprecated)
-
-    p = subparsers.add_parser("bdev_aio_rescan", help="Rescan a bdev size with aio backend")
-    p.add_argument("name", help="Block device name")
-    p.set_defaults(func=lambda client, args: client.call("bdev_aio_rescan", {"name": args.name}))
-
-    def get_stats(client, args):
-        return client.call("bdev_aio_get_stats", {"name": args.name} if args.name else None)
-
-    p = subparsers.add_parser("bdev_aio_get_stats", help="I/O and error counters of aio bdevs")
-    p.add_argument("-b", "--name", help="aio bdev name (default: all)")
-    p.set_defaults(func=get_stats)

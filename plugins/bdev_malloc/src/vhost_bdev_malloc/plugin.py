@@ -11,10 +11,10 @@ from typing import Any
 import attrs
 
 from vhost_core.bdev.interface import Bdev, BdevModule
-from vhost_core.commands import CommandContext
+from vhost_core.commands import Cli, CliArg, CommandContext, cli, param, unsupported
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError, unsupported
+from vhost_core.rpc.registry import RpcError
 
 from vhost_bdev_malloc._malloc_native import ffi, lib
 
@@ -30,47 +30,89 @@ _NO_DIF = "it generates and checks no protection information (DIF/DIX): omit the
 _PHYS = "the physical block size it reports is the block size: omit physical_block_size"
 
 
+# The command line is SPDK rpc.py's: sizes in MiB (num_blocks is computed), and its options, so
+# that a pasted SPDK command line parses; the target refuses the values it does not honour.
+_MIB = "size of the bdev in MiB (float > 0)"
+_UUID = param(None, "-u", "--uuid", help="UUID of the bdev")
+_PHYS_BS = unsupported(None, _PHYS, same_as="block_size",
+                       cli=cli("-p", "--physical-block-size", help="physical block size (= block_size)"))
+_MD_SIZE = unsupported(0, _NO_MD, cli=cli("-m", "--md-size", help="metadata size: not supported (0)"))
+_DIF_TYPE = unsupported(0, _NO_DIF, cli=cli("-t", "--dif-type", choices=[0, 1, 2, 3], help="not supported (0)"))
+_DIF_HEAD = unsupported(False, _NO_DIF, cli=cli("-d", "--dif-is-head-of-md", help="not supported"))
+_DIF_PI = unsupported(0, _NO_DIF, cli=cli("-f", "--dif-pi-format", choices=[0, 1, 2], help="not supported (0)"))
+
+
 @attrs.frozen
 class MallocCreateParams:
-    num_blocks: int
-    block_size: int
-    name: str | None = None
-    uuid: str | None = None
-    physical_block_size: int | None = unsupported(None, _PHYS, same_as="block_size")
+    num_blocks: int = param(hidden=True)
+    block_size: int = param(help="data block size in bytes (512 or 4096)")
+    name: str | None = param(None, "-b", "--name", help="name of the bdev")
+    uuid: str | None = _UUID
+    physical_block_size: int | None = _PHYS_BS
     optimal_io_boundary: int = unsupported(0, "it does not split requests at an I/O boundary: "
-                                              "omit optimal_io_boundary")
-    md_size: int = unsupported(0, _NO_MD)
-    md_interleave: bool = unsupported(False, _NO_MD)
-    dif_type: int = unsupported(0, _NO_DIF)
-    dif_is_head_of_md: bool = unsupported(False, _NO_DIF)
-    dif_pi_format: int = unsupported(0, _NO_DIF)
-    numa_id: int = unsupported(-1, "it allocates the memory on any NUMA node: omit numa_id (or -1)")
+                                              "omit optimal_io_boundary",
+                                           cli=cli("-o", "--optimal-io-boundary", help="not supported (0)"))
+    md_size: int = _MD_SIZE
+    md_interleave: bool = unsupported(False, _NO_MD, cli=cli("-i", "--md-interleave", help="not supported"))
+    dif_type: int = _DIF_TYPE
+    dif_is_head_of_md: bool = _DIF_HEAD
+    dif_pi_format: int = _DIF_PI
+    numa_id: int = unsupported(-1, "it allocates the memory on any NUMA node: omit numa_id (or -1)",
+                               cli=cli("-n", "--numa-id", help="not supported (-1: any node)"))
 
 
 _NO_HINTS = "it reports no write or unmap hints to guests: omit it"
 
 
+def _hint(*flags: str) -> Any:
+    return unsupported(0, _NO_HINTS, cli=cli(*flags, help="not supported (0)"))
+
+
 @attrs.frozen
 class NullCreateParams:
-    name: str
-    num_blocks: int
-    block_size: int
-    uuid: str | None = None
-    physical_block_size: int | None = unsupported(None, _PHYS, same_as="block_size")
-    md_size: int = unsupported(0, _NO_MD)
-    dif_type: int = unsupported(0, _NO_DIF)
-    dif_is_head_of_md: bool = unsupported(False, _NO_DIF)
-    dif_pi_format: int = unsupported(0, _NO_DIF)
-    preferred_write_alignment: int = unsupported(0, _NO_HINTS)
-    preferred_write_granularity: int = unsupported(0, _NO_HINTS)
-    optimal_write_size: int = unsupported(0, _NO_HINTS)
-    preferred_unmap_alignment: int = unsupported(0, _NO_HINTS)
-    preferred_unmap_granularity: int = unsupported(0, _NO_HINTS)
+    name: str = param(help="block device name")
+    num_blocks: int = param(hidden=True)
+    block_size: int = param(help="block size in bytes")
+    uuid: str | None = _UUID
+    physical_block_size: int | None = _PHYS_BS
+    md_size: int = _MD_SIZE
+    dif_type: int = _DIF_TYPE
+    dif_is_head_of_md: bool = _DIF_HEAD
+    dif_pi_format: int = _DIF_PI
+    preferred_write_alignment: int = _hint("-a", "--preferred-write-alignment")
+    preferred_write_granularity: int = _hint("-g", "--preferred-write-granularity")
+    optimal_write_size: int = _hint("-s", "--optimal-write-size")
+    preferred_unmap_alignment: int = _hint("-c", "--preferred-unmap-alignment")
+    preferred_unmap_granularity: int = _hint("-r", "--preferred-unmap-granularity")
 
 
 @attrs.frozen
 class DeleteParams:
-    name: str
+    name: str = param(help="bdev name")
+
+
+def _sized(args: dict[str, Any]) -> dict[str, Any]:
+    """vhost-rpc's total_size (MiB) -> num_blocks."""
+    total = args.pop("total_size")
+    return {**args, "num_blocks": int(total * 1024 * 1024) // args["block_size"]}
+
+
+def _malloc_cli_params(args: dict[str, Any]) -> dict[str, Any]:
+    positional = args.pop("name_positional", None)
+    if positional is not None and args.get("name") not in (None, positional):
+        raise SystemExit(f"vhost-rpc: bdev_malloc_create: two names given ({positional} and -b "
+                         f"{args['name']}): give one")
+    if positional is not None:
+        args["name"] = positional
+    return _sized(args)
+
+
+_TOTAL_SIZE = CliArg("total_size", type=float, help=_MIB)
+MALLOC_CLI = Cli(arguments=(_TOTAL_SIZE, CliArg("name_positional", nargs="?", metavar="name",
+                                                help="name of the bdev, as -b (the seed's "
+                                                     "`construct_malloc_bdev 128 4096 Malloc0`)")),
+                 positionals=("total_size", "block_size", "name_positional"), to_params=_malloc_cli_params)
+NULL_CLI = Cli(arguments=(_TOTAL_SIZE,), positionals=("name", "total_size", "block_size"), to_params=_sized)
 
 
 def _memory_bytes() -> int:
@@ -147,114 +189,33 @@ def vhost_register_bdev_modules(registry) -> None:
 
 @hookimpl
 def vhost_register_commands(registry) -> None:
-    @registry.command("bdev_malloc_create", params=MallocCreateParams, aliases=("construct_malloc_bdev",))
+    @registry.command("bdev_malloc_create", params=MallocCreateParams, aliases=("construct_malloc_bdev",),
+                      cli=MALLOC_CLI)
     def bdev_malloc_create(ctx: CommandContext, p: MallocCreateParams) -> str:
+        """Create a bdev with malloc backend."""
         uuid = _check("bdev_malloc_create", p.num_blocks, p.block_size, p.uuid, ram=True)
         module = ctx.bdev_module("malloc")
         name = p.name or module.next_name(ctx.bdevs)
         return module.create(ctx.bdevs, "bdev_malloc_create", name, p.num_blocks, p.block_size, uuid)
 
-    @registry.command("bdev_malloc_delete", params=DeleteParams, aliases=("delete_malloc_bdev",), blocking=True)
+    @registry.command("bdev_malloc_delete", params=DeleteParams, aliases=("delete_malloc_bdev",), blocking=True,
+                      cli=Cli(prints=False))
     def bdev_malloc_delete(ctx: CommandContext, p: DeleteParams) -> bool:
+        """Delete a malloc disk."""
         ctx.bdevs.delete(p.name, module="malloc")
         return True
 
-    @registry.command("bdev_null_create", params=NullCreateParams, aliases=("construct_null_bdev",))
+    @registry.command("bdev_null_create", params=NullCreateParams, aliases=("construct_null_bdev",),
+                      cli=NULL_CLI)
     def bdev_null_create(ctx: CommandContext, p: NullCreateParams) -> str:
+        """Add a bdev with null backend."""
         uuid = _check("bdev_null_create", p.num_blocks, p.block_size, p.uuid, ram=False)
         return ctx.bdev_module("null").create(ctx.bdevs, "bdev_null_create", p.name, p.num_blocks,
                                               p.block_size, uuid)
 
-    @registry.command("bdev_null_delete", params=DeleteParams, aliases=("delete_null_bdev",), blocking=True)
+    @registry.command("bdev_null_delete", params=DeleteParams, aliases=("delete_null_bdev",), blocking=True,
+                      cli=Cli(prints=False))
     def bdev_null_delete(ctx: CommandContext, p: DeleteParams) -> bool:
+        """Delete a null disk."""
         ctx.bdevs.delete(p.name, module="null")
         return True
-
-
-def _mib_to_blocks(total_size_mib: float, block_size: int) -> int:
-    return int(total_size_mib * 1024 * 1024) // block_size
-
-
-def _add_spdk_options(p: Any, *, malloc: bool) -> None:
-    """SPDK rpc.py's options for these commands, so a pasted SPDK command line parses; the
-    target refuses the values it does not honour."""
-    p.add_argument("-u", "--uuid", help="UUID of the bdev")
-    p.add_argument("-p", "--physical-block-size", type=int, help="physical block size (= block_size)")
-    if malloc:
-        p.add_argument("-o", "--optimal-io-boundary", type=int, help="not supported (0)")
-    p.add_argument("-m", "--md-size", type=int, help="metadata size: not supported (0)")
-    if malloc:
-        p.add_argument("-i", "--md-interleave", action="store_true", help="not supported")
-    p.add_argument("-t", "--dif-type", type=int, choices=[0, 1, 2, 3], help="not supported (0)")
-    p.add_argument("-d", "--dif-is-head-of-md", action="store_true", help="not supported")
-    p.add_argument("-f", "--dif-pi-format", type=int, choices=[0, 1, 2], help="not supported (0)")
-    if malloc:
-        p.add_argument("-n", "--numa-id", type=int, help="not supported (-1: any node)")
-    else:
-        for short, opt in (("-a", "--preferred-write-alignment"), ("-g", "--preferred-write-granularity"),
-                           ("-s", "--optimal-write-size"), ("-c", "--preferred-unmap-alignment"),
-                           ("-r", "--preferred-unmap-granularity")):
-            p.add_argument(short, opt, type=int, help="not supported (0)")
-
-
-_SPDK_OPTIONS = ("uuid", "physical_block_size", "optimal_io_boundary", "md_size", "md_interleave", "dif_type",
-                 "dif_is_head_of_md", "dif_pi_format", "numa_id", "preferred_write_alignment",
-                 "preferred_write_granularity", "optimal_write_size", "preferred_unmap_alignment",
-                 "preferred_unmap_granularity")
-
-
-def _given(args: Any) -> dict[str, Any]:
-    """The SPDK options given on the command line (unset and false ones are not sent)."""
-    return {k: getattr(args, k) for k in _SPDK_OPTIONS if getattr(args, k, None) not in (None, False)}
-
-
-@hookimpl
-def vhost_add_cli_commands(subparsers) -> None:
-    from vhost_core.rpc.cli import NO_OUTPUT
-
-    def malloc_create(client, args):
-        if args.name and args.name_positional and args.name != args.name_positional:
-            raise SystemExit(f"vhost-rpc: {args.called_rpc_name}: two names given ({args.name_positional} "
-                             f"and -b {args.name}): give one")
-        params: dict[str, Any] = {"num_blocks": _mib_to_blocks(args.total_size, args.block_size),
-                                  "block_size": args.block_size}
-        name = args.name or args.name_positional
-        if name:
-            params["name"] = name
-        params.update(_given(args))
-        return client.call(args.method_name, params)
-
-    for name, deprecated in (("bdev_malloc_create", None), ("construct_malloc_bdev", "bdev_malloc_create")):
-        p = subparsers.add_parser(name, help="Create a bdev with malloc backend")
-        p.add_argument("-b", "--name", help="name of the bdev")
-        p.add_argument("total_size", type=float, help="size of malloc bdev in MiB (float > 0)")
-        p.add_argument("block_size", type=int, help="data block size in bytes (512 or 4096)")
-        p.add_argument("name_positional", nargs="?", metavar="name",
-                       help="name of the bdev, as -b (the seed's `construct_malloc_bdev 128 4096 Malloc0`)")
-        _add_spdk_options(p, malloc=True)
-        p.set_defaults(func=malloc_create, method_name=name)
-        if deprecated:
-            p.set_defaults(deprecated_use=deprecated)
-
-    def delete(client, args):
-        client.call(args.method_name, {"name": args.name})
-        return NO_OUTPUT
-
-    for name, what in (("bdev_malloc_delete", "malloc"), ("bdev_null_delete", "null")):
-        p = subparsers.add_parser(name, help=f"Delete a {what} disk")
-        p.add_argument("name", help=f"{what} bdev name")
-        p.set_defaults(func=delete, method_name=name)
-
-    def null_create(client, args):
-        params: dict[str, Any] = {"name": args.name,
-                                  "num_blocks": _mib_to_blocks(args.total_size, args.block_size),
-                                  "block_size": args.block_size}
-        params.update(_given(args))
-        return client.call("bdev_null_create", params)
-
-    p = subparsers.add_parser("bdev_null_create", help="Add a bdev with null backend")
-    p.add_argument("name", help="block device name")
-    p.add_argument("total_size", type=float, help="size of null bdev in MiB (float > 0)")
-    p.add_argument("block_size", type=int, help="block size in bytes")
-    _add_spdk_options(p, malloc=False)
-    p.set_defaults(func=null_create)

@@ -6,13 +6,11 @@ included as deprecated aliases.
 
 from __future__ import annotations
 
-import argparse
 import errno
-from typing import Any
 
 import attrs
 
-from vhost_core.commands import CommandContext
+from vhost_core.commands import Cli, CommandContext, param
 from vhost_core.device import DeviceType
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
@@ -26,27 +24,27 @@ log = get_logger("vhost_scsi")
 
 @attrs.frozen
 class CreateScsiParams:
-    ctrlr: str
-    cpumask: str | None = None
-    delay: bool = False
+    ctrlr: str = param(help="controller name")
+    cpumask: str | None = param(None, "--cpumask", help="cpu mask for this controller")
+    delay: bool = param(False, "--delay", help="whether delay starting controller or not")
 
 
 @attrs.frozen
 class CtrlrParams:
-    ctrlr: str
+    ctrlr: str = param(help="controller name")
 
 
 @attrs.frozen
 class AddTargetParams:
-    ctrlr: str
-    scsi_target_num: int
-    bdev_name: str
+    ctrlr: str = param(help="controller name where add lun")
+    scsi_target_num: int = param(help="scsi_target_num (-1: the first free one)")
+    bdev_name: str = param(help="bdev name")
 
 
 @attrs.frozen
 class RemoveTargetParams:
-    ctrlr: str
-    scsi_target_num: int
+    ctrlr: str = param(help="controller name to remove target from")
+    scsi_target_num: int = param(help="scsi_target_num")
 
 
 def _check_target_num(ctrlr: str, num: int) -> None:
@@ -64,7 +62,7 @@ def vhost_register_device_types(registry) -> None:
 @hookimpl
 def vhost_register_commands(registry) -> None:
     @registry.command("vhost_create_scsi_controller", params=CreateScsiParams,
-                      aliases=("construct_vhost_scsi_controller",))
+                      aliases=("construct_vhost_scsi_controller",), cli=Cli(prints=False))
     def vhost_create_scsi_controller(ctx: CommandContext, p: CreateScsiParams) -> bool:
         """Add a vhost-scsi controller (targets are added with vhost_scsi_controller_add_target)."""
         device = ScsiDevice()
@@ -75,7 +73,7 @@ def vhost_register_commands(registry) -> None:
                    p.ctrlr, p.ctrlr)
         return True
 
-    @registry.command("vhost_start_scsi_controller", params=CtrlrParams)
+    @registry.command("vhost_start_scsi_controller", params=CtrlrParams, cli=Cli(prints=False))
     def vhost_start_scsi_controller(ctx: CommandContext, p: CtrlrParams) -> bool:
         """Start a vhost-scsi controller created with ``delay``: its socket starts listening."""
         device = _scsi_device(ctx, p.ctrlr)
@@ -109,7 +107,8 @@ def vhost_register_commands(registry) -> None:
         return num
 
     @registry.command("vhost_scsi_controller_remove_target", params=RemoveTargetParams,
-                      aliases=("remove_vhost_scsi_dev", "remove_vhost_scsi_target"), blocking=True)
+                      aliases=("remove_vhost_scsi_dev", "remove_vhost_scsi_target"), blocking=True,
+                      cli=Cli(prints=False))
     def vhost_scsi_controller_remove_target(ctx: CommandContext, p: RemoveTargetParams) -> bool:
         """Hot-detach a SCSI target from a vhost-scsi controller."""
         device = _scsi_device(ctx, p.ctrlr)
@@ -129,68 +128,3 @@ def _scsi_device(ctx: CommandContext, name: str) -> ScsiDevice:
                                       f"controller, not vhost-scsi: targets exist only on "
                                       f"vhost_create_scsi_controller controllers")
     return device
-
-
-@hookimpl
-def vhost_add_cli_commands(subparsers) -> None:
-    from vhost_core.rpc.cli import NO_OUTPUT
-
-    def create(client, args):
-        params: dict[str, Any] = {"ctrlr": args.ctrlr}
-        if args.cpumask:
-            params["cpumask"] = args.cpumask
-        if args.delay:
-            params["delay"] = True
-        client.call(args.method_name, params)
-        return NO_OUTPUT
-
-    def start(client, args):
-        client.call("vhost_start_scsi_controller", {"ctrlr": args.ctrlr})
-        return NO_OUTPUT
-
-    def add_target(client, args):
-        return client.call(args.method_name, {"ctrlr": args.ctrlr, "scsi_target_num": args.scsi_target_num,
-                                              "bdev_name": args.bdev_name})
-
-    def remove_target(client, args):
-        client.call(args.method_name, {"ctrlr": args.ctrlr, "scsi_target_num": args.scsi_target_num})
-        return NO_OUTPUT
-
-    def deprecated(p, name: str, new: str | None) -> None:
-        p.set_defaults(method_name=name)
-        if new:
-            p.set_defaults(deprecated_use=new)
-
-    for name, new in (("vhost_create_scsi_controller", None),
-                      ("construct_vhost_scsi_controller", "vhost_create_scsi_controller")):
-        p = subparsers.add_parser(name, help="Add new vhost controller" + (" (deprecated)" if new else ""),
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument("ctrlr", help="controller name")
-        p.add_argument("--cpumask", help="cpu mask for this controller")
-        p.add_argument("--delay", action="store_true", help="whether delay starting controller or not")
-        p.set_defaults(func=create)
-        deprecated(p, name, new)
-
-    p = subparsers.add_parser("vhost_start_scsi_controller", help="Start vhost scsi controller")
-    p.add_argument("ctrlr", help="controller name")
-    p.set_defaults(func=start)
-
-    for name, new in (("vhost_scsi_controller_add_target", None),
-                      ("add_vhost_scsi_lun", "vhost_scsi_controller_add_target")):
-        p = subparsers.add_parser(name, help="Add lun to vhost controller" + (" (deprecated)" if new else ""))
-        p.add_argument("ctrlr", help="controller name where add lun")
-        p.add_argument("scsi_target_num", type=int, help="scsi_target_num (-1: the first free one)")
-        p.add_argument("bdev_name", help="bdev name")
-        p.set_defaults(func=add_target)
-        deprecated(p, name, new)
-
-    for name, new in (("vhost_scsi_controller_remove_target", None),
-                      ("remove_vhost_scsi_target", "vhost_scsi_controller_remove_target"),
-                      ("remove_vhost_scsi_dev", "vhost_scsi_controller_remove_target")):
-        p = subparsers.add_parser(name, help="Remove target from vhost controller"
-                                  + (" (deprecated)" if new else ""))
-        p.add_argument("ctrlr", help="controller name to remove target from")
-        p.add_argument("scsi_target_num", type=int, help="scsi_target_num")
-        p.set_defaults(func=remove_target)
-        deprecated(p, name, new)
-

@@ -1,7 +1,9 @@
 """``vhost-rpc``: command line client, modelled on SPDK's ``scripts/rpc.py``.
 
-Commands come from *contributors*: callables ``contribute(subparsers)`` that add
-argparse sub-commands and bind a handler with
+Its sub-commands are the daemon's commands (:mod:`vhost_core.commands`): the core's and
+every installed plugin's, each built from its one declaration (:func:`add_commands`), the
+deprecated aliases included.  Underneath, commands come from *contributors*: callables
+``contribute(subparsers)`` that add argparse sub-commands and bind a handler with
 ``sub.set_defaults(func=handler)``, where ``handler(client, args) -> result``.
 The result is printed like rpc.py's ``print_json``/``print_dict``
 (``json.dumps(result, indent=2)`` with the surrounding quotes of a bare string
@@ -17,20 +19,29 @@ A sub-command that is a deprecated spelling sets
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import json
 import logging
 import shlex
 import sys
 import time
-from typing import Any, Callable, Iterable, TextIO
+import types
+import typing
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TextIO
+
+import attrs
 
 from .client import RpcClient
-from .registry import RpcError
+from .registry import CLI, CliSpec, RpcError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vhost_core.commands import Command
 
 __all__ = [
     "DEFAULT_RPC_SOCKET",
     "NO_OUTPUT",
     "Contributor",
+    "add_commands",
     "build_parser",
     "main",
     "print_array",
@@ -93,6 +104,144 @@ class _DryRunClient:
             req["params"] = params
         print("Request:\n" + json.dumps(req, indent=2))
         return NO_OUTPUT
+
+
+# --------------------------------------------------------------------------
+# Sub-commands from command declarations
+# --------------------------------------------------------------------------
+
+
+def _plain_type(tp: Any) -> tuple[Any, bool]:
+    """The annotation without None, and whether it allowed None."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is getattr(types, "UnionType", None):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else Any), True
+    return tp, False
+
+
+def _comma_list(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def _argument(tp: Any, spec: CliSpec, required: bool, default: Any, help_text: str,
+              positional: bool) -> dict[str, Any]:
+    tp, _ = _plain_type(tp)
+    kw: dict[str, Any] = {"help": help_text or None}
+    origin = typing.get_origin(tp)
+    if tp is bool and not positional:
+        negatable = spec.negatable or default is True
+        kw["action"] = argparse.BooleanOptionalAction if negatable else "store_true"
+        kw["default"] = None if negatable else False
+        return kw
+    if origin is typing.Literal:
+        kw["choices"] = list(typing.get_args(tp))
+    elif tp in (int, float, str):
+        kw["type"] = tp
+    elif tp in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        kw["type"] = _comma_list
+    if spec.choices is not None:
+        kw["choices"] = list(spec.choices)
+    if spec.metavar:
+        kw["metavar"] = spec.metavar
+    if positional:
+        if not required:
+            kw["nargs"] = "?"
+    else:
+        kw["default"] = None
+        if required:
+            kw["required"] = True
+    return kw
+
+
+def _field_help(f: attrs.Attribute, spec: CliSpec) -> str:
+    md = f.metadata or {}
+    if spec.help:
+        return spec.help
+    if md.get("help"):
+        return md["help"]
+    if md.get("extension"):
+        return md["extension"]
+    refusal = md.get("vhost_unsupported")
+    if refusal:
+        return f"not supported: {refusal['why']}"
+    return ""
+
+
+#: What the top-level parser and the runner keep in the namespace: a parameter of that name
+#: gets another dest.
+_RESERVED = frozenset({"server_addr", "timeout", "conn_retries", "verbose", "dry_run", "called_rpc_name",
+                       "func", "method_name", "deprecated_use"})
+
+
+def _dest(key: str) -> str:
+    return f"{key}_param" if key in _RESERVED else key
+
+
+def _add_subcommand(subparsers: Any, command: Command, name: str, deprecated_use: str | None) -> None:
+    cli = command.cli
+    summary = cli.help or command.summary()
+    p = subparsers.add_parser(name, help=(summary + (" (deprecated)" if deprecated_use else "")) or None,
+                              description=summary or None)
+    positional: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    order: list[str] = []
+    keys: list[str] = []
+    flags: set[str] = set()         # store_true: False means "not given"
+    if command.params is not None:
+        hints = typing.get_type_hints(command.params)
+        for f in attrs.fields(command.params):
+            spec = (f.metadata or {}).get(CLI) or CliSpec()
+            if not f.init or spec.hidden:
+                continue
+            key = getattr(f, "alias", None) or f.name.lstrip("_")
+            required = f.default is attrs.NOTHING
+            is_pos = spec.positional if spec.positional is not None else (required and not spec.flags)
+            kw = _argument(hints.get(f.name, Any), spec, required, None if required else f.default,
+                           _field_help(f, spec), is_pos)
+            keys.append(key)
+            if kw.get("action") == "store_true":
+                flags.add(key)
+            if is_pos:
+                positional[key] = ((_dest(key),), kw)
+                order.append(key)
+            else:
+                p.add_argument(*(spec.flags or (f"--{key.replace('_', '-')}",)), dest=_dest(key), **kw)
+    for a in cli.arguments:
+        kw = {"help": a.help or None}
+        for k in ("type", "nargs", "metavar"):
+            if getattr(a, k) is not None:
+                kw[k] = getattr(a, k)
+        keys.append(a.name)
+        if a.flags:
+            p.add_argument(*a.flags, dest=a.name, **kw)
+        else:
+            positional[a.name] = ((a.name,), kw)
+            order.append(a.name)
+    for key in (cli.positionals or tuple(order)):
+        args, kw = positional[key]
+        p.add_argument(*args, **kw)
+
+    def run(client: Any, ns: argparse.Namespace) -> Any:
+        if cli.run is not None:
+            return cli.run(client, ns)
+        values = {k: getattr(ns, _dest(k), None) for k in keys}
+        given = {k: v for k, v in values.items() if v is not None and not (k in flags and v is False)}
+        params = cli.to_params(given) if cli.to_params is not None else given
+        result = client.call(ns.method_name, params or None)
+        return result if cli.prints else NO_OUTPUT
+
+    p.set_defaults(func=run, method_name=name)
+    if deprecated_use:
+        p.set_defaults(deprecated_use=deprecated_use)
+
+
+def add_commands(subparsers: Any, commands: Iterable[Command]) -> None:
+    """A sub-command for each command and each of its deprecated aliases (which send the
+    old name, and say what to use instead)."""
+    for command in commands:
+        _add_subcommand(subparsers, command, command.name, command.deprecated)
+        for alias in command.aliases:
+            _add_subcommand(subparsers, command, alias, command.name)
 
 
 # --------------------------------------------------------------------------
@@ -173,8 +322,9 @@ def build_parser(contributors: Iterable[Contributor]) -> argparse.ArgumentParser
 
 
 def _plugin_contributors() -> list[Contributor]:
+    """One contributor per plugin: its commands (vhost_register_commands), as sub-commands."""
     try:
-        from vhost_core.plugins import load_plugins  # type: ignore[import-not-found]
+        from vhost_core.plugins import collect, load_plugins  # type: ignore[import-not-found]
     except ImportError:
         return []
     try:
@@ -183,10 +333,14 @@ def _plugin_contributors() -> list[Contributor]:
         print(f"vhost-rpc: warning: plugins not loaded: {exc}", file=sys.stderr)
         return []
 
-    def plugin_commands(subparsers: Any) -> None:
-        pm.hook.vhost_add_cli_commands(subparsers=subparsers)
+    def contributor(name: str) -> Contributor:
+        def plugin_commands(subparsers: Any) -> None:
+            add_commands(subparsers, collect(pm, name).commands)
 
-    return [plugin_commands]
+        plugin_commands.__qualname__ = f"plugin {name}"
+        return plugin_commands
+
+    return [contributor(name) for name in pm.names()]
 
 
 def _default_contributors() -> list[Contributor]:

@@ -1,4 +1,6 @@
-"""The core's own ``vhost-rpc`` sub-commands (names and options as in SPDK's rpc.py).
+"""The core's ``vhost-rpc`` sub-commands: its daemon commands (:mod:`vhost_core.core_methods`),
+``rpc_get_methods``, and the procedures SPDK's ``rpc.py`` runs client-side (``save_config``,
+``load_config``: several calls each), all built from command declarations.
 
 Deprecated spellings (``get_bdevs`` ...) send the *old* RPC name with the old
 parameters, exactly as SPDK's old client did; the server maps the alias.
@@ -11,81 +13,48 @@ import json
 import sys
 from typing import Any
 
-from .cli import NO_OUTPUT
+import attrs
 
-__all__ = ["contribute"]
+from vhost_core.commands import Cli, Command, CommandRegistry
+from vhost_core.core_methods import CORE
 
+from .cli import NO_OUTPUT, add_commands
+from .registry import RpcGetMethodsParams, param
 
-def _params(**kwargs: Any) -> dict[str, Any]:
-    """Drop unset options (rpc.py's ``remove_null``)."""
-    return {k: v for k, v in kwargs.items() if v is not None}
+__all__ = ["CLIENT", "contribute"]
 
-
-def _rpc_get_methods(client: Any, args: argparse.Namespace) -> Any:
-    params = {}
-    if args.current:
-        params["current"] = True
-    if args.include_aliases:
-        params["include_aliases"] = True
-    return client.call("rpc_get_methods", params)
+_INDENT_HELP = "Indent level; below 0 means compact. Default: 2"
+_BATCHES_HELP = "Keep batch arrays (nothing here is batched: the same output)"
 
 
-def _spdk_get_version(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("spdk_get_version")
+@attrs.frozen
+class SaveConfigArgs:
+    indent: int = param(2, "-i", "--indent", help=_INDENT_HELP)
+    subsystems: str | None = param(None, "-s", "--subsystems",
+                                   help="Comma-separated subsystems (and their dependencies) to save")
+    with_batches: bool = param(False, "--with-batches", negatable=True, help=_BATCHES_HELP)
 
 
-def _framework_get_reactors(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("framework_get_reactors")
+@attrs.frozen
+class SaveSubsystemConfigArgs:
+    name: str = param(attrs.NOTHING, "-n", "--name", help="Name of the subsystem (bdev, vhost_blk, vhost_scsi)")
+    indent: int = param(2, "-i", "--indent", help=_INDENT_HELP)
+    with_batches: bool = param(False, "--with-batches", negatable=True, help=_BATCHES_HELP)
 
 
-def _framework_get_plugins(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("framework_get_plugins")
+@attrs.frozen
+class LoadConfigArgs:
+    include_aliases: bool = param(False, "-i", "--include-aliases", help="Accept deprecated method names")
+    json_conf: str | None = param(None, "-j", "--json-conf", help="The JSON file (default: stdin)")
 
 
-def _bdev_get_bdevs(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("bdev_get_bdevs", _params(name=args.name, timeout=args.timeout_ms))
+@attrs.frozen
+class LoadSubsystemConfigArgs:
+    json_conf: str | None = param(None, "-j", "--json-conf", help="The JSON file (default: stdin)")
 
 
-def _vhost_get_controllers(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("vhost_get_controllers", _params(name=args.name))
-
-
-def _vhost_delete_controller(client: Any, args: argparse.Namespace) -> Any:
-    client.call("vhost_delete_controller", {"ctrlr": args.ctrlr})
-    return NO_OUTPUT
-
-
-def _get_bdevs(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("get_bdevs", _params(name=args.name))
-
-
-def _get_vhost_controllers(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("get_vhost_controllers", _params(name=args.name))
-
-
-def _remove_vhost_controller(client: Any, args: argparse.Namespace) -> Any:
-    client.call("remove_vhost_controller", {"ctrlr": args.ctrlr})
-    return NO_OUTPUT
-
-
-def _delete_bdev(client: Any, args: argparse.Namespace) -> Any:
-    client.call("delete_bdev", {"name": args.bdev_name})
-    return NO_OUTPUT
-
-
-def _bdev_get_iostat(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("bdev_get_iostat", _params(name=args.name, names=args.names,
-                                                   per_channel=args.per_channel or None,
-                                                   reset_mode=args.reset_mode))
-
-
-def _vhost_get_queue_stats(client: Any, args: argparse.Namespace) -> Any:
-    return client.call("vhost_get_queue_stats", {"ctrlr": args.ctrlr})
-
-
-def _bdev_reset_iostat(client: Any, args: argparse.Namespace) -> Any:
-    client.call("bdev_reset_iostat", _params(name=args.name, mode=args.mode))
-    return NO_OUTPUT
+def _indent(args: Any) -> int:
+    return 2 if args.indent is None else args.indent
 
 
 def _dump(obj: Any, indent: int) -> None:
@@ -105,22 +74,22 @@ def _save_config(client: Any, args: argparse.Namespace) -> Any:
     config = {"subsystems": [
         {"subsystem": e["subsystem"],
          "config": client.call("framework_get_config", {"name": e["subsystem"],
-                                                        "with_batches": args.with_batches})}
+                                                        "with_batches": bool(args.with_batches)})}
         for e in subsystems if e["subsystem"] in wanted]}
-    _dump(config, args.indent)
+    _dump(config, _indent(args))
     return NO_OUTPUT
 
 
 def _save_subsystem_config(client: Any, args: argparse.Namespace) -> Any:
     _dump({"subsystem": args.name,
            "config": client.call("framework_get_config",
-                                 {"name": args.name, "with_batches": args.with_batches})},
-          args.indent)
+                                 {"name": args.name, "with_batches": bool(args.with_batches)})},
+          _indent(args))
     return NO_OUTPUT
 
 
 def _read_json(source: Any) -> Any:
-    if source is sys.stdin or source == "-":
+    if source is None or source is sys.stdin or source == "-":
         return json.load(sys.stdin)
     with open(source) as f:
         return json.load(f)
@@ -149,11 +118,11 @@ def _load_config(client: Any, args: argparse.Namespace) -> Any:
     # SPDK's rpc.py procedure: what the current state allows, framework_start_init, again.
     config = _read_json(args.json_conf)
     subsystems = [s for s in config["subsystems"] if s.get("config")]
-    _check_known(client, [e for s in subsystems for e in s["config"]], args.include_aliases)
+    _check_known(client, [e for s in subsystems for e in s["config"]], bool(args.include_aliases))
     if not subsystems and "framework_start_init" in client.call("rpc_get_methods", {"current": True}):
         client.call("framework_start_init")
     while subsystems:
-        allowed = client.call("rpc_get_methods", {"current": True, "include_aliases": args.include_aliases})
+        allowed = client.call("rpc_get_methods", {"current": True, "include_aliases": bool(args.include_aliases)})
         progress = False
         for sub in list(subsystems):
             progress |= _call_entries(client, sub["config"], allowed)
@@ -178,154 +147,22 @@ def _load_subsystem_config(client: Any, args: argparse.Namespace) -> Any:
     return NO_OUTPUT
 
 
-def _no_params(method: str) -> Any:
-    return lambda client, args: client.call(method)
 
-
-def _void(method: str, *keys: str) -> Any:
-    """A command that sends ``keys`` from its arguments and prints nothing (as rpc.py)."""
-    def run(client: Any, args: argparse.Namespace) -> Any:
-        client.call(method, {k: getattr(args, k) for k in keys} or None)
-        return NO_OUTPUT
-    return run
+#: What ``vhost-rpc`` offers besides the daemon's commands: rpc_get_methods (the RPC registry
+#: serves it itself) and SPDK's client-side procedures.
+CLIENT = CommandRegistry()
+CLIENT.add(Command("rpc_get_methods", None, params=RpcGetMethodsParams, rpc=False,
+                   help="List the RPC methods the target supports"))
+CLIENT.add(Command("save_config", None, params=SaveConfigArgs, rpc=False,
+                   cli=Cli(run=_save_config, help="Print the live configuration as JSON (SPDK format)")))
+CLIENT.add(Command("save_subsystem_config", None, params=SaveSubsystemConfigArgs, rpc=False,
+                   cli=Cli(run=_save_subsystem_config, help="Print one subsystem's live configuration")))
+CLIENT.add(Command("load_config", None, params=LoadConfigArgs, rpc=False,
+                   cli=Cli(run=_load_config, help="Apply a configuration written by save_config")))
+CLIENT.add(Command("load_subsystem_config", None, params=LoadSubsystemConfigArgs, rpc=False,
+                   cli=Cli(run=_load_subsystem_config,
+                           help="Apply one subsystem's configuration written by save_subsystem_config")))
 
 
 def contribute(subparsers: Any) -> None:
-    p = subparsers.add_parser("rpc_get_methods", help="List the RPC methods the target supports")
-    p.add_argument("-c", "--current", action="store_true",
-                   help="Only methods callable in the current state")
-    p.add_argument("-i", "--include-aliases", action="store_true",
-                   help="Include deprecated method aliases")
-    p.set_defaults(func=_rpc_get_methods)
-
-    p = subparsers.add_parser("spdk_get_version", help="Show the target's version")
-    p.set_defaults(func=_spdk_get_version)
-
-    p = subparsers.add_parser("framework_get_reactors", help="List reactors and their threads")
-    p.set_defaults(func=_framework_get_reactors)
-
-    p = subparsers.add_parser("framework_get_plugins", help="List loaded plugins")
-    p.set_defaults(func=_framework_get_plugins)
-
-    p = subparsers.add_parser("save_config",
-                              help="Print the live configuration as JSON (SPDK format)")
-    p.add_argument("-i", "--indent", type=int, default=2,
-                   help="Indent level; below 0 means compact. Default: 2")
-    p.add_argument("-s", "--subsystems", help="Comma-separated subsystems (and their dependencies) to save")
-    p.add_argument("--with-batches", action=argparse.BooleanOptionalAction, default=False,
-                   help="Keep batch arrays (nothing here is batched: the same output)")
-    p.set_defaults(func=_save_config)
-
-    p = subparsers.add_parser("save_subsystem_config", help="Print one subsystem's live configuration")
-    p.add_argument("-i", "--indent", type=int, default=2,
-                   help="Indent level; below 0 means compact. Default: 2")
-    p.add_argument("-n", "--name", required=True, help="Name of the subsystem (bdev, vhost_blk, vhost_scsi)")
-    p.add_argument("--with-batches", action=argparse.BooleanOptionalAction, default=False,
-                   help="Keep batch arrays (nothing here is batched: the same output)")
-    p.set_defaults(func=_save_subsystem_config)
-
-    p = subparsers.add_parser("load_config", help="Apply a configuration written by save_config")
-    p.add_argument("-i", "--include-aliases", action="store_true", help="Accept deprecated method names")
-    p.add_argument("-j", "--json-conf", default=sys.stdin, help="The JSON file (default: stdin)")
-    p.set_defaults(func=_load_config)
-
-    p = subparsers.add_parser("load_subsystem_config",
-                              help="Apply one subsystem's configuration written by save_subsystem_config")
-    p.add_argument("-j", "--json-conf", default=sys.stdin, help="The JSON file (default: stdin)")
-    p.set_defaults(func=_load_subsystem_config)
-
-    p = subparsers.add_parser("framework_get_subsystems", help="List the subsystems save_config writes")
-    p.set_defaults(func=_no_params("framework_get_subsystems"))
-
-    p = subparsers.add_parser("framework_get_config", help="Print one subsystem's configuration")
-    p.add_argument("name", help="Name of the subsystem (bdev, vhost_blk, vhost_scsi)")
-    p.add_argument("--with-batches", action=argparse.BooleanOptionalAction, default=False,
-                   help="Keep batch arrays (nothing here is batched: the same output)")
-    p.set_defaults(func=lambda client, args: client.call(
-        "framework_get_config", {"name": args.name, "with_batches": args.with_batches}))
-
-    p = subparsers.add_parser("framework_start_init",
-                              help="Leave the start-up state (vhost --wait-for-rpc) and serve every method")
-    p.set_defaults(func=_void("framework_start_init"))
-
-    p = subparsers.add_parser("framework_wait_init", help="Wait until the target serves every method")
-    p.set_defaults(func=_void("framework_wait_init"))
-
-    p = subparsers.add_parser("spdk_kill_instance", help="Send the target a signal")
-    p.add_argument("sig_name", choices=["SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1"],
-                   help="SIGINT or SIGTERM: clean shutdown; SIGKILL: as a crash")
-    p.set_defaults(func=_void("spdk_kill_instance", "sig_name"))
-
-    p = subparsers.add_parser("thread_get_stats", help="Busy and idle time of each reactor thread")
-    p.set_defaults(func=_no_params("thread_get_stats"))
-
-    p = subparsers.add_parser("bdev_wait_for_examine",
-                              help="Wait until every bdev is examined (at once here)")
-    p.set_defaults(func=_void("bdev_wait_for_examine"))
-
-    levels = ["ERROR", "WARNING", "NOTICE", "INFO", "DEBUG"]
-    for name, what in (("log_set_print_level", "what the target prints"),
-                       ("log_set_level", "SPDK's syslog level (kept; this target prints only)")):
-        p = subparsers.add_parser(name, help=f"Set {what}")
-        p.add_argument("level", choices=levels, help="Log level")
-        p.set_defaults(func=_void(name, "level"))
-    for name in ("log_get_print_level", "log_get_level", "log_get_flags"):
-        p = subparsers.add_parser(name, help=name.replace("_", " ").replace("log get", "Show the log"))
-        p.set_defaults(func=_no_params(name))
-    for name, what in (("log_set_flag", "Turn on"), ("log_clear_flag", "Turn off")):
-        p = subparsers.add_parser(name, help=f"{what} the debug lines of an area")
-        p.add_argument("flag", help="vhost, vhost_ring, bdev, ... (log_get_flags lists them), or all")
-        p.set_defaults(func=_void(name, "flag"))
-
-    p = subparsers.add_parser("bdev_get_bdevs", help="List all block devices, or one with -b")
-    p.add_argument("-b", "--name", help="Name of the bdev, e.g. Malloc0")
-    p.add_argument("-t", "--timeout-ms", dest="timeout_ms", type=int,
-                   help="With -b: milliseconds to wait for the bdev to appear")
-    p.set_defaults(func=_bdev_get_bdevs)
-
-    p = subparsers.add_parser("bdev_get_iostat", help="I/O statistics of all bdevs, or of those named")
-    p.add_argument("-b", "--name", help="Name of the bdev")
-    p.add_argument("--names", type=lambda v: v.split(","), help="Comma-separated bdev names")
-    p.add_argument("-c", "--per-channel", dest="per_channel", action="store_true",
-                   help="Per-channel statistics (not kept by this target: an error)")
-    p.add_argument("--reset-mode", choices=["all", "maxmin", "error", "none"],
-                   help="Reset the statistics after reading them")
-    p.set_defaults(func=_bdev_get_iostat)
-
-    p = subparsers.add_parser("bdev_reset_iostat", help="Reset the I/O statistics of all bdevs, or one")
-    p.add_argument("-b", "--name", help="Name of the bdev")
-    p.add_argument("-m", "--mode", choices=["all", "maxmin", "error", "none"],
-                   help="all (default): counts and max/min latency; maxmin: only those")
-    p.set_defaults(func=_bdev_reset_iostat)
-
-    p = subparsers.add_parser("vhost_get_queue_stats",
-                              help="Per-queue counters of a controller (requests, interrupts, bad "
-                                   "requests, in flight, resubmitted after a restart)")
-    p.add_argument("ctrlr", help="Name of the vhost controller")
-    p.set_defaults(func=_vhost_get_queue_stats)
-
-    p = subparsers.add_parser("vhost_get_controllers", help="List all vhost controllers, or one with -n")
-    p.add_argument("-n", "--name", help="Name of the vhost controller")
-    p.set_defaults(func=_vhost_get_controllers)
-
-    p = subparsers.add_parser("vhost_delete_controller", help="Delete a vhost controller")
-    p.add_argument("ctrlr", help="Name of the vhost controller")
-    p.set_defaults(func=_vhost_delete_controller)
-
-    # Deprecated spellings from older SPDK releases.
-    p = subparsers.add_parser("get_bdevs", help="Deprecated: use bdev_get_bdevs")
-    p.add_argument("-b", "--name", help="Name of the bdev")
-    p.set_defaults(func=_get_bdevs, deprecated_use="bdev_get_bdevs")
-
-    p = subparsers.add_parser("get_vhost_controllers", help="Deprecated: use vhost_get_controllers")
-    p.add_argument("-n", "--name", help="Name of the vhost controller")
-    p.set_defaults(func=_get_vhost_controllers, deprecated_use="vhost_get_controllers")
-
-    p = subparsers.add_parser("remove_vhost_controller", help="Deprecated: use vhost_delete_controller")
-    p.add_argument("ctrlr", help="Name of the vhost controller")
-    p.set_defaults(func=_remove_vhost_controller, deprecated_use="vhost_delete_controller")
-
-    p = subparsers.add_parser("delete_bdev", help="Deprecated: use the bdev type's delete command")
-    p.add_argument("bdev_name", help="Name of the bdev")
-    p.set_defaults(func=_delete_bdev,
-                   deprecated_use="the bdev type's delete command (e.g. bdev_malloc_delete)")
+    add_commands(subparsers, [*CLIENT, *CORE])

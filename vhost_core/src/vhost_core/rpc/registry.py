@@ -47,7 +47,10 @@ __all__ = [
     "RpcMethod",
     "RpcRegistry",
     "RpcState",
+    "CliSpec",
+    "cli",
     "extension",
+    "param",
     "unsupported",
 ]
 
@@ -112,24 +115,66 @@ def _show(value: Any, limit: int = 60) -> str:
 
 
 _UNSUPPORTED = "vhost_unsupported"
+#: Field metadata key of a parameter's command-line spelling (CliSpec).
+CLI = "vhost_cli"
 
 
-def unsupported(default: Any, why: str, *, accepts: tuple[Any, ...] = (), same_as: str | None = None) -> Any:
+@attrs.frozen
+class CliSpec:
+    """How ``vhost-rpc`` spells one parameter (see :func:`cli`)."""
+
+    flags: tuple[str, ...] = ()
+    positional: bool | None = None
+    help: str | None = None
+    choices: tuple[Any, ...] | None = None
+    metavar: str | None = None
+    hidden: bool = False
+    negatable: bool = False
+
+
+def cli(*flags: str, positional: bool | None = None, help: str | None = None,
+        choices: Sequence[Any] | None = None, metavar: str | None = None, hidden: bool = False,
+        negatable: bool = False) -> dict[str, Any]:
+    """Field metadata: the parameter's ``vhost-rpc`` spelling, as SPDK's ``rpc.py`` has it.
+
+    ``flags``: its options (``"-b", "--name"``); without flags a required parameter is a
+    positional argument and an optional one ``--its-name``.  ``positional=True`` makes an
+    optional parameter an optional positional argument.  ``hidden``: not on the command
+    line (the command's CLI computes it).  ``help`` defaults to the field's ``help`` (or
+    its unsupported/extension text); ``choices`` default to a Literal's values.  A bool
+    is a flag that sends true; ``negatable`` adds ``--no-...``, which sends false.
+    """
+    return {CLI: CliSpec(tuple(flags), positional, help, tuple(choices) if choices is not None else None,
+                         metavar, hidden, negatable)}
+
+
+def param(default: Any = attrs.NOTHING, *flags: str, help: str | None = None, **cli_kw: Any) -> Any:
+    """An attrs field for a command's parameter: its default, its ``vhost-rpc`` flags (see
+    :func:`cli`) and its help (``rpc_get_methods`` schemas and ``vhost-rpc --help``)."""
+    metadata = cli(*flags, **cli_kw)
+    if help is not None:
+        metadata["help"] = help
+    return attrs.field(default=default, metadata=metadata)
+
+
+def unsupported(default: Any, why: str, *, accepts: tuple[Any, ...] = (), same_as: str | None = None,
+                cli: dict[str, Any] | None = None) -> Any:
     """Declare a parameter SPDK has and this target does not honour.
 
     The default (and ``null``, any value in ``accepts``, or the value of the field named
     ``same_as``) is accepted silently: it asks for what this target does anyway.  Any
     other value is refused (``-ENOTSUP``) with a message naming the parameter, the value
-    and ``why`` (what this target does instead, or how to do without it).
+    and ``why`` (what this target does instead, or how to do without it).  ``cli``: its
+    ``vhost-rpc`` spelling (:func:`cli`), so that an SPDK command line pasted in parses.
     """
     return attrs.field(default=default, metadata={_UNSUPPORTED: {"why": why, "accepts": tuple(accepts),
-                                                                 "same_as": same_as}})
+                                                                 "same_as": same_as}, **(cli or {})})
 
 
-def extension(default: Any, help: str) -> Any:
+def extension(default: Any, help: str, *, cli: dict[str, Any] | None = None) -> Any:
     """Declare a parameter of this target's own that SPDK does not have (``help`` says what it
     does); SPDK's clients never send it, this target's CLI and JSON configs may."""
-    return attrs.field(default=default, metadata={"extension": help})
+    return attrs.field(default=default, metadata={"extension": help, **(cli or {})})
 
 
 def _refusal(f: attrs.Attribute) -> dict[str, Any] | None:
@@ -697,8 +742,8 @@ class RpcRegistry:
 
 @attrs.frozen
 class RpcGetMethodsParams:
-    current: bool = attrs.field(default=False, metadata={"help": "only methods callable now"})
-    include_aliases: bool = attrs.field(default=False, metadata={"help": "include deprecated aliases"})
+    current: bool = param(False, "-c", "--current", help="only methods callable now")
+    include_aliases: bool = param(False, "-i", "--include-aliases", help="include deprecated aliases")
 
 
 def iter_methods(registry: RpcRegistry) -> Iterable[RpcMethod]:
