@@ -40,6 +40,10 @@ struct fuzz_req {
 
 static struct fuzz_req *live[MAX_REQS];
 static uint32_t nlive, submitted, completions;
+/* Buffer bytes left for this input: enough for any request of 64 KiB blocks,
+ * while a run stays fast (filling megabytes per input would dominate it). */
+static uint64_t budget;
+#define BUDGET (512u << 10)
 
 /* ---------------------------------------------------------------- fake bdev */
 
@@ -188,6 +192,8 @@ static struct fuzz_req *build_req(struct reader *r)
     for (uint8_t s = 0; s < nseg; s++) {
         int w = rd_u8(r) & 1;
         uint32_t len = rd_u16(r);
+        if (len > budget) len = (uint32_t)budget;
+        budget -= len;
         if (!w && seen_write) w = 1;    /* the core never hands over a readable after a writable */
         seen_write |= w;
         uint32_t pieces = 1 + (split >> (2 * (s % 4)) & 3);
@@ -264,6 +270,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct blk_dev *d = blk_dev_new(&fb.bdev, cfg[4] & 1, "fuzz-blk-id-20-bytes", 1u << 22);
     FUZZ_CHECK(ops->attach(d) == 0);
     nlive = submitted = completions = 0;
+    budget = BUDGET;
 
     struct fuzz_req *fr;
     while (nlive < MAX_REQS && (fr = build_req(&r)) != NULL) {

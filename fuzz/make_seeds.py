@@ -264,6 +264,11 @@ def scsi_seeds() -> None:
           bytes([0x03, 0, 0x3F, 0, 0x03, 4, 0, 0])
           + scsi_cmd(bytes([0x2A, 0, 0, 0, 0, 1, 0, 0, 8, 0]), dout=bytes(4096), split=0x13, flags=0x30)
           + scsi_cmd(bytes([0x28, 0, 0, 0, 0, 1, 0, 0, 8, 0]), din=4096, split=0x2c, flags=0x30))
+    # Block sizes up to 64 KiB (what check_block_size allows): WRITE SAME (16)
+    # with NDOB on target 7, which then has 64 KiB blocks.
+    write("scsi_req", "cdb-write-same16-ndob-64k-blocks",
+          bytes([0x83, 0, 0x0F, 0, 0x03, 0, 0, 0x80])
+          + scsi_cmd(bytes([0x93, 0x01] + [0] * 6 + [0, 8, 0, 0, 0, 2, 0, 0]), target=7))
     write("scsi_req", "lun1-inquiry", cfg + scsi_cmd(bytes([0x12, 0, 0, 0, 96, 0]), lun=1, din=96))
     tmf = struct.pack("<II", 0, 5) + bytes([1, 0, 0x40, 0, 0, 0, 0, 0]) + struct.pack("<Q", 1)
     write("scsi_req", "tmf-lun-reset-behind-io",
