@@ -17,7 +17,7 @@ def _daemon_that_printed(tmp_path, text: str) -> VhostDaemon:
     # A stand-in process: stop() reads the log whatever printed it.
     d = VhostDaemon(tmp_path)
     d._logf = open(d.log_path, "wb")
-    d.proc = subprocess.Popen(["sh", "-c", f"printf '%s' \"$0\"; exec sleep 30", text],
+    d.proc = subprocess.Popen(["sh", "-c", "printf '%s' \"$0\"; exec sleep 30", text],
                               stdout=d._logf, stderr=subprocess.STDOUT)
     return d
 
