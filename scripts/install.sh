@@ -2,15 +2,28 @@
 # Install the vhost target into ./.venv (Debian 12, as root or with sudo).
 #   scripts/install.sh          the daemon, the CLI and the built-in plugins
 #   scripts/install.sh --test   also what the test suite needs (QEMU, a guest kernel, fio, pytest)
+#   scripts/install.sh --fuzz   also the fuzzers' and sanitizers' tools (clang, libFuzzer, ASan, atheris)
+# The two options combine (scripts/test.sh passes both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want_test=0
-[ "${1:-}" = "--test" ] && want_test=1
+want_test=0 want_fuzz=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) want_test=1 ;;
+        --fuzz) want_fuzz=1 ;;
+        *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
 
 pkgs=(python3 python3-venv python3-dev gcc make libaio-dev liburing-dev pkg-config)
 if [ $want_test = 1 ]; then
     pkgs+=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static fio cpio kmod util-linux)
+fi
+if [ $want_fuzz = 1 ]; then
+    # -fsanitize=fuzzer needs clang's runtime libraries, a separate package on Debian 12;
+    # the sanitizer job's gcc build needs the ASan and UBSan runtimes (and nm, to check them).
+    pkgs+=(clang-14 libclang-rt-14-dev libasan8 libubsan1 binutils)
 fi
 
 missing=()
@@ -33,6 +46,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi attrs pluggy stevedore
 if [ $want_test = 1 ]; then
     .venv/bin/python -m pip install -q pytest pytest-timeout build spdk
+fi
+if [ $want_fuzz = 1 ]; then
+    .venv/bin/python -m pip install -q atheris
 fi
 
 # The core first: plugins compile against its header (vhost_core.get_include()).

@@ -15,6 +15,13 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 INCLUDE = HERE.parent / "include"
 
+# VHOST_SANITIZE=1: ASan + UBSan, as vhost_core.native_build does for plugins
+# (not importable from here: this runs before vhost_core is installed).
+SANITIZE = os.environ.get("VHOST_SANITIZE", "0") not in ("", "0")
+SANITIZE_COMPILE_ARGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                         "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
+SANITIZE_LINK_ARGS = ["-fsanitize=address,undefined"] if SANITIZE else []
+
 
 def _header_cdef(name: str) -> str:
     lines = []
@@ -40,7 +47,9 @@ ffibuilder.set_source(
     # setuptools wants relative paths
     sources=[os.path.relpath(HERE / "core.c"), os.path.relpath(HERE / "pybdev.c")],
     include_dirs=[str(INCLUDE), str(HERE)],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function", "-fno-strict-aliasing"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function", "-fno-strict-aliasing"]
+    + SANITIZE_COMPILE_ARGS,
+    extra_link_args=SANITIZE_LINK_ARGS,
     libraries=["pthread"],
 )
 
