@@ -488,7 +488,8 @@ def _fio_selftest(fio: str, env: dict) -> None:
              "--rw=randwrite", "--ioengine=libaio", "--iodepth=4", "--verify=crc32c",
              "--do_verify=1", "--output-format=terse"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, **env}, timeout=60)
+            env={**os.environ, **env}, timeout=60,
+            cwd=d)  # fio saves its verify state (local-selftest-0-verify.state) in the cwd
 
 
 def add_binaries(img: Cpio, workdir: str) -> None:
