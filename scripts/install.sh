@@ -39,7 +39,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 if [ $want_test = 1 ]; then
     # setuptools: the template plugin's test installs a copy without build isolation.
-    .venv/bin/python -m pip install -q --upgrade pytest pytest-timeout build spdk "setuptools>=77"
+    .venv/bin/python -m pip install -q pytest pytest-timeout build spdk "setuptools>=77"
 fi
 
 # What a user types in a clone: the root distribution (vhost-py) depends on vhost_core/ and
