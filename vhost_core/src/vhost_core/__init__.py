@@ -17,9 +17,8 @@ import os
 __version__ = "0.1.0"
 
 #: Generation of the Python plugin API (hookspecs, bdev and device contracts).
+#: (The native ABI is ``vhost_core.native.NATIVE_ABI_VERSION``, read from the compiled core.)
 CORE_API_VERSION = 1
-#: Must match VN_ABI_VERSION in include/vhost_core/vhost_native.h.
-NATIVE_ABI_VERSION = 1
 
 
 def get_include() -> str:

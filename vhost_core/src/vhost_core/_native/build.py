@@ -35,7 +35,9 @@ def _header_cdef(name: str) -> str:
 def _cdef_text() -> str:
     # Plugin structs are opaque to Python: it only passes their addresses.  The
     # Python-bdev adapter's worker reads iovecs (sys/uio.h's, declared for cffi).
-    return ("struct vn_device_ops;\n" + _header_cdef("core.h")
+    # VN_ABI_VERSION: "..." makes cffi take vhost_native.h's value, as compiled, so
+    # Python reads the ABI from lib instead of repeating the number.
+    return ("#define VN_ABI_VERSION ...\nstruct vn_device_ops;\n" + _header_cdef("core.h")
             + "\nstruct iovec { void *iov_base; size_t iov_len; };\n" + _header_cdef("pybdev.h"))
 
 
