@@ -726,10 +726,12 @@ class Session:
         if size > m.MAX_PAYLOAD - m.CONFIG_HEADER.size or offset > m.MAX_PAYLOAD:
             raise m.ProtocolError(f"GET_CONFIG offset {offset} size {size} too large")
         config = self.ctrlr.backend.get_config()
-        # Answer exactly the size asked: SPDK's initiator asks 256 bytes, QEMU the
-        # struct size; the tail past our config reads as zeros.
-        data = config[offset: offset + size]
-        data += bytes(size - len(data))
+        # The reply is as long as the request's payload (the spec: "the back-end's
+        # payload size MUST match the front-end's request"; libvhost-user and DPDK do
+        # so), whatever its size field says; the tail past our config reads as zeros.
+        room = len(msg.payload) - m.CONFIG_HEADER.size
+        data = config[offset: offset + min(size, room)]
+        data += bytes(room - len(data))
         return m.CONFIG_HEADER.pack(offset, size, flags) + data
 
     def _set_config(self, msg: Message) -> None:
