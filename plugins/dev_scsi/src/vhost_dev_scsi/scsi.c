@@ -625,6 +625,10 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
     else t->oldest = sr->newer;
     if (sr->newer) sr->newer->older = sr->older;
     else t->newest = sr->older;
+    if (sr->io_status == -ERANGE) {
+        check(d, sr, ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE, NOFIELD, 0);
+        return;
+    }
     if (sr->io_status) {
         d->stats.io_errors++;
         if (sr->op == OP_RW && !sr->is_write)
@@ -664,6 +668,15 @@ static void step(struct scsi_dev *d, struct scsi_req *sr)
     uint64_t inline_bytes = 0;
     for (;;) {
         if (sr->io_status || !next_io(sr, &sr->io)) {
+            finish_io(d, sr);
+            return;
+        }
+        /* The disk may have shrunk (a resize) since the command was checked, while
+         * its earlier I/Os ran: the rest must not go past the new end. */
+        if (sr->io.type != VN_IO_FLUSH &&
+            (sr->io.offset_blocks > t->bdev->num_blocks ||
+             sr->io.num_blocks > t->bdev->num_blocks - sr->io.offset_blocks)) {
+            sr->io_status = -ERANGE;
             finish_io(d, sr);
             return;
         }
