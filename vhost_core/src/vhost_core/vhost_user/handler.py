@@ -251,6 +251,7 @@ class Session:
         self._refusals += 1
         if self._refusals <= REFUSALS_LOGGED:
             log.error("Controller %s: %s", self.name, what)
+            self._last_refusal_summary = time.monotonic()
             return
         self._refusals_unlogged += 1
         self._last_refusal = what
