@@ -49,6 +49,7 @@ from vhost_core.testing.constants import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     VhostUserProtocolFeature as PF,
+    VhostUserRequest as R,
     VirtioBlkFeature as BF,
     bit,
 )
@@ -139,6 +140,24 @@ def test_get_config_256_bytes(blk_daemon):
         assert dev.frontend.get_config(8, 4) == (32 * 1024).to_bytes(4, "little")
         # Past the struct entirely: zeros.
         assert dev.frontend.get_config(200, 56) == bytes(56)
+
+
+def test_get_config_reply_is_as_long_as_the_request_payload(blk_daemon):
+    """A front-end whose payload carries more room than its size field asks for (SPDK's
+    virtio-user, patched so): the reply matches the payload, as the spec says, with the
+    asked bytes first and zeros after."""
+    import struct
+
+    d = blk_daemon
+    with connect(d, "vhost.0") as dev:
+        fe = dev.frontend
+        fe.send(R.GET_CONFIG, struct.pack("<III", 8, 4, 0) + bytes(60))
+        reply = fe.recv(timeout=5)
+        assert len(reply.payload) == 12 + 60
+        assert struct.unpack_from("<III", reply.payload) == (8, 4, 0)
+        assert reply.payload[12:16] == (32 * 1024).to_bytes(4, "little")
+        assert reply.payload[16:] == bytes(56)
+        assert fe.ping()
 
 
 def test_set_config_is_refused(blk_daemon):

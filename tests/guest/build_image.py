@@ -13,14 +13,23 @@ The image contains:
     ``tests/guestvm.py`` for the host side of the protocol).
 
 The result is cached in ``${VHOST_TEST_CACHE:-~/.cache/vhost-tests}`` under a
-name derived from the kernel version and the contents of this file, so only
-the first call pays for the build.
+name derived from the kernel and the contents of this file, so only the first
+call pays for the build.
+
+The guest kernel and its modules come from Debian's ``linux-image-amd64``
+package, *extracted* into ``<cache>/kernel`` (``boot/vmlinuz-<ver>``,
+``lib/modules/<ver>``) by ``--fetch-kernel`` (``apt-get download`` +
+``dpkg-deb -x`` + ``depmod``; scripts/install.sh --test runs it), not installed
+as a boot kernel of the host.  Without it, a kernel of the host's ``/boot`` with
+its ``/lib/modules`` is used; ``VHOST_TEST_KERNEL_ROOT`` names another tree of
+that layout, ``VHOST_TEST_KERNEL_VERSION`` a version in it.
 
 Usage as a script::
 
     python3 tests/guest/build_image.py [--force] [--kernel-version VER]
+    python3 tests/guest/build_image.py --fetch-kernel [--package linux-image-amd64]
 
-prints ``<kernel path> <initrd path>``.
+prints ``<kernel path> <initrd path>`` (resp. the extracted kernel).
 """
 from __future__ import annotations
 
@@ -196,38 +205,124 @@ def _version_key(ver: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", ver)]
 
 
-def find_kernel_version() -> str:
-    """Kernel version to use: $VHOST_TEST_KERNEL_VERSION, else the newest
-    /boot/vmlinuz-<ver> that has a matching /lib/modules/<ver>."""
-    env = os.environ.get("VHOST_TEST_KERNEL_VERSION")
-    if env:
-        return env
-    found = []
-    for p in Path("/boot").glob("vmlinuz-*"):
-        ver = p.name[len("vmlinuz-"):]
-        if (Path("/lib/modules") / ver / "modules.dep").is_file():
-            found.append(ver)
-    if not found:
-        raise RuntimeError("no /boot/vmlinuz-<ver> with matching /lib/modules/<ver> "
-                           "(install linux-image-amd64)")
-    return max(found, key=_version_key)
+def kernel_cache() -> Path:
+    """Where --fetch-kernel extracts the guest kernel (a tree with boot/ and lib/modules/)."""
+    return cache_dir() / "kernel"
 
 
-def kernel_path(kver: str) -> Path:
-    return Path("/boot") / f"vmlinuz-{kver}"
+def _kernel_versions(root: Path) -> list[str]:
+    """Versions with both <root>/boot/vmlinuz-<ver> and <root>/lib/modules/<ver>/modules.dep."""
+    return sorted((p.name[len("vmlinuz-"):] for p in (root / "boot").glob("vmlinuz-*")
+                   if (root / "lib" / "modules" / p.name[len("vmlinuz-"):] / "modules.dep").is_file()),
+                  key=_version_key)
 
 
-def image_hash(kver: str) -> str:
+def find_kernel(kver: str | None = None) -> tuple[Path, str]:
+    """(root, version) of the guest kernel: ``<root>/boot/vmlinuz-<version>`` and
+    ``<root>/lib/modules/<version>``.  The root is $VHOST_TEST_KERNEL_ROOT if set,
+    else the extracted package (kernel_cache()), else the host (``/``); the version is
+    ``kver``, else $VHOST_TEST_KERNEL_VERSION, else the newest there."""
+    kver = kver or os.environ.get("VHOST_TEST_KERNEL_VERSION")
+    env_root = os.environ.get("VHOST_TEST_KERNEL_ROOT")
+    roots = [Path(env_root)] if env_root else [kernel_cache(), Path("/")]
+    for root in roots:
+        found = _kernel_versions(root)
+        if kver in found or (found and not kver):
+            return root, kver or found[-1]
+    where = " or ".join(f"{r / 'boot'}/vmlinuz-{kver or '<ver>'} with {r / 'lib/modules'}/"
+                        f"{kver or '<ver>'}/modules.dep" for r in roots)
+    raise RuntimeError(f"no guest kernel: no {where}.  Run scripts/install.sh --test, or "
+                       f"python3 {Path(__file__).resolve()} --fetch-kernel (extracts linux-image-amd64 "
+                       f"into {kernel_cache()}; it does not install a kernel on the host)")
+
+
+def kernel_path(kver: str, root: Path = Path("/")) -> Path:
+    return root / "boot" / f"vmlinuz-{kver}"
+
+
+def modules_dir(kver: str, root: Path = Path("/")) -> Path:
+    return root / "lib" / "modules" / kver
+
+
+def image_hash(kver: str, root: Path = Path("/")) -> str:
     h = hashlib.sha256()
     h.update(kver.encode())
+    h.update(b"\0")
+    # The same version from another tree (or a rebuilt package) has other modules.
+    st = kernel_path(kver, root).stat()
+    h.update(f"{root.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(b"\0")
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
-def image_path(kver: str | None = None) -> Path:
-    kver = kver or find_kernel_version()
-    return cache_dir() / f"guest-{image_hash(kver)}.cpio.gz"
+def image_path(kver: str | None = None, root: Path | None = None) -> Path:
+    if root is None:
+        root, kver = find_kernel(kver)
+    return cache_dir() / f"guest-{image_hash(kver, root)}.cpio.gz"
+
+
+def _run_quiet(cmd: list, **kw) -> str:
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def fetch_kernel(package: str = "linux-image-amd64", keep_others: bool = False) -> tuple[Path, str]:
+    """Extract Debian's kernel ``package`` (the meta-package resolves to the versioned
+    linux-image-<ver> it depends on) into kernel_cache(): ``apt-get download`` (checked
+    against the signed apt lists, needs no root) + ``dpkg-deb -x`` + ``depmod``.
+    Nothing is installed on the host.  Returns (root, version); does nothing if that
+    version is already there.  Older extracted versions are removed unless keep_others."""
+    deps = [line.split(":", 1)[1].strip() for line in
+            _run_quiet(["apt-cache", "depends", "--important", package]).splitlines()
+            if line.strip().startswith("Depends:")]
+    images = [d for d in deps if d.startswith("linux-image-")]
+    pkg = images[0] if images else package
+    root = kernel_cache()
+    kver = pkg[len("linux-image-"):].removesuffix("-unsigned")
+    if kver in _kernel_versions(root):
+        return root, kver
+    root.mkdir(parents=True, exist_ok=True)
+    depmod = shutil.which("depmod", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if not depmod:
+        raise RuntimeError("depmod not found (Debian package kmod)")
+    with tempfile.TemporaryDirectory(prefix="kernel-", dir=root.parent) as tmp:
+        # As root, apt would drop to its sandbox user, who cannot write here.
+        sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+        _run_quiet(["apt-get", "download", "-q", *sandbox, pkg], cwd=tmp)
+        (deb,) = Path(tmp).glob("*.deb")
+        tree = Path(tmp) / "tree"
+        _run_quiet(["dpkg-deb", "-x", deb, tree])
+        deb.unlink()
+        vmlinuz = sorted((tree / "boot").glob("vmlinuz-*"))
+        mods = [d for d in (tree / "lib" / "modules", tree / "usr" / "lib" / "modules") if d.is_dir()]
+        if len(vmlinuz) != 1 or not mods:
+            raise RuntimeError(f"{pkg} has no boot/vmlinuz-<ver> and lib/modules/<ver>")
+        kver = vmlinuz[0].name[len("vmlinuz-"):]
+        stage = Path(tmp) / "stage"
+        (stage / "boot").mkdir(parents=True)
+        (stage / "lib").mkdir()
+        os.rename(mods[0], stage / "lib" / "modules")
+        # Where depmod looks under -b depends on kmod's build (lib/ or usr/lib/).
+        (stage / "usr").mkdir()
+        os.symlink("../lib", stage / "usr" / "lib")
+        _run_quiet([depmod, "-b", stage, kver])
+        for sub in ("boot", "lib/modules"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        dst = modules_dir(kver, root)
+        if dst.exists():
+            shutil.rmtree(dst)
+        # Modules first, the kernel last: a version counts once both are there.
+        os.rename(stage / "lib" / "modules" / kver, dst)
+        os.rename(vmlinuz[0], kernel_path(kver, root))
+    if not keep_others:
+        for old in _kernel_versions(root):
+            if old != kver:
+                kernel_path(old, root).unlink()
+                shutil.rmtree(modules_dir(old, root), ignore_errors=True)
+    return root, kver
 
 
 # --------------------------------------------------------------------------
@@ -334,9 +429,9 @@ def _mod_name(relpath: str) -> str:
     return base.replace("-", "_")
 
 
-def add_modules(img: Cpio, kver: str) -> list[str]:
-    """Add WANTED_MODULES (+deps) to the image; returns the load order."""
-    moddir = Path("/lib/modules") / kver
+def add_modules(img: Cpio, kver: str, root: Path = Path("/")) -> list[str]:
+    """Add WANTED_MODULES (+deps) of ``<root>/lib/modules/<kver>`` to the image; returns the load order."""
+    moddir = modules_dir(kver, root)
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in (moddir / "modules.dep").read_text().splitlines():
@@ -488,7 +583,8 @@ def _fio_selftest(fio: str, env: dict) -> None:
              "--rw=randwrite", "--ioengine=libaio", "--iodepth=4", "--verify=crc32c",
              "--do_verify=1", "--output-format=terse"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, **env}, timeout=60)
+            env={**os.environ, **env}, timeout=60,
+            cwd=d)  # fio saves its verify state (local-selftest-0-verify.state) in the cwd
 
 
 def add_binaries(img: Cpio, workdir: str) -> None:
@@ -540,7 +636,7 @@ def add_busybox(img: Cpio) -> None:
             img.symlink(must, "/bin/busybox")
 
 
-def build_cpio(kver: str, workdir: str) -> Cpio:
+def build_cpio(kver: str, workdir: str, root: Path = Path("/")) -> Cpio:
     img = Cpio()
     for d in ("dev", "proc", "sys", "tmp", "run", "root", "mnt", "etc", "var/tmp"):
         img.mkdir(d, 0o1777 if d in ("tmp", "var/tmp") else 0o755)
@@ -554,7 +650,7 @@ def build_cpio(kver: str, workdir: str) -> Cpio:
         if not img.exists(link):
             img.symlink(link, bash)
     add_busybox(img)
-    add_modules(img, kver)
+    add_modules(img, kver, root)
     img.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     img.file("etc/group", b"root:x:0:\n")
     img.file("etc/ld.so.conf", (LIB_PATH.replace(":", "\n") + "\n").encode())
@@ -620,11 +716,11 @@ def _decompress_kernel(data: bytes) -> bytes | None:
     return None
 
 
-def pvh_kernel(kver: str) -> Path | None:
+def pvh_kernel(kver: str, root: Path = Path("/")) -> Path | None:
     """Cached uncompressed vmlinux with a PVH entry point, or None."""
     if os.environ.get("VHOST_TEST_BZIMAGE"):
         return None
-    st = kernel_path(kver).stat()
+    st = kernel_path(kver, root).stat()
     key = hashlib.sha256(f"{kver}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / f"vmlinux-{kver}-{key}"
     if out.is_file():
@@ -633,7 +729,7 @@ def pvh_kernel(kver: str) -> Path | None:
     if failed.exists():
         return None
     try:
-        vmlinux = _decompress_kernel(kernel_path(kver).read_bytes())
+        vmlinux = _decompress_kernel(kernel_path(kver, root).read_bytes())
     except OSError:
         return None
     if not vmlinux or not _has_pvh_note(vmlinux):
@@ -655,23 +751,21 @@ def pvh_kernel(kver: str) -> Path | None:
 
 def build(force: bool = False, kver: str | None = None, verbose: bool = False) -> tuple[str, str]:
     """Return (kernel, initrd) paths, building the initrd if not cached."""
-    kver = kver or find_kernel_version()
-    kernel = kernel_path(kver)
-    if not kernel.is_file():
-        raise RuntimeError(f"kernel {kernel} not found")
-    out = image_path(kver)
+    root, kver = find_kernel(kver)
+    kernel = kernel_path(kver, root)
+    out = image_path(kver, root)
     if out.is_file() and not force:
         try:
             os.utime(out)  # "last used", see the stale image cleanup below
         except OSError:
             pass
-        return str(pvh_kernel(kver) or kernel), str(out)
+        return str(pvh_kernel(kver, root) or kernel), str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out.parent / ".build.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it
         if out.is_file() and not force:
-            return str(pvh_kernel(kver) or kernel), str(out)
+            return str(pvh_kernel(kver, root) or kernel), str(out)
         # Drop images of older versions of this script (not used for a while,
         # so no concurrent test run is about to hand them to QEMU).
         for stale in cache_dir().glob("guest-*.cpio.gz"):
@@ -680,9 +774,9 @@ def build(force: bool = False, kver: str | None = None, verbose: bool = False) -
                     stale.unlink()
             except OSError:
                 pass
-        kernel = pvh_kernel(kver) or kernel
+        kernel = pvh_kernel(kver, root) or kernel
         with tempfile.TemporaryDirectory(prefix="guest-build-") as workdir:
-            img = build_cpio(kver, workdir)
+            img = build_cpio(kver, workdir, root)
         fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
         try:
             with os.fdopen(fd, "wb") as raw:
@@ -707,8 +801,19 @@ def build(force: bool = False, kver: str | None = None, verbose: bool = False) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
-    ap.add_argument("--kernel-version", help="kernel version (default: newest in /boot)")
+    ap.add_argument("--kernel-version", help="kernel version (default: the newest found, see find_kernel)")
+    ap.add_argument("--fetch-kernel", action="store_true",
+                    help="extract the --package kernel into the cache (without installing it), then exit")
+    ap.add_argument("--package", default="linux-image-amd64", help="kernel package for --fetch-kernel")
     args = ap.parse_args(argv)
+    if args.fetch_kernel:
+        try:
+            root, kver = fetch_kernel(args.package)
+        except RuntimeError as e:
+            print(f"build_image.py: {e}", file=sys.stderr)
+            return 1
+        print(kernel_path(kver, root))
+        return 0
     kernel, initrd = build(force=args.force, kver=args.kernel_version, verbose=True)
     print(kernel, initrd)
     return 0

@@ -50,7 +50,7 @@ from vhost_core.testing.constants import (  # noqa: E402
     bit,
 )
 # Fixtures (guest_memory, vhost_blk_factory, vhost_frontend_factory) come from the
-# vhost_core.testing pytest plugin, loaded through vhost-core's pytest11 entry point.
+# vhost_core.testing pytest plugin (-p vhost_core.testing.pytest_plugin in the root pyproject.toml).
 
 QSD = shutil.which("qemu-storage-daemon")
 IMAGE_SIZE = 64 << 20

@@ -175,7 +175,7 @@ BAD_ABI = """
 
 
 def test_a_native_table_of_another_abi_is_refused_with_one_clear_error(tmp_path):
-    from vhost_core import NATIVE_ABI_VERSION
+    from vhost_core.native import NATIVE_ABI_VERSION
     from vhost_core.rpc.registry import RpcError
     from vhost_core.testing.daemon import VhostDaemon
 

@@ -140,7 +140,7 @@ def test_a_transfer_over_the_maximum_fails_and_moves_nothing(vhost_daemon, backi
     d = vhost_daemon
     f = helpers.make_file(backing_dir / "disk.img", 16 << 20)
     _setup(d, f, engine=engine)
-    with connect_blk(d.socket("vhost.0"), memory_mb=32) as dev:
+    with connect_blk(d.socket("vhost.0"), memory_mb=32, queue_size=256, indirect=True) as dev:
         data = os.urandom(MAX_TRANSFER)
         dev.write(0, data, seg_size=20000, indirect=True)
         assert dev.read(0, MAX_TRANSFER // SECTOR, seg_size=30000, indirect=True) == data

@@ -24,7 +24,7 @@ def _blk(d, name: str, mib: int) -> None:
 def test_read_or_write_over_the_maximum_transfer_fails_and_copies_nothing(vhost_daemon):
     d = vhost_daemon
     _blk(d, "M0", 16)
-    with connect_blk(d.socket("vhost.M0"), memory_mb=32) as dev:
+    with connect_blk(d.socket("vhost.M0"), memory_mb=32, queue_size=256, indirect=True) as dev:
         before = os.urandom(MAX_TRANSFER)
         dev.write(0, before)                                    # exactly the maximum: fine
         assert dev.read(0, MAX_TRANSFER // SECTOR) == before

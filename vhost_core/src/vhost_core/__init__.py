@@ -18,9 +18,8 @@ __version__ = "0.1.0"
 
 #: Generation of the Python plugin API (hookspecs, bdev and device contracts).  2: hooks
 #: register bdev modules, device types and commands, and receive registries, not the App.
+#: (The native ABI is ``vhost_core.native.NATIVE_ABI_VERSION``, read from the compiled core.)
 CORE_API_VERSION = 2
-#: Must match VN_ABI_VERSION in include/vhost_core/vhost_native.h.
-NATIVE_ABI_VERSION = 2
 
 
 def get_include() -> str:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from vhost_core._vhost_native import ffi, lib  # noqa: F401  (built by setup.py)
 
+#: VN_ABI_VERSION of include/vhost_core/vhost_native.h, as this core was compiled with it:
+#: the version a plugin's native tables must carry.
+NATIVE_ABI_VERSION: int = lib.VN_ABI_VERSION
+
 
 def addr(ptr) -> int:
     """Integer address of a cdata pointer (how native objects cross plugin boundaries)."""
@@ -30,8 +34,6 @@ def abi_mismatch(what: str, ops_address: int) -> str | None:
 
     ``what`` names the table's owner in the message ("bdev 'Malloc0' (module malloc)").
     """
-    from vhost_core import NATIVE_ABI_VERSION
-
     if not ops_address:
         return f"{what} has no native I/O table (NULL ops)"
     version = ops_abi_version(ops_address)

@@ -54,13 +54,13 @@ static void ram_submit(void *ctx, void *chan, vn_bdev_io *io)
         io->cb(io, -EINVAL);
         return;
     }
+    if (m->is_null) {           /* moves no byte: nothing to bound */
+        io->cb(io, 0);
+        return;
+    }
     uint64_t off = io->offset_blocks * bs, len = io->num_blocks * bs;
     if ((io->type == VN_IO_READ || io->type == VN_IO_WRITE) && len > VN_MAX_TRANSFER) {
         io->cb(io, -E2BIG);
-        return;
-    }
-    if (m->is_null) {
-        io->cb(io, 0);
         return;
     }
     switch (io->type) {

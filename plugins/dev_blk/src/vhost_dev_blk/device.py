@@ -33,10 +33,10 @@ SEG_MAX = 126
 #: guest sends, and it must stay within the core's VN_MAX_TRANSFER (4 MiB), which
 #: blk.c enforces: 126 x 32 KiB = 3.9 MiB.
 SIZE_MAX = (core_lib.vn_max_transfer() // SEG_MAX) & ~4095
-#: Sectors per DISCARD / WRITE ZEROES: a malloc bdev memsets them on the reactor,
-#: so one request must cost co-located devices milliseconds, not a second.  A
-#: multiple of every block size.
-MAX_DISCARD_SECTORS = (32 << 20) // 512
+#: Sectors per DISCARD / WRITE ZEROES (2 GiB, a multiple of every block size): no
+#: data moves through guest memory, and bdevs that zero on the reactor do it
+#: VN_MAX_TRANSFER bytes per iteration (bdev_malloc).
+MAX_DISCARD_SECTORS = 1 << 22
 MAX_QUEUES = 16
 
 # capacity, size_max, seg_max, geometry(c,h,s), blk_size, topology(exp, align, min_io, opt_io),

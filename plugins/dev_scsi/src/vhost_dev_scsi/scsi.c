@@ -619,6 +619,10 @@ static void finish_io(struct scsi_dev *d, struct scsi_req *sr)
     else t->oldest = sr->newer;
     if (sr->newer) sr->newer->older = sr->older;
     else t->newest = sr->older;
+    if (sr->io_status == -ERANGE) {
+        check(d, sr, ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE, NOFIELD, 0);
+        return;
+    }
     if (sr->io_status) {
         d->stats.io_errors++;
         if (sr->op == OP_RW && !sr->is_write)
@@ -658,6 +662,17 @@ static void step(struct scsi_dev *d, struct scsi_req *sr)
     uint64_t inline_bytes = 0;
     for (;;) {
         if (sr->io_status || !next_io(sr, &sr->io)) {
+            finish_io(d, sr);
+            return;
+        }
+        /* The disk may have shrunk (a resize) since the command was checked, while
+         * its earlier I/Os ran: the rest must not go past the new end (nor to a
+         * descriptor the core closed under it). */
+        const vn_bdev *b = t->desc->bdev;
+        uint64_t nb = b ? __atomic_load_n(&b->num_blocks, __ATOMIC_RELAXED) : 0;
+        if (sr->io.type != VN_IO_FLUSH &&
+            (sr->io.offset_blocks > nb || sr->io.num_blocks > nb - sr->io.offset_blocks)) {
+            sr->io_status = -ERANGE;
             finish_io(d, sr);
             return;
         }

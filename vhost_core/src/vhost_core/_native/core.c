@@ -691,11 +691,11 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
 {
     const struct vring_desc *table = q->desc;
     uint32_t max = q->size, idx = head, count = 0;
+    /* One bound covers loops and over-long chains: the table size, or less. */
+    uint32_t limit = max < VQ_MAX_CHAIN ? max : VQ_MAX_CHAIN;
     int in_indirect = 0, seen_write = 0;
     uint32_t niov = 0;
     struct vring_desc last = { 0, 0, 0, 0 };
-
-    uint32_t walked = 0;
 
     req->n_out = req->n_in = 0;
     req->out_len = req->in_len = 0;
@@ -703,8 +703,11 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
     for (;;) {
         struct vring_desc d;
         if (idx >= max) { vq_mark_broken(q, "descriptor next index out of range"); return -1; }
-        if (++count > max) { vq_mark_broken(q, "descriptor chain loops or is longer than the table"); return -1; }
-        if (++walked > VQ_MAX_CHAIN) { vq_mark_broken(q, "descriptor chain longer than 1040 descriptors"); return -1; }
+        if (++count > limit) {
+            vq_mark_broken(q, count > max ? "descriptor chain loops or is longer than the table"
+                                          : "descriptor chain longer than 1040 descriptors");
+            return -1;
+        }
         d.addr = ((volatile struct vring_desc *)table)[idx].addr;
         d.len = ((volatile struct vring_desc *)table)[idx].len;
         d.flags = ((volatile struct vring_desc *)table)[idx].flags;
@@ -720,6 +723,8 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
             table = vn_mem_gpa_to_host(q->mem, d.addr, d.len);
             if (!table) { vq_mark_broken(q, "indirect table outside guest memory"); return -1; }
             max = d.len / sizeof(struct vring_desc);
+            limit = max < VQ_MAX_CHAIN ? max : VQ_MAX_CHAIN;
+            q->pass_walked += count;
             idx = 0;
             count = 0;
             in_indirect = 1;
@@ -732,9 +737,7 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
             return -1;
         }
         if (d.len > 0 && req->error == VN_REQ_OK) {
-            uint64_t part = ((d.flags & VRING_DESC_F_WRITE) ? req->in_len : req->out_len) + d.len;
-            int n = part > VQ_MAX_PART_BYTES ? -2
-                    : mem_to_iov(q->mem, d.addr, d.len, &req->iov[niov], VN_MAX_IOV - niov);
+            int n = mem_to_iov(q->mem, d.addr, d.len, &req->iov[niov], VN_MAX_IOV - niov);
             if (n < 0) {
                 req->error = n == -2 ? VN_REQ_E2BIG : VN_REQ_EFAULT;
             } else {
@@ -747,6 +750,12 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
         if (!(d.flags & VRING_DESC_F_NEXT)) break;
         idx = d.next;
     }
+    q->pass_walked += count;
+    /* Checked once, not per descriptor: the sums cannot wrap (VN_MAX_IOV
+     * descriptors of at most 4 GiB each), and nothing was touched yet. */
+    if (__builtin_expect(req->out_len > VQ_MAX_PART_BYTES || req->in_len > VQ_MAX_PART_BYTES, 0)
+        && req->error == VN_REQ_OK)
+        req->error = VN_REQ_E2BIG;
     if (req->error) {
         /* Part of the chain lies outside guest memory.  Hand the device only the
          * chain's last descriptor, when it is device-writable and translates, so
@@ -759,7 +768,6 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
             if (n > 0) { req->n_in = (uint32_t)n; req->in_len = last.len; }
         }
     }
-    q->pass_walked += walked;
     return 0;
 }
 

@@ -3,11 +3,16 @@
 The daemon runs exactly as a user starts it (interrupt mode by default, so it
 leaves the machine's other core to the test or a TCG guest).  ``rpc()`` talks to
 it over its JSON-RPC socket; ``log()`` returns what it printed so far.
+
+A daemon whose native modules were built with sanitizers (scripts/test-sanitizers.sh)
+prints their reports to its log: ``stop()`` fails the test that started it when
+the log holds one, whatever the test itself saw.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from vhost_core.rpc.client import RpcClient
+
+#: The first line of an AddressSanitizer or UndefinedBehaviorSanitizer report.
+SANITIZER_REPORT = re.compile(r"^(==\d+==ERROR: \w+Sanitizer|.*: runtime error: |SUMMARY: \w+Sanitizer)",
+                              re.MULTILINE)
 
 
 class VhostDaemon:
@@ -76,6 +85,12 @@ class VhostDaemon:
             time.sleep(0.05)
         raise AssertionError(f"'{text}' did not appear in the vhost log within {timeout}s:\n{self.log()}")
 
+    def sanitizer_report(self) -> str | None:
+        """The log from its first sanitizer report on, or None."""
+        out = self.log()
+        found = SANITIZER_REPORT.search(out)
+        return out[found.start():] if found else None
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -90,6 +105,9 @@ class VhostDaemon:
                 self.proc.kill()
                 self.proc.wait()
         self._logf.close()
+        report = self.sanitizer_report()
+        if report is not None:
+            raise AssertionError(f"vhost (pid {self.proc.pid}) made a sanitizer report:\n{report}")
         return self.proc.returncode
 
     def __enter__(self) -> VhostDaemon:

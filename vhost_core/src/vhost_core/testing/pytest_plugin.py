@@ -22,9 +22,10 @@ Fixtures:
 ``vhost_daemon``
     A running ``vhost`` daemon (:class:`~vhost_core.testing.daemon.VhostDaemon`).
 
-Installed vhost-core registers this module as a pytest plugin (entry point
-``pytest11``), so a plugin's tests get these fixtures with no conftest.  The
-conformance suites build on them: subclass
+The plugin is opt-in (no ``pytest11`` entry point: installing vhost-core does not
+load it into every pytest run on the machine): a plugin's ``tests/conftest.py``
+says ``pytest_plugins = ["vhost_core.testing.pytest_plugin"]``, as
+``plugins/_template`` does.  The conformance suites build on these fixtures: subclass
 :class:`vhost_core.testing.conformance.bdev.BdevConformance` (bdev backends) or
 :class:`vhost_core.testing.conformance.device.DeviceConformance` (device types)
 and provide one recipe fixture; see those modules.

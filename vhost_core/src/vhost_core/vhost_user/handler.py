@@ -41,7 +41,10 @@ CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEA
 PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY_ACK)
                      | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ)
                      | (1 << m.ProtocolFeature.INFLIGHT_SHMFD))
-STOP_TIMEOUT_MS = 30000
+#: How long a stopping ring waits for requests its backend still holds (a stuck
+#: NFS mount, a frozen filesystem) before the session is given up and the ring
+#: retired.  VHOST_STOP_TIMEOUT_S overrides it.
+STOP_TIMEOUT_MS = int(float(os.environ.get("VHOST_STOP_TIMEOUT_S", "30")) * 1000)
 #: Draining a ring is waited for under the control lock this long; past it the lock is
 #: released while waiting, so that RPCs and the other controllers are not held up.
 QUICK_STOP_MS = 50
@@ -248,6 +251,7 @@ class Session:
         self._refusals += 1
         if self._refusals <= REFUSALS_LOGGED:
             log.error("Controller %s: %s", self.name, what)
+            self._last_refusal_summary = time.monotonic()
             return
         self._refusals_unlogged += 1
         self._last_refusal = what
@@ -584,9 +588,9 @@ class Session:
                 # session's memory until they complete (Controller.retire).
                 v.stuck = True
                 self.wedged = True
-                log.error("Controller %s: vring %d stopped with %d requests still in flight after %d s; "
+                log.error("Controller %s: vring %d stopped with %d requests still in flight after %g s; "
                           "dropping the front-end; its guest memory stays mapped until they complete",
-                          self.name, v.index, left, STOP_TIMEOUT_MS // 1000)
+                          self.name, v.index, left, STOP_TIMEOUT_MS / 1000)
             self._report_broken(v)
             v.broken_reported = False
             v.base = lib.vn_vq_get_base(v.native)
@@ -723,10 +727,12 @@ class Session:
         if size > m.MAX_PAYLOAD - m.CONFIG_HEADER.size or offset > m.MAX_PAYLOAD:
             raise m.ProtocolError(f"GET_CONFIG offset {offset} size {size} too large")
         config = self.ctrlr.backend.get_config()
-        # Answer exactly the size asked: SPDK's initiator asks 256 bytes, QEMU the
-        # struct size; the tail past our config reads as zeros.
-        data = config[offset: offset + size]
-        data += bytes(size - len(data))
+        # The reply is as long as the request's payload (the spec: "the back-end's
+        # payload size MUST match the front-end's request"; libvhost-user and DPDK do
+        # so), whatever its size field says; the tail past our config reads as zeros.
+        room = len(msg.payload) - m.CONFIG_HEADER.size
+        data = config[offset: offset + min(size, room)]
+        data += bytes(room - len(data))
         return m.CONFIG_HEADER.pack(offset, size, flags) + data
 
     def _set_config(self, msg: Message) -> None:
@@ -784,6 +790,12 @@ class Session:
     # ---------------------------------------------------------------- teardown
 
     def stop_all(self) -> None:
+        # Every ring stops fetching first: one still running while another drains
+        # would take new requests from a front-end that is going away, and the
+        # drains overlap instead of adding up.
+        for v in self.vrings:
+            if v.started and not v.stopping:
+                lib.vn_vq_stop(v.native, 0)
         for v in self.vrings:
             self._stop_vring(v)
 

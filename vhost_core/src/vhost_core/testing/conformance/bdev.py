@@ -13,8 +13,9 @@ Usage (one import, in your plugin's ``tests/test_conformance.py``)::
                               {"name": "Example0", "num_blocks": 8192, "block_size": 512},
                               delete_method="bdev_example_delete")
 
-Run it with pytest: vhost-core's pytest plugin (entry point ``pytest11``) provides the
-``vhost_daemon`` fixture the suite uses, so nothing else is needed in ``conftest.py``.
+Run it with pytest and vhost-core's pytest plugin, which provides the ``vhost_daemon``
+fixture the suite uses: ``pytest_plugins = ["vhost_core.testing.pytest_plugin"]`` in
+your ``tests/conftest.py`` (or ``pytest -p vhost_core.testing.pytest_plugin``).
 The fixture may depend on other fixtures (``tmp_path`` for a backing file, a
 parametrised fixture to run the suite over several configurations...).
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The sanitizer job: build vhost-core's and every plugin's native module with
+# AddressSanitizer + UndefinedBehaviorSanitizer (VHOST_SANITIZE=1) into .venv-asan,
+# then run the hostile-input and device suites against daemons built that way.
+# Any sanitizer report fails the run (VhostDaemon.stop checks each daemon's log).
+#   scripts/test-sanitizers.sh               the suites below
+#   scripts/test-sanitizers.sh tests/x.py    other pytest arguments instead
+# Expects scripts/install.sh --test to have run (the system packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUITES=(tests/test_vhost_user_hostile.py tests/test_isolation.py tests/test_isolation_stuck.py
+        tests/test_blk_requests.py tests/test_inflight.py
+        plugins/dev_scsi/tests plugins/dev_blk/tests/test_conformance.py
+        plugins/bdev_malloc/tests/test_conformance.py plugins/bdev_aio/tests/test_conformance.py)
+[ $# -gt 0 ] && SUITES=("$@")
+
+VENV=.venv-asan
+if [ ! -x $VENV/bin/python ]; then
+    echo "==> creating $VENV"
+    /usr/bin/python3 -m venv --system-site-packages $VENV
+fi
+$VENV/bin/python -m pip install -q --upgrade pip setuptools wheel cffi attrs pluggy stevedore \
+    pytest pytest-timeout spdk
+
+# Build from a copy: setuptools builds in the source tree's build/ and reuses a
+# module that looks newer than its sources, so the plain and the sanitized
+# builds must never share one.
+SRC=$VENV/src
+rm -rf "$SRC"
+mkdir -p "$SRC/plugins"
+cp -r vhost_core "$SRC/"
+plugins=()
+for d in plugins/*/; do
+    case "$d" in plugins/_*) continue ;; esac
+    [ -f "$d/pyproject.toml" ] || continue
+    cp -r "$d" "$SRC/plugins/"
+    plugins+=("$SRC/$d")
+done
+find "$SRC" -depth \( -name build -o -name '*.egg-info' -o -name '*.so' \) -exec rm -rf {} +
+echo "==> building vhost-core and the plugins with ASan + UBSan"
+VHOST_SANITIZE=1 $VENV/bin/python -m pip install -q --no-build-isolation "$SRC/vhost_core"
+VHOST_SANITIZE=1 $VENV/bin/python -m pip install -q --no-build-isolation "${plugins[@]}"
+
+# Python itself is not instrumented: the ASan runtime must be loaded first.
+# Leak checking is off (the interpreter's own allocations would be reported);
+# the first report aborts the process that made it.
+ASAN_LIB=$(gcc -print-file-name=libasan.so)
+[ -f "$ASAN_LIB" ] || { echo "test-sanitizers.sh: no libasan.so (apt-get install libasan8)" >&2; exit 1; }
+export LD_PRELOAD=$ASAN_LIB
+export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:allow_user_segv_handler=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# Guard against a stale build: every native module must carry ASan.
+$VENV/bin/python - <<'EOF'
+import pathlib, subprocess, sysconfig
+mods = sorted(pathlib.Path(sysconfig.get_paths()["purelib"]).glob("vhost_*/*.so"))
+assert mods, "no native module installed"
+for path in mods:
+    assert "__asan_" in subprocess.run(["nm", "-D", path], capture_output=True, text=True).stdout, \
+        f"{path} is not built with ASan"
+EOF
+exec $VENV/bin/python -m pytest -p no:cacheprovider -q "${SUITES[@]}"
