@@ -27,7 +27,7 @@ declare -A SOURCES=(
     [vq_walker]="fuzz/vq_walker.c"
     [inflight]="fuzz/inflight.c"
     [blk_req]="fuzz/blk_req.c $BLK/blk.c"
-    [scsi_req]="fuzz/scsi_req.c $SCSI/scsi.c"
+    [scsi_req]="fuzz/scsi_req.c $SCSI/virtio_scsi.c $SCSI/scsi_lun.c"
 )
 EXTRA_INC=(-I"$BLK" -I"$SCSI")
 

@@ -12,7 +12,7 @@ LLVM_BIN=$(dirname "$(readlink -f "$CC")")
 out=fuzz/build/cov-$t
 mkdir -p "$out"
 # Same sources as fuzz/build.sh, without the sanitizers: coverage counters only.
-eval "$(sed -n '/^declare -A SOURCES/,/^)/p' fuzz/build.sh | sed 's/\$BLK/plugins\/dev_blk\/src\/vhost_dev_blk/; s/\$SCSI/plugins\/dev_scsi\/src\/vhost_dev_scsi/')"
+eval "$(sed -n '/^declare -A SOURCES/,/^)/p' fuzz/build.sh | sed 's/\$BLK/plugins\/dev_blk\/src\/vhost_dev_blk/; s/\$SCSI/plugins\/dev_scsi\/src\/vhost_dev_scsi/g')"
 # shellcheck disable=SC2086
 "$CC" -g -O0 -std=gnu11 -w -fsanitize=fuzzer -fprofile-instr-generate -fcoverage-mapping \
     -Ivhost_core/src/vhost_core/include -Ivhost_core/src/vhost_core/_native -Ifuzz \
@@ -23,7 +23,7 @@ LLVM_PROFILE_FILE="$out/$t.profraw" "$out/$t" -runs=0 "fuzz/build/corpus/$t" "fu
     fuzz/regressions/"$t" >"$out/run.log" 2>&1
 "$LLVM_BIN/llvm-profdata" merge -o "$out/$t.profdata" "$out/$t.profraw"
 srcs=(vhost_core/src/vhost_core/_native/core.c plugins/dev_blk/src/vhost_dev_blk/blk.c
-      plugins/dev_scsi/src/vhost_dev_scsi/scsi.c)
+      plugins/dev_scsi/src/vhost_dev_scsi/virtio_scsi.c plugins/dev_scsi/src/vhost_dev_scsi/scsi_lun.c)
 "$LLVM_BIN/llvm-cov" report "$out/$t" -instr-profile="$out/$t.profdata" "${srcs[@]}" 2>/dev/null
 if [ "${1:-}" = "--show" ]; then
     "$LLVM_BIN/llvm-cov" show "$out/$t" -instr-profile="$out/$t.profdata" "${srcs[@]}" 2>/dev/null

@@ -95,7 +95,7 @@ class FakeController:
     def __init__(self) -> None:
         self.name = "fuzz.0"
         self.app = FakeApp()
-        self.device = self.backend = FakeBackend()
+        self.device = FakeBackend()
         # A reactor that never starts: vn_reactor_exec runs control calls inline.
         self.reactor = lib.vn_reactor_new(-1, 1)
         ops = ffi.cast("const struct vn_device_ops *", self.device.native_ops)

@@ -1,6 +1,6 @@
 /*
  * Fuzz target: virtio-scsi request handling and the SCSI emulation behind it,
- * plugins/dev_scsi's scsi.c (linked unchanged, driven through its
+ * plugins/dev_scsi's virtio_scsi.c and scsi_lun.c (linked unchanged, driven through its
  * vn_device_ops table and its control-plane calls as the core and the plugin
  * drive them, with each target's bdev descriptor opened, polled and closed here
  * as the core's reactor would): every CDB, task management, asynchronous

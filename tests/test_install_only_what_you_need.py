@@ -30,7 +30,7 @@ import pytest
 
 from vhost_core.rpc.registry import RpcError
 from vhost_core.testing.daemon import VhostDaemon
-from vhost_core.testing.frontend import connect_blk
+from vhost_core.testing.blk import connect_blk
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {"vhost-core": REPO / "vhost_core", "vhost-dev-blk": REPO / "plugins" / "dev_blk",

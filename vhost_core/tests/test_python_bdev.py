@@ -10,7 +10,7 @@ import pytest
 
 from vhost_core.testing.conformance.bdev import BdevConformance, BdevRecipe
 from vhost_core.testing.daemon import VhostDaemon
-from vhost_core.testing.frontend import BlkIOError, connect_blk
+from vhost_core.testing.blk import BlkIOError, connect_blk
 
 PLUGIN = """
     import errno

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from vhost_core.testing.constants import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
-from vhost_core.testing.frontend import BlkIOError, connect_blk
+from vhost_core.testing.blk import BlkIOError, connect_blk
 
 MAX_TRANSFER = 4 << 20          # VN_MAX_TRANSFER
 SECTOR = 512

@@ -1,13 +1,8 @@
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-# scsi_driver.py sits next to the tests.
-sys.path.insert(0, str(Path(__file__).parent))
-
-from scsi_driver import connect_scsi, wait_no_session  # noqa: E402
+from vhost_dev_scsi.testing import connect_scsi, wait_no_session
 
 
 def setup_targets(d) -> None:

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from scsi_driver import (
+from vhost_dev_scsi.testing import (
     CHECK_CONDITION,
     F_CHANGE,
     F_HOTPLUG,

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from scsi_driver import (
+from vhost_dev_scsi.testing import (
     CHECK_CONDITION,
     EVENT,
     GOOD,
@@ -246,7 +246,7 @@ def test_a_hostile_session_leaves_the_controller_serving_the_next_one(scsi_daemo
         dev.queues[2].add_chain([(hdr, 51, False)])            # no response buffer: never answered well
         dev.queues[2].kick()
         dev.queues[2].wait_used(5)
-    from scsi_driver import wait_no_session
+    from vhost_dev_scsi.testing import wait_no_session
     wait_no_session(scsi_daemon, "vhost.0")
     with connect_scsi(scsi_daemon.socket("vhost.0"), num_queues=2) as dev:
         data = os.urandom(4096)

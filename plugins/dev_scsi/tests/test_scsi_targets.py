@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from scsi_driver import (
+from vhost_dev_scsi.testing import (
     CHECK_CONDITION,
     DEFAULT_FEATURES,
     DATA_PROTECT,
@@ -394,7 +394,7 @@ def test_target_on_an_asynchronous_readonly_bdev(vhost_daemon, aio_file):
         # Many commands in flight, then hot-detach: they all complete before the event.
         vq = dev.queues[2]
         mem = dev.memory
-        from scsi_driver import REQ_HDR, lun_bytes
+        from vhost_dev_scsi.testing import REQ_HDR, lun_bytes
         for i in range(32):
             cdb = rw10(False, i * 8, 8).ljust(32, b"\0")
             hdr = mem.alloc_bytes(REQ_HDR.pack(lun_bytes(0), i, 0, 0, 0, cdb))

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from scsi_driver import (
+from vhost_dev_scsi.testing import (
     CHECK_CONDITION,
     S_FUNCTION_COMPLETE,
     S_FUNCTION_REJECTED,

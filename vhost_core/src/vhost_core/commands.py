@@ -52,7 +52,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
-from vhost_core.rpc.registry import RpcError, RpcRegistry, RpcState, cli, extension, param, unsupported
+from vhost_core.errors import VhostError
+from vhost_core.rpc.registry import RpcRegistry, RpcState, cli, extension, param, unsupported
 
 __all__ = ["Cli", "CliArg", "Command", "CommandContext", "CommandRegistry", "cli", "extension", "param",
            "register", "unsupported"]
@@ -184,7 +185,7 @@ class CommandContext:
         """The registered bdev module ``name`` (the plugin's own, with its state)."""
         module = self._modules.get(name)
         if module is None:
-            raise RpcError(-errno.ENODEV, f"bdev module '{name}' is not registered")
+            raise VhostError(errno.ENODEV, f"bdev module '{name}' is not registered")
         return module
 
 

@@ -16,10 +16,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from vhost_core.errors import VhostError
 from vhost_core.log import get_logger, notice
 from vhost_core.native import abi_mismatch, ffi, lib
 from vhost_core.reactor import Reactor, format_mask
-from vhost_core.rpc.registry import RpcError
 from vhost_core.device import Device, DeviceContext, NativeDevice
 from vhost_core.vhost_user import messages as m
 from vhost_core.vhost_user.connection import Connection
@@ -63,12 +63,12 @@ class Controller:
         why = abi_mismatch(f"the {device.device_type} device type of controller {name}", native.ops)
         if why is not None:
             log.error("%s", why)
-            raise RpcError(-errno.EPROTO, why)
+            raise VhostError(errno.EPROTO, why)
         err = ffi.new("int *")
         self.native_dev = lib.vn_dev_new(reactor.native, ffi.cast("const struct vn_device_ops *", native.ops),
                                          ffi.cast("void *", native.ctx), err)
         if self.native_dev == ffi.NULL:
-            raise RpcError(err[0], f"controller {name}: the {device.device_type} device cannot be placed on "
+            raise VhostError(-err[0], f"controller {name}: the {device.device_type} device cannot be placed on "
                                    f"reactor {reactor.core}: {os.strerror(-err[0])}")
         self.native_vqs = [lib.vn_vq_new(self.native_dev, i) for i in range(device.num_queues)]
 
@@ -76,17 +76,17 @@ class Controller:
 
     def listen(self) -> None:
         if len(self.path.encode()) >= 108:
-            raise RpcError(-errno.ENAMETOOLONG, f"socket path {self.path} is longer than a unix socket "
+            raise VhostError(errno.ENAMETOOLONG, f"socket path {self.path} is longer than a unix socket "
                                                 f"allows (107 bytes): use a shorter -S directory or name")
         if os.path.exists(self.path):
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise RpcError(-errno.EEXIST, f"{self.path} exists and is not a socket: remove it or "
+                raise VhostError(errno.EEXIST, f"{self.path} exists and is not a socket: remove it or "
                                               f"pick another controller name")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(self.path)
                 probe.close()
-                raise RpcError(-errno.EADDRINUSE, f"socket {self.path} is in use by another process: "
+                raise VhostError(errno.EADDRINUSE, f"socket {self.path} is in use by another process: "
                                                   f"pick another controller name or -S directory")
             except OSError:
                 probe.close()
@@ -201,10 +201,9 @@ class Controller:
             return
         self._free_device()
 
-    @property
-    def backend(self) -> Device:
-        """The device (the name vhost_user/handler.py still uses)."""
-        return self.device
+    def wait_unlocked(self, seconds: float) -> None:
+        """Sleep with the daemon's control lock released (a session draining a ring)."""
+        self.app.wait_unlocked(seconds)
 
     def _free_device(self) -> None:
         lib.vn_dev_free(self.native_dev)

@@ -7,11 +7,11 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypeVar
 
+from vhost_core.errors import VhostError
 from vhost_core.controller import Controller
 from vhost_core.device import Device, DeviceContext
 from vhost_core.log import get_logger, notice
 from vhost_core.reactor import format_mask, parse_cpumask
-from vhost_core.rpc.registry import RpcError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vhost_core.app import App
@@ -48,7 +48,7 @@ class ControllerRegistry:
         ctrlr = self._ctrlrs.get(name)
         if ctrlr is None:
             known = ", ".join(sorted(self._ctrlrs)) or "none"
-            raise RpcError(-errno.ENODEV, f"controller '{name}' does not exist (existing controllers: "
+            raise VhostError(errno.ENODEV, f"controller '{name}' does not exist (existing controllers: "
                                           f"{known}); see vhost_get_controllers")
         return ctrlr
 
@@ -56,7 +56,7 @@ class ControllerRegistry:
         """The device of controller ``name``, which must be a ``device_class``."""
         device = self.get(name).device
         if not isinstance(device, device_class):
-            raise RpcError(-errno.EINVAL, f"controller '{name}' is a vhost-{device.device_type} controller, "
+            raise VhostError(errno.EINVAL, f"controller '{name}' is a vhost-{device.device_type} controller, "
                                           f"not vhost-{device_class.device_type}")
         return device
 
@@ -68,16 +68,16 @@ class ControllerRegistry:
         ``vhost_create_scsi_controller --delay``)."""
         app = self._app
         if not CONTROLLER_NAME.match(name or ""):
-            raise RpcError(-errno.EINVAL, f"controller name '{name}' is invalid: use 1-64 letters, "
+            raise VhostError(errno.EINVAL, f"controller name '{name}' is invalid: use 1-64 letters, "
                                           f"digits, '.', '_', ':' or '-' (it becomes the socket file name)")
         if name in self._ctrlrs:
-            raise RpcError(-errno.EEXIST, f"controller '{name}' already exists: pick another name or "
+            raise VhostError(errno.EEXIST, f"controller '{name}' already exists: pick another name or "
                                           f"vhost_delete_controller {name} first")
         try:
             mask = None if cpumask is None else parse_cpumask(cpumask)
             reactor = app.reactors.place(mask)
         except ValueError as exc:
-            raise RpcError(-errno.EINVAL, f"controller {name}: {exc}") from None
+            raise VhostError(errno.EINVAL, f"controller {name}: {exc}") from None
         mask = mask if mask is not None else app.reactors.mask
 
         def notify() -> bool:
@@ -109,7 +109,7 @@ class ControllerRegistry:
     def delete(self, name: str, force: bool = False) -> None:
         ctrlr = self.get(name)
         if ctrlr.session is not None and not force:
-            raise RpcError(-errno.EBUSY, f"controller '{name}' has a connected front-end (a running VM): "
+            raise VhostError(errno.EBUSY, f"controller '{name}' has a connected front-end (a running VM): "
                                          f"shut the VM down or unplug the device first, then delete it")
         del self._ctrlrs[name]
         ctrlr.reactor.controllers.discard(name)

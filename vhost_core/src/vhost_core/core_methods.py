@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import attrs
 
+from vhost_core.errors import VhostError
 from vhost_core import __version__
 from vhost_core import log as logs
 from vhost_core.bdev.interface import Bdev
@@ -180,7 +181,7 @@ def framework_start_init(app: App) -> bool:
         app.start_init()
     except ConfigError as exc:
         app.exit(1)
-        raise RpcError(-errno.EINVAL, str(exc)) from None
+        raise VhostError(errno.EINVAL, str(exc)) from None
     return True
 
 
@@ -204,7 +205,7 @@ def spdk_kill_instance(app: App, p: KillParams) -> bool:
                                        f"{', '.join(KILL_SIGNALS)}")
     num, refused = KILL_SIGNALS[name]
     if refused is not None:
-        raise RpcError(-errno.ENOTSUP, f"spdk_kill_instance: sig_name={name} is not supported by "
+        raise VhostError(errno.ENOTSUP, f"spdk_kill_instance: sig_name={name} is not supported by "
                                        f"this target: {refused}")
     notice(log, "spdk_kill_instance: %s", name)
     # After the answer is on its way, as SPDK's client expects it (or a closed socket).
@@ -223,7 +224,7 @@ def framework_get_config(app: App, p: GetConfigParams) -> list[dict[str, Any]]:
     """Print one subsystem's configuration."""
     config = app.config_by_subsystem()
     if p.name not in config:
-        raise RpcError(-errno.ENOENT, f"subsystem '{p.name}' does not exist; see framework_get_subsystems")
+        raise VhostError(errno.ENOENT, f"subsystem '{p.name}' does not exist; see framework_get_subsystems")
     return config[p.name]
 
 

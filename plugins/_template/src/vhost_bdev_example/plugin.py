@@ -19,12 +19,12 @@ from typing import Any
 
 import attrs
 
+from vhost_core.errors import VhostError
 from vhost_core.bdev.interface import Bdev, BdevModule, check_block_size
 from vhost_core.bdev.python_adapter import make_python_bdev
 from vhost_core.commands import Cli, CliArg, CommandContext, param
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
 
 #: The plugin API generations this plugin was written for (vhost_core.CORE_API_VERSION).
 VHOST_CORE_API = (2,)
@@ -131,12 +131,12 @@ def vhost_register_commands(registry) -> None:
             check_block_size(p.block_size)
             uuid = str(uuid_mod.UUID(p.uuid)) if p.uuid else None
         except ValueError as exc:
-            raise RpcError(-errno.EINVAL, f"bdev_example_create: {exc}") from None
+            raise VhostError(errno.EINVAL, f"bdev_example_create: {exc}") from None
         if p.num_blocks <= 0:
-            raise RpcError(-errno.EINVAL, f"bdev_example_create: num_blocks must be positive, "
+            raise VhostError(errno.EINVAL, f"bdev_example_create: num_blocks must be positive, "
                                           f"got {p.num_blocks}")
         if p.name in ctx.bdevs:
-            raise RpcError(-errno.EEXIST, f"bdev_example_create: bdev name '{p.name}' is already taken: "
+            raise VhostError(errno.EEXIST, f"bdev_example_create: bdev name '{p.name}' is already taken: "
                                           f"pick another name or delete the existing bdev first")
         bdev = make_python_bdev(p.name, DictDisk(p.num_blocks, p.block_size), module=MODULE,
                                 product_name="Example disk", uuid=uuid)

@@ -20,12 +20,12 @@ from typing import Any
 
 import attrs
 
+from vhost_core.errors import VhostError
 from vhost_core.bdev.interface import IO_TYPES, Bdev, BdevModule, check_block_size
 from vhost_core.bdev.registry import BdevRegistry
 from vhost_core.commands import Cli, CommandContext, cli, extension, param, unsupported
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
 
 from vhost_bdev_aio._aio_native import ffi, lib
 
@@ -183,7 +183,7 @@ def _current_size(fd: int, is_blockdev: bool) -> int:
     return _blk_size_bytes(fd) if is_blockdev else os.fstat(fd).st_size
 
 
-def _open_error(method: str, filename: str, readonly: bool, exc: OSError) -> RpcError:
+def _open_error(method: str, filename: str, readonly: bool, exc: OSError) -> VhostError:
     e = exc.errno or errno.EIO
     how = "read-only" if readonly else "read-write"
     if e in (errno.EACCES, errno.EPERM):
@@ -191,18 +191,18 @@ def _open_error(method: str, filename: str, readonly: bool, exc: OSError) -> Rpc
                "and any SELinux/AppArmor policy")
         if not readonly:
             fix += ", or create the bdev read-only (readonly=true, -r)"
-        return RpcError(-e, f"{method}: permission denied opening '{filename}' {how} "
+        return VhostError(e, f"{method}: permission denied opening '{filename}' {how} "
                             f"({os.strerror(e)}): {fix}")
     if e == errno.EROFS:
-        return RpcError(-e, f"{method}: '{filename}' is on a read-only filesystem: remount it "
+        return VhostError(e, f"{method}: '{filename}' is on a read-only filesystem: remount it "
                             f"read-write, or create the bdev read-only (readonly=true, -r)")
     if e == errno.EBUSY:
-        return RpcError(-e, f"{method}: block device '{filename}' is in use (mounted, or held by "
+        return VhostError(e, f"{method}: block device '{filename}' is in use (mounted, or held by "
                             f"device-mapper, md or another program): unmount or release it first")
     if e == errno.ENOENT:
-        return RpcError(-e, f"{method}: '{filename}' does not exist: create it first "
+        return VhostError(e, f"{method}: '{filename}' does not exist: create it first "
                             f"(e.g. truncate -s 1G {filename}) or fix the path")
-    return RpcError(-e, f"{method}: cannot open '{filename}' {how}: {os.strerror(e)}")
+    return VhostError(e, f"{method}: cannot open '{filename}' {how}: {os.strerror(e)}")
 
 
 def _open_backing(method: str, filename: str, readonly: bool) -> _Backing:
@@ -211,17 +211,17 @@ def _open_backing(method: str, filename: str, readonly: bool) -> _Backing:
     except FileNotFoundError:
         parent = os.path.dirname(os.path.abspath(filename))
         if not os.path.isdir(parent):
-            raise RpcError(-errno.ENOENT, f"{method}: cannot open '{filename}': directory '{parent}' "
+            raise VhostError(errno.ENOENT, f"{method}: cannot open '{filename}': directory '{parent}' "
                                           f"does not exist: fix the path") from None
-        raise RpcError(-errno.ENOENT, f"{method}: '{filename}' does not exist: create it first "
+        raise VhostError(errno.ENOENT, f"{method}: '{filename}' does not exist: create it first "
                                       f"(e.g. truncate -s 1G {filename}) or fix the path") from None
     except OSError as exc:
         raise _open_error(method, filename, readonly, exc) from None
     if stat.S_ISDIR(st.st_mode):
-        raise RpcError(-errno.EISDIR, f"{method}: '{filename}' is a directory: give a regular file "
+        raise VhostError(errno.EISDIR, f"{method}: '{filename}' is a directory: give a regular file "
                                       f"or a block device (e.g. {filename.rstrip('/')}/disk.img)")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise RpcError(-errno.EINVAL, f"{method}: '{filename}' is neither a regular file nor a block "
+        raise VhostError(errno.EINVAL, f"{method}: '{filename}' is neither a regular file nor a block "
                                       f"device: give a disk image file or a block device such as /dev/sdb")
     is_blockdev = stat.S_ISBLK(st.st_mode)
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
@@ -274,7 +274,7 @@ def _open_backing(method: str, filename: str, readonly: bool) -> _Backing:
 def _choose_engine(method: str, name: str, requested: str | None) -> tuple[str, int]:
     engine = requested or os.environ.get(ENGINE_ENV) or "aio"
     if engine not in ENGINES:
-        raise RpcError(-errno.EINVAL, f"{method}: engine '{engine}' is unknown: use "
+        raise VhostError(errno.EINVAL, f"{method}: engine '{engine}' is unknown: use "
                                       f"{' or '.join(sorted(ENGINES))}")
     if engine == "io_uring":
         rc = -errno.ENOSYS if os.environ.get(NO_URING_ENV) == "1" else lib.aio_probe_uring()
@@ -286,7 +286,7 @@ def _choose_engine(method: str, name: str, requested: str | None) -> tuple[str, 
     rc = lib.aio_probe_kaio()
     if rc:
         hint = " (raise fs.aio-max-nr with sysctl)" if rc == -errno.EAGAIN else ""
-        raise RpcError(rc, f"{method}: Linux AIO is not available: {os.strerror(-rc)}{hint}")
+        raise VhostError(-rc, f"{method}: Linux AIO is not available: {os.strerror(-rc)}{hint}")
     return engine, ENGINES[engine]
 
 
@@ -296,21 +296,21 @@ def _parse_uuid(method: str, value: str | None) -> str:
     try:
         return str(uuid_mod.UUID(value))
     except ValueError:
-        raise RpcError(-errno.EINVAL, f"{method}: uuid '{value}' is not a UUID "
+        raise VhostError(errno.EINVAL, f"{method}: uuid '{value}' is not a UUID "
                                       f"(e.g. 1b9e4f5a-6a3c-4a2b-9b8e-0d3c5f7a9e21)") from None
 
 
 def _create(module: AioModule, bdevs: BdevRegistry, method: str, p: AioCreateParams) -> str:
     if not p.name:
-        raise RpcError(-errno.EINVAL, f"{method}: name must not be empty")
+        raise VhostError(errno.EINVAL, f"{method}: name must not be empty")
     if p.name in bdevs:
-        raise RpcError(-errno.EEXIST, f"{method}: bdev name '{p.name}' is already taken: "
+        raise VhostError(errno.EEXIST, f"{method}: bdev name '{p.name}' is already taken: "
                                       f"pick another name or delete the existing bdev first")
     if p.block_size:
         try:
             check_block_size(p.block_size)
         except ValueError as exc:
-            raise RpcError(-errno.EINVAL, f"{method}: {exc}") from None
+            raise VhostError(errno.EINVAL, f"{method}: {exc}") from None
     bdev_uuid = _parse_uuid(method, p.uuid)
     engine, engine_id = _choose_engine(method, p.name, p.engine)
     b = _open_backing(method, p.filename, p.readonly)
@@ -318,14 +318,14 @@ def _create(module: AioModule, bdevs: BdevRegistry, method: str, p: AioCreatePar
         with module.lock:
             for other in module.states.values():
                 if other.identity == b.identity:
-                    raise RpcError(-errno.EBUSY, f"{method}: '{p.filename}' is already used by aio bdev "
+                    raise VhostError(errno.EBUSY, f"{method}: '{p.filename}' is already used by aio bdev "
                                                  f"'{other.bdev.name}': two bdevs on one file would "
                                                  f"overwrite each other's data; use that bdev")
         what = "block device" if b.is_blockdev else "file"
         if p.block_size:
             block_size = p.block_size
             if b.direct and block_size % b.logical_block_size:
-                raise RpcError(-errno.EINVAL, f"{method}: block_size {block_size} is smaller than the "
+                raise VhostError(errno.EINVAL, f"{method}: block_size {block_size} is smaller than the "
                                               f"logical block size {b.logical_block_size} of "
                                               f"'{p.filename}': use {b.logical_block_size} or a larger "
                                               f"power of two, or omit block_size")
@@ -333,11 +333,11 @@ def _create(module: AioModule, bdevs: BdevRegistry, method: str, p: AioCreatePar
             # The device's own block size; for a file, 512 unless O_DIRECT needs more.
             block_size = max(512, b.logical_block_size) if (b.is_blockdev or b.direct) else 512
         if b.size == 0:
-            raise RpcError(-errno.EINVAL, f"{method}: {what} '{p.filename}' is empty (0 bytes): "
+            raise VhostError(errno.EINVAL, f"{method}: {what} '{p.filename}' is empty (0 bytes): "
                                           f"give it a size first (truncate -s 1G {p.filename})")
         if b.size % block_size:
             up = -(-b.size // block_size) * block_size
-            raise RpcError(-errno.EINVAL, f"{method}: {what} '{p.filename}' is {b.size} bytes, not a "
+            raise VhostError(errno.EINVAL, f"{method}: {what} '{p.filename}' is {b.size} bytes, not a "
                                           f"multiple of the block size {block_size}: resize it to a "
                                           f"multiple (truncate -s {up} {p.filename}) or use a block "
                                           f"size that divides its size")
@@ -362,12 +362,12 @@ def _create(module: AioModule, bdevs: BdevRegistry, method: str, p: AioCreatePar
                 flags |= lib.AIO_F_UNMAP_PUNCH
                 unmap = "unmap by punching holes"
             if p.fallocate and not unmap:
-                raise RpcError(-errno.EOPNOTSUPP, f"{method}: fallocate=true, but '{p.filename}' "
+                raise VhostError(errno.EOPNOTSUPP, f"{method}: fallocate=true, but '{p.filename}' "
                                                   f"({b.fs_type}) cannot punch holes or discard: "
                                                   f"omit fallocate (the bdev then offers no unmap)")
         native = lib.aio_bdev_new(b.fd, block_size, b.size // block_size, b.align, engine_id, flags)
         if native == ffi.NULL:
-            raise RpcError(-errno.ENOMEM, f"{method}: out of memory creating bdev '{p.name}'")
+            raise VhostError(errno.ENOMEM, f"{method}: out of memory creating bdev '{p.name}'")
     except BaseException:
         os.close(b.fd)
         raise
@@ -428,7 +428,7 @@ def _get(module: AioModule, bdevs: BdevRegistry, method: str, name: str) -> _Aio
     with module.lock:
         state = module.states.get(bdev.name)
     if bdev.module != "aio" or state is None:
-        raise RpcError(-errno.EINVAL, f"{method}: bdev '{name}' is a {bdev.module} bdev, not an aio one")
+        raise VhostError(errno.EINVAL, f"{method}: bdev '{name}' is a {bdev.module} bdev, not an aio one")
     return state
 
 
@@ -438,12 +438,12 @@ def _rescan(module: AioModule, bdevs: BdevRegistry, method: str, name: str) -> b
     try:
         size = _current_size(state.fd, state.is_blockdev)
     except OSError as exc:
-        raise RpcError(-(exc.errno or errno.EIO), f"{method}: cannot read the size of '{state.filename}': "
+        raise VhostError(exc.errno or errno.EIO, f"{method}: cannot read the size of '{state.filename}': "
                                                   f"{os.strerror(exc.errno or errno.EIO)}") from None
     bs = bdev.block_size
     if size == 0 or size % bs:
         up = max(bs, -(-size // bs) * bs)
-        raise RpcError(-errno.EINVAL, f"{method}: '{state.filename}' is now {size} bytes, not a positive "
+        raise VhostError(errno.EINVAL, f"{method}: '{state.filename}' is now {size} bytes, not a positive "
                                       f"multiple of the block size {bs} of bdev '{bdev.name}': resize it "
                                       f"to a multiple (truncate -s {up} {state.filename}); the bdev keeps "
                                       f"its size of {bdev.num_blocks} blocks")

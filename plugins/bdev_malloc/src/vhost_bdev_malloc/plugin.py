@@ -10,11 +10,11 @@ from typing import Any
 
 import attrs
 
+from vhost_core.errors import VhostError
 from vhost_core.bdev.interface import Bdev, BdevModule
 from vhost_core.commands import Cli, CliArg, CommandContext, cli, param, unsupported
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
 
 from vhost_bdev_malloc._malloc_native import ffi, lib
 
@@ -121,19 +121,19 @@ def _memory_bytes() -> int:
 
 def _check(method: str, num_blocks: int, block_size: int, uuid: str | None, ram: bool) -> str:
     if block_size not in (512, 1024, 2048, 4096):
-        raise RpcError(-errno.EINVAL, f"{method}: block_size {block_size} is not supported: "
+        raise VhostError(errno.EINVAL, f"{method}: block_size {block_size} is not supported: "
                                       f"use 512 or 4096 (or 1024, 2048)")
     if num_blocks <= 0:
-        raise RpcError(-errno.EINVAL, f"{method}: num_blocks must be positive, got {num_blocks}")
+        raise VhostError(errno.EINVAL, f"{method}: num_blocks must be positive, got {num_blocks}")
     if ram and num_blocks * block_size > _memory_bytes():
-        raise RpcError(-errno.ENOMEM, f"{method}: {num_blocks * block_size >> 20} MiB exceeds this "
+        raise VhostError(errno.ENOMEM, f"{method}: {num_blocks * block_size >> 20} MiB exceeds this "
                                       f"machine's memory ({_memory_bytes() >> 20} MiB): make it smaller")
     if uuid is None:
         return str(uuid_mod.uuid4())
     try:
         return str(uuid_mod.UUID(uuid))
     except ValueError:
-        raise RpcError(-errno.EINVAL, f"{method}: uuid '{uuid}' is not a UUID "
+        raise VhostError(errno.EINVAL, f"{method}: uuid '{uuid}' is not a UUID "
                                       f"(e.g. 1b9e4f5a-6a3c-4a2b-9b8e-0d3c5f7a9e21)") from None
 
 
@@ -153,11 +153,11 @@ class RamModule(BdevModule):
     def create(self, bdevs, method: str, name: str, num_blocks: int, block_size: int, uuid: str) -> str:
         null = self.name == "null"
         if name in bdevs:
-            raise RpcError(-errno.EEXIST, f"{method}: bdev name '{name}' is already taken: "
+            raise VhostError(errno.EEXIST, f"{method}: bdev name '{name}' is already taken: "
                                           f"pick another name or delete the existing bdev first")
         native = lib.ram_bdev_new(num_blocks, block_size, int(null))
         if native == ffi.NULL:
-            raise RpcError(-errno.ENOMEM, f"{method}: cannot allocate {num_blocks * block_size >> 20} MiB "
+            raise VhostError(errno.ENOMEM, f"{method}: cannot allocate {num_blocks * block_size >> 20} MiB "
                                           f"for bdev '{name}': make it smaller")
         bdev = Bdev(
             name=name,

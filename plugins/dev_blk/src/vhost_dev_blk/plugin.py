@@ -6,11 +6,11 @@ import errno
 
 import attrs
 
+from vhost_core.errors import VhostError
 from vhost_core.commands import Cli, CommandContext, cli, extension, param, unsupported
 from vhost_core.device import DeviceType
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
 
 from vhost_dev_blk.device import MAX_QUEUES, BlkDevice
 
@@ -52,7 +52,7 @@ def vhost_register_commands(registry) -> None:
         """Add a vhost-blk controller serving one bdev."""
         nq = MAX_QUEUES if p.num_queues is None else p.num_queues
         if not 1 <= nq <= MAX_QUEUES:
-            raise RpcError(-errno.EINVAL, f"num_queues {nq} out of range: use 1..{MAX_QUEUES}")
+            raise VhostError(errno.EINVAL, f"num_queues {nq} out of range: use 1..{MAX_QUEUES}")
         device = BlkDevice(p.dev_name, p.readonly, nq)
         ctx.controllers.create(p.ctrlr, device, p.cpumask)
         notice(log, "Controller %s: using bdev '%s'%s", p.ctrlr, device.bdev.name,

@@ -14,11 +14,11 @@ from typing import Any
 
 import attrs
 
+from vhost_core.errors import VhostError
 from vhost_core.bdev.interface import Bdev
 from vhost_core.bdev.registry import BdevDescriptor
 from vhost_core.device import Device, DeviceContext, NativeDevice
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
 
 from vhost_dev_scsi._scsi_native import ffi, lib
 
@@ -40,7 +40,7 @@ F_T10_PI = 3
 #: Data segments per request (the chain also carries the request and response
 #: headers, and buffers split at memory-region boundaries; VN_MAX_IOV is 260).
 SEG_MAX = 126
-#: What scsi.c enforces (VN_MAX_TRANSFER), in 512-byte sectors.
+#: What scsi_lun.c enforces (VN_MAX_TRANSFER), in 512-byte sectors.
 MAX_SECTORS = lib.scsi_dev_max_transfer() // 512
 CMD_PER_LUN = 128
 EVENT_INFO_SIZE = 16
@@ -119,7 +119,7 @@ class ScsiDevice(Device):
     # ------------------------------------------------------------ reactor calls
 
     def _run(self, fn_name: str, arg) -> int:
-        """Run ``int fn(void *arg)`` of scsi.c on the controller's reactor thread."""
+        """Run ``int fn(void *arg)`` of virtio_scsi.c on the controller's reactor thread."""
         assert self.ctx is not None
         fn = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn_name)))
         return self.ctx.run(fn, int(ffi.cast("uintptr_t", arg)))
@@ -133,7 +133,7 @@ class ScsiDevice(Device):
         for n in range(MAX_TARGETS):
             if n not in self.targets:
                 return n
-        raise RpcError(-errno.ENOSPC, f"controller {self.ctrlr_name}: all {MAX_TARGETS} SCSI target slots "
+        raise VhostError(errno.ENOSPC, f"controller {self.ctrlr_name}: all {MAX_TARGETS} SCSI target slots "
                                       f"are in use: remove one with vhost_scsi_controller_remove_target")
 
     def add_target(self, num: int, bdev_name: str) -> ScsiTarget:
@@ -159,7 +159,7 @@ class ScsiDevice(Device):
         rc = self._run("scsi_dev_add_target", native)
         if rc < 0:
             desc.close()
-            raise RpcError(rc, f"controller {self.ctrlr_name}: cannot attach bdev '{bdev.name}' as "
+            raise VhostError(-rc, f"controller {self.ctrlr_name}: cannot attach bdev '{bdev.name}' as "
                                f"target {num}")
         target = ScsiTarget(num, desc, _alloc_dev_id())
         self.targets[num] = target
@@ -172,7 +172,7 @@ class ScsiDevice(Device):
         assert self.ctx is not None
         target = self.targets[num]
         if target.removing:
-            raise RpcError(-errno.EBUSY, f"controller {self.ctrlr_name}: SCSI target {num} is already "
+            raise VhostError(errno.EBUSY, f"controller {self.ctrlr_name}: SCSI target {num} is already "
                                          f"being removed")
         target.removing = True
         ctl = self._ctl(num)

@@ -10,11 +10,11 @@ import errno
 
 import attrs
 
+from vhost_core.errors import VhostError
 from vhost_core.commands import Cli, CommandContext, param
 from vhost_core.device import DeviceType
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
 
 from vhost_dev_scsi.device import MAX_TARGETS, ScsiDevice
 
@@ -49,7 +49,7 @@ class RemoveTargetParams:
 
 def _check_target_num(ctrlr: str, num: int) -> None:
     if not 0 <= num < MAX_TARGETS:
-        raise RpcError(-errno.EINVAL, f"controller {ctrlr}: SCSI target number {num} is out of range: "
+        raise VhostError(errno.EINVAL, f"controller {ctrlr}: SCSI target number {num} is out of range: "
                                       f"use 0..{MAX_TARGETS - 1}, or -1 for the first free one")
 
 
@@ -93,14 +93,14 @@ def vhost_register_commands(registry) -> None:
             num = device.free_target_num()
         _check_target_num(p.ctrlr, num)
         if num in device.targets:
-            raise RpcError(-errno.EEXIST, f"controller {p.ctrlr}: SCSI target {num} is already occupied "
+            raise VhostError(errno.EEXIST, f"controller {p.ctrlr}: SCSI target {num} is already occupied "
                                           f"by bdev '{device.targets[num].bdev.name}': remove it first "
                                           f"(vhost_scsi_controller_remove_target {p.ctrlr} {num}) or pick "
                                           f"another number")
         bdev = ctx.bdevs.get(p.bdev_name)
         for t in device.targets.values():
             if t.bdev is bdev:
-                raise RpcError(-errno.EBUSY, f"controller {p.ctrlr}: bdev '{bdev.name}' already backs "
+                raise VhostError(errno.EBUSY, f"controller {p.ctrlr}: bdev '{bdev.name}' already backs "
                                              f"SCSI target {t.num}: a bdev serves one target")
         device.add_target(num, bdev.name)
         notice(log, "Controller %s: defined target 'Target %d' using lun '%s'", p.ctrlr, num, bdev.name)
@@ -114,7 +114,7 @@ def vhost_register_commands(registry) -> None:
         device = _scsi_device(ctx, p.ctrlr)
         _check_target_num(p.ctrlr, p.scsi_target_num)
         if p.scsi_target_num not in device.targets:
-            raise RpcError(-errno.ENODEV, f"controller {p.ctrlr}: SCSI target {p.scsi_target_num} is not "
+            raise VhostError(errno.ENODEV, f"controller {p.ctrlr}: SCSI target {p.scsi_target_num} is not "
                                           f"occupied; see vhost_get_controllers {p.ctrlr}")
         target = device.remove_target(p.scsi_target_num)
         notice(log, "Controller %s: removed target '%s' (bdev '%s')", p.ctrlr, target.name, target.bdev.name)
@@ -124,7 +124,7 @@ def vhost_register_commands(registry) -> None:
 def _scsi_device(ctx: CommandContext, name: str) -> ScsiDevice:
     device = ctx.controllers.get(name).device
     if not isinstance(device, ScsiDevice):
-        raise RpcError(-errno.EINVAL, f"controller '{name}' is a vhost-{device.device_type} "
+        raise VhostError(errno.EINVAL, f"controller '{name}' is a vhost-{device.device_type} "
                                       f"controller, not vhost-scsi: targets exist only on "
                                       f"vhost_create_scsi_controller controllers")
     return device

@@ -23,10 +23,10 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
+from vhost_core.errors import VhostError
 from vhost_core.bdev.interface import Bdev
 from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
 from vhost_core.log import get_logger, notice
-from vhost_core.rpc.registry import RpcError
 
 log = get_logger("bdev")
 
@@ -159,7 +159,7 @@ class BdevRegistry:
         return name in self._bdevs
 
     def add(self, bdev: Bdev) -> Bdev:
-        """Register ``bdev`` (on refusal it is destructed and an RpcError raised)."""
+        """Register ``bdev`` (on refusal it is destructed and a VhostError raised)."""
         from vhost_core.native import abi_mismatch, bdev_ops_address
 
         why = abi_mismatch(f"bdev '{bdev.name}' (module {bdev.module})",
@@ -167,10 +167,10 @@ class BdevRegistry:
         if why is not None:
             bdev.destruct()
             log.error("%s", why)
-            raise RpcError(-errno.EPROTO, why)
+            raise VhostError(errno.EPROTO, why)
         if bdev.name in self._bdevs or any(bdev.name in b.aliases for b in self._bdevs.values()):
             bdev.destruct()
-            raise RpcError(-errno.EEXIST, f"bdev name '{bdev.name}' is already taken: "
+            raise VhostError(errno.EEXIST, f"bdev name '{bdev.name}' is already taken: "
                                           f"pick another name or delete the existing bdev first")
         self._bdevs[bdev.name] = bdev
         return bdev
@@ -182,7 +182,7 @@ class BdevRegistry:
                 if name in b.aliases:
                     return b
             known = ", ".join(sorted(self._bdevs)) or "none"
-            raise RpcError(-errno.ENODEV, f"bdev '{name}' does not exist (existing bdevs: {known}); "
+            raise VhostError(errno.ENODEV, f"bdev '{name}' does not exist (existing bdevs: {known}); "
                                           f"create it first, e.g. bdev_malloc_create")
         return bdev
 
@@ -201,16 +201,16 @@ class BdevRegistry:
         """
         bdev = self.get(name)
         if bdev.deleting:
-            raise RpcError(-errno.EBUSY, f"bdev '{name}' is being deleted")
+            raise VhostError(errno.EBUSY, f"bdev '{name}' is being deleted")
         holder = bdev.claimed_by
         if claim and holder is not None and holder != owner:
-            raise RpcError(-errno.EBUSY, f"bdev '{name}' is already claimed by controller "
+            raise VhostError(errno.EBUSY, f"bdev '{name}' is already claimed by controller "
                                          f"'{holder}': a bdev serves one controller; "
                                          f"create another bdev or delete that controller")
         try:
             desc = BdevDescriptor(self, bdev, owner, reactor, claim, on_remove, on_resize)
         except OSError as exc:
-            raise RpcError(-(exc.errno or errno.EIO), str(exc.strerror or exc)) from None
+            raise VhostError(exc.errno or errno.EIO, str(exc.strerror or exc)) from None
         bdev.descriptors.append(desc)
         return desc
 
@@ -235,10 +235,10 @@ class BdevRegistry:
         then it is freed."""
         bdev = self.get(name)
         if module is not None and bdev.module != module:
-            raise RpcError(-errno.EINVAL, f"bdev '{name}' is a {bdev.module} bdev, not {module}: "
+            raise VhostError(errno.EINVAL, f"bdev '{name}' is a {bdev.module} bdev, not {module}: "
                                           f"use bdev_{bdev.module}_delete")
         if bdev.deleting:
-            raise RpcError(-errno.EBUSY, f"bdev '{name}' is already being deleted")
+            raise VhostError(errno.EBUSY, f"bdev '{name}' is already being deleted")
         bdev.deleting = True
         opened = list(bdev.descriptors)
         for desc in opened:

@@ -6,8 +6,9 @@ class and the handler is called as ``fn(params_obj)``; with ``params=None`` the
 handler is called as ``fn()`` and any parameter is rejected.
 
 Errors follow SPDK's conventions: JSON-RPC 2.0 codes for protocol level
-problems and negative errno values for domain errors raised by handlers
-(``RpcError(-errno.ENODEV, "...")``).
+problems (``RpcError``) and negative errno values for the domain's errors, which
+handlers raise as :class:`vhost_core.errors.VhostError` (``VhostError(errno.ENODEV,
+"...")``) and this layer answers as ``RpcError(-errno, message)``.
 
 SPDK's clients send every optional parameter they know, with its default value, so a
 params class declares SPDK's *whole* parameter set for its method.  A parameter this
@@ -35,6 +36,8 @@ import typing
 from typing import Any, Callable, Iterable, Sequence
 
 import attrs
+
+from vhost_core.errors import VhostError
 
 __all__ = [
     "INVALID_STATE",
@@ -694,6 +697,8 @@ class RpcRegistry:
                 return m.fn(arg)
         except RpcError:
             raise
+        except VhostError as exc:
+            raise RpcError(-exc.errno, exc.message) from None
         except Exception as exc:
             raise self._internal(name, exc) from exc
 
@@ -729,6 +734,8 @@ class RpcRegistry:
                 result = await result
             except RpcError:
                 raise
+            except VhostError as exc:
+                raise RpcError(-exc.errno, exc.message) from None
             except Exception as exc:
                 raise self._internal(name, exc) from exc
         return result

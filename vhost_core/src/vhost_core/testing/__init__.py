@@ -6,10 +6,12 @@ Public API (all re-exported here):
   ``read``/``write``, frontend user addresses (:mod:`.memory`).
 * :class:`SplitVirtqueue` -- driver side of a virtio 1.x split ring, EVENT_IDX,
   INDIRECT, raw accessors for hostile tests (:mod:`.virtqueue`).
-* :class:`VhostUserFrontend` -- raw and typed vhost-user messages, REPLY_ACK
-  (:mod:`.frontend`).
-* :func:`connect_blk` / :class:`VirtioBlkDevice` -- QEMU-like handshake and a
-  virtio-blk driver (``read/write/flush/get_id/discard/write_zeroes/submit``).
+* :class:`VhostUserFrontend` -- raw and typed vhost-user messages, REPLY_ACK;
+  :func:`handshake` / :class:`VirtioDevice` -- QEMU's handshake and the common half
+  of a driver for any device type (:mod:`.frontend`).
+* :func:`connect_blk` / :class:`VirtioBlkDevice` -- the virtio-blk driver
+  (``read/write/flush/get_id/discard/write_zeroes/submit``, :mod:`.blk`).  The
+  virtio-scsi driver ships with its plugin: ``vhost_dev_scsi.testing``.
 * Wire constants in :mod:`.constants` (independent of the backend's copy).
 * Conformance suites every plugin runs unchanged: :mod:`.conformance.bdev`
   (bdev backends) and :mod:`.conformance.device` (device types).
@@ -23,21 +25,26 @@ Nothing here imports the backend, so tests stay an independent check of it.
 
 from . import constants
 from .constants import *  # noqa: F401,F403
-from .frontend import (
+from .blk import (
     DEFAULT_BLK_FEATURES,
-    FRONTEND_PROTOCOL_FEATURES,
     BlkIOError,
     BlkRequest,
     BlkResult,
+    VirtioBlkConfig,
+    VirtioBlkDevice,
+    connect_blk,
+)
+from .frontend import (
+    FRONTEND_PROTOCOL_FEATURES,
     ConnectionClosed,
+    Handshake,
     Message,
     VhostUserError,
     VhostUserFrontend,
     VhostUserNack,
     VhostUserProtocolError,
-    VirtioBlkConfig,
-    VirtioBlkDevice,
-    connect_blk,
+    VirtioDevice,
+    handshake,
 )
 from .memory import GuestMemory, GuestMemoryError, MemoryRegion
 from .virtqueue import SplitVirtqueue, UsedElem, VirtqueueError, vring_need_event
@@ -57,6 +64,9 @@ __all__ = [
     "VhostUserProtocolError",
     "VhostUserNack",
     "ConnectionClosed",
+    "Handshake",
+    "VirtioDevice",
+    "handshake",
     "VirtioBlkConfig",
     "VirtioBlkDevice",
     "BlkRequest",

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import pytest
 
-from .frontend import VhostUserFrontend, connect_blk
+from .blk import connect_blk
+from .frontend import VhostUserFrontend
 from .memory import GuestMemory
 
 __all__ = ["guest_memory", "vhost_frontend_factory", "vhost_blk_factory", "vhost_daemon"]

@@ -4,33 +4,35 @@ Runs on the connection's own thread, under the app's control lock.  Every field
 the front-end sends is validated here before it reaches the native data path; a
 violation raises :class:`ProtocolError` and the connection is dropped (the daemon
 and every other controller keep serving).
+
+This module is the message dispatch: each request's payload checked and handed to
+its owner.  The owners: :mod:`.vrings` (each ring's lifecycle: start, stop, drain,
+breakage), :mod:`.memory_table` (the guest memory mapping and who owns it),
+:mod:`.inflight` (the inflight buffer), and the controller's device (features and
+config space).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import socket
 import time
 from typing import TYPE_CHECKING, Callable
 
-import attrs
-
 from vhost_core.log import get_logger, notice
-from vhost_core.native import ffi, lib
+from vhost_core.native import lib
 from vhost_core.vhost_user import messages as m
 from vhost_core.vhost_user.connection import Connection, Message
+from vhost_core.vhost_user.inflight import InflightBuffer
+from vhost_core.vhost_user.memory_table import MemoryTable
+from vhost_core.vhost_user.vrings import ERROR_SUMMARY_INTERVAL_S, Vring, Vrings
 
 if TYPE_CHECKING:  # pragma: no cover
     from vhost_core.controller import Controller
+    from vhost_core.device import Device
 
 log = get_logger("vhost_user")
-
-UNSHARED_MEMORY_HINT = (
-    "guest memory is not shared with the vhost target: start QEMU with "
-    "`-object memory-backend-memfd,id=mem,size=<RAM size>,share=on -numa node,memdev=mem` "
-    "(or memory-backend-file with mem-path=/dev/hugepages and share=on)")
 
 CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEATURES)
                  | (1 << m.VIRTIO_RING_F_INDIRECT_DESC) | (1 << m.VIRTIO_RING_F_EVENT_IDX))
@@ -41,71 +43,12 @@ CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEA
 PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY_ACK)
                      | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ)
                      | (1 << m.ProtocolFeature.INFLIGHT_SHMFD))
-#: How long a stopping ring waits for requests its backend still holds (a stuck
-#: NFS mount, a frozen filesystem) before the session is given up and the ring
-#: retired.  VHOST_STOP_TIMEOUT_S overrides it.
-STOP_TIMEOUT_MS = int(float(os.environ.get("VHOST_STOP_TIMEOUT_S", "30")) * 1000)
-#: Draining a ring is waited for under the control lock this long; past it the lock is
-#: released while waiting, so that RPCs and the other controllers are not held up.
-QUICK_STOP_MS = 50
-#: Bad requests from a guest are logged at most this often per session (a summary
-#: with the count), so that a broken or hostile guest cannot flood the log.
-ERROR_SUMMARY_INTERVAL_S = 10.0
 #: Refused vhost-user messages logged one by one per session before summaries take over.
 REFUSALS_LOGGED = 5
 #: Requests we do not implement whose front-end side waits for a reply.
 UNSUPPORTED_WITH_REPLY = frozenset({
     m.Request.IOTLB_MSG, m.Request.CREATE_CRYPTO_SESSION, m.Request.POSTCOPY_ADVISE,
     m.Request.GET_MAX_MEM_SLOTS, m.Request.GET_STATUS})
-#: Why vn_vq_start did not use what it found in the inflight buffer (vn_vq_get_recovery).
-INFLIGHT_RESET_REASONS = {
-    1: "it was made for another ring size",
-    2: "it does not match the used ring",
-    3: "it is too small for the ring",
-}
-
-
-#: What vn_mem_add_region's errors mean for a memory region the front-end sent.
-REGION_ERROR_HINTS = {
-    errno.ERANGE: " (region lies past the end of its file)",
-    errno.EBADFD: " (not a regular file: guest RAM must be a memfd, hugetlbfs or tmpfs file)",
-    errno.EMEDIUMTYPE: (" (the file is on a filesystem that could stall the data path on page faults, "
-                        "such as FUSE or NFS: back guest RAM with memory-backend-memfd, hugetlbfs or "
-                        "/dev/shm)"),
-    errno.EINVAL: " (offset or size not aligned to the file's page size: hugetlbfs needs huge-page alignment)",
-}
-
-
-def inflight_queue_stride(queue_size: int) -> int:
-    """Bytes of one queue's part of the inflight buffer (QueueRegionSplit), 64-aligned."""
-    raw = lib.VN_INFLIGHT_HEADER + lib.VN_INFLIGHT_DESC * queue_size
-    return (raw + 63) & ~63
-
-
-@attrs.define
-class Vring:
-    """Control-plane view of one virtqueue; ``native`` is its ``struct vn_vq``."""
-
-    index: int
-    native: object
-    size: int = 0
-    base: int = 0
-    addr: m.VringAddr | None = None
-    kick_fd: int = -1
-    call_fd: int = -1
-    err_fd: int = -1
-    enabled: bool = False
-    started: bool = False
-    stopping: bool = False      # a thread drains it with the control lock released
-    stuck: bool = False         # its requests never completed: still live on the reactor
-    broken_reported: bool = False
-
-    def close_fds(self) -> None:
-        for name in ("kick_fd", "call_fd", "err_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
 
 
 def _check_eventfd(fd: int, what: str) -> None:
@@ -133,29 +76,25 @@ class Session:
 
     def __init__(self, ctrlr: Controller, conn: Connection) -> None:
         self.ctrlr = ctrlr
+        self.device: Device = ctrlr.device
         self.conn = conn
         self.name = ctrlr.name
         self.features = 0
         self.features_set = False
         self.protocol_features = 0
-        self.mem = ffi.NULL
-        self.nregions = 0
-        self.vrings = [Vring(i, q) for i, q in enumerate(ctrlr.native_vqs)]
-        self.reported_unshared = False
-        self.mem_table_seen = False
-        #: Set when a ring's requests outlived STOP_TIMEOUT_MS: the session is
+        self.memory = MemoryTable(self.name)
+        self.inflight = InflightBuffer(self.name)
+        self.vrings = Vrings(self, ctrlr.native_vqs)
+        #: Set when a ring's requests outlived the stop timeout: the session is
         #: dropped after the current message and the ring retired (Controller.retire).
         self.wedged = False
         self.backend_sock: socket.socket | None = None
-        self.inflight_mem = ffi.NULL
         self._reply_fds: list[int] = []
         self.closing = False
         self.closed = False
-        self._errors_reported = [self._queue_errors(v) for v in self.vrings]
         self._refusals = self._refusals_unlogged = 0
         self._last_refusal = ""
         self._last_refusal_summary = float("-inf")
-        self._last_error_summary = float("-inf")
         conn.on_idle = self.check_rings
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             m.Request.GET_FEATURES: self._get_features,
@@ -273,13 +212,8 @@ class Session:
                 f"{m.Request(msg.request).name} payload is {len(msg.payload)} bytes, expected {st.size}")
         return st.unpack(msg.payload)
 
-    def _vring(self, index: int) -> Vring:
-        if index >= len(self.vrings):
-            raise m.ProtocolError(f"vring index {index} out of range (device has {len(self.vrings)} queues)")
-        return self.vrings[index]
-
     def offered_features(self) -> int:
-        return CORE_FEATURES | self.ctrlr.backend.device_features()
+        return CORE_FEATURES | self.device.device_features()
 
     # ---------------------------------------------------------------- features
 
@@ -291,16 +225,14 @@ class Session:
         extra = features & ~self.offered_features()
         if extra:
             raise m.ProtocolError(f"SET_FEATURES asks for bits {extra:#x} that were not offered")
-        if any(v.started for v in self.vrings) and (features ^ self.features) & (
+        if self.vrings.any_started() and (features ^ self.features) & (
                 (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)):
             raise ValueError("ring features cannot change while queues run")
         self.features = features
         self.features_set = True
-        event_idx = bool(features & (1 << m.VIRTIO_RING_F_EVENT_IDX))
-        indirect = bool(features & (1 << m.VIRTIO_RING_F_INDIRECT_DESC))
-        for v in self.vrings:
-            lib.vn_vq_set_features(v.native, event_idx, indirect)
-        self.ctrlr.backend.features_negotiated(features)
+        self.vrings.set_features(bool(features & (1 << m.VIRTIO_RING_F_EVENT_IDX)),
+                                 bool(features & (1 << m.VIRTIO_RING_F_INDIRECT_DESC)))
+        self.device.features_negotiated(features)
         return None
 
     def _get_protocol_features(self, msg: Message) -> bytes:
@@ -314,77 +246,35 @@ class Session:
         self.protocol_features = features
 
     def _get_queue_num(self, msg: Message) -> bytes:
-        return m.U64.pack(self.ctrlr.backend.num_queues)
+        return m.U64.pack(self.device.num_queues)
 
     def _reset_owner(self, msg: Message) -> None:
-        self.stop_all()
+        self.vrings.stop_all()
         self.features = 0
         self.features_set = False
-        for v in self.vrings:
-            lib.vn_vq_set_features(v.native, 0, 0)
+        self.vrings.set_features(False, False)
 
     # ---------------------------------------------------------------- memory
 
     def _set_mem_table(self, msg: Message) -> None:
-        if len(msg.payload) < m.MEM_HEADER.size:
-            raise m.ProtocolError("SET_MEM_TABLE payload shorter than its header")
-        nregions, _pad = m.MEM_HEADER.unpack_from(msg.payload)
-        if nregions > m.MAX_MEM_REGIONS:
-            raise m.ProtocolError(f"SET_MEM_TABLE with {nregions} regions (at most {m.MAX_MEM_REGIONS})")
-        expected = m.MEM_HEADER.size + nregions * m.MEM_REGION.size
-        # QEMU always sends the full 8-region array; accept the exact or full size.
-        full = m.MEM_HEADER.size + m.MAX_MEM_REGIONS * m.MEM_REGION.size
-        if len(msg.payload) not in (expected, full):
-            raise m.ProtocolError(f"SET_MEM_TABLE payload is {len(msg.payload)} bytes for {nregions} regions")
-        self.mem_table_seen = True
-        if nregions == 0:
-            self._report_unshared("the memory table has no regions")
-            raise ValueError("memory table has no regions")
-        if len(msg.fds) != nregions:
-            if not self.reported_unshared:
-                self.reported_unshared = True
-                log.error("Controller %s: memory table has %d regions but %d file descriptors: %s",
-                          self.name, nregions, len(msg.fds), UNSHARED_MEMORY_HINT)
-            raise m.ProtocolError("memory regions without file descriptors")
-        regions = [m.MemoryRegion(*m.MEM_REGION.unpack_from(msg.payload, m.MEM_HEADER.size + i * m.MEM_REGION.size))
-                   for i in range(nregions)]
-        new = lib.vn_mem_new()
-        try:
-            for r, fd in zip(regions, msg.fds):
-                rc = lib.vn_mem_add_region(new, fd, r.guest_phys_addr, r.memory_size,
-                                           r.userspace_addr, r.mmap_offset)
-                if rc < 0:
-                    raise m.ProtocolError(
-                        f"cannot map memory region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} "
-                        f"offset={r.mmap_offset:#x}: {os.strerror(-rc)}" + REGION_ERROR_HINTS.get(-rc, ""))
-        except BaseException:
-            lib.vn_mem_free(new)
-            raise
+        new, nregions = self.memory.map(msg)
         # Replace the table under running queues: stop, swap, re-translate, restart.
         running = [v for v in self.vrings if v.started]
         for v in running:
-            self._stop_vring(v)
+            self.vrings.stop(v)
         if self.closing or self.wedged:     # closed meanwhile, or a ring never drained
             lib.vn_mem_free(new)
             raise m.ProtocolError("the session was closed while its memory table was replaced")
-        old, self.mem, self.nregions = self.mem, new, nregions
-        for v in self.vrings:
-            lib.vn_vq_set_mem(v.native, new)
-        lib.vn_mem_free(old)
-        log.debug("Controller %s: memory table with %d regions", self.name, nregions)
+        self.vrings.set_memory(new)
+        self.memory.install(new, nregions)
         for v in running:
-            self._start_vring(v)
-
-    def _report_unshared(self, what: str) -> None:
-        if not self.reported_unshared:
-            self.reported_unshared = True
-            log.error("Controller %s: %s: %s", self.name, what, UNSHARED_MEMORY_HINT)
+            self.vrings.start(v)
 
     # ---------------------------------------------------------------- vrings
 
     def _set_vring_num(self, msg: Message) -> None:
         index, num = self._payload(msg, m.VRING_STATE)
-        v = self._vring(index)
+        v = self.vrings.get(index)
         if num == 0 or num > m.MAX_QUEUE_SIZE or num & (num - 1):
             raise m.ProtocolError(f"vring {index} size {num} is not a power of two in 1..{m.MAX_QUEUE_SIZE}")
         if v.started:
@@ -393,14 +283,14 @@ class Session:
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr = m.VringAddr(*self._payload(msg, m.VRING_ADDR))
-        v = self._vring(addr.index)
+        v = self.vrings.get(addr.index)
         if v.started:
             raise m.ProtocolError(f"vring {addr.index} addresses changed while it runs")
         v.addr = addr
 
     def _set_vring_base(self, msg: Message) -> None:
         index, num = self._payload(msg, m.VRING_STATE)
-        v = self._vring(index)
+        v = self.vrings.get(index)
         if num > 0xFFFF:
             raise m.ProtocolError(f"vring {index} base {num} exceeds 65535")
         if v.started:
@@ -409,9 +299,9 @@ class Session:
 
     def _get_vring_base(self, msg: Message) -> bytes:
         index, _num = self._payload(msg, m.VRING_STATE)
-        v = self._vring(index)
+        v = self.vrings.get(index)
         if v.started:
-            self._stop_vring(v)
+            self.vrings.stop(v)
         base = v.base
         # The ring is stopped until the next SET_VRING_KICK.
         if v.kick_fd >= 0:
@@ -425,7 +315,7 @@ class Session:
         (value,) = self._payload(msg, m.U64)
         if value & ~(m.VRING_IDX_MASK | m.VRING_NOFD_MASK):
             raise m.ProtocolError(f"{m.Request(msg.request).name} reserved bits set in {value:#x}")
-        v = self._vring(value & m.VRING_IDX_MASK)
+        v = self.vrings.get(value & m.VRING_IDX_MASK)
         if value & m.VRING_NOFD_MASK:
             return v, -1
         if len(msg.fds) != 1:
@@ -442,13 +332,13 @@ class Session:
     def _set_vring_kick(self, msg: Message) -> None:
         v, fd = self._vring_fd(msg)
         if v.started:
-            self._stop_vring(v)
+            self.vrings.stop(v)
         if v.kick_fd >= 0:
             os.close(v.kick_fd)
         v.kick_fd = fd
         if not self.protocol_features_negotiated():
             v.enabled = True
-        self._start_vring(v)
+        self.vrings.start(v)
 
     def _set_vring_call(self, msg: Message) -> None:
         v, fd = self._vring_fd(msg)
@@ -474,152 +364,27 @@ class Session:
 
     def _set_vring_enable(self, msg: Message) -> None:
         index, num = self._payload(msg, m.VRING_STATE)
-        v = self._vring(index)
+        v = self.vrings.get(index)
         if num not in (0, 1):
             raise m.ProtocolError(f"SET_VRING_ENABLE {index} with value {num}")
         v.enabled = bool(num)
         lib.vn_vq_set_enabled(v.native, v.enabled)
         if v.enabled and not v.started and v.kick_fd >= 0:
-            self._start_vring(v)
+            self.vrings.start(v)
 
-    def _has(self, bit: int) -> bool:
+    def has_feature(self, bit: int) -> bool:
         return bool(self.features & (1 << bit))
 
     def protocol_features_negotiated(self) -> bool:
         return bool(self.features & (1 << m.VHOST_USER_F_PROTOCOL_FEATURES))
 
-    def _translate_ring(self, v: Vring) -> tuple:
-        assert v.addr is not None
-        event = 2 if self.features & (1 << m.VIRTIO_RING_F_EVENT_IDX) else 0
-        parts = (("descriptor table", v.addr.desc, 16 * v.size),
-                 ("avail ring", v.addr.avail, 4 + 2 * v.size + event),
-                 ("used ring", v.addr.used, 4 + 8 * v.size + event))
-        out = []
-        for what, uva, length in parts:
-            p = lib.vn_mem_uva_to_host(self.mem, uva, length)
-            if p == ffi.NULL:
-                hint = UNSHARED_MEMORY_HINT if self.nregions == 0 else (
-                    "the front-end's ring addresses must lie inside the memory table it sent")
-                raise ValueError(f"vring {v.index} {what} at {uva:#x}+{length} is not in guest memory: {hint}")
-            out.append(p)
-        if v.addr.desc % 16 or v.addr.avail % 2 or v.addr.used % 4:
-            raise ValueError(f"vring {v.index} addresses are misaligned")
-        return tuple(out)
-
-    def _start_vring(self, v: Vring) -> None:
-        if v.started or v.kick_fd < 0 or self.closing:
-            return
-        if not v.size or v.addr is None:
-            raise m.ProtocolError(f"vring {v.index} kicked before its size and addresses were set")
-        if self.mem == ffi.NULL:
-            if not self.reported_unshared:
-                self.reported_unshared = True
-                log.error("Controller %s: vring %d started without a memory table: %s",
-                          self.name, v.index, UNSHARED_MEMORY_HINT)
-            raise m.ProtocolError(f"vring {v.index} started without a memory table")
-        try:
-            desc, avail, used = self._translate_ring(v)
-        except ValueError as exc:
-            if self.nregions == 0 and not self.reported_unshared:
-                self.reported_unshared = True
-            raise m.ProtocolError(str(exc)) from None
-        # The native ring layout must be the one just validated: the features of
-        # this session, whatever an earlier session or RESET_OWNER left behind.
-        lib.vn_vq_set_features(v.native, self._has(m.VIRTIO_RING_F_EVENT_IDX),
-                               self._has(m.VIRTIO_RING_F_INDIRECT_DESC))
-        lib.vn_vq_set_ring(v.native, v.size, desc, avail, used)
-        lib.vn_vq_set_base(v.native, v.base)
-        lib.vn_vq_set_kick(v.native, v.kick_fd)
-        lib.vn_vq_set_call(v.native, v.call_fd)
-        lib.vn_vq_set_enabled(v.native, v.enabled)
-        rc = lib.vn_vq_start(v.native)
-        if rc < 0:
-            raise m.ProtocolError(f"vring {v.index} could not start: {os.strerror(-rc)}")
-        v.started = True
-        log.debug("Controller %s: vring %d started (size %d, base %d)", self.name, v.index, v.size, v.base)
-        if self.inflight_mem != ffi.NULL:
-            rec = ffi.new("uint32_t[2]")
-            lib.vn_vq_get_recovery(v.native, rec)
-            log.debug("Controller %s: vring %d inflight recovery: %d resubmitted, reset reason %d, base now %d",
-                      self.name, v.index, rec[0], rec[1], lib.vn_vq_get_base(v.native))
-            if rec[1]:
-                log.warning("Controller %s: vring %d: ignoring the front-end's inflight buffer: %s; "
-                            "nothing is resubmitted", self.name, v.index,
-                            INFLIGHT_RESET_REASONS.get(rec[1], "it is inconsistent"))
-            if rec[0]:
-                notice(log, "Controller %s: vring %d: resubmitting %d request%s left in flight "
-                       "by the previous target process", self.name, v.index, rec[0],
-                       "" if rec[0] == 1 else "s")
-
-    def _wait_unlocked(self, seconds: float) -> None:
+    def wait_unlocked(self, seconds: float) -> None:
         """Sleep with the control lock released (re-taken before returning)."""
-        try:
-            self.ctrlr.app.lock_cond.wait(seconds)
-        except (RuntimeError, AttributeError):     # not under the app's lock (a bare Session)
-            time.sleep(seconds)
-
-    def _stop_vring(self, v: Vring) -> None:
-        # Another thread (a closing RPC, or this connection's own handler) may be
-        # draining this ring with the lock released: let it finish.
-        while v.stopping:
-            self._wait_unlocked(0.01)
-        if not v.started:
-            return
-        v.stopping = True
-        try:
-            left = lib.vn_vq_stop(v.native, 0)
-            queue_stopping = getattr(self.ctrlr.backend, "queue_stopping", None)
-            if left and queue_stopping is not None:
-                # The ring fetches nothing new now; requests the device holds without
-                # end (virtio-scsi event buffers) must be handed back for it to drain.
-                queue_stopping(v.index)
-            if left:
-                left = lib.vn_vq_stop(v.native, QUICK_STOP_MS)
-            deadline = time.monotonic() + STOP_TIMEOUT_MS / 1000
-            while left and time.monotonic() < deadline:
-                # A slow or stuck backend (a frozen filesystem, a hung NFS mount)
-                # must cost this session only, not every RPC and controller.
-                self._wait_unlocked(0.01)
-                left = lib.vn_vq_stop(v.native, 0)
-            if left:
-                # The backend never completed them.  The queue stays live on the
-                # reactor for their late completions, so nothing of it may change:
-                # the session ends, and the controller keeps the queue and this
-                # session's memory until they complete (Controller.retire).
-                v.stuck = True
-                self.wedged = True
-                log.error("Controller %s: vring %d stopped with %d requests still in flight after %g s; "
-                          "dropping the front-end; its guest memory stays mapped until they complete",
-                          self.name, v.index, left, STOP_TIMEOUT_MS / 1000)
-            self._report_broken(v)
-            v.broken_reported = False
-            v.base = lib.vn_vq_get_base(v.native)
-            v.started = False
-        finally:
-            v.stopping = False
-
-    def _report_broken(self, v: Vring) -> None:
-        """Log (once) why the data path stopped a ring, and signal its error eventfd."""
-        if v.broken_reported or not v.started:
-            return
-        reason = lib.vn_vq_broken_reason(v.native)
-        if reason == ffi.NULL:
-            return
-        v.broken_reported = True
-        log.error("Controller %s: vring %d was stopped after a malformed request: %s",
-                  self.name, v.index, ffi.string(reason).decode())
-        if v.err_fd >= 0 and lib.vn_fd_signal(v.err_fd) == -errno.EINTR:
-            # Not worth a stall each time: the front-end will learn from the log.
-            os.close(v.err_fd)
-            v.err_fd = -1
+        self.ctrlr.wait_unlocked(seconds)
 
     def _check_memory(self) -> None:
-        if self.mem != ffi.NULL and lib.vn_mem_faulted(self.mem):
-            raise m.ProtocolError(
-                "guest memory lost its backing pages (the front-end shrank a memory file under a "
-                "mapped region, SIGBUS); those pages now read as zeros")
-        if self.inflight_mem != ffi.NULL and lib.vn_mem_faulted(self.inflight_mem):
-            raise m.ProtocolError("the front-end shrank the inflight buffer under its mapping (SIGBUS)")
+        self.memory.check()
+        self.inflight.check()
 
     def check_rings(self) -> None:
         """Called while the connection is idle: report rings the data path stopped,
@@ -629,94 +394,21 @@ class Session:
             if self.ctrlr.session is not self:
                 return
             for v in self.vrings:
-                self._report_broken(v)
-            self._summarize_errors()
+                self.vrings.report_broken(v)
+            self.vrings.summarize_errors()
             if time.monotonic() - self._last_refusal_summary >= ERROR_SUMMARY_INTERVAL_S:
                 self._summarize_refusals()
             self._check_memory()
 
-    @staticmethod
-    def _queue_errors(v: Vring) -> int:
-        stats = ffi.new("uint64_t[3]")
-        lib.vn_vq_get_stats(v.native, stats)
-        return int(stats[2])
-
-    def _summarize_errors(self, final: bool = False) -> None:
-        """Log the guest's bad requests since the last summary: the first at once,
-        then at most one line per ERROR_SUMMARY_INTERVAL_S (and one at disconnect)."""
-        if not final and time.monotonic() - self._last_error_summary < ERROR_SUMMARY_INTERVAL_S:
-            return
-        for v in self.vrings:
-            total = self._queue_errors(v)
-            new = total - self._errors_reported[v.index]
-            if new <= 0:
-                continue
-            self._errors_reported[v.index] = total
-            self._last_error_summary = time.monotonic()
-            log.error("Controller %s: vring %d: %d bad request%s from the guest failed (buffers outside "
-                      "guest memory, too many segments, or a malformed ring); %d in all, see "
-                      "vhost_get_queue_stats", self.name, v.index, new, "" if new == 1 else "s", total)
-
     # ---------------------------------------------------------------- inflight
 
-    def _inflight_payload(self, msg: Message) -> tuple[int, int, int, int]:
-        mmap_size, mmap_offset, num_queues, queue_size = self._payload(msg, m.INFLIGHT)
-        name = m.Request(msg.request).name
-        if not self.protocol_features & (1 << m.ProtocolFeature.INFLIGHT_SHMFD):
-            raise m.ProtocolError(f"{name} without the INFLIGHT_SHMFD protocol feature")
-        if not 1 <= num_queues <= len(self.vrings):
-            raise m.ProtocolError(f"{name} for {num_queues} queues (device has {len(self.vrings)})")
-        if queue_size == 0 or queue_size > m.MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
-            raise m.ProtocolError(f"{name} queue size {queue_size} is not a power of two "
-                                  f"in 1..{m.MAX_QUEUE_SIZE}")
-        return mmap_size, mmap_offset, num_queues, queue_size
-
     def _get_inflight_fd(self, msg: Message) -> bytes:
-        _size, _offset, num_queues, queue_size = self._inflight_payload(msg)
-        size = num_queues * inflight_queue_stride(queue_size)
-        fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(fd, size)
-            # Sealed, so that nobody can shrink it under a mapping (SIGBUS).
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-        except OSError:
-            os.close(fd)
-            raise
+        reply, fd = self.inflight.get_fd(msg, self.protocol_features, len(self.vrings))
         self._reply_fds = [fd]
-        return m.INFLIGHT.pack(size, 0, num_queues, queue_size)
+        return reply
 
     def _set_inflight_fd(self, msg: Message) -> None:
-        mmap_size, mmap_offset, num_queues, queue_size = self._inflight_payload(msg)
-        if len(msg.fds) != 1:
-            raise m.ProtocolError(f"SET_INFLIGHT_FD carries {len(msg.fds)} file descriptors, expected 1")
-        if any(v.started for v in self.vrings):
-            raise ValueError("the inflight buffer cannot change while queues run")
-        stride = inflight_queue_stride(queue_size)
-        need = num_queues * stride
-        if mmap_size < need:
-            raise ValueError(f"inflight buffer of {mmap_size} bytes is too small for {num_queues} queues "
-                             f"of {queue_size} ({need} bytes)")
-        # A mapping like guest memory's: SIGBUS-guarded, should the front-end shrink the file.
-        new = lib.vn_mem_new()
-        rc = lib.vn_mem_add_region(new, msg.fds[0], 0, need, 0, mmap_offset)
-        if rc < 0:
-            lib.vn_mem_free(new)
-            raise ValueError(f"cannot map the inflight buffer ({need} bytes at offset {mmap_offset}): "
-                             f"{os.strerror(-rc)}")
-        base = ffi.cast("uint8_t *", lib.vn_mem_gpa_to_host(new, 0, need))
-        self._drop_inflight()
-        self.inflight_mem = new
-        for v in self.vrings:
-            if v.index < num_queues:
-                lib.vn_vq_set_inflight(v.native, base + v.index * stride, queue_size)
-        log.debug("Controller %s: inflight buffer for %d queues of %d", self.name, num_queues, queue_size)
-
-    def _drop_inflight(self) -> None:
-        """Stop tracking (queues must be stopped) and unmap the buffer."""
-        for v in self.vrings:
-            lib.vn_vq_set_inflight(v.native, ffi.NULL, 0)
-        lib.vn_mem_free(self.inflight_mem)
-        self.inflight_mem = ffi.NULL
+        self.inflight.set_fd(msg, self.protocol_features, list(self.vrings))
 
     # ---------------------------------------------------------------- config
 
@@ -726,7 +418,7 @@ class Session:
         offset, size, flags = m.CONFIG_HEADER.unpack_from(msg.payload)
         if size > m.MAX_PAYLOAD - m.CONFIG_HEADER.size or offset > m.MAX_PAYLOAD:
             raise m.ProtocolError(f"GET_CONFIG offset {offset} size {size} too large")
-        config = self.ctrlr.backend.get_config()
+        config = self.device.get_config()
         # The reply is as long as the request's payload (the spec: "the back-end's
         # payload size MUST match the front-end's request"; libvhost-user and DPDK do
         # so), whatever its size field says; the tail past our config reads as zeros.
@@ -742,7 +434,7 @@ class Session:
         data = msg.payload[m.CONFIG_HEADER.size:]
         if len(data) != size:
             raise m.ProtocolError("SET_CONFIG size does not match its payload")
-        self.ctrlr.backend.set_config(offset, data)
+        self.device.set_config(offset, data)
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         if not self.protocol_features & (1 << m.ProtocolFeature.BACKEND_REQ):
@@ -790,14 +482,7 @@ class Session:
     # ---------------------------------------------------------------- teardown
 
     def stop_all(self) -> None:
-        # Every ring stops fetching first: one still running while another drains
-        # would take new requests from a front-end that is going away, and the
-        # drains overlap instead of adding up.
-        for v in self.vrings:
-            if v.started and not v.stopping:
-                lib.vn_vq_stop(v.native, 0)
-        for v in self.vrings:
-            self._stop_vring(v)
+        self.vrings.stop_all()
 
     def close(self) -> None:
         """The front-end went away: stop every ring, then unmap its memory.
@@ -806,7 +491,7 @@ class Session:
         controller or stopping the daemon): the second waits for the first."""
         if self.closing:
             while not self.closed:
-                self._wait_unlocked(0.01)
+                self.wait_unlocked(0.01)
             return
         self.closing = True
         try:
@@ -815,35 +500,24 @@ class Session:
             self.closed = True
 
     def _close(self) -> None:
-        if self.features_set and not self.mem_table_seen:
+        if self.features_set and not self.memory.seen:
             # QEMU's reaction to unshared guest RAM: it acks features, fails to
             # build the memory table ("Failed initializing vhost-user memory map")
             # and disconnects.  Say what the user must change.
-            self._report_unshared("the front-end started the device without sending a memory table "
-                                  "(QEMU does this when its guest RAM is not shared)")
-        self.stop_all()
-        self._summarize_errors(final=True)
+            self.memory.report_unshared("the front-end started the device without sending a memory table "
+                                        "(QEMU does this when its guest RAM is not shared)")
+        self.vrings.stop_all()
+        self.vrings.summarize_errors(final=True)
         self._summarize_refusals()
-        for v in self.vrings:
-            # On the reactor's thread (vn_vq_set_*): a stuck queue is still polled.
-            lib.vn_vq_set_kick(v.native, -1)
-            lib.vn_vq_set_call(v.native, -1)
-            lib.vn_vq_set_enabled(v.native, 0)
-            v.close_fds()
-        for v in self.vrings:
-            if not v.stuck:
-                lib.vn_vq_set_mem(v.native, ffi.NULL)
-                lib.vn_vq_set_inflight(v.native, ffi.NULL, 0)
-        stuck = {v.index: v.native for v in self.vrings if v.stuck}
+        stuck = self.vrings.detach()
         if stuck:
             # Late completions write into the used ring, the guest buffers and the
             # inflight buffer: the controller keeps those queues and mappings
             # until they drain, and serves the next front-end with fresh queues.
-            self.ctrlr.retire(stuck, [self.mem, self.inflight_mem])
+            self.ctrlr.retire(stuck, [self.memory.release(), self.inflight.release()])
         else:
-            lib.vn_mem_free(self.mem)
-            lib.vn_mem_free(self.inflight_mem)
-        self.mem = self.inflight_mem = ffi.NULL
+            self.memory.free()
+            self.inflight.free()
         if self.backend_sock is not None:
             self.backend_sock.close()
             self.backend_sock = None

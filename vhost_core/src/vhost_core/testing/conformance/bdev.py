@@ -52,7 +52,7 @@ from vhost_core.testing.constants import (
     VIRTIO_RING_F_INDIRECT_DESC,
     VirtioBlkFeature,
 )
-from vhost_core.testing.frontend import BlkIOError, BlkRequest, VirtioBlkDevice, connect_blk
+from vhost_core.testing.blk import BlkIOError, BlkRequest, VirtioBlkDevice, connect_blk
 
 __all__ = ["BdevConformance", "BdevRecipe"]
 

@@ -1,4 +1,6 @@
-"""A small virtio-scsi driver over the fake vhost-user front-end of vhost_core.testing.
+"""A virtio-scsi driver over the fake vhost-user front-end of vhost_core.testing, shipped
+with the device type so that third parties (a bdev plugin that wants to see its disk
+through SCSI, a packager's smoke test) can drive vhost-scsi controllers too.
 
 Layout (virtio 1.x, 5.6): virtqueue 0 control, 1 event, 2.. requests.  A command
 is ``[request header | data-out]`` device-readable then ``[response | data-in]``
@@ -18,9 +20,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from vhost_core.testing import GuestMemory, VhostUserFrontend
+from vhost_core.testing import GuestMemory, VhostUserFrontend, VirtioDevice, handshake
 from vhost_core.testing.constants import (
-    VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -128,47 +129,17 @@ class ScsiResult:
                 f" resid={self.resid}, data=<{len(self.data)}>, used={self.used_len})")
 
 
-class VirtioScsiDevice:
+class VirtioScsiDevice(VirtioDevice):
+    """Queues: 0 control, 1 event, 2.. requests.  Normally made by :func:`connect_scsi`."""
+
     def __init__(self, fe: VhostUserFrontend, memory: GuestMemory, queues, config, features: int,
                  own_memory: bool, timeout: float) -> None:
-        self.frontend = fe
-        self.memory = memory
-        self.queues = queues
+        super().__init__(fe, memory, queues, features, own_memory=own_memory, timeout=timeout)
         self.config = config
-        self.features = features
-        self.own_memory = own_memory
-        self.timeout = timeout
         self._events: dict[int, int] = {}   # head -> gpa of posted event buffers
         self._pending_events: list = []
         self._tag = 0
         self._tmf_done: set[int] = set()
-
-    def close(self) -> None:
-        self.frontend.close()
-        for q in self.queues:
-            q.close()
-        if self.own_memory:
-            self.memory.close()
-
-    def __enter__(self) -> "VirtioScsiDevice":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # ------------------------------------------------------------ raw chains
-
-    def chain(self, queue: int, bufs, *, timeout: float | None = None, indirect: bool = False) -> int:
-        """Submit ``[(gpa, len, writable), ...]`` on ``queue``; wait; return the used length."""
-        vq = self.queues[queue]
-        head = vq.add_chain(bufs, indirect=indirect)
-        vq.kick()
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while True:
-            for el in vq.wait_used(max(0.01, deadline - time.monotonic())):
-                if el.head == head:
-                    return el.len
-                # a late completion of another chain: ignore
 
     # ------------------------------------------------------------ commands
 
@@ -348,38 +319,18 @@ def _segments(gpa: int, n: int, writable: bool, seg: int | None):
 def connect_scsi(path: str, num_queues: int = 1, queue_size: int = 128, features: int | None = None,
                  memory_mb: int = 16, timeout: float = 10.0, post_events: int = 0) -> VirtioScsiDevice:
     """QEMU's handshake for vhost-user-scsi with ``num_queues`` request queues."""
-    fe = VhostUserFrontend(path, timeout=timeout)
-    memory = None
+    h = handshake(path, DEFAULT_FEATURES if features is None else features, 2 + num_queues,
+                  queue_size=queue_size, memory_mb=memory_mb, timeout=timeout,
+                  protocol_features=bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG), config_size=CONFIG.size)
+    config = ScsiConfig.parse(h.config) if h.config is not None else None
+    dev = VirtioScsiDevice(h.frontend, h.memory, h.queues, config, h.features, h.own_memory, timeout)
     try:
-        offered = fe.get_features()
-        acked = offered & (DEFAULT_FEATURES if features is None else features)
-        pf = 0
-        if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            acked |= bit(VHOST_USER_F_PROTOCOL_FEATURES)
-            pf = fe.get_protocol_features() & (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG))
-            fe.set_protocol_features(pf)
-        nvq = 2 + num_queues
-        if pf & bit(PF.MQ):
-            assert fe.get_queue_num() >= nvq
-        fe.set_owner()
-        config = ScsiConfig.parse(fe.get_config(0, CONFIG.size)) if pf & bit(PF.CONFIG) else None
-        fe.set_features(acked)
-        memory = GuestMemory.pc_like(memory_mb << 20)
-        fe.set_mem_table(memory)
-        event_idx = bool(acked & bit(VIRTIO_RING_F_EVENT_IDX))
-        queues = [fe.setup_vring(i, queue_size, event_idx=event_idx) for i in range(nvq)]
-        if acked & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            for i in range(nvq):
-                fe.set_vring_enable(i, True)
-        dev = VirtioScsiDevice(fe, memory, queues, config, acked, True, timeout)
         if post_events:
             dev.post_events(post_events)
-        return dev
     except BaseException:
-        fe.close()
-        if memory is not None:
-            memory.close()
+        dev.close()
         raise
+    return dev
 
 
 def wait_no_session(d, ctrlr: str, timeout: float = 10.0) -> None:
