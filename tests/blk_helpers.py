@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import select
 import struct
-import time
 
 from vhost_core.testing import VirtioBlkDevice, connect_blk
+from vhost_core.testing.daemon import wait_in_flight, wait_no_session  # noqa: F401  (the tests' helpers)
 from vhost_core.testing.constants import (
     VIRTIO_BLK_S_IOERR,
     VRING_DESC_F_NEXT,
@@ -23,19 +23,6 @@ WRITE = VRING_DESC_F_WRITE
 BLK_HDR = struct.Struct("<IIQ")
 GUARD = 512
 GUARD_BYTE = 0xA5
-
-
-def wait_no_session(d, ctrlr: str, timeout: float = 10.0) -> None:
-    """Wait until the daemon has torn down the previous front-end of ``ctrlr``
-    (one front-end at a time: a connection made earlier would be refused)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        (c,) = d.rpc("vhost_get_controllers", name=ctrlr)
-        if not c["sessions"]:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"controller {ctrlr} still has a session after {timeout}s:\n{d.log()}")
-        time.sleep(0.02)
 
 
 def connect(d, ctrlr: str = "vhost.0", **kw) -> VirtioBlkDevice:

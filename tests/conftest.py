@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from vhost_core.testing.daemon import VhostDaemon
+
 # tests/guestvm.py and friends are plain modules next to the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -49,20 +51,11 @@ class DaemonView:
     def log(self) -> str:
         return self._daemon.log()[self._start:]
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.log()
-            if text in out:
-                return out
-            time.sleep(0.02)
-        raise AssertionError(f"'{text}' did not appear in the vhost log within {timeout}s:\n{self.log()}")
+    wait_log = VhostDaemon.wait_log     # over this view's log()
 
 
 @pytest.fixture(scope="module")
 def _shared_blk_daemon(tmp_path_factory):
-    from vhost_core.testing.daemon import VhostDaemon
-
     d = VhostDaemon(tmp_path_factory.mktemp("vhost")).start()
     try:
         _setup_blk_controllers(d)

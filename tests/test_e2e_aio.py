@@ -165,9 +165,12 @@ def test_requests_in_flight_when_the_target_is_killed_are_resubmitted_by_its_suc
         vm.check("(dd if=/tmp/pattern of=/dev/vda bs=64k seek=16 oflag=direct 2>/tmp/dd.err; "
                  "echo $? > /tmp/dd.rc) >/dev/null 2>&1 &")
         before = first.rpc("vhost_get_queue_stats", ctrlr="vhost.1")[0]["requests"]
-        time.sleep(2)           # the first write is stuck in the target; reads overtake it
+        # The first write is stuck in the target; reads overtake it.
+        deadline = time.monotonic() + 30
+        while first.rpc("vhost_get_queue_stats", ctrlr="vhost.1")[0]["requests"] <= before + 10:
+            assert time.monotonic() < deadline, "the guest's reads stopped behind the stuck write"
+            time.sleep(0.1)
         assert vm.run("test -e /tmp/dd.rc")[0] != 0, "the guest's writes finished on a frozen filesystem"
-        assert first.rpc("vhost_get_queue_stats", ctrlr="vhost.1")[0]["requests"] > before + 10
         first.proc.kill()
         subprocess.run(["fsfreeze", "-u", mnt], check=True)
         frozen = False

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from blk_helpers import connect, wait_no_session
+from blk_helpers import connect, wait_in_flight, wait_no_session
 from isolation_helpers import Bystander
 from vhost_core.testing import VhostUserError
 from vhost_core.testing.constants import VIRTIO_BLK_S_OK, VhostUserRequest as R
@@ -124,7 +124,7 @@ def _stuck_session(d) -> None:
     wait_no_session(d, "vhost.0")
     dev = connect(d, "vhost.0", memory_mb=16)
     _post_read(dev)
-    time.sleep(0.2)
+    wait_in_flight(d, "vhost.0")             # at the gate
     t = time.monotonic()
     with pytest.raises(VhostUserError):
         dev.frontend.get_vring_base(0)
@@ -166,7 +166,7 @@ def test_more_outstanding_requests_than_the_queue_size_stop_the_queue(d):
     with connect(d, "vhost.0", queue_size=4, indirect=True) as dev:
         for _ in range(3):
             _post_read(dev, indirect=True)
-        time.sleep(0.3)
+        wait_in_flight(d, "vhost.0", 3)
         assert d.rpc("vhost_get_queue_stats", ctrlr="vhost.0")[0]["in_flight"] == 3
         vq = dev.queues[0]
         vq.avail_idx = (vq.avail_idx + 2) & 0xFFFF
@@ -181,7 +181,7 @@ def test_deleting_a_controller_with_stuck_requests_frees_its_device_once_they_co
     mark = len(d.log())
     dev = connect(d, "vhost.0")
     _post_read(dev)
-    time.sleep(0.2)
+    wait_in_flight(d, "vhost.0")
     dev.close()         # the VM goes away with a request stuck at the backend
     d.wait_log("vring 0 stopped with 1 requests still in flight")
     wait_no_session(d, "vhost.0")

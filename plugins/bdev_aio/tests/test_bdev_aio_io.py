@@ -17,6 +17,7 @@ import time
 import pytest
 
 from vhost_core.testing import BlkRequest, connect_blk
+from vhost_core.testing.daemon import wait_in_flight
 from vhost_core.testing.constants import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -420,7 +421,7 @@ def test_a_stuck_backend_holds_up_only_its_own_controller(vhost_daemon, mounts, 
     dev = connect_blk(d.socket("vhost.0"))
     with _frozen(mnt) as thaw:
         st = _post_write(dev, 0, 0x77)
-        time.sleep(0.5)
+        wait_in_flight(d, "vhost.0")           # at the frozen filesystem
         assert dev.memory.read(st, 1) == b"\xff", "the write completed on a frozen filesystem"
         assert d.rpc("vhost_get_queue_stats", ctrlr="vhost.0")[0]["in_flight"] == 1
         dev.close()                     # gone, with the write in flight
@@ -454,9 +455,10 @@ def test_sigterm_with_a_write_in_flight_waits_for_it_and_exits_cleanly(tmp_path,
         dev = connect_blk(d.socket("vhost.0"))
         with _frozen(mnt) as thaw:
             st = _post_write(dev, 16, 0x5C)
-            time.sleep(0.5)
+            wait_in_flight(d, "vhost.0")
             d.proc.send_signal(signal.SIGTERM)
-            time.sleep(1.5)
+            d.wait_log("Exiting")               # it is stopping, and waits for the write
+            time.sleep(0.5)
             assert d.alive(), "the daemon exited with a write still in flight"
             thaw()
         assert d.proc.wait(30) == 0, d.log()

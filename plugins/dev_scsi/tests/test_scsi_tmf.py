@@ -30,6 +30,7 @@ from vhost_dev_scsi.testing import (
     ReadStream,
     connect_scsi,
     rw10,
+    wait_in_flight,
     wait_no_session,
 )
 
@@ -128,7 +129,7 @@ def test_a_held_tmf_completes_while_the_driver_keeps_io_in_flight(slow_daemon, s
     with connect_scsi(slow_daemon.socket("vhost.0")) as dev:
         reads = ReadStream(dev)
         reads.keep(DEPTH)
-        time.sleep(DELAY / 3)                       # the first read is at the bdev
+        wait_in_flight(slow_daemon, "vhost.0", DEPTH, queue=2)     # the reads are at the bdev
         tmf = dev.post_tmf(0, subtype)
         time.sleep(0.05)
         assert dev.tmf_response(tmf) is None, "completed with the commands before it still in flight"
@@ -162,7 +163,7 @@ def test_stopping_the_control_queue_hands_back_a_held_tmf(slow_daemon):
     with connect_scsi(slow_daemon.socket("vhost.0")) as dev:
         reads = ReadStream(dev)
         reads.keep(DEPTH)
-        time.sleep(DELAY / 3)
+        wait_in_flight(slow_daemon, "vhost.0", DEPTH, queue=2)
         tmf = dev.post_tmf(0, TMF_LOGICAL_UNIT_RESET)
         pump = Pump(reads, DEPTH)
         pump.start()
@@ -171,7 +172,9 @@ def test_stopping_the_control_queue_hands_back_a_held_tmf(slow_daemon):
             t0 = time.monotonic()
             dev.frontend.get_vring_base(0)
             elapsed = time.monotonic() - t0
-            time.sleep(2 * DELAY)
+            deadline = time.monotonic() + 10 * DELAY
+            while reads.completed < 1 and time.monotonic() < deadline:     # the request queue serves on
+                time.sleep(0.01)
         finally:
             pump.stop()
         assert elapsed < 1.0, f"stopping the control queue took {elapsed:.1f}s"
@@ -190,7 +193,7 @@ def test_disconnect_with_a_held_tmf_and_io_still_flowing_is_prompt(slow_daemon):
     try:
         reads = ReadStream(dev)
         reads.keep(DEPTH)
-        time.sleep(DELAY / 3)
+        wait_in_flight(d, "vhost.0", DEPTH, queue=2)
         dev.post_tmf(0, TMF_LOGICAL_UNIT_RESET)
         pump = Pump(reads, DEPTH)
         pump.start()

@@ -17,10 +17,10 @@ Example::
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass
 
 from vhost_core.testing import GuestMemory, VhostUserFrontend, VirtioDevice, handshake
+from vhost_core.testing.daemon import wait_in_flight, wait_no_session  # noqa: F401  (for the tests)
 from vhost_core.testing.constants import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -331,17 +331,6 @@ def connect_scsi(path: str, num_queues: int = 1, queue_size: int = 128, features
         dev.close()
         raise
     return dev
-
-
-def wait_no_session(d, ctrlr: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        (c,) = d.rpc("vhost_get_controllers", name=ctrlr)
-        if not c["sessions"]:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"controller {ctrlr} still has a session after {timeout}s:\n{d.log()}")
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- CDB builders

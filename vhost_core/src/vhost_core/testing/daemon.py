@@ -115,3 +115,31 @@ class VhostDaemon:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_no_session(d: Any, ctrlr: str, timeout: float = 10.0) -> None:
+    """Wait until daemon ``d`` has torn down the previous front-end of ``ctrlr`` (one
+    front-end at a time: a connection made earlier would be refused)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (c,) = d.rpc("vhost_get_controllers", name=ctrlr)
+        if not c["sessions"]:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"controller {ctrlr} still has a session after {timeout}s:\n{d.log()}")
+        time.sleep(0.02)
+
+
+def wait_in_flight(d: Any, ctrlr: str, count: int = 1, *, queue: int = 0, timeout: float = 10.0) -> None:
+    """Wait until ``count`` requests of ``ctrlr``'s virtqueue ``queue`` are in flight (taken
+    from the ring, not completed: ``vhost_get_queue_stats``), e.g. at a backend that holds
+    them: what a test waits for instead of sleeping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = d.rpc("vhost_get_queue_stats", ctrlr=ctrlr)[queue]["in_flight"]
+        if n >= count:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"controller {ctrlr} queue {queue}: {n} requests in flight after {timeout}s, "
+                                 f"expected {count}:\n{d.log()}")
+        time.sleep(0.01)

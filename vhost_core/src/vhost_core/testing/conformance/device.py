@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-import time
 from typing import Any
 
 import attrs
@@ -47,6 +46,7 @@ from vhost_core.testing.constants import (
     VhostUserRequest as R,
     bit,
 )
+from vhost_core.testing.daemon import wait_no_session
 from vhost_core.testing.frontend import VhostUserError, VhostUserFrontend
 from vhost_core.testing.memory import GuestMemory
 
@@ -81,7 +81,8 @@ class DeviceConformance:
 
     @pytest.fixture
     def device_recipe(self) -> DeviceRecipe:
-        pytest.skip("a DeviceConformance subclass must provide the device_recipe fixture")
+        pytest.fail(f"{type(self).__name__} runs the device conformance suite without a device: "
+                    f"override the device_recipe fixture (see vhost_core.testing.conformance.device)")
 
     @pytest.fixture
     def controller(self, vhost_daemon, device_recipe):
@@ -145,10 +146,10 @@ class DeviceConformance:
         """After whatever happened: the daemon answers RPCs and a new front-end is served."""
         assert daemon.alive(), daemon.log()
         assert daemon.rpc("vhost_get_controllers", name=recipe.ctrlr)[0]["ctrlr"] == recipe.ctrlr
-        _wait_no_session(daemon, recipe.ctrlr)
+        wait_no_session(daemon, recipe.ctrlr)
         with VhostUserFrontend(path, timeout=10) as fe:
             assert fe.get_features() & bit(VIRTIO_F_VERSION_1)
-        _wait_no_session(daemon, recipe.ctrlr)
+        wait_no_session(daemon, recipe.ctrlr)
 
     # ------------------------------------------------------------ negotiation
 
@@ -235,7 +236,7 @@ class DeviceConformance:
 
         for stage in ("features", "mem_table", "ring", "ring_stopped"):
             session_until(stage)
-            _wait_no_session(daemon, device_recipe.ctrlr)
+            wait_no_session(daemon, device_recipe.ctrlr)
         with VhostUserFrontend(path, timeout=10) as fe:
             self._full_setup(fe, memory)
             sessions = daemon.rpc("vhost_get_controllers", name=device_recipe.ctrlr)[0]["sessions"]
@@ -311,14 +312,6 @@ class DeviceConformance:
             os.close(kick)
         self._serves_again(daemon, path, device_recipe)
 
-
-def _wait_no_session(d, ctrlr: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not d.rpc("vhost_get_controllers", name=ctrlr)[0]["sessions"]:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"controller {ctrlr} still has a session after {timeout}s")
 
 
 def _region_with(region, **changes):
