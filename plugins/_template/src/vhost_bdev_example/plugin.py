@@ -19,10 +19,10 @@ from typing import Any
 
 import attrs
 
-from vhost_core.errors import VhostError
 from vhost_core.bdev.interface import Bdev, BdevModule, check_block_size
 from vhost_core.bdev.python_adapter import make_python_bdev
 from vhost_core.commands import Cli, CliArg, CommandContext, param
+from vhost_core.errors import VhostError
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
 

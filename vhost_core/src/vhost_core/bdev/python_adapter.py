@@ -6,7 +6,7 @@ methods on any object) and turns it into a registered bdev::
     from vhost_core.bdev.python_adapter import make_python_bdev
 
     bdev = make_python_bdev("Example0", MyDisk(), module="example", product_name="Example disk")
-    app.bdevs.add(bdev)          # now vhost_create_blk_controller can serve it
+    ctx.bdevs.add(bdev)          # in a command; now vhost_create_blk_controller can serve it
 
 How an I/O flows: the device type (vhost-blk, vhost-scsi) calls the adapter's native
 ``submit`` on its reactor thread; the I/O is queued and an eventfd wakes the bdev's
@@ -248,7 +248,7 @@ def make_python_bdev(name: str, impl: Any, *, module: str, product_name: str = "
                      driver_specific: dict[str, Any] | None = None) -> Bdev:
     """Wrap a :class:`PythonBdev` object as a :class:`~vhost_core.bdev.interface.Bdev`.
 
-    The result is not registered yet: add it with ``app.bdevs.add(bdev)`` (which
+    The result is not registered yet: add it with ``ctx.bdevs.add(bdev)`` (which
     destructs it if the name is taken).  Deleting the bdev stops its worker and
     calls ``impl.close()``.
 
