@@ -20,7 +20,7 @@ import pytest
 
 from blk_helpers import BLK_HDR, NEXT, WRITE, Guarded, assert_healthy, blk_header, connect, status_byte, \
     wait_no_session
-from conftest import _setup_blk_controllers
+from blk_helpers import setup_blk_controllers as _setup_blk_controllers
 from isolation_helpers import Bystander
 from vhost_core.testing import GuestMemory, SplitVirtqueue, VhostUserFrontend
 from vhost_core.testing.constants import (
