@@ -144,6 +144,21 @@ def test_call_eventfd_swapped_on_a_running_ring_blocking_and_full(d):
     assert_healthy(d)
 
 
+def test_the_guard_still_covers_the_reactor_after_many_front_ends(d):
+    """Each connection's thread that signals an fd gets a guard record; records of
+    threads that ended are reused, so the watchdog's walk never grows past what it
+    covers: after 300 front-ends the reactor is still guarded."""
+    for _ in range(300):
+        with connect(d) as dev:
+            fd = os.eventfd(0, os.EFD_NONBLOCK)
+            try:
+                dev.frontend.set_vring_call(0, fd)      # signalled by the connection's thread
+                assert dev.frontend.ping()
+            finally:
+                os.close(fd)
+    test_call_eventfd_made_blocking_and_full_costs_only_its_queue(d)
+
+
 def test_kick_eventfd_made_blocking_costs_only_its_queue(d):
     """In interrupt mode the reactor drains kick fds; the peer clears O_NONBLOCK on
     its kick eventfd (and keeps its counter at zero): a read would block forever."""
