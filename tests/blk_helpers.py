@@ -25,6 +25,17 @@ GUARD = 512
 GUARD_BYTE = 0xA5
 
 
+def setup_blk_controllers(d) -> None:
+    """vhost.0 on Malloc0 (8 MiB), vhost.1 on Malloc1 (2 MiB: the "other controller"),
+    vhost.ro on Malloc2 (2 MiB, read-only), all 512-byte blocks."""
+    d.rpc("bdev_malloc_create", num_blocks=16384, block_size=512, name="Malloc0")
+    d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="Malloc0")
+    d.rpc("bdev_malloc_create", num_blocks=4096, block_size=512, name="Malloc1")
+    d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="Malloc1")
+    d.rpc("bdev_malloc_create", num_blocks=4096, block_size=512, name="Malloc2")
+    d.rpc("vhost_create_blk_controller", ctrlr="vhost.ro", dev_name="Malloc2", readonly=True)
+
+
 def connect(d, ctrlr: str = "vhost.0", **kw) -> VirtioBlkDevice:
     wait_no_session(d, ctrlr)
     return connect_blk(d.socket(ctrlr), **kw)

@@ -24,13 +24,7 @@ def blk_daemon(vhost_daemon):
     return vhost_daemon
 
 
-def _setup_blk_controllers(d):
-    d.rpc("bdev_malloc_create", num_blocks=16384, block_size=512, name="Malloc0")
-    d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="Malloc0")
-    d.rpc("bdev_malloc_create", num_blocks=4096, block_size=512, name="Malloc1")
-    d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="Malloc1")
-    d.rpc("bdev_malloc_create", num_blocks=4096, block_size=512, name="Malloc2")
-    d.rpc("vhost_create_blk_controller", ctrlr="vhost.ro", dev_name="Malloc2", readonly=True)
+from blk_helpers import setup_blk_controllers as _setup_blk_controllers  # noqa: E402
 
 
 def _open_fds(pid: int) -> int:

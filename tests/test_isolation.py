@@ -20,7 +20,7 @@ import pytest
 
 from blk_helpers import BLK_HDR, NEXT, WRITE, Guarded, assert_healthy, blk_header, connect, status_byte, \
     wait_no_session
-from conftest import _setup_blk_controllers
+from blk_helpers import setup_blk_controllers as _setup_blk_controllers
 from isolation_helpers import Bystander
 from vhost_core.testing import GuestMemory, SplitVirtqueue, VhostUserFrontend
 from vhost_core.testing.constants import (
@@ -142,6 +142,21 @@ def test_call_eventfd_swapped_on_a_running_ring_blocking_and_full(d):
                 os.close(fd)
     b.check()
     assert_healthy(d)
+
+
+def test_the_guard_still_covers_the_reactor_after_many_front_ends(d):
+    """Each connection's thread that signals an fd gets a guard record; records of
+    threads that ended are reused, so the watchdog's walk never grows past what it
+    covers: after 300 front-ends the reactor is still guarded."""
+    for _ in range(300):
+        with connect(d) as dev:
+            fd = os.eventfd(0, os.EFD_NONBLOCK)
+            try:
+                dev.frontend.set_vring_call(0, fd)      # signalled by the connection's thread
+                assert dev.frontend.ping()
+            finally:
+                os.close(fd)
+    test_call_eventfd_made_blocking_and_full_costs_only_its_queue(d)
 
 
 def test_kick_eventfd_made_blocking_costs_only_its_queue(d):

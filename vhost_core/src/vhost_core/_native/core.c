@@ -85,6 +85,7 @@ static uint64_t now_ns(void)
 struct fdguard {
     _Atomic(uint64_t) seq;      /* bumped at each guarded call */
     atomic_int busy;
+    atomic_int in_use;          /* owned by a live thread (else free for the next one) */
     pthread_t thread;
     struct fdguard *next;
 };
@@ -92,6 +93,7 @@ struct fdguard {
 static _Atomic(struct fdguard *) fdguard_list;
 static pthread_once_t fdguard_once = PTHREAD_ONCE_INIT;
 static __thread struct fdguard *fdguard_self;
+static pthread_key_t fdguard_key;       /* its destructor frees the record for reuse */
 static int fdguard_signo;
 static atomic_uint_fast64_t fdguard_interrupts;
 
@@ -101,15 +103,18 @@ static void *fdguard_watchdog(void *arg)
 {
     (void)arg;
     pthread_setname_np(pthread_self(), "vhost-fdguard");
-    struct { struct fdguard *g; uint64_t seq; } seen[256];
+    /* Records are only ever added, at the head, and reused: the list is as long as
+     * the most threads that ever did guarded calls at once. */
+    enum { MAX_SEEN = 4096 };
+    static struct { struct fdguard *g; uint64_t seq; } seen[MAX_SEEN];
     int nseen = 0;
     for (;;) {
         struct timespec ts = { 0, FDGUARD_PERIOD_MS * 1000000L };
         nanosleep(&ts, NULL);
         int n = 0;
-        for (struct fdguard *g = atomic_load(&fdguard_list); g && n < 256; g = g->next, n++) {
+        for (struct fdguard *g = atomic_load(&fdguard_list); g && n < MAX_SEEN; g = g->next, n++) {
             uint64_t seq = atomic_load_explicit(&g->seq, memory_order_relaxed);
-            int busy = atomic_load_explicit(&g->busy, memory_order_relaxed);
+            int busy = atomic_load_explicit(&g->busy, memory_order_relaxed) && atomic_load(&g->in_use);
             int stuck = 0;
             for (int i = 0; i < nseen; i++)
                 if (seen[i].g == g) { stuck = busy && seen[i].seq == seq; break; }
@@ -127,8 +132,16 @@ static void *fdguard_watchdog(void *arg)
     return NULL;
 }
 
+static void fdguard_release(void *p)
+{
+    struct fdguard *g = p;
+    atomic_store(&g->busy, 0);
+    atomic_store(&g->in_use, 0);
+}
+
 static void fdguard_init(void)
 {
+    pthread_key_create(&fdguard_key, fdguard_release);
     fdguard_signo = SIGRTMIN + 4;
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
@@ -149,20 +162,28 @@ static void fdguard_init(void)
     pthread_attr_destroy(&attr);
 }
 
-/* Records are never freed: a thread that exits leaves an idle record behind,
- * which the watchdog skips (threads that do guarded calls are few: reactors and
- * connection threads). */
+/* A thread's record: a free one (its thread exited) if any, else a new one.
+ * Connection threads come and go with every front-end: without reuse the list
+ * would grow by one per connection. */
 static struct fdguard *fdguard_get(void)
 {
     struct fdguard *g = fdguard_self;
     if (__builtin_expect(g != NULL, 1)) return g;
     pthread_once(&fdguard_once, fdguard_init);
-    g = calloc(1, sizeof(*g));
-    if (!g) return NULL;
+    for (g = atomic_load(&fdguard_list); g; g = g->next) {
+        int free_ = 0;
+        if (atomic_compare_exchange_strong(&g->in_use, &free_, 1)) break;
+    }
+    if (!g) {
+        g = calloc(1, sizeof(*g));
+        if (!g) return NULL;
+        atomic_store(&g->in_use, 1);
+        struct fdguard *head = atomic_load(&fdguard_list);
+        do g->next = head; while (!atomic_compare_exchange_weak(&fdguard_list, &head, g));
+    }
     g->thread = pthread_self();
-    struct fdguard *head = atomic_load(&fdguard_list);
-    do g->next = head; while (!atomic_compare_exchange_weak(&fdguard_list, &head, g));
     fdguard_self = g;
+    pthread_setspecific(fdguard_key, g);
     return g;
 }
 
