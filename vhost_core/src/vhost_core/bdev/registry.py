@@ -19,6 +19,7 @@ then frees the bdev; :meth:`BdevRegistry.resize` calls each ``on_resize``.
 from __future__ import annotations
 
 import errno
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -151,6 +152,10 @@ class BdevRegistry:
         #: Waits that must not hold up the control plane (draining a descriptor) call
         #: this; the daemon sets it to a wait that releases its control lock.
         self.wait_unlocked: Callable[[float], Any] = time.sleep
+        #: The control lock: commands run holding it; a module's own thread (a controller
+        #: lost for good, hot-removing its bdevs) takes it around its registry calls.  The
+        #: daemon sets it to its own lock.
+        self.lock: Any = threading.RLock()
 
     def __iter__(self) -> Iterator[Bdev]:
         return iter(list(self._bdevs.values()))
