@@ -1,0 +1,36 @@
+"""Fixtures of the bdev_nvme tests: a real NVMe/TCP target (Linux nvmet in a TCG guest)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["vhost_core.testing.pytest_plugin"]
+
+
+def _load_target_module():
+    spec = importlib.util.spec_from_file_location("bdev_nvme_nvmet_target", Path(__file__).parent / "nvmet_target.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+nvmet = _load_target_module()
+
+
+@pytest.fixture(scope="session")
+def nvmet_mod():
+    """The nvmet_target helper module (importlib mode cannot import it from the tests)."""
+    return nvmet
+
+
+@pytest.fixture(scope="session")
+def nvmet_target():
+    """One nvmet target guest for the session (its subsystems: nvmet_target.py)."""
+    t = nvmet.NvmetTarget(name="nvmet-session").start()
+    try:
+        yield t
+    finally:
+        t.close()
