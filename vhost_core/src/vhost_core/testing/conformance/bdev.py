@@ -79,6 +79,12 @@ class BdevRecipe:
     delete_method: str | None = None
     data_integrity: bool = True
     unmap_reads_zeroes: bool = True
+    #: For a create method that answers a list of bdev names (SPDK's
+    #: ``bdev_nvme_attach_controller``): the one under test.  None: it answers the name.
+    bdev_name: str | None = None
+    #: Parameters of the delete call (default ``{"name": <bdev name>}``): e.g. the
+    #: controller's name for ``bdev_nvme_detach_controller``.
+    delete_params: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -109,11 +115,15 @@ class BdevUnderTest:
 
     def delete(self) -> None:
         method = self.recipe.delete_method or "delete_bdev"
-        self.daemon.rpc(method, name=self.name)
+        self.daemon.rpc(method, **(self.recipe.delete_params or {"name": self.name}))
 
 
 def _create(daemon, recipe: BdevRecipe) -> BdevUnderTest:
     name = daemon.rpc(recipe.create_method, **recipe.params)
+    if recipe.bdev_name is not None:
+        assert isinstance(name, list) and recipe.bdev_name in name, \
+            f"{recipe.create_method} answered {name!r}, without {recipe.bdev_name!r}"
+        name = recipe.bdev_name
     assert isinstance(name, str) and name, f"{recipe.create_method} must return the bdev name, got {name!r}"
     info = daemon.rpc("bdev_get_bdevs", name=name)[0]
     return BdevUnderTest(daemon, recipe, name, info["block_size"], info["num_blocks"],
