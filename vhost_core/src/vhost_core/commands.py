@@ -91,8 +91,10 @@ class Cli:
     positionals: tuple[str, ...] | None = None
     #: The given arguments (name -> value, those not given left out) -> the parameters sent.
     to_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    #: Print the result (False: print nothing, as rpc.py does for deletes and setters).
-    prints: bool = True
+    #: Print the result (False: print nothing, as rpc.py does for deletes and setters; a
+    #: callable prints it its own way, e.g. ``vhost_core.rpc.cli.print_array`` as rpc.py
+    #: prints the bdevs bdev_nvme_attach_controller made).
+    prints: bool | Callable[[Any], None] = True
     #: A client-side procedure instead of one call: ``run(client, args)`` -> what to print.
     run: Callable[[Any, Any], Any] | None = None
 

@@ -287,8 +287,7 @@ class Controller:
         """Connect the admin queue, enable, identify; raises ControllerError (admin left closed)."""
         try:
             with self.admin_lock:
-                left = max(1, int((deadline - time.monotonic()) * 1000))
-                self._connect_admin(left)
+                self._connect_admin(self.timeouts.connect_timeout_ms)
                 self._enable(deadline)
                 self._identify_controller()
                 self.granted_queues = self._set_num_queues()

@@ -491,6 +491,12 @@ def _set_options(module: NvmeModule, p: SetOptionsParams) -> bool:
 # --------------------------------------------------------------------------
 
 
+def _print_array(names: list[str]) -> None:
+    from vhost_core.rpc.cli import print_array
+
+    print_array(names)
+
+
 @hookimpl
 def vhost_register_bdev_modules(registry) -> None:
     registry.add(NvmeModule())
@@ -499,7 +505,7 @@ def vhost_register_bdev_modules(registry) -> None:
 @hookimpl
 def vhost_register_commands(registry) -> None:
     @registry.command("bdev_nvme_attach_controller", params=AttachParams, aliases=("construct_nvme_bdev",),
-                      blocking=True)
+                      blocking=True, cli=Cli(prints=_print_array))
     def bdev_nvme_attach_controller(ctx: CommandContext, p: AttachParams) -> list[str]:
         """Add bdevs with nvme backend: one per active namespace of the controller."""
         return _attach(ctx, ctx.bdev_module(MODULE), "bdev_nvme_attach_controller", p)

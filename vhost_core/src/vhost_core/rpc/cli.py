@@ -228,6 +228,9 @@ def _add_subcommand(subparsers: Any, command: Command, name: str, deprecated_use
         given = {k: v for k, v in values.items() if v is not None and not (k in flags and v is False)}
         params = cli.to_params(given) if cli.to_params is not None else given
         result = client.call(ns.method_name, params or None)
+        if callable(cli.prints):
+            cli.prints(result)
+            return NO_OUTPUT
         return result if cli.prints else NO_OUTPUT
 
     p.set_defaults(func=run, method_name=name)
