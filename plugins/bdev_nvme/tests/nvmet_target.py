@@ -138,6 +138,8 @@ class NvmetTarget:
                 "trsvcid": str(self.port), "subnqn": subnqn, **kw}
 
     def start(self, timeout: float = 120) -> "NvmetTarget":
+        """Boot (again, after kill(): same port, same subsystems, empty RAM disks)."""
+        self.close()
         kernel, initrd = target_image()
         t0 = time.monotonic()
         self.vm = GuestVM(["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:4420",
