@@ -32,6 +32,17 @@ SPDK_PARAMS: dict[str, tuple[str, ...]] = {
                          "preferred_unmap_alignment", "preferred_unmap_granularity",
                          "preferred_write_alignment", "preferred_write_granularity", "uuid"),
     "bdev_null_delete": ("name",),
+    "bdev_nvme_attach_controller": ("adrfam", "allow_unrecognized_csi", "ctrlr_loss_timeout_sec", "ddgst",
+                                    "dhchap_ctrlr_key", "dhchap_key", "disable_sq_flow_control",
+                                    "fabrics_connect_timeout_us", "fast_io_fail_timeout_sec", "hdgst",
+                                    "hostaddr", "hostnqn", "hostsvcid", "max_bdevs", "multipath",
+                                    "multipath_opts", "name", "num_io_queues", "prchk_guard", "prchk_reftag",
+                                    "priority", "psk", "reconnect_delay_sec", "subnqn", "traddr", "trsvcid",
+                                    "trtype"),
+    "bdev_nvme_detach_controller": ("adrfam", "hostaddr", "hostsvcid", "name", "subnqn", "traddr", "trsvcid",
+                                    "trtype"),
+    "bdev_nvme_get_controllers": ("name",),
+    "bdev_nvme_set_hotplug": ("enable", "period_us"),
     "bdev_reset_iostat": ("mode", "name"),
     "bdev_wait_for_examine": (),
     "framework_get_config": ("name", "with_batches"),
@@ -120,6 +131,10 @@ def _everything_set(sub: argparse.ArgumentParser, name: str, positionals: dict[s
     return argv
 
 
+#: What the recorder answers where rpc.py's command line needs an answer to print.
+ANSWERS = {"bdev_nvme_attach_controller": []}
+
+
 class _Recorder:
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict]] = []
@@ -129,6 +144,7 @@ class _Recorder:
 
         def send(**kwargs):
             self.sent.append((method, remove_null(kwargs)))
+            return ANSWERS.get(method)      # what rpc.py prints must be there
         return send
 
     def call(self, method, params=None):

@@ -101,8 +101,8 @@ class AttachParams:
                                                       "I/O to ctrlr (0: I/O waits until the controller is "
                                                       "deleted)")
     psk: str | None = unsupported(None, "NVMe/TCP TLS is not implemented: attach without psk",
-                                  cli=cli("--psk", help="TLS PSK: not supported"))
-    max_bdevs: int | None = param(None, "--max-bdevs", help="The size of the name array for newly created "
+                                  cli=cli("-k", "--psk", help="TLS PSK: not supported"))
+    max_bdevs: int | None = param(None, "-m", "--max-bdevs", help="The size of the name array for newly created "
                                                             "bdevs (default 128)")
     dhchap_key: str | None = unsupported(None, "DH-HMAC-CHAP authentication is not implemented: attach "
                                                "without it", cli=cli("--dhchap-key", help="not supported"))
@@ -110,7 +110,12 @@ class AttachParams:
                                                      "without it", cli=cli("--dhchap-ctrlr-key",
                                                                            help="not supported"))
     allow_unrecognized_csi: bool = unsupported(False, "only NVM command set namespaces are served: omit it",
-                                               cli=cli("--allow-unrecognized-csi", help="not supported"))
+                                               cli=cli("-U", "--allow-unrecognized-csi", help="not supported"))
+    multipath_opts: dict[str, Any] | None = unsupported(None, "multipath is not implemented: omit --policy, "
+                                                              "--selector and --min-io", accepts=({},),
+                                                        cli=cli(hidden=True))
+    disable_sq_flow_control: bool = unsupported(False, "submission queue flow control stays on: omit it",
+                                                cli=cli("--disable-sq-flow-control", help="not supported"))
 
 
 @attrs.frozen
@@ -132,6 +137,8 @@ class GetParams:
 
 _HONOURED_OPTIONS = ("keep_alive_timeout_ms", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
                      "fast_io_fail_timeout_sec", "tcp_connect_timeout_ms")
+_OPTION_DEFAULTS = {"keep_alive_timeout_ms": 10000, "ctrlr_loss_timeout_sec": 0, "reconnect_delay_sec": 0,
+                    "fast_io_fail_timeout_sec": 0, "tcp_connect_timeout_ms": 0}
 
 
 @attrs.frozen
@@ -178,7 +185,7 @@ class SetOptionsParams:
 
 @attrs.frozen
 class HotplugParams:
-    enable: bool = param(help="Enable hotplug (PCIe only)")
+    enable: bool = param(attrs.NOTHING, "--hotplug", negatable=True, help="Enable hotplug (PCIe only)")
     period_us: int | None = param(None, "-r", "--period-us", help="How often the hotplug is processed")
 
 
@@ -198,8 +205,11 @@ class NvmeModule(BdevModule):
 
     def config_json(self, bdevs: list[Bdev]) -> list[dict[str, Any]]:
         calls: list[dict[str, Any]] = []
-        if self.options_set:
-            calls.append({"method": "bdev_nvme_set_options", "params": dict(self.options_set)})
+        # Only what means something here, and differs from the defaults.
+        changed = {k: v for k, v in self.options_set.items()
+                   if k in _HONOURED_OPTIONS and v != _OPTION_DEFAULTS.get(k)}
+        if changed:
+            calls.append({"method": "bdev_nvme_set_options", "params": changed})
         with self.lock:
             ctrlrs = list(self.controllers.values())
         for c in ctrlrs:
@@ -526,10 +536,11 @@ def vhost_register_commands(registry) -> None:
         """Set options for the bdev nvme type: the timeouts of later attaches."""
         return _set_options(ctx.bdev_module(MODULE), p)
 
-    @registry.command("bdev_nvme_set_hotplug", params=HotplugParams, states=_BOTH)
+    @registry.command("bdev_nvme_set_hotplug", params=HotplugParams,
+                      cli=Cli(prints=False))
     def bdev_nvme_set_hotplug(ctx: CommandContext, p: HotplugParams) -> bool:
         """Set hotplug options for bdev nvme type (PCIe only: nothing to watch here yet)."""
-        if p.enable:
-            notice(log, "bdev_nvme_set_hotplug: enable=true: PCIe hotplug has nothing to watch (the PCIe "
-                        "transport is not implemented yet); NVMe/TCP controllers are watched by Keep Alive")
+        notice(log, "bdev_nvme_set_hotplug enable=%s: ignored%s: PCIe hotplug has nothing to watch (the PCIe "
+                    "transport is not implemented yet); NVMe/TCP controllers are watched by Keep Alive",
+               "true" if p.enable else "false", " period_us" if p.period_us is not None else "")
         return True
