@@ -80,15 +80,17 @@ def section() -> str:
              "refused are refused, naming the parameter and value, unless they ask for what the target",
              "does anyway (their default).", "",
              "| Method | Served by, notes |", "|---|---|"]
-    for method in sorted(spdk & served - set(IGNORED)):
+    # SPDK's options the core accepts and ignores, unless a plugin serves the method itself.
+    ignored = {m: spec for m, spec in IGNORED.items() if m not in served or app.rpc.get(m).owner == "vhost-core"}
+    for method in sorted(spdk & served - set(ignored)):
         lines.append(f"| `{method}` | {_notes(app, method)} |")
-    also = sorted(m for m in served - spdk - set(IGNORED)
+    also = sorted(m for m in served - spdk - set(ignored)
                   if not _namespace(m) and app.rpc.get(m).owner == "vhost-core")
     lines += ["", "Also served: " + ", ".join(f"`{m}`" for m in also if m != "framework_get_plugins") + "."]
-    ours = sorted(m for m in served - spdk - set(IGNORED) if _namespace(m))
+    ours = sorted(m for m in served - spdk - set(ignored) if _namespace(m))
     lines += ["", "Ours, not SPDK's: " + ", ".join(f"`{m}`" for m in ours) + "."]
     by_why: dict[str, list[str]] = defaultdict(list)
-    for m, spec in sorted(IGNORED.items()):
+    for m, spec in sorted(ignored.items()):
         by_why[spec.why].append(f"`{m}`")
     lines += ["", "Accepted and ignored, with one NOTICE each (options of subsystems without a meaning "
               "here): " + "; ".join(f"{', '.join(ms)} ({why})" for why, ms in by_why.items()) + "."]

@@ -320,10 +320,15 @@ class Controller:
         self._thread = threading.Thread(target=self._run, name=f"nvme_{self.name}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: Callable[[float], Any] | None = None) -> None:
+        """Stop the controller's thread.  ``wait(seconds)``: how to wait for it (the bdev
+        registry's wait_unlocked, which releases the control lock the thread may need)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(30)
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            deadline = time.monotonic() + 30
+            while t.is_alive() and time.monotonic() < deadline:
+                (wait or t.join)(0.05)
         self._thread = None
 
     def _run(self) -> None:

@@ -447,7 +447,7 @@ def _detach(ctx: CommandContext, module: NvmeModule, method: str, p: DetachParam
                 raise VhostError(errno.ENODEV, f"{method}: controller '{p.name}' has no path with {field} "
                                               f"{want} (its path: {t})")
         del module.controllers[p.name]
-    c.stop()
+    c.stop(ctx.bdevs.wait_unlocked)
     lib.nvt_ctrlr_set_fail_io(c.native, 1)
     _delete_bdevs(ctx.bdevs, c)
     c.close()
