@@ -10,14 +10,21 @@ import pytest
 pytest_plugins = ["vhost_core.testing.pytest_plugin"]
 
 
-def _load_target_module():
-    spec = importlib.util.spec_from_file_location("bdev_nvme_nvmet_target", Path(__file__).parent / "nvmet_target.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bdev_nvme_{name}", Path(__file__).parent / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-nvmet = _load_target_module()
+nvmet = _load("nvmet_target")
+fake = _load("fake_target")
+
+
+@pytest.fixture(scope="session")
+def fake_mod():
+    """The fake_target helper module: a scripted, misbehaving NVMe/TCP controller."""
+    return fake
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@
 #define TX_IOV_MAX (VN_MAX_IOV + 8)
 #define RX_BUDGET 256           /* recv calls per poll: one busy queue cannot hold the reactor */
 #define TICK_MS 100
+#define MAX_SENDS 4             /* a command lost with its connection this often fails (EIO) */
 
 enum { PDU_ICREQ = 0, PDU_ICRESP = 1, PDU_H2C_TERM = 2, PDU_C2H_TERM = 3, PDU_CMD = 4, PDU_RSP = 5,
        PDU_H2C_DATA = 6, PDU_C2H_DATA = 7, PDU_R2T = 9 };
@@ -84,7 +85,7 @@ struct tx {
 
 struct slot {
     uint16_t cid;
-    uint8_t busy, dir, kind, awaiting, resend, incapsule, deferred, owns;
+    uint8_t busy, dir, kind, awaiting, resend, incapsule, deferred, owns, sends;
     uint8_t sqe[64];
     const struct iovec *iov;
     uint32_t iovcnt;
@@ -455,6 +456,7 @@ static void slot_send_cmd(struct qpair *q, struct slot *s)
     memcpy(t->hdr + CH_LEN, sqe, 64);
     pdu_seal(q, t, CMD_HLEN);
     s->awaiting = 1;
+    s->sends++;
     s->xfer = s->incapsule ? s->len : 0;
     tx_queue(q, t);
     if (!q->is_admin && s->kind == SLOT_IO) {
@@ -721,7 +723,9 @@ static void qp_fail(struct qpair *q, int e, const char *fmt, ...)
         if (!s->busy) continue;
         s->deferred = 0;
         if (s->kind == SLOT_IO) {
-            s->resend = 1;
+            /* Sent again once reconnected, unless it went down with its connection too often
+             * (a target that chokes on it): then it fails, below. */
+            s->resend = s->sends < MAX_SENDS ? 1 : 2;
             s->awaiting = 0;
             s->xfer = 0;
         } else if (s->kind == SLOT_CONNECT) {
@@ -741,7 +745,17 @@ static void qp_fail(struct qpair *q, int e, const char *fmt, ...)
         snprintf(c->stats.last_error, sizeof(c->stats.last_error), "I/O queue %u: %s", q->qid, q->err);
         atomic_flag_clear(&c->err_lock);
         qp_timer(q, 1);
-        if (atomic_load(&c->fail_io)) qp_fail_io(q, -EIO);
+        if (atomic_load(&c->fail_io)) {
+            qp_fail_io(q, -EIO);
+        } else {
+            for (uint32_t i = 0; i < q->depth; i++) {
+                struct slot *s = &q->slots[i];
+                if (s->busy && s->kind == SLOT_IO && s->resend == 2) {
+                    s->resend = 0;
+                    slot_complete(q, s, -EIO);
+                }
+            }
+        }
     }
 }
 
