@@ -31,8 +31,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO / "plugins" / "bdev_nvme" / "tests"))
-import run_bench as rb  # noqa: E402 -- the shared benchmark machinery
-import nvmet_target  # noqa: E402
+import nvmet_target
+import run_bench as rb
 
 WORKLOADS = [("randread", 1), ("randread", 32), ("randwrite", 1), ("randwrite", 32)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -101,7 +101,7 @@ def run(args) -> dict:
 
 def markdown(out: dict) -> str:
     m = out["machine"]
-    lines = [f"# bdev_nvme over NVMe/TCP against nvmet in a TCG guest",
+    lines = ["# bdev_nvme over NVMe/TCP against nvmet in a TCG guest",
              "",
              f"{m.get('cpu_model')}, {m.get('cores')} cores, kernel {m.get('kernel')}; 4 KiB random I/O, one "
              f"queue, {out['time_s']} s per run; digests {'on' if out['digests'] else 'off'}; our reactor "

@@ -92,7 +92,7 @@ class FakeController:
         qid = None
         while True:
             ch = self._recv(c, 8)
-            ptype, flags, hlen, pdo, plen = ch[0], ch[1], ch[2], ch[3], struct.unpack_from("<I", ch, 4)[0]
+            ptype, hlen, pdo, plen = ch[0], ch[2], ch[3], struct.unpack_from("<I", ch, 4)[0]
             rest = self._recv(c, plen - 8)
             if ptype == 4:                                   # CapsuleCmd
                 sqe = rest[:64]
@@ -130,8 +130,8 @@ class FakeController:
         self._pdu(c, 7, 4, struct.pack("<HHIII", cid, 0, datao, len(data), 0), hd, data, dd, corrupt)
 
     def _command(self, c, sqe: bytes, data: bytes, qid, hd: int, dd: int):
-        opc, cid, nsid = sqe[0], struct.unpack_from("<H", sqe, 2)[0], struct.unpack_from("<I", sqe, 4)[0]
-        cdw10, cdw11 = struct.unpack_from("<II", sqe, 40)
+        opc, cid = sqe[0], struct.unpack_from("<H", sqe, 2)[0]
+        cdw10 = struct.unpack_from("<I", sqe, 40)[0]
         if opc == 0x7F:
             fctype = sqe[4]
             if fctype == 1:                                  # Connect

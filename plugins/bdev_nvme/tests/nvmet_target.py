@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests"))
-from guestvm import GuestVM  # noqa: E402
+from guestvm import GuestVM
 
 DISK_NQN = "nqn.2026-12.io.vhost-py:disk"
 NULL_NQN = "nqn.2026-12.io.vhost-py:null"
@@ -137,7 +137,7 @@ class NvmetTarget:
         return {"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": self.addr,
                 "trsvcid": str(self.port), "subnqn": subnqn, **kw}
 
-    def start(self, timeout: float = 120) -> "NvmetTarget":
+    def start(self, timeout: float = 120) -> NvmetTarget:
         """Boot (again, after kill(): same port, same subsystems, empty RAM disks)."""
         self.close()
         kernel, initrd = target_image()

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-
 from vhost_core.rpc.registry import RpcError
 
 

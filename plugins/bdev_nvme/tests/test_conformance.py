@@ -2,7 +2,6 @@
 nvmet (a brd RAM disk as the namespace), with and without header and data digests."""
 
 import pytest
-
 from vhost_core.testing.conformance.bdev import BdevConformance, BdevRecipe
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from guestvm import GuestVM
 
 FIO = ("fio --name=v --filename={dev} --rw=randrw --bs=4k --iodepth=16 --ioengine=libaio --direct=1 "
-       "--size=8M --verify=crc32c --do_verify=1 --verify_fatal=1")
+       "--size=4M --verify=crc32c --do_verify=1 --verify_fatal=1")
 
 
 def test_guest_fio_verify_through_blk_and_scsi(vhost_daemon, nvmet_target, nvmet_mod):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from vhost_core.testing import connect_blk
 from vhost_core.testing.blk import BlkIOError
 

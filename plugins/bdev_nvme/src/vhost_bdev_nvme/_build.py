@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "vhost_core_build"))
-from native_build import plugin_ffibuilder  # noqa: E402
+from native_build import plugin_ffibuilder
 
 ffibuilder = plugin_ffibuilder("vhost_bdev_nvme._nvme_native", __file__, "nvme_tcp.h", ["nvme_tcp.c"])
 

@@ -14,10 +14,10 @@ import struct
 import threading
 import time
 import uuid as uuid_mod
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
-
 from vhost_core.errors import VhostError
 from vhost_core.log import get_logger, notice
 

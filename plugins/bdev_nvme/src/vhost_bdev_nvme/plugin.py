@@ -18,7 +18,6 @@ import uuid as uuid_mod
 from typing import Any
 
 import attrs
-
 from vhost_core.bdev.interface import Bdev, BdevModule
 from vhost_core.bdev.registry import BdevRegistry
 from vhost_core.commands import Cli, CommandContext, cli, param, unsupported
