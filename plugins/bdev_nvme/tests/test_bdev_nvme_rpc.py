@@ -122,15 +122,27 @@ def test_a_silent_target_fails_within_the_connect_timeout(vhost_daemon):
     d = vhost_daemon
     fake = FakeTarget()
     try:
+        answered: list[float] = []
+
+        def other_client() -> None:
+            time.sleep(0.5)                          # while the attach waits for the target
+            t = time.monotonic()
+            d.rpc("bdev_get_bdevs")
+            answered.append(time.monotonic() - t)
+
+        other = threading.Thread(target=other_client)
+        other.start()
         t0 = time.monotonic()
         e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme0", trtype="tcp", traddr="127.0.0.1",
                       trsvcid=str(fake.port), subnqn="nqn.2016-06.io.spdk:cnode1",
                       fabrics_connect_timeout_us=1_500_000)
         took = time.monotonic() - t0
+        other.join()
         assert 1.4 < took < 4, took
         assert e.code == -errno.ETIMEDOUT
         assert "ICReq" in e.message and "within 1500 ms" in e.message and "reachable" in e.message
-        # Other clients were answered meanwhile: the RPC server did not wait for the attach.
+        # Another client was answered meanwhile: the attach waits without the control lock.
+        assert answered and answered[0] < 0.5, answered
         nothing_attached(d)
     finally:
         fake.close()

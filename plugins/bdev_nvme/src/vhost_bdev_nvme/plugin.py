@@ -335,7 +335,7 @@ def _attach(ctx: CommandContext, module: NvmeModule, method: str, p: AttachParam
         c = Controller(p.name, trid, family, numeric, p.hostnqn or module.hostnqn, module.hostid, p.hdgst,
                        p.ddgst, nq, timeouts)
         try:
-            c.bring_up(time.monotonic() + timeouts.connect_timeout_ms / 1000)
+            _off_the_lock(ctx.bdevs, lambda: c.bring_up(time.monotonic() + timeouts.connect_timeout_ms / 1000))
         except ControllerError as exc:
             c.close()
             raise VhostError(exc.errno, f"{method}: {p.name}: {exc.message}") from None
@@ -363,6 +363,26 @@ def _attach(ctx: CommandContext, module: NvmeModule, method: str, p: AttachParam
            f", {'header' if p.hdgst else ''}{' and ' if p.hdgst and p.ddgst else ''}"
            f"{'data' if p.ddgst else ''} digest")
     return names
+
+
+def _off_the_lock(bdevs: BdevRegistry, fn: Any) -> Any:
+    """Run ``fn`` (network waits: connect, Identify) on a thread of its own while this command
+    waits with the control lock released, so that other RPCs are answered meanwhile."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:    # re-raised in the command's thread
+            out["error"] = exc
+
+    t = threading.Thread(target=run, name="nvme_attach", daemon=True)
+    t.start()
+    while t.is_alive():
+        bdevs.wait_unlocked(0.02)
+    if "error" in out:
+        raise out["error"]
+    return out.get("result")
 
 
 def _add_bdevs(bdevs: BdevRegistry, module: NvmeModule, c: Controller) -> list[str]:
