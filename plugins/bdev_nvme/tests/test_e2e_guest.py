@@ -34,11 +34,16 @@ def test_guest_fio_verify_through_blk_and_scsi(vhost_daemon, nvmet_target, nvmet
         vm.check("dd if=/tmp/p of=/dev/vda bs=1M seek=16 oflag=direct 2>/dev/null")
         vm.check("dd if=/tmp/p of=/dev/sda bs=1M seek=20 oflag=direct 2>/dev/null")
         digest = vm.check("sha256sum /tmp/p").split()[0]
-    # On the target, the namespaces are /dev/ram0 and /dev/ram1.
-    on_target = nvmet_target.run("dd if=/dev/ram0 bs=1M skip=16 count=4 2>/dev/null | sha256sum; "
-                                 "dd if=/dev/ram1 bs=1M skip=20 count=4 2>/dev/null | sha256sum").split()
-    assert on_target[0] == digest and on_target[2] == digest
-    stats = d.rpc("bdev_nvme_get_controllers", name="Nvme0")[0]["ctrlrs"][0]["stats"]
-    assert stats["errors"]["read"] == 0 and stats["errors"]["write"] == 0
-    assert stats["r2t"] > 0 and stats["in_capsule_writes"] > 0      # both write paths were used
+        # On the target, the namespaces are /dev/ram0 and /dev/ram1.
+        on_target = nvmet_target.run("dd if=/dev/ram0 bs=1M skip=16 count=4 2>/dev/null | sha256sum; "
+                                     "dd if=/dev/ram1 bs=1M skip=20 count=4 2>/dev/null | sha256sum").split()
+        assert on_target[0] == digest and on_target[2] == digest
+        stats = d.rpc("bdev_nvme_get_controllers", name="Nvme0")[0]["ctrlrs"][0]["stats"]
+        assert stats["errors"]["read"] == 0 and stats["errors"]["write"] == 0
+        assert stats["r2t"] > 0 and stats["in_capsule_writes"] > 0      # both write paths were used
+        # Detach while the guest runs: the SCSI disk is hot-detached, the blk disk fails its I/O.
+        assert d.rpc("bdev_nvme_detach_controller", name="Nvme0") is True
+        vm.check("for i in $(seq 100); do [ -e /sys/block/sda ] || exit 0; sleep 0.1; done; exit 1", timeout=30)
+        rc, out = vm.run("dd if=/dev/vda of=/dev/null bs=4k count=1 iflag=direct 2>&1")
+        assert rc != 0, out
     assert d.alive() and "Traceback" not in d.log()
