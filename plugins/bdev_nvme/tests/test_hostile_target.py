@@ -45,6 +45,8 @@ def test_a_bad_pdu_fails_the_request_not_the_daemon(vhost_daemon, fake_mod, mode
         assert stats["errors"][op] == 1 and stats["io_queue_disconnects"] >= 4
         assert c["ctrlrs"][0]["state"] == "enabled"
         assert fake.disk[72 * 512:80 * 512] == small
+        d.wait_log("I/O queue connection(s) lost", timeout=5)     # the reactors' losses reach the log
+        assert words in d.log()
         assert d.alive() and "Traceback" not in d.log()
     finally:
         fake.close()

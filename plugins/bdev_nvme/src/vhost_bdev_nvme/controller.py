@@ -29,6 +29,8 @@ log = get_logger("bdev_nvme")
 IO_QUEUE_DEPTH = 128
 #: How long each admin command may take once connected.
 ADMIN_TIMEOUT_MS = 10000
+#: I/O queue losses and failed requests are logged at most this often (the first at once).
+ERROR_REPORT_S = 10.0
 
 # Fabrics command types and properties.
 FCTYPE_PROP_SET, FCTYPE_PROP_GET = 0x00, 0x04
@@ -336,7 +338,9 @@ class Controller:
         ka_every = max(0.5, kato_s / 3) if kato_s else None
         last_ka = time.monotonic()
         err = ffi.new("char[200]")
+        self._seen = (0, 0, 0.0)
         while not self._stop.is_set():
+            self._report_io_queues()
             with self.admin_lock:
                 rc = lib.nvt_admin_poll(self.native, 200, err, 200)
                 why = ffi.string(err).decode(errors="replace") if rc else ""
@@ -352,6 +356,21 @@ class Controller:
                 if not self._handle_loss(why):
                     return
                 last_ka = time.monotonic()
+
+    def _report_io_queues(self) -> None:
+        """Log I/O queue losses and failed requests the reactors counted (they never log):
+        the first at once, then at most one line per ERROR_REPORT_S."""
+        s = ffi.new("struct nvt_stats *")
+        lib.nvt_ctrlr_get_stats(self.native, s)
+        lost, failed = s.io_disconnects, sum(s.errors[i] for i in range(6))
+        seen_lost, seen_failed, last = self._seen
+        now = time.monotonic()
+        if (lost, failed) == (seen_lost, seen_failed) or (last and now - last < ERROR_REPORT_S):
+            return
+        log.error("%s: %d I/O queue connection(s) lost and %d request(s) failed since the last report; the "
+                  "latest loss: %s (counters: bdev_nvme_get_controllers -n %s)", self.name, lost - seen_lost,
+                  failed - seen_failed, ffi.string(s.last_error).decode(errors="replace") or "none", self.name)
+        self._seen = (lost, failed, now)
 
     def _handle_loss(self, why: str) -> bool:
         """The admin queue is gone: reconnect, or fail I/O and hot-remove.  True once reconnected."""
