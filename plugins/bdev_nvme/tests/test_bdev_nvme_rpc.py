@@ -4,6 +4,7 @@ an error that names the fix, within the connect timeout, and leaves nothing half
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import struct
 import subprocess
@@ -13,6 +14,7 @@ import time
 
 import pytest
 from vhost_core.rpc.registry import RpcError
+from vhost_core.testing.daemon import VhostDaemon
 
 
 def rpc_error(d, method: str, **params) -> RpcError:
@@ -195,7 +197,7 @@ def test_a_target_refusing_the_host_names_the_host_nqn(vhost_daemon, nvmet_targe
     nothing_attached(d)
 
 
-def test_attach_shows_get_detach_like_spdk(vhost_daemon, nvmet_target, nvmet_mod):
+def test_attach_shows_get_detach_like_spdk(vhost_daemon, nvmet_target, nvmet_mod, tmp_path):
     d = vhost_daemon
     port = str(nvmet_target.port)
     r = vhost_rpc(d, "bdev_nvme_attach_controller", "-b", "Nvme0", "-t", "tcp", "-a", "127.0.0.1", "-f", "ipv4",
@@ -225,6 +227,8 @@ def test_attach_shows_get_detach_like_spdk(vhost_daemon, nvmet_target, nvmet_mod
     attach = [c for c in saved if c["method"] == "bdev_nvme_attach_controller"]
     assert attach and attach[0]["params"]["subnqn"] == nvmet_mod.DISK_NQN
     assert attach[0]["params"]["trsvcid"] == port
+    config = tmp_path / "nvme.json"
+    config.write_text(json.dumps({"subsystems": [{"subsystem": "bdev", "config": saved}]}))
     e = rpc_error(d, "bdev_nvme_detach_controller", name="Nvme0", traddr="192.0.2.7")
     assert e.code == -errno.ENODEV and "no path with traddr 192.0.2.7" in e.message
     r = vhost_rpc(d, "delete_nvme_controller", "Nvme0")       # the old name
@@ -232,6 +236,10 @@ def test_attach_shows_get_detach_like_spdk(vhost_daemon, nvmet_target, nvmet_mod
     nothing_attached(d)
     e = rpc_error(d, "bdev_nvme_detach_controller", name="Nvme0")
     assert e.code == -errno.ENODEV
+    # What was saved attaches again at start-up (vhost --json).
+    with VhostDaemon(tmp_path / "again", extra_args=("--json", str(config))) as again:
+        assert [b["name"] for b in again.rpc("bdev_get_bdevs")] == ["Nvme0n1", "Nvme0n2"]
+        assert again.rpc("bdev_nvme_get_controllers")[0]["ctrlrs"][0]["trid"]["trsvcid"] == port
 
 
 def test_set_options_sets_the_defaults_of_later_attaches(vhost_daemon, nvmet_target):
