@@ -28,11 +28,13 @@ declare -A SOURCES=(
     [inflight]="fuzz/inflight.c"
     [blk_req]="fuzz/blk_req.c $BLK/blk.c"
     [scsi_req]="fuzz/scsi_req.c $SCSI/virtio_scsi.c $SCSI/scsi_lun.c"
+    [nvme_tcp_rx]="fuzz/nvme_tcp_rx.c"
 )
-EXTRA_INC=(-I"$BLK" -I"$SCSI")
+NVME=plugins/bdev_nvme/src/vhost_bdev_nvme
+EXTRA_INC=(-I"$BLK" -I"$SCSI" -I"$NVME")
 
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(vq_walker inflight blk_req scsi_req)
+[ ${#targets[@]} -eq 0 ] && targets=(vq_walker inflight blk_req scsi_req nvme_tcp_rx)
 mkdir -p fuzz/build
 for t in "${targets[@]}"; do
     [ -n "${SOURCES[$t]:-}" ] || { echo "fuzz/build.sh: unknown target $t" >&2; exit 2; }

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${FUZZ_SECONDS:-20}
 if [ "${1:-}" = "-t" ]; then seconds=$2; shift 2; fi
-ALL=(vq_walker inflight blk_req scsi_req msg_layer)
+ALL=(vq_walker inflight blk_req scsi_req nvme_tcp_rx msg_layer)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${ALL[@]}")
 
@@ -24,7 +24,7 @@ if [ ${#native[@]} -gt 0 ]; then
 fi
 
 # Longest input each target reads (the ring targets' guest memory image is 64 KiB).
-declare -A MAX_LEN=([vq_walker]=66000 [inflight]=74000 [blk_req]=65536 [scsi_req]=16384 [msg_layer]=8192)
+declare -A MAX_LEN=([vq_walker]=66000 [inflight]=74000 [blk_req]=65536 [scsi_req]=16384 [nvme_tcp_rx]=16384 [msg_layer]=8192)
 
 failed=()
 for t in "${targets[@]}"; do
