@@ -281,11 +281,52 @@ def scsi_seeds() -> None:
           + scsi_ctl(0x05, 0))
 
 
+# --------------------------------------------------------------------- nvme/tcp
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def nvme_pdu(ptype: int, flags: int, body: bytes, hd: int, data: bytes = b"", dd: int = 0) -> bytes:
+    """A PDU as a target sends it: common header, body, digests."""
+    hlen = 8 + len(body)
+    flags |= (1 if hd else 0) | (2 if data and dd else 0)
+    pdo = hlen + hd if data else 0
+    head = bytes([ptype, flags, hlen, pdo]) + struct.pack("<I", hlen + hd + len(data) + (dd if data else 0)) + body
+    out = head + (struct.pack("<I", crc32c(head)) if hd else b"") + data
+    return out + (struct.pack("<I", crc32c(data)) if data and dd else b"")
+
+
+def nvme_seeds() -> None:
+    """Config byte, requests (read 2 blocks, 1-block write in the capsule, 4-block write by
+    R2T; or flush, unmap, write zeroes), then well-formed answers in 255-byte chunks."""
+    def rsp(cid: int, hd: int) -> bytes:
+        return nvme_pdu(5, 0, struct.pack("<IIHHHH", 0, 0, 0, 0, cid, 0), hd)
+
+    def chunks(stream: bytes) -> bytes:
+        return b"".join(bytes([len(stream[i:i + 255])]) + stream[i:i + 255] for i in range(0, len(stream), 255))
+
+    for hd in (0, 4):
+        for dd in (0, 4):
+            cfg = (1 if hd else 0) | (2 if dd else 0) | (2 << 2)
+            stream = (nvme_pdu(7, 4, struct.pack("<HHIII", 0, 0, 0, 1024, 0), hd, bytes(1024), dd) + rsp(0, hd)
+                      + rsp(1, hd) + nvme_pdu(9, 0, struct.pack("<HHIII", 2, 7, 0, 2048, 0), hd) + rsp(2, hd))
+            write("nvme_tcp_rx", f"rw-h{hd}-d{dd}", bytes([cfg, 0, 1, 0, 0, 3, 0, 4, 0, 3, 3, 8, 0]) + chunks(stream))
+            write("nvme_tcp_rx", f"misc-h{hd}-d{dd}", bytes([cfg, 5, 0, 0, 0, 6, 3, 0, 0, 7, 5, 0, 0])
+                  + chunks(rsp(0, hd) + rsp(1, hd) + rsp(2, hd)))
+
+
 def main() -> None:
     walker_seeds()
     inflight_seeds()
     blk_seeds()
     scsi_seeds()
+    nvme_seeds()
 
 
 if __name__ == "__main__":
