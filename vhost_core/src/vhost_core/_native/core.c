@@ -456,6 +456,110 @@ static inline __attribute__((always_inline)) int mem_to_iov(const struct vn_mem 
 }
 
 /* ------------------------------------------------------------------ */
+/* dirty log (live migration)                                          */
+/* ------------------------------------------------------------------ */
+
+/*
+ * While QEMU migrates a VM it must re-send every guest page that changed after it
+ * was copied, and the pages we write (read data, status bytes, used rings) change
+ * behind its back.  So it hands us a bitmap, one bit per 4 KiB of guest-physical
+ * memory (bit p%8 of byte p/8, the layout QEMU reads as 64-bit chunks), and we set
+ * a page's bit after writing to it: set before the write, QEMU could copy the page
+ * and clear the bit between the two, and the write would be lost on the
+ * destination.  Bits are set with atomic ORs (QEMU clears them concurrently).
+ * Nothing here runs unless logging is on: the hot path tests one pointer.
+ */
+struct vn_log {
+    uint8_t *bitmap;
+    uint64_t size;          /* bytes of bitmap */
+    void *map_base;
+    uint64_t map_len;
+    struct vn_mem *guard;   /* owns the SIGBUS guard slot of the mapping */
+    uint64_t missed;        /* pages past the end of the bitmap (written, not logged) */
+};
+
+struct vn_log *vn_log_new(int fd, uint64_t size, uint64_t offset, int *err)
+{
+    uint64_t page;
+    struct stat st;
+    int rc = 0;
+    struct vn_log *l = NULL;
+    if (size == 0 || size > VN_LOG_MAX_BYTES || offset > VN_LOG_MAX_BYTES) { rc = -EINVAL; goto out; }
+    rc = vn_mem_fd_kind(fd, &page);
+    if (rc < 0) goto out;
+    if (fstat(fd, &st) < 0) { rc = -errno; goto out; }
+    if ((uint64_t)st.st_size < offset + size) { rc = -ERANGE; goto out; }
+    uint64_t align = offset & (page - 1);
+    uint64_t len = (size + align + page - 1) & ~(page - 1);
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)(offset - align));
+    if (p == MAP_FAILED) { rc = -errno; goto out; }
+    l = calloc(1, sizeof(*l));
+    struct vn_mem *g = l ? vn_mem_new() : NULL;
+    if (!g || guard_register(g, p, len) < 0) {
+        rc = g ? -ENOSPC : -ENOMEM;
+        free(g);
+        free(l);
+        l = NULL;
+        munmap(p, len);
+        goto out;
+    }
+    l->guard = g;
+    l->map_base = p;
+    l->map_len = len;
+    l->bitmap = (uint8_t *)p + align;
+    l->size = size;
+out:
+    if (err) *err = rc;
+    return l;
+}
+
+int vn_log_faulted(struct vn_log *l) { return l ? vn_mem_faulted(l->guard) : 0; }
+
+uint64_t vn_log_missed(struct vn_log *l) { return l ? __atomic_load_n(&l->missed, __ATOMIC_RELAXED) : 0; }
+
+void vn_log_free(struct vn_log *l)
+{
+    if (!l) return;
+    guard_unregister(l->guard);
+    munmap(l->map_base, l->map_len);
+    free(l->guard);
+    free(l);
+}
+
+static void log_mark(struct vn_log *l, uint64_t gpa, uint64_t len)
+{
+    if (len == 0 || gpa + len < gpa) return;
+    uint64_t first = gpa / VN_LOG_PAGE, last = (gpa + len - 1) / VN_LOG_PAGE;
+    for (uint64_t p = first; p <= last; p++) {
+        if (p / 8 >= l->size) {
+            /* QEMU sizes the log for all of guest memory: only a front-end that
+             * lies about it gets here.  Counted, and the page is not logged. */
+            __atomic_fetch_add(&l->missed, last - p + 1, __ATOMIC_RELAXED);
+            return;
+        }
+        __atomic_fetch_or(&l->bitmap[p / 8], (uint8_t)(1u << (p % 8)), __ATOMIC_RELEASE);
+    }
+}
+
+/* Log host range [host, host+len) of guest memory m by its guest-physical address. */
+static void log_mark_host(struct vn_log *l, const struct vn_mem *m, const uint8_t *host, uint64_t len)
+{
+    while (len > 0) {
+        const struct vn_region *hit = NULL;
+        for (uint32_t i = 0; i < m->nregions; i++) {
+            const struct vn_region *r = &m->regions[i];
+            if (host >= r->host && (uint64_t)(host - r->host) < r->size) { hit = r; break; }
+        }
+        if (!hit) return;
+        uint64_t off = (uint64_t)(host - hit->host), take = hit->size - off;
+        if (take > len) take = len;
+        log_mark(l, hit->gpa + off, take);
+        host += take;
+        len -= take;
+    }
+}
+
+/* ------------------------------------------------------------------ */
 /* reactor, devices, queues: structures                                */
 /* ------------------------------------------------------------------ */
 
@@ -511,6 +615,10 @@ struct vn_vq {
     uint32_t nslots;
     struct slot *free_list;
     uint64_t stat_requests, stat_signals, stat_errors;
+    /* live migration: the dirty log (NULL: logging off) */
+    struct vn_log *log;
+    int log_used;
+    uint64_t log_used_gpa;
     /* in-flight tracking */
     volatile struct ifl_queue *ifl;
     uint32_t ifl_capacity;
@@ -638,11 +746,26 @@ static void vq_mark_broken(struct vn_vq *q, const char *why)
     q->stat_errors++;
 }
 
+/* The used ring changed (entries, idx, flags or avail_event): log all of it, a
+ * page or three. */
+static __attribute__((noinline, cold)) void vq_log_used(struct vn_vq *q)
+{
+    if (q->log_used) log_mark(q->log, q->log_used_gpa, 4 + 8 * (uint64_t)q->size + 2);
+}
+
+/* The device wrote into the request's device-writable buffers. */
+static __attribute__((noinline, cold)) void vq_log_request(struct vn_vq *q, const vn_req *req)
+{
+    for (uint32_t i = req->n_out; i < req->n_out + req->n_in; i++)
+        log_mark_host(q->log, q->mem, req->iov[i].iov_base, req->iov[i].iov_len);
+}
+
 static void vq_publish_used(struct vn_vq *q)
 {
     if (!q->used_dirty) return;
     atomic_thread_fence(memory_order_release);
     *(volatile uint16_t *)&q->used->idx = q->used_idx;
+    if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
     if (__builtin_expect(q->ifl != NULL, 0)) {
         /* The spec's order, so that a process dying between any two stores leaves
          * a buffer the next one can repair: used->idx, then the batch's inflight
@@ -692,6 +815,7 @@ static void vq_complete(vn_req *req, uint32_t written)
     struct slot *s = (struct slot *)req;
     uint16_t slot_idx = q->used_idx & (uint16_t)(q->size - 1);
     struct vring_used_elem *e = &q->used->ring[slot_idx];
+    if (__builtin_expect(q->log != NULL, 0) && req->n_in) vq_log_request(q, req);
     e->id = req->head;
     e->len = written;
     if (__builtin_expect(q->ifl != NULL, 0) && q->ifl_nbatch < q->size) {
@@ -886,14 +1010,17 @@ static int vq_arm(struct vn_vq *q)
         *vq_avail_event(q) = q->last_avail;
     else
         *(volatile uint16_t *)&q->used->flags = 0;
+    if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
     atomic_thread_fence(memory_order_seq_cst);
     return *(volatile uint16_t *)&q->avail->idx != q->last_avail && q->free_list;
 }
 
 static void vq_disarm(struct vn_vq *q)
 {
-    if (!q->event_idx && q->used && q->enabled && !q->broken)
+    if (!q->event_idx && q->used && q->enabled && !q->broken) {
         *(volatile uint16_t *)&q->used->flags = VRING_USED_F_NO_NOTIFY;
+        if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -967,6 +1094,24 @@ static void vq_set_int(struct vn_vq *q, int which, int value)
 void vn_vq_set_kick(struct vn_vq *q, int fd) { vq_set_int(q, 0, fd); }
 void vn_vq_set_call(struct vn_vq *q, int fd) { vq_set_int(q, 1, fd); }
 void vn_vq_set_enabled(struct vn_vq *q, int enabled) { vq_set_int(q, 2, enabled); }
+
+struct set_log_arg { struct vn_vq *q; struct vn_log *log; int log_used; uint64_t used_gpa; };
+
+static int vq_set_log_on_reactor(void *p)
+{
+    struct set_log_arg *a = p;
+    a->q->log = a->log;
+    a->q->log_used = a->log_used;
+    a->q->log_used_gpa = a->used_gpa;
+    return 0;
+}
+
+void vn_vq_set_log(struct vn_vq *q, struct vn_log *l, int log_used, uint64_t used_gpa)
+{
+    struct set_log_arg a = { q, l, log_used, used_gpa };
+    if (q->running) vn_reactor_exec(q->dev->reactor, vq_set_log_on_reactor, &a);
+    else vq_set_log_on_reactor(&a);
+}
 
 void vn_vq_set_features(struct vn_vq *q, int event_idx, int indirect)
 {

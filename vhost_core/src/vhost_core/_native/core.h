@@ -79,6 +79,24 @@ void vn_vq_set_inflight(struct vn_vq *q, void *region, uint32_t capacity);
  * 3: too small for the ring). */
 void vn_vq_get_recovery(struct vn_vq *q, uint32_t *out);
 
+/* Dirty page log for live migration (VHOST_F_LOG_ALL, VHOST_USER_PROTOCOL_F_LOG_SHMFD):
+ * one bit per 4 KiB guest-physical page, set by the data path after it wrote the
+ * page.  vn_log_new maps `size` bytes of `fd` at `offset` (checked against the
+ * file, SIGBUS-guarded); NULL and *err = -errno on refusal. */
+#define VN_LOG_PAGE 4096
+#define VN_LOG_MAX_BYTES 1073741824
+struct vn_log;
+struct vn_log *vn_log_new(int fd, uint64_t size, uint64_t offset, int *err);
+/* Non-zero once the front-end shrank the log's file under the mapping. */
+int vn_log_faulted(struct vn_log *l);
+/* Pages that could not be marked because the log is too small for them. */
+uint64_t vn_log_missed(struct vn_log *l);
+void vn_log_free(struct vn_log *l);
+/* Log the queue's guest writes into `l` (NULL: logging off).  With log_used, the
+ * used ring's writes are logged too, at guest-physical `used_gpa` (SET_VRING_ADDR's
+ * log_guest_addr).  Takes effect between two reactor iterations. */
+void vn_vq_set_log(struct vn_vq *q, struct vn_log *l, int log_used, uint64_t used_gpa);
+
 /* ---- devices (a controller's data-path half) ---- */
 struct vn_reactor;
 /* Place a device on a reactor; NULL and *err = -errno on failure (-EPROTO: the
