@@ -222,3 +222,17 @@ def test_a_migration_that_does_not_finish_leaves_the_source_serving(vhost_daemon
             assert got.split()[0] == digest
     for d in (src_d, dst_d):
         assert "Traceback" not in d.log(), d.log()
+
+
+def test_post_copy_is_refused_up_front(vhost_daemon, disk_file):
+    """Post-copy needs userfaultfd on the back-end (VHOST_USER_PROTOCOL_F_PAGEFAULT),
+    which the target does not offer: QEMU says so when post-copy is asked for, before
+    any migration starts, instead of failing half-way."""
+    dev = serve(vhost_daemon, disk_file, "blk")
+    with GuestVM(dev, mem_mb=MEM_MB, name="mig-postcopy",
+                 extra_args=["-incoming", f"tcp:127.0.0.1:{free_port()}"]) as dst:
+        dst.start()
+        vhost_daemon.wait_log("Controller vhost.0: ", timeout=30)
+        with pytest.raises(Exception, match="Postcopy is not supported"):
+            dst.qmp("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+        assert "vhost-user backend not capable of postcopy" in dst.qemu_log
