@@ -214,3 +214,28 @@ def test_used_ring_logging_alone_does_not_move_a_running_ring(blk_daemon, dev):
         dev.frontend.set_vring_addr(0, desc, used + 4096, avail)
         dev.frontend.ping()
     assert "addresses changed while it runs" in blk_daemon.log()
+
+
+def test_a_log_shrunk_under_the_target_costs_only_that_connection(blk_daemon, dev):
+    """The log is the front-end's memory: truncating its file under the mapping would
+    SIGBUS the reactor at the next mark.  The guard turns that into a dropped session."""
+    dlog = DirtyLog(dev.memory.size)
+    try:
+        start_logging(dev, dlog)
+        dlog.map.close()
+        os.ftruncate(dlog.fd, 0)
+        inp = page_buffer(dev.memory, 1)
+        hdr = page_buffer(dev.memory, 1)
+        st = page_buffer(dev.memory, 1)
+        dev.memory.write(hdr, BLK_HDR.pack(VIRTIO_BLK_T_IN, 0, 0))
+        dev.chain(0, [(hdr, BLK_HDR.size, False), (inp, PAGE, True), (st, 1, True)])
+        with pytest.raises(ConnectionClosed):
+            dev.frontend.ping()
+            dev.frontend.ping()
+        assert "the dirty log lost its backing pages" in blk_daemon.log()
+    finally:
+        os.close(dlog.fd)
+    with connect(blk_daemon, "vhost.0") as other:
+        data = os.urandom(4096)
+        other.write(8, data)
+        assert other.read(8, 8) == data
