@@ -394,6 +394,77 @@ int vn_mem_add_region(struct vn_mem *m, int fd, uint64_t gpa, uint64_t size,
     return 0;
 }
 
+/* Move the guard slots of `from`'s mappings to `to` (all of them, or only the one
+ * mapped at `base` when base is not NULL). */
+static void guard_transfer(struct vn_mem *from, struct vn_mem *to, const void *base)
+{
+    pthread_mutex_lock(&guard_lock);
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        uintptr_t b = atomic_load(&guard_slots[i].base);
+        if (b && guard_slots[i].owner == from && (!base || b == (uintptr_t)base))
+            guard_slots[i].owner = to;
+    }
+    pthread_mutex_unlock(&guard_lock);
+}
+
+static int regions_overlap(const struct vn_region *r, uint64_t gpa, uint64_t size, uint64_t uva)
+{
+    return (gpa < r->gpa + r->size && r->gpa < gpa + size) || (uva < r->uva + r->size && r->uva < uva + size);
+}
+
+struct vn_mem *vn_mem_with_region(struct vn_mem *old, int fd, uint64_t gpa, uint64_t size,
+                                  uint64_t uva, uint64_t mmap_offset, int *err)
+{
+    int rc = 0;
+    struct vn_mem *m = NULL;
+    if (old->nregions >= VN_MAX_REGIONS) { rc = -E2BIG; goto out; }
+    if (gpa + size < gpa || uva + size < uva) { rc = -EOVERFLOW; goto out; }
+    for (uint32_t i = 0; i < old->nregions; i++)
+        if (regions_overlap(&old->regions[i], gpa, size, uva)) { rc = -EEXIST; goto out; }
+    if (!(m = vn_mem_new())) { rc = -ENOMEM; goto out; }
+    rc = vn_mem_add_region(m, fd, gpa, size, uva, mmap_offset);
+    if (rc < 0) { vn_mem_free(m); m = NULL; goto out; }
+    /* The new region is m's; put old's before it and take them over. */
+    struct vn_region added = m->regions[0];
+    memcpy(m->regions, old->regions, old->nregions * sizeof(old->regions[0]));
+    m->regions[old->nregions] = added;
+    m->nregions = old->nregions + 1;
+    guard_transfer(old, m, NULL);
+    m->faulted = __atomic_load_n(&old->faulted, __ATOMIC_ACQUIRE);
+    old->nregions = 0;
+out:
+    if (err) *err = rc;
+    return m;
+}
+
+struct vn_mem *vn_mem_without_region(struct vn_mem *old, uint64_t gpa, uint64_t size, uint64_t uva,
+                                     struct vn_mem **removed, int *err)
+{
+    int rc = 0;
+    struct vn_mem *m = NULL, *gone = NULL;
+    uint32_t hit = old->nregions;
+    for (uint32_t i = 0; i < old->nregions; i++) {
+        const struct vn_region *r = &old->regions[i];
+        if (r->gpa == gpa && r->size == size && r->uva == uva) { hit = i; break; }
+    }
+    if (hit == old->nregions) { rc = -ENOENT; goto out; }
+    m = vn_mem_new();
+    gone = vn_mem_new();
+    if (!m || !gone) { free(m); free(gone); m = gone = NULL; rc = -ENOMEM; goto out; }
+    for (uint32_t i = 0; i < old->nregions; i++) {
+        if (i == hit) gone->regions[gone->nregions++] = old->regions[i];
+        else m->regions[m->nregions++] = old->regions[i];
+    }
+    guard_transfer(old, gone, old->regions[hit].map_base);
+    guard_transfer(old, m, NULL);
+    m->faulted = gone->faulted = __atomic_load_n(&old->faulted, __ATOMIC_ACQUIRE);
+    old->nregions = 0;
+out:
+    if (removed) *removed = gone;
+    if (err) *err = rc;
+    return m;
+}
+
 void vn_mem_free(struct vn_mem *m)
 {
     if (!m) return;
@@ -1059,7 +1130,21 @@ void vn_vq_set_ring(struct vn_vq *q, uint32_t size, void *desc, void *avail, voi
     q->used = used;
 }
 
-void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m) { q->mem = m; }
+struct set_mem_arg { struct vn_vq *q; struct vn_mem *m; };
+
+static int vq_set_mem_on_reactor(void *p)
+{
+    struct set_mem_arg *a = p;
+    a->q->mem = a->m;
+    return 0;
+}
+
+void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m)
+{
+    struct set_mem_arg a = { q, m };
+    if (q->running) vn_reactor_exec(q->dev->reactor, vq_set_mem_on_reactor, &a);
+    else vq_set_mem_on_reactor(&a);
+}
 
 void vn_vq_set_base(struct vn_vq *q, uint16_t last_avail_idx)
 {

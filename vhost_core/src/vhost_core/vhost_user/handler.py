@@ -46,13 +46,14 @@ CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEA
 # target process that crashes and restarts resubmits them instead of losing them.
 PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY_ACK)
                      | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ)
-                     | (1 << m.ProtocolFeature.INFLIGHT_SHMFD) | (1 << m.ProtocolFeature.LOG_SHMFD))
+                     | (1 << m.ProtocolFeature.INFLIGHT_SHMFD) | (1 << m.ProtocolFeature.LOG_SHMFD)
+                     | (1 << m.ProtocolFeature.CONFIGURE_MEM_SLOTS))
 #: Refused vhost-user messages logged one by one per session before summaries take over.
 REFUSALS_LOGGED = 5
 #: Requests we do not implement whose front-end side waits for a reply.
 UNSUPPORTED_WITH_REPLY = frozenset({
     m.Request.IOTLB_MSG, m.Request.CREATE_CRYPTO_SESSION, m.Request.POSTCOPY_ADVISE,
-    m.Request.GET_MAX_MEM_SLOTS, m.Request.GET_STATUS})
+    m.Request.GET_STATUS})
 
 
 def _check_eventfd(fd: int, what: str) -> None:
@@ -126,11 +127,15 @@ class Session:
             m.Request.SET_INFLIGHT_FD: self._set_inflight_fd,
             m.Request.SET_LOG_BASE: self._set_log_base,
             m.Request.SET_LOG_FD: self._set_log_fd,
+            m.Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            m.Request.ADD_MEM_REG: self._add_mem_reg,
+            m.Request.REM_MEM_REG: self._rem_mem_reg,
         }
         # Requests whose reply is their own answer (no REPLY_ACK on top).
         self._with_reply = {m.Request.GET_FEATURES, m.Request.GET_PROTOCOL_FEATURES,
                             m.Request.GET_QUEUE_NUM, m.Request.GET_VRING_BASE,
-                            m.Request.GET_CONFIG, m.Request.GET_INFLIGHT_FD, m.Request.SET_LOG_BASE}
+                            m.Request.GET_CONFIG, m.Request.GET_INFLIGHT_FD, m.Request.SET_LOG_BASE,
+                            m.Request.GET_MAX_MEM_SLOTS}
 
     # ---------------------------------------------------------------- dispatch
 
@@ -267,7 +272,7 @@ class Session:
     # ---------------------------------------------------------------- memory
 
     def _set_mem_table(self, msg: Message) -> None:
-        new, nregions = self.memory.map(msg)
+        new, regions = self.memory.map(msg)
         # Replace the table under running queues: stop, swap, re-translate, restart.
         running = [v for v in self.vrings if v.started]
         for v in running:
@@ -276,9 +281,53 @@ class Session:
             lib.vn_mem_free(new)
             raise m.ProtocolError("the session was closed while its memory table was replaced")
         self.vrings.set_memory(new)
-        self.memory.install(new, nregions)
+        self.memory.install(new, regions)
         for v in running:
             self.vrings.start(v)
+
+    # ---------------------------------------------------------------- memory hot-plug
+
+    def _get_max_mem_slots(self, msg: Message) -> bytes:
+        return m.U64.pack(lib.VN_MAX_REGIONS)
+
+    def _switch_memory(self, new: object, regions: list[m.MemoryRegion]) -> None:
+        # Each ring, running or not, translates with the new table from its next
+        # reactor iteration on; only then is the old one (an empty shell) freed.
+        self.vrings.set_memory(new)
+        self.memory.install(new, regions)
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        added = self.memory.with_region(msg)
+        if added is None:
+            return
+        new, region = added
+        self._switch_memory(new, self.memory.regions + [region])
+        notice(log, "Controller %s: memory region gpa=%#x size %d MiB added", self.name,
+               region.guest_phys_addr, region.memory_size >> 20)
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        r = self.memory.region_message(msg)
+        lo, hi = r.userspace_addr, r.userspace_addr + r.memory_size
+        # A ring whose own memory goes away stops first (its requests drain); it
+        # serves again once the front-end gives it addresses that translate.
+        for v in self.vrings:
+            if v.started and v.addr is not None and any(lo <= a < hi for a in (v.addr.desc, v.addr.avail,
+                                                                               v.addr.used)):
+                log.error("Controller %s: vring %d lies in memory region gpa=%#x being removed; stopping it",
+                          self.name, v.index, r.guest_phys_addr)
+                self.vrings.stop(v)
+        new, gone, region = self.memory.without_region(msg)
+        self._switch_memory(new, [x for x in self.memory.regions if x != region])
+        self.memory.graveyard.append(gone)
+        self.bury_removed_memory()
+        notice(log, "Controller %s: memory region gpa=%#x size %d MiB removed", self.name,
+               region.guest_phys_addr, region.memory_size >> 20)
+
+    def bury_removed_memory(self) -> None:
+        """Unmap removed regions once no request fetched before their removal can be
+        in flight any more (every ring idle at least once since)."""
+        if self.memory.graveyard and all(lib.vn_vq_inflight(v.native) == 0 for v in self.vrings):
+            self.memory.free_graveyard()
 
     # ---------------------------------------------------------------- vrings
 
@@ -403,6 +452,7 @@ class Session:
         self.ctrlr.wait_unlocked(seconds)
 
     def _check_memory(self) -> None:
+        self.bury_removed_memory()
         self.memory.check()
         self.inflight.check()
         self.dirty_log.check()
@@ -582,7 +632,7 @@ class Session:
             # Late completions write into the used ring, the guest buffers and the
             # inflight buffer: the controller keeps those queues and mappings
             # until they drain, and serves the next front-end with fresh queues.
-            self.ctrlr.retire(stuck, [self.memory.release(), self.inflight.release()])
+            self.ctrlr.retire(stuck, self.memory.release() + [self.inflight.release()])
         else:
             self.memory.free()
             self.inflight.free()
