@@ -56,7 +56,7 @@ def destination_daemon(tmp_path):
         assert rc == 0, f"destination vhost exited with {rc} on SIGTERM:\n{d.log()}"
 
 
-def serve(d, disk: str, kind: str) -> list[str]:
+def serve(d, disk: str, kind: str, queues: int = 1, extra: str = "") -> list[str]:
     """The disk on daemon d as `kind` ("blk" or "scsi"); the QEMU device arguments."""
     d.rpc("bdev_aio_create", filename=disk, name="aio0")
     sock = None
@@ -64,12 +64,12 @@ def serve(d, disk: str, kind: str) -> list[str]:
         d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="aio0")
         sock = d.socket("vhost.0")
         return ["-chardev", f"socket,id=c0,path={sock}",
-                "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
+                "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={queues}{extra}"]
     d.rpc("vhost_create_scsi_controller", ctrlr="vhost.0")
     d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=0, bdev_name="aio0")
     sock = d.socket("vhost.0")
     return ["-chardev", f"socket,id=c0,path={sock}",
-            "-device", "vhost-user-scsi-pci,chardev=c0,num_queues=1"]
+            "-device", f"vhost-user-scsi-pci,chardev=c0,num_queues={queues}{extra}"]
 
 
 def wait_migration(src: GuestVM, timeout: float = 240) -> dict:
@@ -84,8 +84,11 @@ def wait_migration(src: GuestVM, timeout: float = 240) -> dict:
         time.sleep(0.2)
 
 
-def start_fio(vm: GuestVM, dev: str, loops: int, size_mb: int = 16) -> None:
-    cmd = (f"fio --name=mig --filename={dev} --rw=randwrite --bs=4k --size={size_mb}M --ioengine=libaio "
+def start_fio(vm: GuestVM, dev: str, loops: int, size_mb: int = 16, jobs: int = 1) -> None:
+    # With several jobs each verifies its own slice of the disk (offset_increment),
+    # one per vCPU so that every queue carries I/O.
+    cmd = (f"fio --name=mig --filename={dev} --rw=randwrite --bs=4k --size={size_mb // jobs}M "
+           f"--offset_increment={size_mb // jobs}M --numjobs={jobs} --group_reporting --ioengine=libaio "
            f"--direct=1 --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --loops={loops} "
            f"--output-format=json")
     vm.check(f"( ( {cmd} ) > /tmp/fio.json 2>/tmp/fio.err; echo $? > /tmp/fio.rc ) > /dev/null 2>&1 &")
@@ -103,18 +106,23 @@ def fio_result(vm: GuestVM, timeout: float = 300) -> dict:
     return json.loads(out[out.index("{"):])
 
 
-@pytest.mark.parametrize("kind", ["blk", "scsi"])
-def test_a_running_guest_migrates_while_fio_verifies(vhost_daemon, destination_daemon, disk_file, kind):
+@pytest.mark.parametrize("kind, queues, extra", [
+    ("blk", 2, ""),                     # multiqueue (two vCPUs), EVENT_IDX, inflight buffer
+    ("scsi", 1, ",event_idx=off"),      # the other ring notification scheme
+])
+def test_a_running_guest_migrates_while_fio_verifies(vhost_daemon, destination_daemon, disk_file, kind, queues,
+                                                     extra):
     src_d, dst_d = vhost_daemon, destination_daemon
-    src_dev, dst_dev = serve(src_d, disk_file, kind), serve(dst_d, disk_file, kind)
+    src_dev = serve(src_d, disk_file, kind, queues, extra)
+    dst_dev = serve(dst_d, disk_file, kind, queues, extra)
     guest_disk = "/dev/vda" if kind == "blk" else "/dev/sda"
     port = free_port()
-    with GuestVM(src_dev, mem_mb=MEM_MB, name=f"mig-src-{kind}") as src, \
-            GuestVM(dst_dev, mem_mb=MEM_MB, name=f"mig-dst-{kind}",
+    with GuestVM(src_dev, mem_mb=MEM_MB, smp=queues, name=f"mig-src-{kind}") as src, \
+            GuestVM(dst_dev, mem_mb=MEM_MB, smp=queues, name=f"mig-dst-{kind}",
                     extra_args=["-incoming", f"tcp:127.0.0.1:{port}"]) as dst:
         src.start().wait_ready()
         dst.start()
-        start_fio(src, guest_disk, loops=2)
+        start_fio(src, guest_disk, loops=2, jobs=queues)
         # Let the workload get going: the switch-over must catch requests in flight.
         time.sleep(2)
         assert src.run("test -e /tmp/fio.rc")[0] != 0, "fio ended before the migration started"
