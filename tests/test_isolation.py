@@ -538,11 +538,11 @@ def test_refused_messages_are_logged_as_summaries(d):
     fe.get_features()
     fe.set_features(bit(VIRTIO_F_VERSION_1))
     for _ in range(200):
-        fe.send(R.SET_LOG_FD)
+        fe.send(R.SET_VRING_ENDIAN)
     assert fe.ping()
     fe.close()
     out = _wait_log(d, mark, "195 more vhost-user messages refused")
-    assert out.count("*ERROR*: Controller vhost.0: unsupported vhost-user message SET_LOG_FD") == 5, out
+    assert out.count("*ERROR*: Controller vhost.0: unsupported vhost-user message SET_VRING_ENDIAN") == 5, out
     assert_healthy(d)
 
 

@@ -394,6 +394,77 @@ int vn_mem_add_region(struct vn_mem *m, int fd, uint64_t gpa, uint64_t size,
     return 0;
 }
 
+/* Move the guard slots of `from`'s mappings to `to` (all of them, or only the one
+ * mapped at `base` when base is not NULL). */
+static void guard_transfer(struct vn_mem *from, struct vn_mem *to, const void *base)
+{
+    pthread_mutex_lock(&guard_lock);
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        uintptr_t b = atomic_load(&guard_slots[i].base);
+        if (b && guard_slots[i].owner == from && (!base || b == (uintptr_t)base))
+            guard_slots[i].owner = to;
+    }
+    pthread_mutex_unlock(&guard_lock);
+}
+
+static int regions_overlap(const struct vn_region *r, uint64_t gpa, uint64_t size, uint64_t uva)
+{
+    return (gpa < r->gpa + r->size && r->gpa < gpa + size) || (uva < r->uva + r->size && r->uva < uva + size);
+}
+
+struct vn_mem *vn_mem_with_region(struct vn_mem *old, int fd, uint64_t gpa, uint64_t size,
+                                  uint64_t uva, uint64_t mmap_offset, int *err)
+{
+    int rc = 0;
+    struct vn_mem *m = NULL;
+    if (old->nregions >= VN_MAX_REGIONS) { rc = -E2BIG; goto out; }
+    if (gpa + size < gpa || uva + size < uva) { rc = -EOVERFLOW; goto out; }
+    for (uint32_t i = 0; i < old->nregions; i++)
+        if (regions_overlap(&old->regions[i], gpa, size, uva)) { rc = -EEXIST; goto out; }
+    if (!(m = vn_mem_new())) { rc = -ENOMEM; goto out; }
+    rc = vn_mem_add_region(m, fd, gpa, size, uva, mmap_offset);
+    if (rc < 0) { vn_mem_free(m); m = NULL; goto out; }
+    /* The new region is m's; put old's before it and take them over. */
+    struct vn_region added = m->regions[0];
+    memcpy(m->regions, old->regions, old->nregions * sizeof(old->regions[0]));
+    m->regions[old->nregions] = added;
+    m->nregions = old->nregions + 1;
+    guard_transfer(old, m, NULL);
+    m->faulted = __atomic_load_n(&old->faulted, __ATOMIC_ACQUIRE);
+    old->nregions = 0;
+out:
+    if (err) *err = rc;
+    return m;
+}
+
+struct vn_mem *vn_mem_without_region(struct vn_mem *old, uint64_t gpa, uint64_t size, uint64_t uva,
+                                     struct vn_mem **removed, int *err)
+{
+    int rc = 0;
+    struct vn_mem *m = NULL, *gone = NULL;
+    uint32_t hit = old->nregions;
+    for (uint32_t i = 0; i < old->nregions; i++) {
+        const struct vn_region *r = &old->regions[i];
+        if (r->gpa == gpa && r->size == size && r->uva == uva) { hit = i; break; }
+    }
+    if (hit == old->nregions) { rc = -ENOENT; goto out; }
+    m = vn_mem_new();
+    gone = vn_mem_new();
+    if (!m || !gone) { free(m); free(gone); m = gone = NULL; rc = -ENOMEM; goto out; }
+    for (uint32_t i = 0; i < old->nregions; i++) {
+        if (i == hit) gone->regions[gone->nregions++] = old->regions[i];
+        else m->regions[m->nregions++] = old->regions[i];
+    }
+    guard_transfer(old, gone, old->regions[hit].map_base);
+    guard_transfer(old, m, NULL);
+    m->faulted = gone->faulted = __atomic_load_n(&old->faulted, __ATOMIC_ACQUIRE);
+    old->nregions = 0;
+out:
+    if (removed) *removed = gone;
+    if (err) *err = rc;
+    return m;
+}
+
 void vn_mem_free(struct vn_mem *m)
 {
     if (!m) return;
@@ -456,6 +527,110 @@ static inline __attribute__((always_inline)) int mem_to_iov(const struct vn_mem 
 }
 
 /* ------------------------------------------------------------------ */
+/* dirty log (live migration)                                          */
+/* ------------------------------------------------------------------ */
+
+/*
+ * While QEMU migrates a VM it must re-send every guest page that changed after it
+ * was copied, and the pages we write (read data, status bytes, used rings) change
+ * behind its back.  So it hands us a bitmap, one bit per 4 KiB of guest-physical
+ * memory (bit p%8 of byte p/8, the layout QEMU reads as 64-bit chunks), and we set
+ * a page's bit after writing to it: set before the write, QEMU could copy the page
+ * and clear the bit between the two, and the write would be lost on the
+ * destination.  Bits are set with atomic ORs (QEMU clears them concurrently).
+ * Nothing here runs unless logging is on: the hot path tests one pointer.
+ */
+struct vn_log {
+    uint8_t *bitmap;
+    uint64_t size;          /* bytes of bitmap */
+    void *map_base;
+    uint64_t map_len;
+    struct vn_mem *guard;   /* owns the SIGBUS guard slot of the mapping */
+    uint64_t missed;        /* pages past the end of the bitmap (written, not logged) */
+};
+
+struct vn_log *vn_log_new(int fd, uint64_t size, uint64_t offset, int *err)
+{
+    uint64_t page;
+    struct stat st;
+    int rc = 0;
+    struct vn_log *l = NULL;
+    if (size == 0 || size > VN_LOG_MAX_BYTES || offset > VN_LOG_MAX_BYTES) { rc = -EINVAL; goto out; }
+    rc = vn_mem_fd_kind(fd, &page);
+    if (rc < 0) goto out;
+    if (fstat(fd, &st) < 0) { rc = -errno; goto out; }
+    if ((uint64_t)st.st_size < offset + size) { rc = -ERANGE; goto out; }
+    uint64_t align = offset & (page - 1);
+    uint64_t len = (size + align + page - 1) & ~(page - 1);
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)(offset - align));
+    if (p == MAP_FAILED) { rc = -errno; goto out; }
+    l = calloc(1, sizeof(*l));
+    struct vn_mem *g = l ? vn_mem_new() : NULL;
+    if (!g || guard_register(g, p, len) < 0) {
+        rc = g ? -ENOSPC : -ENOMEM;
+        free(g);
+        free(l);
+        l = NULL;
+        munmap(p, len);
+        goto out;
+    }
+    l->guard = g;
+    l->map_base = p;
+    l->map_len = len;
+    l->bitmap = (uint8_t *)p + align;
+    l->size = size;
+out:
+    if (err) *err = rc;
+    return l;
+}
+
+int vn_log_faulted(struct vn_log *l) { return l ? vn_mem_faulted(l->guard) : 0; }
+
+uint64_t vn_log_missed(struct vn_log *l) { return l ? __atomic_load_n(&l->missed, __ATOMIC_RELAXED) : 0; }
+
+void vn_log_free(struct vn_log *l)
+{
+    if (!l) return;
+    guard_unregister(l->guard);
+    munmap(l->map_base, l->map_len);
+    free(l->guard);
+    free(l);
+}
+
+static void log_mark(struct vn_log *l, uint64_t gpa, uint64_t len)
+{
+    if (len == 0 || gpa + len < gpa) return;
+    uint64_t first = gpa / VN_LOG_PAGE, last = (gpa + len - 1) / VN_LOG_PAGE;
+    for (uint64_t p = first; p <= last; p++) {
+        if (p / 8 >= l->size) {
+            /* QEMU sizes the log for all of guest memory: only a front-end that
+             * lies about it gets here.  Counted, and the page is not logged. */
+            __atomic_fetch_add(&l->missed, last - p + 1, __ATOMIC_RELAXED);
+            return;
+        }
+        __atomic_fetch_or(&l->bitmap[p / 8], (uint8_t)(1u << (p % 8)), __ATOMIC_RELEASE);
+    }
+}
+
+/* Log host range [host, host+len) of guest memory m by its guest-physical address. */
+static void log_mark_host(struct vn_log *l, const struct vn_mem *m, const uint8_t *host, uint64_t len)
+{
+    while (len > 0) {
+        const struct vn_region *hit = NULL;
+        for (uint32_t i = 0; i < m->nregions; i++) {
+            const struct vn_region *r = &m->regions[i];
+            if (host >= r->host && (uint64_t)(host - r->host) < r->size) { hit = r; break; }
+        }
+        if (!hit) return;
+        uint64_t off = (uint64_t)(host - hit->host), take = hit->size - off;
+        if (take > len) take = len;
+        log_mark(l, hit->gpa + off, take);
+        host += take;
+        len -= take;
+    }
+}
+
+/* ------------------------------------------------------------------ */
 /* reactor, devices, queues: structures                                */
 /* ------------------------------------------------------------------ */
 
@@ -511,6 +686,10 @@ struct vn_vq {
     uint32_t nslots;
     struct slot *free_list;
     uint64_t stat_requests, stat_signals, stat_errors;
+    /* live migration: the dirty log (NULL: logging off) */
+    struct vn_log *log;
+    int log_used;
+    uint64_t log_used_gpa;
     /* in-flight tracking */
     volatile struct ifl_queue *ifl;
     uint32_t ifl_capacity;
@@ -638,11 +817,26 @@ static void vq_mark_broken(struct vn_vq *q, const char *why)
     q->stat_errors++;
 }
 
+/* The used ring changed (entries, idx, flags or avail_event): log all of it, a
+ * page or three. */
+static __attribute__((noinline, cold)) void vq_log_used(struct vn_vq *q)
+{
+    if (q->log_used) log_mark(q->log, q->log_used_gpa, 4 + 8 * (uint64_t)q->size + 2);
+}
+
+/* The device wrote into the request's device-writable buffers. */
+static __attribute__((noinline, cold)) void vq_log_request(struct vn_vq *q, const vn_req *req)
+{
+    for (uint32_t i = req->n_out; i < req->n_out + req->n_in; i++)
+        log_mark_host(q->log, q->mem, req->iov[i].iov_base, req->iov[i].iov_len);
+}
+
 static void vq_publish_used(struct vn_vq *q)
 {
     if (!q->used_dirty) return;
     atomic_thread_fence(memory_order_release);
     *(volatile uint16_t *)&q->used->idx = q->used_idx;
+    if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
     if (__builtin_expect(q->ifl != NULL, 0)) {
         /* The spec's order, so that a process dying between any two stores leaves
          * a buffer the next one can repair: used->idx, then the batch's inflight
@@ -692,6 +886,7 @@ static void vq_complete(vn_req *req, uint32_t written)
     struct slot *s = (struct slot *)req;
     uint16_t slot_idx = q->used_idx & (uint16_t)(q->size - 1);
     struct vring_used_elem *e = &q->used->ring[slot_idx];
+    if (__builtin_expect(q->log != NULL, 0) && req->n_in) vq_log_request(q, req);
     e->id = req->head;
     e->len = written;
     if (__builtin_expect(q->ifl != NULL, 0) && q->ifl_nbatch < q->size) {
@@ -886,14 +1081,17 @@ static int vq_arm(struct vn_vq *q)
         *vq_avail_event(q) = q->last_avail;
     else
         *(volatile uint16_t *)&q->used->flags = 0;
+    if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
     atomic_thread_fence(memory_order_seq_cst);
     return *(volatile uint16_t *)&q->avail->idx != q->last_avail && q->free_list;
 }
 
 static void vq_disarm(struct vn_vq *q)
 {
-    if (!q->event_idx && q->used && q->enabled && !q->broken)
+    if (!q->event_idx && q->used && q->enabled && !q->broken) {
         *(volatile uint16_t *)&q->used->flags = VRING_USED_F_NO_NOTIFY;
+        if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -932,7 +1130,21 @@ void vn_vq_set_ring(struct vn_vq *q, uint32_t size, void *desc, void *avail, voi
     q->used = used;
 }
 
-void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m) { q->mem = m; }
+struct set_mem_arg { struct vn_vq *q; struct vn_mem *m; };
+
+static int vq_set_mem_on_reactor(void *p)
+{
+    struct set_mem_arg *a = p;
+    a->q->mem = a->m;
+    return 0;
+}
+
+void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m)
+{
+    struct set_mem_arg a = { q, m };
+    if (q->running) vn_reactor_exec(q->dev->reactor, vq_set_mem_on_reactor, &a);
+    else vq_set_mem_on_reactor(&a);
+}
 
 void vn_vq_set_base(struct vn_vq *q, uint16_t last_avail_idx)
 {
@@ -967,6 +1179,24 @@ static void vq_set_int(struct vn_vq *q, int which, int value)
 void vn_vq_set_kick(struct vn_vq *q, int fd) { vq_set_int(q, 0, fd); }
 void vn_vq_set_call(struct vn_vq *q, int fd) { vq_set_int(q, 1, fd); }
 void vn_vq_set_enabled(struct vn_vq *q, int enabled) { vq_set_int(q, 2, enabled); }
+
+struct set_log_arg { struct vn_vq *q; struct vn_log *log; int log_used; uint64_t used_gpa; };
+
+static int vq_set_log_on_reactor(void *p)
+{
+    struct set_log_arg *a = p;
+    a->q->log = a->log;
+    a->q->log_used = a->log_used;
+    a->q->log_used_gpa = a->used_gpa;
+    return 0;
+}
+
+void vn_vq_set_log(struct vn_vq *q, struct vn_log *l, int log_used, uint64_t used_gpa)
+{
+    struct set_log_arg a = { q, l, log_used, used_gpa };
+    if (q->running) vn_reactor_exec(q->dev->reactor, vq_set_log_on_reactor, &a);
+    else vq_set_log_on_reactor(&a);
+}
 
 void vn_vq_set_features(struct vn_vq *q, int event_idx, int indirect)
 {

@@ -36,6 +36,19 @@ void vn_mem_free(struct vn_mem *m);
  * the file under it): those mappings now hold private zero pages and the
  * session must be dropped. */
 int vn_mem_faulted(struct vn_mem *m);
+/* Memory hot-plug (CONFIGURE_MEM_SLOTS), with rings running.  Each returns a new
+ * table and leaves `old` an empty shell (its mappings and SIGBUS guards move to the
+ * result; free the shell with vn_mem_free once no ring uses it).  On failure NULL,
+ * *err = -errno, and `old` is untouched.
+ * with_region: old's regions plus a new one mapped from fd (-EEXIST: it overlaps
+ * one of them in guest-physical or front-end address space; -E2BIG: table full).
+ * without_region: old's regions but the one at exactly gpa/size/uva (-ENOENT if
+ * none); that one goes, still mapped, into *removed, to be freed once no request
+ * in flight can be writing to it. */
+struct vn_mem *vn_mem_with_region(struct vn_mem *old, int fd, uint64_t gpa, uint64_t size,
+                                  uint64_t uva, uint64_t mmap_offset, int *err);
+struct vn_mem *vn_mem_without_region(struct vn_mem *old, uint64_t gpa, uint64_t size, uint64_t uva,
+                                     struct vn_mem **removed, int *err);
 /* Host pointer for [gpa, gpa+len) wholly inside one region, else NULL. */
 void *vn_mem_gpa_to_host(struct vn_mem *m, uint64_t gpa, uint64_t len);
 void *vn_mem_uva_to_host(struct vn_mem *m, uint64_t uva, uint64_t len);
@@ -50,6 +63,8 @@ struct vn_vq *vn_vq_new(struct vn_dev *dev, uint16_t index);
 int vn_vq_free(struct vn_vq *q);
 /* Ring layout in host addresses (translated by the control plane). */
 void vn_vq_set_ring(struct vn_vq *q, uint32_t size, void *desc, void *avail, void *used);
+/* The table the queue translates with; on a running queue it takes effect between
+ * two reactor iterations (requests already fetched keep their host addresses). */
 void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m);
 void vn_vq_set_base(struct vn_vq *q, uint16_t last_avail_idx);
 uint16_t vn_vq_get_base(struct vn_vq *q);
@@ -78,6 +93,24 @@ void vn_vq_set_inflight(struct vn_vq *q, void *region, uint32_t capacity);
  * (0: kept; 1: made for another ring size; 2: inconsistent with the used ring;
  * 3: too small for the ring). */
 void vn_vq_get_recovery(struct vn_vq *q, uint32_t *out);
+
+/* Dirty page log for live migration (VHOST_F_LOG_ALL, VHOST_USER_PROTOCOL_F_LOG_SHMFD):
+ * one bit per 4 KiB guest-physical page, set by the data path after it wrote the
+ * page.  vn_log_new maps `size` bytes of `fd` at `offset` (checked against the
+ * file, SIGBUS-guarded); NULL and *err = -errno on refusal. */
+#define VN_LOG_PAGE 4096
+#define VN_LOG_MAX_BYTES 1073741824
+struct vn_log;
+struct vn_log *vn_log_new(int fd, uint64_t size, uint64_t offset, int *err);
+/* Non-zero once the front-end shrank the log's file under the mapping. */
+int vn_log_faulted(struct vn_log *l);
+/* Pages that could not be marked because the log is too small for them. */
+uint64_t vn_log_missed(struct vn_log *l);
+void vn_log_free(struct vn_log *l);
+/* Log the queue's guest writes into `l` (NULL: logging off).  With log_used, the
+ * used ring's writes are logged too, at guest-physical `used_gpa` (SET_VRING_ADDR's
+ * log_guest_addr).  Takes effect between two reactor iterations. */
+void vn_vq_set_log(struct vn_vq *q, struct vn_log *l, int log_used, uint64_t used_gpa);
 
 /* ---- devices (a controller's data-path half) ---- */
 struct vn_reactor;

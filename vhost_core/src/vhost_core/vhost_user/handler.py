@@ -21,9 +21,10 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from vhost_core.log import get_logger, notice
-from vhost_core.native import lib
+from vhost_core.native import ffi, lib
 from vhost_core.vhost_user import messages as m
 from vhost_core.vhost_user.connection import Connection, Message
+from vhost_core.vhost_user.dirty_log import DirtyLog
 from vhost_core.vhost_user.inflight import InflightBuffer
 from vhost_core.vhost_user.memory_table import MemoryTable
 from vhost_core.vhost_user.vrings import ERROR_SUMMARY_INTERVAL_S, Vring, Vrings
@@ -34,21 +35,25 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = get_logger("vhost_user")
 
+# VHOST_F_LOG_ALL with LOG_SHMFD below: live migration (the data path marks the guest
+# pages it writes in QEMU's dirty log, see dirty_log.py).
 CORE_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VHOST_USER_F_PROTOCOL_FEATURES)
-                 | (1 << m.VIRTIO_RING_F_INDIRECT_DESC) | (1 << m.VIRTIO_RING_F_EVENT_IDX))
+                 | (1 << m.VIRTIO_RING_F_INDIRECT_DESC) | (1 << m.VIRTIO_RING_F_EVENT_IDX)
+                 | (1 << m.VHOST_F_LOG_ALL))
 # BACKEND_REQ: a socket on which we tell the front-end that config space changed
 # (a bdev was resized), so a running guest sees its disk's new size.
 # INFLIGHT_SHMFD: requests in flight live on in a buffer the front-end keeps, so a
 # target process that crashes and restarts resubmits them instead of losing them.
 PROTOCOL_FEATURES = ((1 << m.ProtocolFeature.MQ) | (1 << m.ProtocolFeature.REPLY_ACK)
                      | (1 << m.ProtocolFeature.CONFIG) | (1 << m.ProtocolFeature.BACKEND_REQ)
-                     | (1 << m.ProtocolFeature.INFLIGHT_SHMFD))
+                     | (1 << m.ProtocolFeature.INFLIGHT_SHMFD) | (1 << m.ProtocolFeature.LOG_SHMFD)
+                     | (1 << m.ProtocolFeature.CONFIGURE_MEM_SLOTS))
 #: Refused vhost-user messages logged one by one per session before summaries take over.
 REFUSALS_LOGGED = 5
 #: Requests we do not implement whose front-end side waits for a reply.
 UNSUPPORTED_WITH_REPLY = frozenset({
     m.Request.IOTLB_MSG, m.Request.CREATE_CRYPTO_SESSION, m.Request.POSTCOPY_ADVISE,
-    m.Request.GET_MAX_MEM_SLOTS, m.Request.GET_STATUS})
+    m.Request.GET_STATUS})
 
 
 def _check_eventfd(fd: int, what: str) -> None:
@@ -84,6 +89,8 @@ class Session:
         self.protocol_features = 0
         self.memory = MemoryTable(self.name)
         self.inflight = InflightBuffer(self.name)
+        self.dirty_log = DirtyLog(self.name)
+        self.logging = False
         self.vrings = Vrings(self, ctrlr.native_vqs)
         #: Set when a ring's requests outlived the stop timeout: the session is
         #: dropped after the current message and the ring retired (Controller.retire).
@@ -118,11 +125,17 @@ class Session:
             m.Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             m.Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             m.Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            m.Request.SET_LOG_BASE: self._set_log_base,
+            m.Request.SET_LOG_FD: self._set_log_fd,
+            m.Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            m.Request.ADD_MEM_REG: self._add_mem_reg,
+            m.Request.REM_MEM_REG: self._rem_mem_reg,
         }
         # Requests whose reply is their own answer (no REPLY_ACK on top).
         self._with_reply = {m.Request.GET_FEATURES, m.Request.GET_PROTOCOL_FEATURES,
                             m.Request.GET_QUEUE_NUM, m.Request.GET_VRING_BASE,
-                            m.Request.GET_CONFIG, m.Request.GET_INFLIGHT_FD}
+                            m.Request.GET_CONFIG, m.Request.GET_INFLIGHT_FD, m.Request.SET_LOG_BASE,
+                            m.Request.GET_MAX_MEM_SLOTS}
 
     # ---------------------------------------------------------------- dispatch
 
@@ -233,6 +246,7 @@ class Session:
         self.vrings.set_features(bool(features & (1 << m.VIRTIO_RING_F_EVENT_IDX)),
                                  bool(features & (1 << m.VIRTIO_RING_F_INDIRECT_DESC)))
         self.device.features_negotiated(features)
+        self.update_logging()
         return None
 
     def _get_protocol_features(self, msg: Message) -> bytes:
@@ -253,11 +267,12 @@ class Session:
         self.features = 0
         self.features_set = False
         self.vrings.set_features(False, False)
+        self.update_logging()
 
     # ---------------------------------------------------------------- memory
 
     def _set_mem_table(self, msg: Message) -> None:
-        new, nregions = self.memory.map(msg)
+        new, regions = self.memory.map(msg)
         # Replace the table under running queues: stop, swap, re-translate, restart.
         running = [v for v in self.vrings if v.started]
         for v in running:
@@ -266,9 +281,53 @@ class Session:
             lib.vn_mem_free(new)
             raise m.ProtocolError("the session was closed while its memory table was replaced")
         self.vrings.set_memory(new)
-        self.memory.install(new, nregions)
+        self.memory.install(new, regions)
         for v in running:
             self.vrings.start(v)
+
+    # ---------------------------------------------------------------- memory hot-plug
+
+    def _get_max_mem_slots(self, msg: Message) -> bytes:
+        return m.U64.pack(lib.VN_MAX_REGIONS)
+
+    def _switch_memory(self, new: object, regions: list[m.MemoryRegion]) -> None:
+        # Each ring, running or not, translates with the new table from its next
+        # reactor iteration on; only then is the old one (an empty shell) freed.
+        self.vrings.set_memory(new)
+        self.memory.install(new, regions)
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        added = self.memory.with_region(msg)
+        if added is None:
+            return
+        new, region = added
+        self._switch_memory(new, self.memory.regions + [region])
+        notice(log, "Controller %s: memory region gpa=%#x size %d MiB added", self.name,
+               region.guest_phys_addr, region.memory_size >> 20)
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        r = self.memory.region_message(msg)
+        lo, hi = r.userspace_addr, r.userspace_addr + r.memory_size
+        # A ring whose own memory goes away stops first (its requests drain); it
+        # serves again once the front-end gives it addresses that translate.
+        for v in self.vrings:
+            if v.started and v.addr is not None and any(lo <= a < hi for a in (v.addr.desc, v.addr.avail,
+                                                                               v.addr.used)):
+                log.error("Controller %s: vring %d lies in memory region gpa=%#x being removed; stopping it",
+                          self.name, v.index, r.guest_phys_addr)
+                self.vrings.stop(v)
+        new, gone, region = self.memory.without_region(msg)
+        self._switch_memory(new, [x for x in self.memory.regions if x != region])
+        self.memory.graveyard.append(gone)
+        self.bury_removed_memory()
+        notice(log, "Controller %s: memory region gpa=%#x size %d MiB removed", self.name,
+               region.guest_phys_addr, region.memory_size >> 20)
+
+    def bury_removed_memory(self) -> None:
+        """Unmap removed regions once no request fetched before their removal can be
+        in flight any more (every ring idle at least once since)."""
+        if self.memory.graveyard and all(lib.vn_vq_inflight(v.native) == 0 for v in self.vrings):
+            self.memory.free_graveyard()
 
     # ---------------------------------------------------------------- vrings
 
@@ -284,8 +343,18 @@ class Session:
     def _set_vring_addr(self, msg: Message) -> None:
         addr = m.VringAddr(*self._payload(msg, m.VRING_ADDR))
         v = self.vrings.get(addr.index)
+        if addr.flags & ~(1 << m.VHOST_VRING_F_LOG):
+            raise m.ProtocolError(f"vring {addr.index} address flags {addr.flags:#x} unknown")
         if v.started:
-            raise m.ProtocolError(f"vring {addr.index} addresses changed while it runs")
+            # QEMU turns used-ring logging on and off this way while the ring runs
+            # (live migration); the ring itself may not move.
+            old = v.addr
+            assert old is not None
+            if (addr.desc, addr.avail, addr.used) != (old.desc, old.avail, old.used):
+                raise m.ProtocolError(f"vring {addr.index} addresses changed while it runs")
+            v.addr = addr
+            self.vrings.apply_log(v)
+            return
         v.addr = addr
 
     def _set_vring_base(self, msg: Message) -> None:
@@ -383,8 +452,56 @@ class Session:
         self.ctrlr.wait_unlocked(seconds)
 
     def _check_memory(self) -> None:
+        self.bury_removed_memory()
         self.memory.check()
         self.inflight.check()
+        self.dirty_log.check()
+
+    # ---------------------------------------------------------------- live migration
+
+    def _set_log_base(self, msg: Message) -> bytes:
+        if not self.protocol_features & (1 << m.ProtocolFeature.LOG_SHMFD):
+            raise m.ProtocolError("SET_LOG_BASE without the LOG_SHMFD protocol feature")
+        new = self.dirty_log.map(msg)
+        (size, _offset) = m.VHOST_USER_LOG.unpack(msg.payload)
+        old = self.dirty_log.install(new, size)
+        # Every ring switches to the new bitmap on its reactor before the old one
+        # is unmapped: no mark can land in a freed mapping.
+        self.update_logging()
+        lib.vn_log_free(old)
+        # QEMU waits for this reply (its payload is not read) before it reads the log.
+        return m.U64.pack(0)
+
+    def _set_log_fd(self, msg: Message) -> None:
+        # An eventfd on which a back-end could ask QEMU to resize the log; we never
+        # need to (QEMU sizes it for all of guest memory).
+        if len(msg.fds) != 1:
+            raise m.ProtocolError(f"SET_LOG_FD carries {len(msg.fds)} file descriptors, expected 1")
+
+    def update_logging(self) -> None:
+        """Logging is on while the driver's features carry VHOST_F_LOG_ALL and a log is
+        mapped: tell every ring, and say so when it changes."""
+        on = self.has_feature(m.VHOST_F_LOG_ALL) and self.dirty_log.mapped
+        for v in self.vrings:
+            self.vrings.apply_log(v)
+        if on != self.logging:
+            self.logging = on
+            if on:
+                notice(log, "Controller %s: dirty page logging started (live migration)", self.name)
+            else:
+                notice(log, "Controller %s: dirty page logging stopped", self.name)
+            missed = self.dirty_log.missed()
+            if missed:
+                log.error("Controller %s: %d guest pages written outside the dirty log QEMU gave "
+                          "(too small for guest memory): the migrated copy may miss them", self.name, missed)
+
+    def log_params(self, v: Vring) -> tuple[object, bool, int]:
+        """(vn_log or NULL, log the used ring, its guest-physical address) for ring v."""
+        if not (self.has_feature(m.VHOST_F_LOG_ALL) and self.dirty_log.mapped):
+            return ffi.NULL, False, 0
+        addr = v.addr
+        log_used = addr is not None and bool(addr.flags & (1 << m.VHOST_VRING_F_LOG))
+        return self.dirty_log.native, log_used, addr.log if log_used and addr is not None else 0
 
     def check_rings(self) -> None:
         """Called while the connection is idle: report rings the data path stopped,
@@ -510,11 +627,12 @@ class Session:
         self.vrings.summarize_errors(final=True)
         self._summarize_refusals()
         stuck = self.vrings.detach()
+        self.dirty_log.free()
         if stuck:
             # Late completions write into the used ring, the guest buffers and the
             # inflight buffer: the controller keeps those queues and mappings
             # until they drain, and serves the next front-end with fresh queues.
-            self.ctrlr.retire(stuck, [self.memory.release(), self.inflight.release()])
+            self.ctrlr.retire(stuck, self.memory.release() + [self.inflight.release()])
         else:
             self.memory.free()
             self.inflight.free()

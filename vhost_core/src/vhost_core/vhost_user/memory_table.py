@@ -1,10 +1,15 @@
-"""A session's guest memory: the regions SET_MEM_TABLE maps, and who owns the mapping.
+"""A session's guest memory: the regions SET_MEM_TABLE maps (or ADD_MEM_REG and
+REM_MEM_REG add and remove one by one, memory hot-plug), and who owns the mappings.
 
 Every region the front-end sends is checked and mapped (native ``vn_mem``: the whole
 file range checked against the file's size, SIGBUS-guarded) before the table replaces
-the previous one; the running rings are stopped around the swap by the session.  The
-mapping belongs to the session until it ends, or to the controller when rings it retires
-still have requests writing into it (``release``).
+the previous one.  SET_MEM_TABLE replaces everything: the session stops the running
+rings around the swap.  ADD_MEM_REG and REM_MEM_REG keep the rings running: a new table
+is made beside the old one and each ring switches to it between two reactor iterations;
+a removed region stays mapped (``graveyard``) until no request fetched before the
+switch can still write into it.  The mappings belong to the session until it ends, or
+to the controller when rings it retires still have requests writing into them
+(``release``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ class MemoryTable:
         self.name = name
         self.native = ffi.NULL
         self.nregions = 0
+        #: The regions as the front-end described them, in table order.
+        self.regions: list[m.MemoryRegion] = []
+        #: Removed regions still mapped (native vn_mem each), for requests in flight.
+        self.graveyard: list[object] = []
         #: A SET_MEM_TABLE arrived (even one refused).
         self.seen = False
         self.reported_unshared = False
@@ -52,8 +61,8 @@ class MemoryTable:
             self.reported_unshared = True
             log.error("Controller %s: %s: %s", self.name, what, UNSHARED_MEMORY_HINT)
 
-    def map(self, msg: Message) -> tuple[object, int]:
-        """Check SET_MEM_TABLE and map its regions: (the new ``vn_mem``, its region count),
+    def map(self, msg: Message) -> tuple[object, list[m.MemoryRegion]]:
+        """Check SET_MEM_TABLE and map its regions: (the new ``vn_mem``, its regions),
         not installed yet.  ProtocolError drops the connection, ValueError refuses it."""
         if len(msg.payload) < m.MEM_HEADER.size:
             raise m.ProtocolError("SET_MEM_TABLE payload shorter than its header")
@@ -89,14 +98,73 @@ class MemoryTable:
         except BaseException:
             lib.vn_mem_free(new)
             raise
-        return new, nregions
+        return new, regions
 
-    def install(self, new: object, nregions: int) -> None:
-        """Make ``new`` (from :meth:`map`) the table; the previous one is unmapped (the
-        rings using it must be stopped and pointed at the new one first)."""
-        old, self.native, self.nregions = self.native, new, nregions
+    def install(self, new: object, regions: list[m.MemoryRegion]) -> None:
+        """Make ``new`` (from :meth:`map`, :meth:`with_region` or :meth:`without_region`)
+        the table; the previous one is freed (the rings using it must be pointed at the
+        new one first; after with/without_region it is an empty shell)."""
+        old, self.native = self.native, new
+        self.regions = list(regions)
+        self.nregions = len(regions)
         lib.vn_mem_free(old)
-        log.debug("Controller %s: memory table with %d regions", self.name, nregions)
+        log.debug("Controller %s: memory table with %d regions", self.name, self.nregions)
+
+    @staticmethod
+    def region_message(msg: Message) -> m.MemoryRegion:
+        """The region of an ADD_MEM_REG / REM_MEM_REG payload (u64 padding, then the region)."""
+        if len(msg.payload) != 8 + m.MEM_REGION.size:
+            raise m.ProtocolError(f"{m.Request(msg.request).name} payload is {len(msg.payload)} bytes, "
+                                  f"expected {8 + m.MEM_REGION.size}")
+        return m.MemoryRegion(*m.MEM_REGION.unpack_from(msg.payload, 8))
+
+    def with_region(self, msg: Message) -> tuple[object, m.MemoryRegion] | None:
+        """Check ADD_MEM_REG and map its region: (the new table, the region), not
+        installed yet; None when that very region is already there (QEMU re-sends
+        its regions after a reconnect)."""
+        r = self.region_message(msg)
+        if len(msg.fds) != 1:
+            raise m.ProtocolError(f"ADD_MEM_REG carries {len(msg.fds)} file descriptors, expected 1")
+        self.seen = True
+        if r in self.regions:
+            return None
+        if r.memory_size == 0:
+            raise m.ProtocolError("ADD_MEM_REG with an empty region")
+        err = ffi.new("int *")
+        base = self.native if self.native != ffi.NULL else lib.vn_mem_new()
+        new = lib.vn_mem_with_region(base, msg.fds[0], r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                     r.mmap_offset, err)
+        if base != self.native:
+            lib.vn_mem_free(base)
+        if new == ffi.NULL:
+            what = {errno.EEXIST: " (it overlaps a region already mapped)",
+                    errno.E2BIG: f" (all {lib.VN_MAX_REGIONS} memory slots are in use)"}.get(-err[0], "")
+            raise m.ProtocolError(
+                f"cannot add memory region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} "
+                f"offset={r.mmap_offset:#x}: {os.strerror(-err[0])}"
+                + (what or REGION_ERROR_HINTS.get(-err[0], "")))
+        return new, r
+
+    def without_region(self, msg: Message) -> tuple[object, object, m.MemoryRegion]:
+        """Check REM_MEM_REG: (the new table, the removed region's still-mapped vn_mem,
+        the region), not installed yet.  ValueError when no such region is mapped."""
+        r = self.region_message(msg)
+        if len(msg.fds) > 1:
+            raise m.ProtocolError(f"REM_MEM_REG carries {len(msg.fds)} file descriptors, expected 0 or 1")
+        if r not in self.regions or self.native == ffi.NULL:
+            raise ValueError(f"no memory region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} is mapped")
+        err = ffi.new("int *")
+        gone = ffi.new("struct vn_mem **")
+        new = lib.vn_mem_without_region(self.native, r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                        gone, err)
+        if new == ffi.NULL:
+            raise ValueError(f"cannot remove memory region gpa={r.guest_phys_addr:#x}: {os.strerror(-err[0])}")
+        return new, gone[0], r
+
+    def free_graveyard(self) -> None:
+        for mem in self.graveyard:
+            lib.vn_mem_free(mem)
+        self.graveyard.clear()
 
     def check(self) -> None:
         """ProtocolError once a mapping lost its file pages (the front-end shrank a file)."""
@@ -109,10 +177,13 @@ class MemoryTable:
         """Host pointer for [uva, uva+length) wholly inside one region, else NULL."""
         return lib.vn_mem_uva_to_host(self.native, uva, length)
 
-    def release(self) -> object:
-        """Hand the mapping to someone else (the controller, for retired rings)."""
+    def release(self) -> list:
+        """Hand the mappings to someone else (the controller, for retired rings)."""
         native, self.native = self.native, ffi.NULL
-        return native
+        out, self.graveyard = [native] + self.graveyard, []
+        self.regions = []
+        return out
 
     def free(self) -> None:
-        lib.vn_mem_free(self.release())
+        for mem in self.release():
+            lib.vn_mem_free(mem)

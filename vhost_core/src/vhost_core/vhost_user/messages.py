@@ -42,8 +42,8 @@ class Request(enum.IntEnum):
     SET_OWNER = 3  #: the front-end claims the session
     RESET_OWNER = 4  #: deprecated session reset
     SET_MEM_TABLE = 5  #: guest memory regions, one fd each
-    SET_LOG_BASE = 6  #: dirty log for migration (not offered)
-    SET_LOG_FD = 7  #: dirty log eventfd (not offered)
+    SET_LOG_BASE = 6  #: dirty log for live migration (shared memory; we reply)
+    SET_LOG_FD = 7  #: eventfd for log-resize notices (accepted, unused)
     SET_VRING_NUM = 8  #: queue size
     SET_VRING_ADDR = 9  #: desc/avail/used ring addresses (front-end virtual)
     SET_VRING_BASE = 10  #: next avail index to process
@@ -110,6 +110,7 @@ class ProtocolFeature(enum.IntEnum):
 
 
 # virtio feature bits handled by the core (device types add their own)
+VHOST_F_LOG_ALL = 26
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VHOST_USER_F_PROTOCOL_FEATURES = 30
@@ -123,6 +124,10 @@ MEM_REGION = struct.Struct("<QQQQ")
 CONFIG_HEADER = struct.Struct("<III")
 #: VhostUserInflight: mmap_size, mmap_offset, num_queues, queue_size (+4 bytes padding)
 INFLIGHT = struct.Struct("<QQHH4x")
+#: VhostUserLog: mmap_size, mmap_offset
+VHOST_USER_LOG = struct.Struct("<QQ")
+#: SET_VRING_ADDR flags: log the used ring's writes (at VringAddr.log)
+VHOST_VRING_F_LOG = 0
 
 
 @attrs.frozen

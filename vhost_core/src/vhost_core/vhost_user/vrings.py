@@ -152,6 +152,7 @@ class Vrings:
         lib.vn_vq_set_kick(v.native, v.kick_fd)
         lib.vn_vq_set_call(v.native, v.call_fd)
         lib.vn_vq_set_enabled(v.native, v.enabled)
+        self.apply_log(v)
         rc = lib.vn_vq_start(v.native)
         if rc < 0:
             raise m.ProtocolError(f"vring {v.index} could not start: {os.strerror(-rc)}")
@@ -159,6 +160,11 @@ class Vrings:
         log.debug("Controller %s: vring %d started (size %d, base %d)", self.name, v.index, v.size, v.base)
         if s.inflight.active:
             s.inflight.report_recovery(v)
+
+    def apply_log(self, v: Vring) -> None:
+        """Point ring v at the session's dirty log, or none (live migration)."""
+        log_native, log_used, used_gpa = self.session.log_params(v)
+        lib.vn_vq_set_log(v.native, log_native, log_used, used_gpa)
 
     # ---------------------------------------------------------------- stopping
 
@@ -220,6 +226,9 @@ class Vrings:
             lib.vn_vq_set_kick(v.native, -1)
             lib.vn_vq_set_call(v.native, -1)
             lib.vn_vq_set_enabled(v.native, 0)
+            # The log is the session's and goes with it; a stuck ring completing
+            # later has nobody left to migrate for.
+            lib.vn_vq_set_log(v.native, ffi.NULL, 0, 0)
             v.close_fds()
         for v in self.rings:
             if not v.stuck:

@@ -417,7 +417,9 @@ typedef struct vn_req vn_req;
  * addresses and bounds-checked.  iov[0 .. n_out) are device-readable (driver ->
  * device), iov[n_out .. n_out + n_in) device-writable.  The device must call
  * `complete(req, written)` exactly once, on the reactor thread, with the number of
- * bytes it wrote into the writable part.
+ * bytes it wrote into the writable part.  iov[] is the core's and stays as it
+ * was handed over (the core logs the writable part as dirty during live
+ * migration): a device slices it into its own arrays, never rewrites it.
  *
  * When `error` is set the chain could not be mapped whole: n_out is 0 and iov
  * holds only the chain's last descriptor (n_in > 0) if that one is
