@@ -41,7 +41,8 @@ def measure(vhost: str, rw: str, qd: int, ios: int) -> float:
              "--dump-instr=no", vhost, "-S", tmp, "-m", "0x1", "-r", rpc_sock, "--interrupt-mode"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 120
+            # Python under valgrind starts slowly, more so on a busy machine.
+            deadline = time.monotonic() + 600
             while True:
                 try:
                     rpc(vhost, rpc_sock, "spdk_get_version")
