@@ -209,6 +209,11 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     assert {b["name"] for b in rpc.json("bdev_get_bdevs")} == set(bdevs)
     assert {c["ctrlr"] for c in rpc.json("vhost_get_controllers")} == set(ctrlrs)
     assert rpc.json("save_config") == saved
+    # A vhost-scsi controller with targets is not deleted (SPDK: EBUSY): the targets go first.
+    out = rpc.fails("vhost_delete_controller", "vhost.0")
+    assert "SCSI target 1 is still present" in out and "vhost_scsi_controller_remove_target vhost.0 1" in out
+    rpc.run("vhost_scsi_controller_remove_target", "vhost.0", "1")
+    rpc.run("vhost_scsi_controller_remove_target", "vhost.2", "0")
     for c in ("vhost.0", "vhost.1", "vhost.2"):
         rpc.run("vhost_delete_controller", c)
     rpc.run("bdev_null_delete", "Null0")
@@ -245,7 +250,7 @@ def _seed_old_names(rpc: SpdkRpc) -> None:
     assert rpc.call("remove_vhost_controller", {"ctrlr": "old.0"}) is True
     assert rpc.call("construct_vhost_blk_controller", {"ctrlr": "old.1", "dev_name": "OldMalloc",
                                                        "cpumask": "0x1", "readonly": True}) is True
-    assert rpc.call("get_bdevs", {"name": "OldMalloc"})[0]["claimed"] is True
+    assert rpc.call("get_bdevs", {"name": "OldMalloc"})[0]["claimed"] is False     # opened, not claimed (SPDK)
     assert rpc.call("get_bdevs_iostat", {"name": "OldMalloc"})[0].keys() == {"tick_rate"}
     assert rpc.call("remove_vhost_controller", {"ctrlr": "old.1"}) is True
     assert rpc.call("delete_bdev", {"name": "OldMalloc"}) is True

@@ -175,16 +175,6 @@ NOT_YET: dict[str, str] = {
     "vhost_controller_set_coalescing": "Interrupt coalescing is not implemented yet",
 }
 
-#: Methods that attach a bdev to a controller, and the parameter naming the bdev: SPDK lets one
-#: bdev serve several controllers, this target does not yet.
-ATTACHES_BDEV: dict[str, str] = {
-    "vhost_create_blk_controller": "dev_name",
-    "construct_vhost_blk_controller": "dev_name",
-    "vhost_scsi_controller_add_target": "bdev_name",
-    "add_vhost_scsi_lun": "bdev_name",
-}
-SHARED_BDEV_NOT_YET = "one bdev serving several controllers (as SPDK allows) is not implemented yet"
-
 
 def ignored_params_class(method: str, spec: Ignored) -> type:
     """An attrs params class taking exactly SPDK's parameter names for ``method``, any value."""
