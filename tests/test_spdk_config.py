@@ -138,12 +138,6 @@ def test_what_is_not_implemented_yet_is_reported_precisely(loaded, spdk_config, 
     assert errors(loaded.log()) == [
         f'{source}: bdev entry 6 (bdev_set_qos_limit name="Malloc1" rw_ios_per_sec=20000): Method not '
         f"found: 'bdev_set_qos_limit'. QoS rate limits are not implemented yet in this target.",
-        f'{source}: vhost_blk entry 1 (vhost_create_blk_controller ctrlr="vhost.2" dev_name="Malloc1" '
-        f'cpumask="1" readonly=true transport="vhost_user_blk"): bdev \'Malloc1\' already serves '
-        f"controller 'vhost.0': one bdev serving several controllers (as SPDK allows) is not implemented yet",
-        f'{source}: vhost_blk entry 2 (vhost_controller_set_coalescing ctrlr="vhost.2" delay_base_us=50 '
-        f"iops_threshold=60000): Method not found: 'vhost_controller_set_coalescing'. Interrupt coalescing "
-        f"is not implemented yet in this target.",
     ]
     # Without --json-ignore-init-errors the first one ends the start-up, as in SPDK.
     rc, log = run_to_exit(tmp_path, "--json", source)

@@ -346,6 +346,24 @@ def vhost_delete_controller(app: App, p: CtrlrParams) -> bool:
     return True
 
 
+@attrs.frozen
+class CoalescingParams:
+    ctrlr: str = param(help="controller name")
+    delay_base_us: int = param(help="base delay time (us); 0 turns coalescing off")
+    iops_threshold: int = param(help="IOPS threshold when coalescing is enabled")
+
+
+@CORE.command("vhost_controller_set_coalescing", params=CoalescingParams, cli=_SILENT)
+def vhost_controller_set_coalescing(app: App, p: CoalescingParams) -> bool:
+    """Set interrupt coalescing: a queue doing more than iops_threshold requests per second
+    gets its interrupts delayed (up to delay_base_us) so that one reports several completions."""
+    ctrlr = app.controllers.get(p.ctrlr)
+    ctrlr.set_coalescing(p.delay_base_us, p.iops_threshold)
+    notice(log, "Controller %s: interrupt coalescing %s", p.ctrlr,
+           f"delay_base_us={p.delay_base_us} iops_threshold={p.iops_threshold}" if p.delay_base_us else "off")
+    return True
+
+
 @CORE.command("vhost_get_queue_stats", params=CtrlrParams)
 def vhost_get_queue_stats(app: App, p: CtrlrParams) -> list[dict[str, int]]:
     """Per-queue counters of a controller (requests, interrupts, bad requests, in flight,

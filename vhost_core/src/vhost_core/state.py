@@ -109,7 +109,7 @@ class App:
         for ctrlr in self.controllers:
             dtype = self.device_types.get(ctrlr.device.device_type)
             if dtype is not None:
-                out[dtype.subsystem].extend(ctrlr.device.config_json())
+                out[dtype.subsystem].extend(ctrlr.config_json())
         return out
 
     def call(self, method: str, params: dict | None = None) -> Any:

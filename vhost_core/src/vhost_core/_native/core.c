@@ -51,6 +51,9 @@
 #define REACTOR_MAX_DEVS 256
 #define REACTOR_MAX_QUEUES 1024
 #define REACTOR_MAX_DESCS 1024
+/* Interrupt coalescing measures each queue's request rate over this period (SPDK's
+ * SPDK_VHOST_STATS_CHECK_INTERVAL_MS). */
+#define COALESCING_INTERVAL_MS 10
 
 struct vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 struct vring_avail { uint16_t flags; uint16_t idx; uint16_t ring[]; };
@@ -511,6 +514,10 @@ struct vn_vq {
     uint32_t nslots;
     struct slot *free_list;
     uint64_t stat_requests, stat_signals, stat_errors;
+    /* interrupt coalescing (vn_dev_set_coalescing): the rate period's end and the
+     * requests seen when it began, the current delay, and the earliest time of the
+     * next signal */
+    uint64_t co_next_check, co_reqs_at_check, co_delay, co_next_event;
     /* in-flight tracking */
     volatile struct ifl_queue *ifl;
     uint32_t ifl_capacity;
@@ -526,6 +533,10 @@ struct vn_dev {
     struct vn_reactor *reactor;
     const struct vn_device_ops *ops;
     void *ctx;
+    /* Interrupt coalescing: the delay base in ticks (0: off) and the threshold in
+     * requests per COALESCING_INTERVAL_MS. */
+    uint64_t co_delay_base;
+    uint32_t co_threshold;
 };
 
 /* A descriptor as the core keeps it: the public part first. */
@@ -570,6 +581,9 @@ struct vn_reactor {
     struct core_desc *polled_descs[REACTOR_MAX_DESCS];
     int npolled_descs;
     struct vn_iostat_clock clock;
+    /* Devices with interrupt coalescing on: the iteration reads the clock for them. */
+    int ncoalescing;
+    uint64_t co_interval;       /* COALESCING_INTERVAL_MS in ticks */
     int epoll_dirty;
     uint64_t loops, busy_loops, idle_ns, busy_ns;
 };
@@ -658,9 +672,43 @@ static void vq_publish_used(struct vn_vq *q)
     q->need_signal = 1;
 }
 
-static void vq_signal(struct vn_vq *q)
+/*
+ * Interrupt coalescing, SPDK's semantics (lib/vhost): every COALESCING_INTERVAL_MS the
+ * queue's request count over the period is compared with the threshold; above it, the
+ * guest's interrupts are spaced delay_base * (count - threshold) / threshold apart (at
+ * most delay_base), so that one interrupt reports a batch of completions.  Returns
+ * whether the signal must wait (the completions stay published in the used ring).
+ */
+static int vq_coalesce(struct vn_vq *q, uint64_t now)
 {
-    if (!q->need_signal) return;
+    struct vn_dev *d = q->dev;
+    if (now >= q->co_next_check) {
+        uint64_t period = d->reactor->co_interval;
+        uint64_t n = q->stat_requests - q->co_reqs_at_check;
+        /* A queue that was idle for longer: its rate over the time that passed. */
+        if (q->co_next_check && now - q->co_next_check > period)
+            n = n * period / (now - q->co_next_check + period);
+        q->co_reqs_at_check = q->stat_requests;
+        q->co_next_check = now + period;
+        uint64_t delay = 0;
+        if (n > d->co_threshold) {
+            delay = d->co_delay_base * (n - d->co_threshold) / d->co_threshold;
+            if (delay > d->co_delay_base) delay = d->co_delay_base;
+        }
+        /* A shorter delay than the one the last signal started applies at once. */
+        if (delay < q->co_delay && q->co_next_event > now + delay) q->co_next_event = now + delay;
+        q->co_delay = delay;
+    }
+    return now < q->co_next_event;
+}
+
+/* Signal the guest if it wants to hear of new used entries.  `now`: the iteration's
+ * clock when the device coalesces interrupts (0 otherwise, or to signal at once).
+ * Returns 1 when a signal is held back by coalescing (the reactor must come back). */
+static int vq_signal(struct vn_vq *q, uint64_t now)
+{
+    if (!q->need_signal) return 0;
+    if (__builtin_expect(now != 0, 0) && q->dev->co_delay_base && vq_coalesce(q, now)) return 1;
     q->need_signal = 0;
     atomic_thread_fence(memory_order_seq_cst);
     int do_signal;
@@ -676,6 +724,7 @@ static void vq_signal(struct vn_vq *q)
         int rc = vn_fd_signal(q->call_fd);
         if (__builtin_expect(rc == 0, 1)) {
             q->stat_signals++;
+            if (__builtin_expect(now != 0, 0)) q->co_next_event = now + q->co_delay;
         } else {
             /* Never again on this fd: each attempt could stall the reactor. */
             q->call_fd = -1;
@@ -684,6 +733,7 @@ static void vq_signal(struct vn_vq *q)
                                            : "the call fd cannot be written (not an eventfd)");
         }
     }
+    return 0;
 }
 
 static void vq_complete(vn_req *req, uint32_t written)
@@ -1144,7 +1194,7 @@ static int vq_stopping_on_reactor(void *p)
     if (q->inflight == 0) {
         struct vn_reactor *r = q->dev->reactor;
         vq_publish_used(q);
-        vq_signal(q);
+        vq_signal(q, 0);
         for (int i = 0; i < r->nqueues; i++) {
             if (r->queues[i] == q) {
                 r->queues[i] = r->queues[--r->nqueues];
@@ -1201,7 +1251,38 @@ static int dev_detach_on_reactor(void *p)
     struct vn_reactor *r = d->reactor;
     list_remove((void **)r->devs, &r->ndevs, d);
     list_remove((void **)r->polled_devs, &r->npolled_devs, d);
+    if (d->co_delay_base) r->ncoalescing--;
+    d->co_delay_base = 0;
     return 0;
+}
+
+struct coalescing_arg { struct vn_dev *d; uint64_t delay_base; uint32_t threshold; };
+
+static int dev_set_coalescing_on_reactor(void *p)
+{
+    struct coalescing_arg *a = p;
+    struct vn_dev *d = a->d;
+    struct vn_reactor *r = d->reactor;
+    r->ncoalescing += (a->delay_base != 0) - (d->co_delay_base != 0);
+    d->co_delay_base = a->delay_base;
+    d->co_threshold = a->threshold;
+    for (int i = 0; i < r->nqueues; i++) {
+        struct vn_vq *q = r->queues[i];
+        if (q->dev != d) continue;
+        q->co_next_check = q->co_next_event = q->co_delay = 0;
+        q->co_reqs_at_check = q->stat_requests;
+    }
+    return 0;
+}
+
+int vn_dev_set_coalescing(struct vn_dev *d, uint32_t delay_base_us, uint32_t iops_threshold)
+{
+    uint64_t ticks = (uint64_t)delay_base_us * vn_tick_rate() / 1000000u;
+    uint32_t threshold = (uint32_t)((uint64_t)iops_threshold * COALESCING_INTERVAL_MS / 1000u);
+    if (ticks >= UINT32_MAX) return -EINVAL;
+    if (threshold == 0) return -ERANGE;
+    struct coalescing_arg a = { d, ticks, threshold };
+    return vn_reactor_exec(d->reactor, dev_set_coalescing_on_reactor, &a);
 }
 
 struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx, int *err)
@@ -1374,10 +1455,12 @@ static int reactor_iteration(struct vn_reactor *r)
         work += d->ops->poll(d->ctx);
     }
     vn_iostat_flush(&r->clock);
+    uint64_t now = r->ncoalescing ? vn_ticks() | 1 : 0;
     for (int i = 0; i < r->nqueues; i++) {
         struct vn_vq *q = r->queues[i];
         vq_publish_used(q);
-        vq_signal(q);
+        /* A held-back signal is work: an interrupt-mode reactor must not sleep on it. */
+        work += vq_signal(q, now);
     }
     return work;
 }
@@ -1453,6 +1536,7 @@ struct vn_reactor *vn_reactor_new(int core, int interrupt_mode)
     if (!r) return NULL;
     r->core = core;
     r->interrupt_mode = interrupt_mode;
+    r->co_interval = vn_tick_rate() / (1000 / COALESCING_INTERVAL_MS);
     r->msg_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     r->epfd = epoll_create1(EPOLL_CLOEXEC);
     pthread_mutex_init(&r->lock, NULL);

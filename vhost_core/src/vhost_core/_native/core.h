@@ -86,6 +86,11 @@ struct vn_reactor;
 struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx, int *err);
 /* Detach from the reactor (all queues must be stopped) and free. */
 void vn_dev_free(struct vn_dev *d);
+/* Interrupt coalescing (SPDK's vhost_controller_set_coalescing): a queue whose
+ * request rate exceeds iops_threshold has its guest interrupts spaced by up to
+ * delay_base_us, in proportion to the excess (0: off).  -ERANGE: iops_threshold
+ * below 100 (SPDK's minimum); -EINVAL: delay_base_us too large. */
+int vn_dev_set_coalescing(struct vn_dev *d, uint32_t delay_base_us, uint32_t iops_threshold);
 
 /* ---- bdev descriptors (vhost_native.h) ---- */
 /* Open `bdev` on reactor r: its channel is made there and polled from then on.

@@ -172,7 +172,6 @@ def family_match(families: dict[str, str], method: str) -> str | None:
 #: SPDK methods this target does not implement yet, and what calling one answers.
 NOT_YET: dict[str, str] = {
     "bdev_set_qos_limit": "QoS rate limits are not implemented yet",
-    "vhost_controller_set_coalescing": "Interrupt coalescing is not implemented yet",
 }
 
 
