@@ -539,12 +539,40 @@ struct vn_dev {
     uint32_t co_threshold;
 };
 
+/* A bdev's QoS rate limits: one token bucket per limit (enum vn_qos_limit), shared by
+ * every descriptor of the bdev on every reactor.  Tokens are added from the reactors'
+ * per-iteration clock by whichever reactor finds time has passed (a CAS on `last`
+ * makes one of them add each interval), and taken with atomic adds; an I/O passes
+ * while a bucket holds any token, so a large one may take it below zero and the next
+ * ones wait for the debt (SPDK's behaviour). */
+struct qos_bucket {
+    _Atomic int64_t tokens;
+    _Atomic uint64_t last;      /* time up to which tokens were added */
+    _Atomic uint64_t rate;      /* per second; 0: no limit */
+    _Atomic int64_t burst;      /* most tokens held (QOS_BURST_MS of the rate) */
+};
+
+struct vn_qos {
+    struct qos_bucket b[VN_QOS_LIMITS];
+    uint64_t tick_rate;
+};
+
+/* Tokens a bucket holds at most: enough for an interrupt-mode reactor's 1 ms naps
+ * never to cost throughput, little enough that a capped guest bursts for 10 ms at most. */
+#define QOS_BURST_MS 10
+
 /* A descriptor as the core keeps it: the public part first. */
 struct core_desc {
     vn_bdev_desc d;
     struct vn_reactor *r;
     int (*poll)(void *bdev_ctx, void *chan);   /* the channel's poller, or NULL */
     int listed;                 /* on the reactor's lists */
+    /* QoS: the bdev's limits (NULL: none) and the I/O held back, oldest first, linked
+     * through their driver_ctx; `waiting`: on the reactor's list of such descriptors. */
+    struct vn_qos *qos;
+    vn_bdev_io *qhead, *qtail;
+    uint64_t held;              /* how many (read racily by the control plane) */
+    int waiting;
 };
 
 struct exec_msg {
@@ -580,6 +608,9 @@ struct vn_reactor {
     int ndescs;
     struct core_desc *polled_descs[REACTOR_MAX_DESCS];
     int npolled_descs;
+    /* Descriptors holding I/O back for QoS. */
+    struct core_desc *qos_waiting[REACTOR_MAX_DESCS];
+    int nqos_waiting;
     struct vn_iostat_clock clock;
     /* Devices with interrupt coalescing on: the iteration reads the clock for them. */
     int ncoalescing;
@@ -1314,6 +1345,191 @@ void vn_dev_free(struct vn_dev *d)
 }
 
 /* ------------------------------------------------------------------ */
+/* QoS rate limits (bdev_set_qos_limit)                                */
+/* ------------------------------------------------------------------ */
+
+static void qos_refill(struct qos_bucket *b, uint64_t rate, uint64_t now, uint64_t tick_rate)
+{
+    uint64_t last = atomic_load_explicit(&b->last, memory_order_relaxed);
+    if (now <= last) return;
+    uint64_t dt = now - last;
+    int64_t burst = atomic_load_explicit(&b->burst, memory_order_relaxed);
+    unsigned __int128 add = (unsigned __int128)rate * dt / tick_rate;
+    if (add == 0) return;   /* not one token yet: the time stays for the next look */
+    uint64_t used = dt;
+    if (add > (unsigned __int128)burst) {
+        add = (uint64_t)burst;          /* idle for long: full, and the clock restarts */
+    } else {
+        /* Only the time those whole tokens took is used up: no rounding is lost. */
+        unsigned __int128 t = ((unsigned __int128)add * tick_rate + rate - 1) / rate;
+        if (t < dt) used = (uint64_t)t;
+    }
+    if (!atomic_compare_exchange_strong_explicit(&b->last, &last, last + used, memory_order_relaxed,
+                                                 memory_order_relaxed))
+        return;                         /* another reactor added them */
+    int64_t t = atomic_fetch_add_explicit(&b->tokens, (int64_t)add, memory_order_relaxed) + (int64_t)add;
+    while (t > burst && !atomic_compare_exchange_weak_explicit(&b->tokens, &t, burst, memory_order_relaxed,
+                                                               memory_order_relaxed)) {
+    }
+}
+
+/* Whether `io` may go to the bdev now (and if so, its tokens are taken).  Only reads
+ * and writes are limited, as in SPDK; other I/O waits only behind held-back I/O. */
+static int qos_admit(struct vn_qos *q, vn_bdev_io *io, uint32_t block_size, uint64_t now)
+{
+    if (io->type != VN_IO_READ && io->type != VN_IO_WRITE) return 1;
+    const int which[3] = { VN_QOS_RW_IOS, VN_QOS_RW_BYTES, io->type == VN_IO_WRITE ? VN_QOS_W_BYTES
+                                                                                     : VN_QOS_R_BYTES };
+    uint64_t rates[3];
+    for (int i = 0; i < 3; i++) {
+        struct qos_bucket *b = &q->b[which[i]];
+        rates[i] = atomic_load_explicit(&b->rate, memory_order_relaxed);
+        if (!rates[i]) continue;
+        if (atomic_load_explicit(&b->tokens, memory_order_relaxed) <= 0) {
+            qos_refill(b, rates[i], now, q->tick_rate);
+            if (atomic_load_explicit(&b->tokens, memory_order_relaxed) <= 0) return 0;
+        }
+    }
+    int64_t bytes = (int64_t)(io->num_blocks * block_size);
+    for (int i = 0; i < 3; i++) {
+        if (!rates[i]) continue;
+        struct qos_bucket *b = &q->b[which[i]];
+        atomic_fetch_sub_explicit(&b->tokens, i == 0 ? 1 : bytes, memory_order_relaxed);
+        qos_refill(b, rates[i], now, q->tick_rate);
+    }
+    return 1;
+}
+
+static inline vn_bdev_io *qos_next(vn_bdev_io *io)
+{
+    vn_bdev_io *n;
+    __builtin_memcpy(&n, io->driver_ctx, sizeof(n));
+    return n;
+}
+
+static inline void qos_set_next(vn_bdev_io *io, vn_bdev_io *n)
+{
+    __builtin_memcpy(io->driver_ctx, &n, sizeof(n));
+}
+
+/* vn_bdev_desc.qos_submit while the bdev has limits (or I/O is still held back):
+ * straight to the bdev when nothing waits and the tokens are there, else to the back
+ * of the descriptor's FIFO. */
+static void desc_qos_submit(vn_bdev_desc *d, vn_bdev_io *io)
+{
+    struct core_desc *c = (struct core_desc *)d;
+    if (!c->qhead && (!c->qos || qos_admit(c->qos, io, d->block_size, io->start_ticks))) {
+        d->bdev->ops->submit(d->bdev->ctx, d->chan, io);
+        return;
+    }
+    qos_set_next(io, NULL);
+    if (c->qtail) qos_set_next(c->qtail, io);
+    else c->qhead = io;
+    c->qtail = io;
+    c->held++;
+    if (!c->waiting) {
+        c->r->qos_waiting[c->r->nqos_waiting++] = c;
+        c->waiting = 1;
+    }
+}
+
+static void qos_unlist(struct core_desc *c)
+{
+    if (!c->waiting) return;
+    list_remove((void **)c->r->qos_waiting, &c->r->nqos_waiting, c);
+    c->waiting = 0;
+}
+
+/* Once per reactor iteration, before new requests: resubmit held-back I/O, oldest
+ * first, as far as the tokens go.  Returns the I/O submitted. */
+static int reactor_qos_resubmit(struct vn_reactor *r)
+{
+    int work = 0;
+    uint64_t now = vn_iostat_start(&r->clock);
+    for (int i = 0; i < r->nqos_waiting;) {
+        struct core_desc *c = r->qos_waiting[i];
+        while (c->qhead) {
+            vn_bdev_io *io = c->qhead;
+            if (c->qos && !qos_admit(c->qos, io, c->d.block_size, now)) break;
+            c->qhead = qos_next(io);
+            if (!c->qhead) c->qtail = NULL;
+            c->held--;
+            /* May complete inline, and the device submit more: that goes to the back. */
+            c->d.bdev->ops->submit(c->d.bdev->ctx, c->d.chan, io);
+            work++;
+        }
+        if (c->qhead) { i++; continue; }
+        r->qos_waiting[i] = r->qos_waiting[--r->nqos_waiting];
+        c->waiting = 0;
+        if (!c->qos) c->d.qos_submit = NULL;     /* limits gone and nothing left held back */
+    }
+    return work;
+}
+
+/* Fail the I/O a closing descriptor still holds back (it never reached the bdev). */
+static void qos_fail_held(struct core_desc *c)
+{
+    qos_unlist(c);
+    while (c->qhead) {
+        vn_bdev_io *io = c->qhead;
+        c->qhead = qos_next(io);
+        c->held--;
+        io->cb(io, -ENODEV);
+    }
+    c->qtail = NULL;
+}
+
+struct vn_qos *vn_qos_new(void)
+{
+    struct vn_qos *q = calloc(1, sizeof(*q));
+    if (q) q->tick_rate = vn_tick_rate();
+    return q;
+}
+
+void vn_qos_free(struct vn_qos *q) { free(q); }
+
+void vn_qos_set_limit(struct vn_qos *q, int which, uint64_t per_sec, uint64_t min_burst)
+{
+    struct qos_bucket *b = &q->b[which];
+    int64_t burst = (int64_t)(per_sec / (1000 / QOS_BURST_MS));
+    if (burst < (int64_t)min_burst) burst = (int64_t)min_burst;
+    uint64_t was = atomic_load(&b->rate);
+    atomic_store(&b->burst, burst);
+    if (per_sec && !was) {
+        /* Starts full, as SPDK's first timeslice. */
+        atomic_store(&b->last, vn_ticks());
+        atomic_store(&b->tokens, burst);
+    }
+    atomic_store(&b->rate, per_sec);
+}
+
+struct desc_qos_arg { struct core_desc *c; struct vn_qos *qos; };
+
+static int desc_set_qos_on_reactor(void *p)
+{
+    struct desc_qos_arg *a = p;
+    struct core_desc *c = a->c;
+    if (!c->d.bdev) return 0;
+    c->qos = a->qos;
+    /* Without limits the throttle stays until what it holds back is resubmitted. */
+    if (a->qos) c->d.qos_submit = desc_qos_submit;
+    else if (!c->qhead) c->d.qos_submit = NULL;
+    return 0;
+}
+
+void vn_desc_set_qos(vn_bdev_desc *d, struct vn_qos *qos)
+{
+    struct core_desc *c = (struct core_desc *)d;
+    struct desc_qos_arg a = { c, qos };
+    vn_reactor_exec(c->r, desc_set_qos_on_reactor, &a);
+}
+
+uint64_t vn_desc_qos_held(vn_bdev_desc *d)
+{
+    return __atomic_load_n(&((struct core_desc *)d)->held, __ATOMIC_RELAXED);
+}
+
+/* ------------------------------------------------------------------ */
 /* bdev descriptors                                                    */
 /* ------------------------------------------------------------------ */
 
@@ -1363,6 +1579,9 @@ static int desc_close_on_reactor(void *p)
     vn_bdev *b = c->d.bdev;
     if (!b) return 0;
     c->d.closing = 1;
+    qos_fail_held(c);
+    c->qos = NULL;
+    c->d.qos_submit = NULL;
     if (c->d.in_flight) return (int)(c->d.in_flight > INT32_MAX ? INT32_MAX : c->d.in_flight);
     if (c->d.chan && b->ops->channel_destroy) b->ops->channel_destroy(b->ctx, c->d.chan);
     c->d.chan = NULL;
@@ -1444,6 +1663,7 @@ static int reactor_iteration(struct vn_reactor *r)
 {
     int work = 0;
     reactor_handle_msgs(r);
+    if (__builtin_expect(r->nqos_waiting != 0, 0)) work += reactor_qos_resubmit(r);
     for (int i = 0; i < r->nqueues; i++)
         work += vq_process(r->queues[i]);
     for (int i = 0; i < r->npolled_descs; i++) {

@@ -108,6 +108,22 @@ void vn_desc_reset_iostat_maxmin(vn_bdev_desc *d);
 /* A resized bdev: its size for every reactor from now on. */
 void vn_bdev_set_num_blocks(vn_bdev *b, uint64_t num_blocks);
 
+/* ---- QoS rate limits (bdev_set_qos_limit) ---- */
+/* One per bdev with limits, shared by all its descriptors on every reactor. */
+enum vn_qos_limit { VN_QOS_RW_IOS = 0, VN_QOS_RW_BYTES = 1, VN_QOS_R_BYTES = 2, VN_QOS_W_BYTES = 3,
+                    VN_QOS_LIMITS = 4 };
+struct vn_qos;
+struct vn_qos *vn_qos_new(void);
+/* Free once no descriptor uses it any more. */
+void vn_qos_free(struct vn_qos *q);
+/* Set one limit, per second (I/Os or bytes; 0: none); `min_burst`: the fewest tokens
+ * the bucket may hold (1 I/O, 512 bytes). */
+void vn_qos_set_limit(struct vn_qos *q, int which, uint64_t per_sec, uint64_t min_burst);
+/* Throttle the descriptor's I/O by `q` (NULL: no more; what is held back goes on). */
+void vn_desc_set_qos(vn_bdev_desc *d, struct vn_qos *q);
+/* I/O the descriptor holds back right now (read racily). */
+uint64_t vn_desc_qos_held(vn_bdev_desc *d);
+
 /* ---- reactors ---- */
 struct vn_reactor *vn_reactor_new(int core, int interrupt_mode);
 int vn_reactor_start(struct vn_reactor *r);

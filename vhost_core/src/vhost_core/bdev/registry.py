@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from vhost_core.errors import VhostError
-from vhost_core.bdev.interface import Bdev
+from vhost_core.bdev.interface import QOS_LIMITS, Bdev
 from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
 from vhost_core.log import get_logger, notice
 
@@ -37,6 +37,9 @@ log = get_logger("bdev")
 CLOSE_TIMEOUT_S = 30.0
 #: How often that wait looks again.
 CLOSE_POLL_S = 0.001
+#: Native QoS state of bdevs deleted while I/O was stuck in them: a stuck descriptor
+#: may still look at it, so it is never freed.
+_LEAKED_QOS: list[Any] = []
 
 Callback = Callable[["BdevDescriptor"], None]
 
@@ -223,7 +226,36 @@ class BdevRegistry:
         except OSError as exc:
             raise VhostError(exc.errno or errno.EIO, str(exc.strerror or exc)) from None
         bdev.descriptors.append(desc)
+        if desc._native is not None and any(bdev.qos_limits.values()):
+            from vhost_core.native import lib
+
+            lib.vn_desc_set_qos(desc._native, bdev.qos_native)
         return desc
+
+    def set_qos(self, name: str, limits: dict[str, int]) -> dict[str, int]:
+        """Set some of ``bdev_set_qos_limit``'s limits (SPDK's units: IOPS, MiB/s; 0
+        clears one; absent ones stay) on bdev ``name``: every descriptor of it, on every
+        reactor, throttles through one shared set of token buckets.  Returns the limits
+        now in force."""
+        from vhost_core.native import ffi, lib
+
+        bdev = self.get(name)
+        new = {**bdev.qos_limits, **limits}
+        if bdev.qos_native is None and any(new.values()):
+            q = lib.vn_qos_new()
+            if q == ffi.NULL:
+                raise VhostError(errno.ENOMEM, f"bdev '{name}': no memory for its QoS state")
+            bdev.qos_native = ffi.gc(q, lib.vn_qos_free)
+        if bdev.qos_native is not None:
+            for i, key in enumerate(QOS_LIMITS):
+                per_sec = new[key] if i == 0 else new[key] << 20
+                lib.vn_qos_set_limit(bdev.qos_native, i, per_sec, 1 if i == 0 else 512)
+            on = bdev.qos_native if any(new.values()) else ffi.NULL
+            for desc in bdev.descriptors:
+                if desc._native is not None and not desc.closed:
+                    lib.vn_desc_set_qos(desc._native, on)
+        bdev.qos_limits = new
+        return dict(new)
 
     def resize(self, name: str, num_blocks: int) -> None:
         """The bdev's module changed its size: every reactor and every device learns it."""
@@ -263,6 +295,7 @@ class BdevRegistry:
             desc.close()
         del self._bdevs[bdev.name]
         if any(desc.stuck for desc in opened):
+            _LEAKED_QOS.append(bdev.qos_native)
             log.error("bdev %s: deleted with I/O that never completed; its memory is not freed", name)
             return
         if bdev.drain is not None:

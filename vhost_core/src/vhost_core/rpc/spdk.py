@@ -170,9 +170,7 @@ def family_match(families: dict[str, str], method: str) -> str | None:
 
 
 #: SPDK methods this target does not implement yet, and what calling one answers.
-NOT_YET: dict[str, str] = {
-    "bdev_set_qos_limit": "QoS rate limits are not implemented yet",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def ignored_params_class(method: str, spec: Ignored) -> type:
