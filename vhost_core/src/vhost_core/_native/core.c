@@ -557,9 +557,10 @@ struct vn_qos {
     uint64_t tick_rate;
 };
 
-/* Tokens a bucket holds at most: enough for an interrupt-mode reactor's 1 ms naps
- * never to cost throughput, little enough that a capped guest bursts for 10 ms at most. */
-#define QOS_BURST_MS 10
+/* Tokens a bucket holds at most (the rate over this many ms): a reactor that was not
+ * scheduled for a while (a busy host) catches up instead of losing the time, and a
+ * guest that was idle gets at most this much at full speed before the limit bites. */
+#define QOS_BURST_MS 100
 
 /* A descriptor as the core keeps it: the public part first. */
 struct core_desc {
