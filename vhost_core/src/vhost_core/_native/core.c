@@ -1216,6 +1216,9 @@ int vn_vq_start(struct vn_vq *q)
     q->broken = NULL;
     q->used_dirty = 0;
     q->need_signal = 0;
+    /* Coalescing measures the new session afresh. */
+    q->co_next_check = q->co_next_event = q->co_delay = 0;
+    q->co_reqs_at_check = q->stat_requests;
     return vn_reactor_exec(q->dev->reactor, vq_start_on_reactor, q);
 }
 
