@@ -263,13 +263,13 @@ class QosLimitParams:
     rw_ios_per_sec: int | None = param(None, "--rw_ios_per_sec", "--rw-ios-per-sec",
                                        help="R/W IOs per second limit (>=1000, example: 20000). 0 means unlimited.")
     rw_mbytes_per_sec: int | None = param(None, "--rw_mbytes_per_sec", "--rw-mbytes-per-sec",
-                                          help="R/W megabytes per second limit (>=10, example: 100). "
+                                          help="R/W megabytes per second limit (>=1, example: 100). "
                                                "0 means unlimited.")
     r_mbytes_per_sec: int | None = param(None, "--r_mbytes_per_sec", "--r-mbytes-per-sec",
-                                         help="Read megabytes per second limit (>=10, example: 100). "
+                                         help="Read megabytes per second limit (>=1, example: 100). "
                                               "0 means unlimited.")
     w_mbytes_per_sec: int | None = param(None, "--w_mbytes_per_sec", "--w-mbytes-per-sec",
-                                         help="Write megabytes per second limit (>=10, example: 100). "
+                                         help="Write megabytes per second limit (>=1, example: 100). "
                                               "0 means unlimited.")
 
 
