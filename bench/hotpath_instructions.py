@@ -53,7 +53,7 @@ def measure(vhost: str, rw: str, qd: int, ios: int, qos: str = "") -> float:
              "--dump-instr=no", vhost, "-S", tmp, "-m", "0x1", "-r", rpc_sock, "--interrupt-mode"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 600    # valgrind starts Python slowly on a busy machine
             while True:
                 try:
                     rpc(vhost, rpc_sock, "spdk_get_version")

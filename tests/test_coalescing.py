@@ -80,9 +80,8 @@ def test_coalescing_batches_interrupts_of_a_busy_queue(blk):
         elapsed = _paced_reads(dev, 2000)
         coalesced = _signals(vq)
         stats1 = d.rpc("vhost_get_queue_stats", ctrlr="vhost.0")[0]["interrupts"]
-        # Under load, far fewer interrupts than each completion's own: about one per delay.
-        # (Not exactly: a 10 ms period in which this Python front-end stalled measures a
-        # rate under the threshold, and the next period's completions are not delayed.)
+        # Under load, far fewer interrupts than each completion's own: one per delay at most.
+        assert coalesced <= elapsed / (DELAY_US / 1e6) + 3, (coalesced, elapsed, plain)
         assert coalesced * 4 < plain, (coalesced, elapsed, plain)
         assert stats1 - stats0 >= coalesced
 

@@ -706,30 +706,27 @@ static void vq_publish_used(struct vn_vq *q)
 
 /*
  * Interrupt coalescing, SPDK's semantics (lib/vhost): every COALESCING_INTERVAL_MS the
- * queue's request count over the period is compared with the threshold; above it, the
- * guest's interrupts are spaced delay_base * (count - threshold) / threshold apart (at
- * most delay_base), so that one interrupt reports a batch of completions.  Returns
- * whether the signal must wait (the completions stay published in the used ring).
+ * queue's request count since the delay was last set is compared with the threshold;
+ * above it, the guest's interrupts are spaced delay_base * (count - threshold) /
+ * threshold apart from then on (at most delay_base), so that one interrupt reports a
+ * batch of completions.  At or under it, the delay stays and the count carries on into
+ * the next period (a front-end that stalls for a moment does not turn coalescing off).
+ * Returns whether the signal must wait (the completions stay published in the used ring).
  */
 static int vq_coalesce(struct vn_vq *q, uint64_t now)
 {
     struct vn_dev *d = q->dev;
     if (now >= q->co_next_check) {
-        uint64_t period = d->reactor->co_interval;
+        q->co_next_check = now + d->reactor->co_interval;
         uint64_t n = q->stat_requests - q->co_reqs_at_check;
-        /* A queue that was idle for longer: its rate over the time that passed. */
-        if (q->co_next_check && now - q->co_next_check > period)
-            n = n * period / (now - q->co_next_check + period);
-        q->co_reqs_at_check = q->stat_requests;
-        q->co_next_check = now + period;
-        uint64_t delay = 0;
         if (n > d->co_threshold) {
-            delay = d->co_delay_base * (n - d->co_threshold) / d->co_threshold;
+            uint64_t delay = d->co_delay_base * (n - d->co_threshold) / d->co_threshold;
             if (delay > d->co_delay_base) delay = d->co_delay_base;
+            q->co_reqs_at_check = q->stat_requests;
+            /* A shorter delay than the one the last signal started applies at once. */
+            if (delay < q->co_delay && q->co_next_event > now + delay) q->co_next_event = now + delay;
+            q->co_delay = delay;
         }
-        /* A shorter delay than the one the last signal started applies at once. */
-        if (delay < q->co_delay && q->co_next_event > now + delay) q->co_next_event = now + delay;
-        q->co_delay = delay;
     }
     return now < q->co_next_event;
 }
