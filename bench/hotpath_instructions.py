@@ -11,6 +11,18 @@ writes at QD1 and QD32, and the script prints instructions per request.
 
     bench/hotpath_instructions.py --build old=/path/old/.venv/bin/vhost \\
                                   --build new=.venv/bin/vhost
+
+A build may name a QoS setup after '@' (targets with bdev_set_qos_limit only), to show what
+QoS checks cost the measured, uncapped bdev:
+
+    @neighbour  a second null bdev on the same reactor, with its own controller, is capped
+                (rw_ios_per_sec 1000): the measured bdev has no limit
+    @unreached  the measured bdev itself is capped far above what the run reaches
+                (rw_ios_per_sec 100000000): every request goes through the token bucket
+
+    bench/hotpath_instructions.py --build before=/tmp/old/.venv/bin/vhost --build after=.venv/bin/vhost \\
+                                  --build after+neighbour=.venv/bin/vhost@neighbour \\
+                                  --build after+unreached=.venv/bin/vhost@unreached
 """
 from __future__ import annotations
 
@@ -32,7 +44,7 @@ def rpc(vhost: str, sock: str, *args: str) -> str:
     return subprocess.run([rpc_cmd, "-s", sock, *args], check=True, capture_output=True, text=True).stdout
 
 
-def measure(vhost: str, rw: str, qd: int, ios: int) -> float:
+def measure(vhost: str, rw: str, qd: int, ios: int, qos: str = "") -> float:
     with tempfile.TemporaryDirectory() as tmp:
         rpc_sock = os.path.join(tmp, "rpc.sock")
         out = os.path.join(tmp, "cg.out")
@@ -41,8 +53,7 @@ def measure(vhost: str, rw: str, qd: int, ios: int) -> float:
              "--dump-instr=no", vhost, "-S", tmp, "-m", "0x1", "-r", rpc_sock, "--interrupt-mode"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            # Python under valgrind starts slowly, more so on a busy machine.
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + 600    # valgrind starts Python slowly on a busy machine
             while True:
                 try:
                     rpc(vhost, rpc_sock, "spdk_get_version")
@@ -53,6 +64,14 @@ def measure(vhost: str, rw: str, qd: int, ios: int) -> float:
                     time.sleep(0.5)
             rpc(vhost, rpc_sock, "bdev_null_create", "Null0", "64", "512")
             rpc(vhost, rpc_sock, "vhost_create_blk_controller", "vhost.0", "Null0")
+            if qos == "neighbour":
+                rpc(vhost, rpc_sock, "bdev_null_create", "Null1", "64", "512")
+                rpc(vhost, rpc_sock, "vhost_create_blk_controller", "vhost.1", "Null1")
+                rpc(vhost, rpc_sock, "bdev_set_qos_limit", "Null1", "--rw_ios_per_sec", "1000")
+            elif qos == "unreached":
+                rpc(vhost, rpc_sock, "bdev_set_qos_limit", "Null0", "--rw_ios_per_sec", "100000000")
+            elif qos:
+                raise SystemExit(f"unknown QoS setup '{qos}': use neighbour or unreached")
             subprocess.run([str(LOADGEN), "--socket", os.path.join(tmp, "vhost.0"), "--rw", rw, "--qd", str(qd),
                             "--ios", str(ios), "--time", "600", "--warmup", "0", "--no-call"],
                            check=True, capture_output=True, timeout=900)
@@ -83,7 +102,8 @@ def main() -> None:
     for rw, qd in (("randread", 1), ("randread", 32), ("randwrite", 1), ("randwrite", 32)):
         row = [f"{rw} QD{qd}"]
         for _name, vhost in builds:
-            row.append(f"{measure(vhost, rw, qd, args.ios):.0f}")
+            path, _, qos = vhost.partition("@")
+            row.append(f"{measure(path, rw, qd, args.ios, qos):.0f}")
         rows.append(row)
     print("| workload | " + " | ".join(n for n, _ in builds) + " |")
     print("|---|" + "---:|" * len(builds))

@@ -94,8 +94,8 @@ def section() -> str:
         by_why[spec.why].append(f"`{m}`")
     lines += ["", "Accepted and ignored, with one NOTICE each (options of subsystems without a meaning "
               "here): " + "; ".join(f"{', '.join(ms)} ({why})" for why, ms in by_why.items()) + "."]
-    lines += ["", "Not implemented yet: " + ", ".join(f"`{m}`" for m in sorted(NOT_YET))
-              + "; one bdev serving several controllers at once."]
+    if NOT_YET:
+        lines += ["", "Not implemented yet: " + ", ".join(f"`{m}`" for m in sorted(NOT_YET)) + "."]
     missing: dict[str, list[str]] = defaultdict(list)
     for method in sorted(spdk - served - set(NOT_YET)):
         missing[_family(method)].append(method)

@@ -5,13 +5,9 @@ two malloc bdevs, an aio bdev, a vhost-scsi controller with two targets and two 
 What this target serves is created; options that mean nothing here are accepted with one NOTICE each;
 what it cannot create fails the load with an error naming it.
 
-NOT IMPLEMENTED YET (other sessions of issue 12 own them; they touch the data path and controllers):
-the file also sets a QoS limit on Malloc1 (bdev_set_qos_limit), interrupt coalescing on vhost.2
-(vhost_controller_set_coalescing), and lets vhost.2 share Malloc1 with the SCSI target of vhost.0.
-``test_spdk_v24_05_config_loads_unchanged`` is xfail(strict=True) until all three work: it will then
-pass (and strict makes that an error, so the mark gets removed).  Until then
-``test_what_is_not_implemented_yet_is_reported_precisely`` pins how the gaps are reported (delete it
-with the mark), and the other tests assert everything else, with ``--json-ignore-init-errors``.
+The file also sets a QoS limit on Malloc1 (bdev_set_qos_limit), interrupt coalescing on vhost.2
+(vhost_controller_set_coalescing), and lets the read-only vhost.2 share Malloc1 with the SCSI target
+of vhost.0: ``test_spdk_v24_05_config_loads_unchanged`` loads it without ``--json-ignore-init-errors``.
 """
 
 from __future__ import annotations
@@ -68,9 +64,6 @@ def errors(log: str) -> list[str]:
             if "*ERROR*: " in line and "start-up failed" not in line]
 
 
-@pytest.mark.xfail(strict=True, reason="QoS (bdev_set_qos_limit), interrupt coalescing "
-                                       "(vhost_controller_set_coalescing) and one bdev shared by two "
-                                       "controllers are not implemented yet (issue 12, other sessions)")
 def test_spdk_v24_05_config_loads_unchanged(spdk_config, tmp_path):
     with VhostDaemon(tmp_path, extra_args=("--json", str(spdk_config))) as d:
         (malloc1,) = d.rpc("bdev_get_bdevs", name="Malloc1")
@@ -84,15 +77,15 @@ def test_spdk_v24_05_config_loads_unchanged(spdk_config, tmp_path):
 
 @pytest.fixture(scope="module")
 def loaded(spdk_config, tmp_path_factory):
-    """The daemon that loaded SPDK's file, going on past what is not implemented yet."""
-    d = VhostDaemon(tmp_path_factory.mktemp("v2405"),
-                    extra_args=("--json", str(spdk_config), "--json-ignore-init-errors")).start()
+    """The daemon that loaded SPDK's file."""
+    d = VhostDaemon(tmp_path_factory.mktemp("v2405"), extra_args=("--json", str(spdk_config))).start()
     yield d
     assert d.stop() == 0
 
 
-def test_everything_else_of_the_spdk_config_is_served(loaded):
+def test_everything_of_the_spdk_config_is_served(loaded):
     d = loaded
+    assert errors(d.log()) == []
     bdevs = {b["name"]: b for b in d.rpc("bdev_get_bdevs")}
     assert set(bdevs) == {"Malloc0", "Malloc1", "Aio0"}
     for name, uuid in (("Malloc0", "edb1bcbf-3e8c-41b6-8744-971b3e1204f9"),
@@ -118,7 +111,7 @@ def test_each_ignored_option_gets_one_notice_naming_it(loaded):
         assert line.startswith(start) and why in line, line
 
 
-def test_what_spdk_saved_is_saved_again_and_reloads(loaded, tmp_path):
+def test_what_spdk_saved_is_saved_again_and_reloads(loaded, spdk_config, tmp_path):
     subsystems = [s["subsystem"] for s in loaded.rpc("framework_get_subsystems")]
     config = {"subsystems": [{"subsystem": s, "config": loaded.rpc("framework_get_config", name=s)}
                              for s in subsystems]}
@@ -129,26 +122,16 @@ def test_what_spdk_saved_is_saved_again_and_reloads(loaded, tmp_path):
         assert {b["uuid"] for b in d.rpc("bdev_get_bdevs")} == uuids
         assert ({c["ctrlr"]: c["backend_specific"] for c in d.rpc("vhost_get_controllers")}
                 == {c["ctrlr"]: c["backend_specific"] for c in loaded.rpc("vhost_get_controllers")})
+        # QoS and coalescing are saved too, in SPDK's places.
+        assert d.rpc("bdev_get_bdevs", name="Malloc1")[0]["assigned_rate_limits"]["rw_ios_per_sec"] == 20000
+        assert d.rpc("vhost_get_controllers", name="vhost.2")[0]["delay_base_us"] == 50
+        spdk = json.loads(spdk_config.read_text())
+        ours = {s["subsystem"]: s["config"] for s in config["subsystems"]}
+        theirs = {s["subsystem"]: s["config"] for s in spdk["subsystems"]}
+        assert ([e for e in ours["bdev"] if e["method"] == "bdev_set_qos_limit"]
+                == [e for e in theirs["bdev"] if e["method"] == "bdev_set_qos_limit"])
+        assert ours["vhost_blk"][-1] == theirs["vhost_blk"][-1]
         assert "*ERROR*" not in d.log()
-
-
-def test_what_is_not_implemented_yet_is_reported_precisely(loaded, spdk_config, tmp_path):
-    """Delete with the xfail mark above, once QoS, coalescing and shared bdevs work."""
-    source = str(spdk_config)
-    assert errors(loaded.log()) == [
-        f'{source}: bdev entry 6 (bdev_set_qos_limit name="Malloc1" rw_ios_per_sec=20000): Method not '
-        f"found: 'bdev_set_qos_limit'. QoS rate limits are not implemented yet in this target.",
-        f'{source}: vhost_blk entry 1 (vhost_create_blk_controller ctrlr="vhost.2" dev_name="Malloc1" '
-        f'cpumask="1" readonly=true transport="vhost_user_blk"): bdev \'Malloc1\' already serves '
-        f"controller 'vhost.0': one bdev serving several controllers (as SPDK allows) is not implemented yet",
-        f'{source}: vhost_blk entry 2 (vhost_controller_set_coalescing ctrlr="vhost.2" delay_base_us=50 '
-        f"iops_threshold=60000): Method not found: 'vhost_controller_set_coalescing'. Interrupt coalescing "
-        f"is not implemented yet in this target.",
-    ]
-    # Without --json-ignore-init-errors the first one ends the start-up, as in SPDK.
-    rc, log = run_to_exit(tmp_path, "--json", source)
-    assert rc == 1
-    assert "start-up failed: " + errors(loaded.log())[0] in log
 
 
 def test_wait_for_rpc_applies_start_up_options_first_and_the_rest_at_framework_start_init(spdk_config,

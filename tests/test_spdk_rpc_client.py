@@ -155,6 +155,10 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     rpc.driven.update({"bdev_nvme_attach_controller", "bdev_nvme_detach_controller"})     # fails() above
     rpc.run("bdev_raid_set_options")
     rpc.run("framework_set_scheduler", "static")
+    # SPDK's v24.05 walkthrough: a read-only vhost-blk sharing Malloc0 with a SCSI target, QoS, coalescing.
+    assert rpc.run("vhost_create_blk_controller", "--cpumask", "0x1", "-r", "vhost.3", "Malloc0") == ""
+    rpc.run("bdev_set_qos_limit", "Malloc0", "--rw-ios-per-sec", "20000")
+    rpc.run("vhost_controller_set_coalescing", "vhost.3", "50", "60000")
 
     # --- listing, in SPDK's shapes
     bdevs = {b["name"]: b for b in rpc.json("bdev_get_bdevs")}
@@ -164,7 +168,11 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     assert bdevs["Aio0"]["num_blocks"] == (16 << 20) // 512
     assert rpc.json("bdev_get_bdevs", "-b", "Malloc1", "-t", "10")[0]["name"] == "Malloc1"
     ctrlrs = {c["ctrlr"]: c for c in rpc.json("vhost_get_controllers")}
-    assert set(ctrlrs) == {"vhost.0", "vhost.1", "vhost.2"}
+    assert set(ctrlrs) == {"vhost.0", "vhost.1", "vhost.2", "vhost.3"}
+    assert ctrlrs["vhost.3"]["backend_specific"]["block"] == {"readonly": True, "bdev": "Malloc0",
+                                                             "transport": "vhost_user_blk"}
+    assert (ctrlrs["vhost.3"]["delay_base_us"], ctrlrs["vhost.3"]["iops_threshold"]) == (50, 60000)
+    assert bdevs["Malloc0"]["assigned_rate_limits"]["rw_ios_per_sec"] == 20000
     assert all(c.keys() >= CTRLR_KEYS for c in ctrlrs.values())
     assert ctrlrs["vhost.1"]["backend_specific"]["block"]["bdev"] == "Malloc1"
     assert rpc.json("vhost_get_controllers", "-n", "vhost.0")[0]["backend_specific"]["scsi"][0]["luns"] == [
@@ -183,7 +191,7 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     assert [s["subsystem"] for s in subsystems] == ["bdev", "vhost_blk", "vhost_scsi"]
     assert all(s["depends_on"] == [] for s in subsystems)
     assert {c["method"] for c in rpc.json("framework_get_config", "bdev")} == {
-        "bdev_malloc_create", "bdev_aio_create", "bdev_null_create"}
+        "bdev_malloc_create", "bdev_aio_create", "bdev_null_create", "bdev_set_qos_limit"}
 
     # --- saving
     saved = rpc.json("save_config", methods=("framework_get_subsystems", "framework_get_config"))
@@ -200,7 +208,7 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     # --- deleting
     rpc.run("vhost_scsi_controller_remove_target", "vhost.0", "1")
     rpc.run("vhost_scsi_controller_remove_target", "vhost.2", "0")
-    for c in ("vhost.0", "vhost.1", "vhost.2"):
+    for c in ("vhost.0", "vhost.1", "vhost.2", "vhost.3"):
         rpc.run("vhost_delete_controller", c)
     rpc.run("bdev_malloc_delete", "Malloc0")
     rpc.run("bdev_malloc_delete", "Malloc1")
@@ -213,7 +221,12 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     assert {b["name"] for b in rpc.json("bdev_get_bdevs")} == set(bdevs)
     assert {c["ctrlr"] for c in rpc.json("vhost_get_controllers")} == set(ctrlrs)
     assert rpc.json("save_config") == saved
-    for c in ("vhost.0", "vhost.1", "vhost.2"):
+    # A vhost-scsi controller with targets is not deleted (SPDK: EBUSY): the targets go first.
+    out = rpc.fails("vhost_delete_controller", "vhost.0")
+    assert "SCSI target 1 is still present" in out and "vhost_scsi_controller_remove_target vhost.0 1" in out
+    rpc.run("vhost_scsi_controller_remove_target", "vhost.0", "1")
+    rpc.run("vhost_scsi_controller_remove_target", "vhost.2", "0")
+    for c in ("vhost.0", "vhost.1", "vhost.2", "vhost.3"):
         rpc.run("vhost_delete_controller", c)
     rpc.run("bdev_null_delete", "Null0")
     rpc.run("load_subsystem_config", stdin=json.dumps({"subsystem": "bdev", "config": [
@@ -249,7 +262,7 @@ def _seed_old_names(rpc: SpdkRpc) -> None:
     assert rpc.call("remove_vhost_controller", {"ctrlr": "old.0"}) is True
     assert rpc.call("construct_vhost_blk_controller", {"ctrlr": "old.1", "dev_name": "OldMalloc",
                                                        "cpumask": "0x1", "readonly": True}) is True
-    assert rpc.call("get_bdevs", {"name": "OldMalloc"})[0]["claimed"] is True
+    assert rpc.call("get_bdevs", {"name": "OldMalloc"})[0]["claimed"] is False     # opened, not claimed (SPDK)
     assert rpc.call("get_bdevs_iostat", {"name": "OldMalloc"})[0].keys() == {"tick_rate"}
     assert rpc.call("remove_vhost_controller", {"ctrlr": "old.1"}) is True
     assert rpc.call("delete_bdev", {"name": "OldMalloc"}) is True

@@ -44,7 +44,7 @@ def _run(tmp_path, source: str, *args: str, env: dict[str, str] | None = None) -
 
 
 def test_a_bdev_suite_without_recipe_or_without_dev_blk_fails(tmp_path):
-    out = _run(tmp_path, BDEV_SUITE, "-k", "round_trip or readonly or claimed",
+    out = _run(tmp_path, BDEV_SUITE, "-k", "round_trip or readonly or shared",
                env={"VHOST_DISABLE_PLUGINS": "dev_blk"})
     assert out.returncode == 1, out.stdout[-3000:]
     assert " passed" not in out.stdout.splitlines()[-1] and "skipped" not in out.stdout, out.stdout[-3000:]

@@ -356,6 +356,7 @@ def test_unmap_block_count_is_bounded_for_the_whole_list(scsi_daemon):
             r = dev.command(0, unmap(len(exact)), data_out=exact)
             assert (r.response, r.status) == (S_OK, GOOD), r
     finally:
+        d.rpc("vhost_scsi_controller_remove_target", ctrlr="vhost.u", scsi_target_num=0)
         d.rpc("vhost_delete_controller", ctrlr="vhost.u")
         d.rpc("bdev_null_delete", name="NullU")
 

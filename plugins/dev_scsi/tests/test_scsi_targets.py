@@ -84,7 +84,8 @@ def test_rpc_lifecycle_and_output_shapes(vhost_daemon):
     assert scsi_of(d) == [
         {"scsi_dev_num": 0, "id": 1, "target_name": "Target 0", "luns": [{"id": 0, "bdev_name": "Malloc1"}]},
         {"scsi_dev_num": 3, "id": 0, "target_name": "Target 3", "luns": [{"id": 0, "bdev_name": "Malloc0"}]}]
-    assert d.rpc("bdev_get_bdevs", name="Malloc0")[0]["claimed"] is True
+    # vhost opens bdevs, it does not claim them (SPDK's bdev_get_bdevs shows them unclaimed).
+    assert d.rpc("bdev_get_bdevs", name="Malloc0")[0]["claimed"] is False
 
     assert rpc_error(d, "vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=3,
                      bdev_name="Malloc2").code == -17                       # EEXIST
@@ -102,8 +103,10 @@ def test_rpc_lifecycle_and_output_shapes(vhost_daemon):
     e = rpc_error(d, "vhost_scsi_controller_add_target", ctrlr="vhost.b", scsi_target_num=0,
                   bdev_name="Malloc2")
     assert e.code == -22 and "not vhost-scsi" in e.message
-    assert rpc_error(d, "vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=1,
-                     bdev_name="Malloc9").code == -16                       # claimed by vhost.b
+    # A bdev another controller uses is shared, not refused (SPDK).
+    assert d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=1,
+                 bdev_name="Malloc9") == 1
+    d.rpc("vhost_scsi_controller_remove_target", ctrlr="vhost.0", scsi_target_num=1)
     for i in range(2, 8):
         assert d.rpc("vhost_scsi_controller_add_target", ctrlr="vhost.0", scsi_target_num=-1,
                      bdev_name=f"Malloc{i}") in (1, 2, 4, 5, 6, 7)
@@ -111,7 +114,6 @@ def test_rpc_lifecycle_and_output_shapes(vhost_daemon):
                      bdev_name="Malloc8").code == -28                       # ENOSPC
 
     assert d.rpc("vhost_scsi_controller_remove_target", ctrlr="vhost.0", scsi_target_num=3) is True
-    assert d.rpc("bdev_get_bdevs", name="Malloc0")[0]["claimed"] is False
     assert rpc_error(d, "vhost_scsi_controller_remove_target", ctrlr="vhost.0", scsi_target_num=3).code == -19
     assert 3 not in [t["scsi_dev_num"] for t in scsi_of(d)]
     # SPDK's old names.
@@ -127,9 +129,19 @@ def test_rpc_lifecycle_and_output_shapes(vhost_daemon):
     assert {"method": "vhost_scsi_controller_add_target",
             "params": {"ctrlr": "vhost.0", "scsi_target_num": 0, "bdev_name": "Malloc1"}} in config
     assert config[-1]["params"]["ctrlr"] == "vhost.1"
-    # Deleting the controller lets go of every bdev it held.
+    # A controller with targets is not deleted (SPDK: EBUSY); the error names the fix.
+    e = rpc_error(d, "vhost_delete_controller", ctrlr="vhost.0")
+    present = sorted(t["scsi_dev_num"] for t in scsi_of(d))
+    assert e.code == -16 and "still present" in e.message, e.message
+    assert all(f"vhost_scsi_controller_remove_target vhost.0 {n}" in e.message for n in present), e.message
+    assert "vhost.0" in d.rpc("vhost_get_controllers")[0]["ctrlr"]
+    for n in present:
+        d.rpc("vhost_scsi_controller_remove_target", ctrlr="vhost.0", scsi_target_num=n)
     d.rpc("vhost_delete_controller", ctrlr="vhost.0")
-    assert not any(b["claimed"] for b in d.rpc("bdev_get_bdevs") if b["name"] != "Malloc9")
+    # It let go of every bdev it held: deleting them tells no controller.
+    for i in range(9):
+        d.rpc("bdev_malloc_delete", name=f"Malloc{i}")
+    assert "was removed" not in d.log()
     assert "Traceback" not in d.log()
 
 

@@ -37,6 +37,11 @@ RECONNECT_WAIT_S = 5.0
 MAX_RETIRED = 2
 #: How often retired queues are checked for their late completions.
 REAP_INTERVAL_S = 0.1
+#: SPDK's interrupt coalescing defaults (off; the threshold shown is SPDK's).
+COALESCING_DEFAULT = (0, 60000)
+#: SPDK's limits: the rate is measured per 10 ms, so fewer than 100 IOPS is none at all.
+COALESCING_MIN_IOPS = 100
+COALESCING_MAX_DELAY_US = 1_000_000
 
 
 class Controller:
@@ -60,6 +65,8 @@ class Controller:
         self._retired: list[tuple[list, list]] = []
         self._reaper: threading.Thread | None = None
         self._teardown_deferred = False
+        #: (delay_base_us, iops_threshold): vhost_controller_set_coalescing.
+        self.coalescing = COALESCING_DEFAULT
         why = abi_mismatch(f"the {device.device_type} device type of controller {name}", native.ops)
         if why is not None:
             log.error("%s", why)
@@ -244,14 +251,42 @@ class Controller:
                         self._free_device()
                     return
 
+    # ------------------------------------------------------------ coalescing
+
+    def set_coalescing(self, delay_base_us: int, iops_threshold: int) -> None:
+        """Delay the guest's interrupts by up to ``delay_base_us`` on queues doing more
+        than ``iops_threshold`` requests per second (0: never delay)."""
+        if not 0 <= delay_base_us <= COALESCING_MAX_DELAY_US:
+            raise VhostError(errno.EINVAL, f"controller {self.name}: delay_base_us {delay_base_us} is out of "
+                                          f"range: use 0 (no coalescing) to {COALESCING_MAX_DELAY_US}")
+        if not COALESCING_MIN_IOPS <= iops_threshold <= 0xFFFFFFFF:
+            raise VhostError(errno.EINVAL, f"controller {self.name}: iops_threshold {iops_threshold} is too "
+                                          f"low: the rate is measured per 10 ms, use at least "
+                                          f"{COALESCING_MIN_IOPS} (SPDK's default is {COALESCING_DEFAULT[1]})")
+        rc = lib.vn_dev_set_coalescing(self.native_dev, delay_base_us, iops_threshold)
+        if rc < 0:
+            raise VhostError(-rc, f"controller {self.name}: cannot set coalescing delay_base_us={delay_base_us} "
+                                 f"iops_threshold={iops_threshold}: {os.strerror(-rc)}")
+        self.coalescing = (delay_base_us, iops_threshold)
+
+    def config_json(self) -> list[dict[str, Any]]:
+        """The calls that recreate this controller (save_config): the device's, then the
+        coalescing settings when they are not the default (as SPDK writes them)."""
+        calls = self.device.config_json()
+        if calls and self.coalescing[0]:
+            calls.append({"method": "vhost_controller_set_coalescing",
+                          "params": {"ctrlr": self.name, "delay_base_us": self.coalescing[0],
+                                     "iops_threshold": self.coalescing[1]}})
+        return calls
+
     # ------------------------------------------------------------ RPC view
 
     def to_json(self) -> dict[str, Any]:
         return {
             "ctrlr": self.name,
             "cpumask": format_mask(self.cpumask),
-            "delay_base_us": 0,
-            "iops_threshold": 60000,
+            "delay_base_us": self.coalescing[0],
+            "iops_threshold": self.coalescing[1],
             "socket": self.path,
             "sessions": [] if self.session is None else [{"vid": 0, "id": 0, "name": f"{self.name}s0",
                                                           "started": any(v.started for v in self.session.vrings)}],

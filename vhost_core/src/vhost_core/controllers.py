@@ -111,6 +111,10 @@ class ControllerRegistry:
         if ctrlr.session is not None and not force:
             raise VhostError(errno.EBUSY, f"controller '{name}' has a connected front-end (a running VM): "
                                          f"shut the VM down or unplug the device first, then delete it")
+        why = None if force else ctrlr.device.delete_refused()
+        if why is not None:
+            log.error("Controller %s: not deleted: %s", name, why)
+            raise VhostError(errno.EBUSY, f"controller '{name}' cannot be deleted: {why}")
         del self._ctrlrs[name]
         ctrlr.reactor.controllers.discard(name)
         ctrlr.close()

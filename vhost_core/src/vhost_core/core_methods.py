@@ -19,7 +19,7 @@ import attrs
 from vhost_core.errors import VhostError
 from vhost_core import __version__
 from vhost_core import log as logs
-from vhost_core.bdev.interface import Bdev
+from vhost_core.bdev.interface import QOS_LIMITS, Bdev
 from vhost_core.bdev.iostat import IoStat
 from vhost_core.commands import Cli, Command, CommandRegistry
 from vhost_core.log import get_logger, notice
@@ -257,6 +257,55 @@ def bdev_get_bdevs(app: App, p: GetBdevsParams) -> Any:
     return [app.bdevs.get(p.name).to_json()]
 
 
+@attrs.frozen
+class QosLimitParams:
+    name: str = param(help="Name of the bdev", metavar="bdev_name")
+    rw_ios_per_sec: int | None = param(None, "--rw_ios_per_sec", "--rw-ios-per-sec",
+                                       help="R/W IOs per second limit (>=1000, example: 20000). 0 means unlimited.")
+    rw_mbytes_per_sec: int | None = param(None, "--rw_mbytes_per_sec", "--rw-mbytes-per-sec",
+                                          help="R/W megabytes per second limit (>=1, example: 100). "
+                                               "0 means unlimited.")
+    r_mbytes_per_sec: int | None = param(None, "--r_mbytes_per_sec", "--r-mbytes-per-sec",
+                                         help="Read megabytes per second limit (>=1, example: 100). "
+                                              "0 means unlimited.")
+    w_mbytes_per_sec: int | None = param(None, "--w_mbytes_per_sec", "--w-mbytes-per-sec",
+                                         help="Write megabytes per second limit (>=1, example: 100). "
+                                              "0 means unlimited.")
+
+
+#: SPDK_BDEV_QOS_MIN_IOS_PER_SEC: IOPS limits are whole thousands (SPDK rounds up).
+QOS_IOPS_STEP = 1000
+#: SPDK_BDEV_QOS_MAX_MBYTES_PER_SEC: more would overflow the byte count.
+QOS_MAX_MBYTES = ((1 << 64) - 1) >> 20
+
+
+@CORE.command("bdev_set_qos_limit", params=QosLimitParams, cli=_SILENT)
+def bdev_set_qos_limit(app: App, p: QosLimitParams) -> bool:
+    """Set a bdev's QoS rate limits, enforced for every controller using it (0 clears one)."""
+    given = {k: getattr(p, k) for k in QOS_LIMITS if getattr(p, k) is not None}
+    if not given:
+        raise RpcError(INVALID_PARAMS, f"bdev_set_qos_limit {p.name}: no rate limits specified: give at least "
+                                       f"one of {', '.join(QOS_LIMITS)} (0 clears one)")
+    bdev = app.bdevs.get(p.name)
+    for key, value in list(given.items()):
+        if value < 0:
+            raise RpcError(INVALID_PARAMS, f"bdev_set_qos_limit {p.name}: {key} {value} is negative: "
+                                           f"give a limit, or 0 for none")
+        if key == "rw_ios_per_sec" and value % QOS_IOPS_STEP:
+            rounded = value + QOS_IOPS_STEP - value % QOS_IOPS_STEP
+            notice(log, "bdev %s: requested rw_ios_per_sec %d is not a multiple of %d: rounded up to %d",
+                   bdev.name, value, QOS_IOPS_STEP, rounded)
+            given[key] = rounded
+        elif key != "rw_ios_per_sec" and value > QOS_MAX_MBYTES:
+            notice(log, "bdev %s: requested %s %d would overflow: reset to %d", bdev.name, key, value,
+                   QOS_MAX_MBYTES)
+            given[key] = QOS_MAX_MBYTES
+    limits = app.bdevs.set_qos(p.name, given)
+    shown = ", ".join(f"{k}={v}" for k, v in limits.items() if v)
+    notice(log, "bdev %s: QoS rate limits %s", bdev.name, shown if shown else "cleared")
+    return True
+
+
 @CORE.command("bdev_wait_for_examine", cli=_SILENT)
 def bdev_wait_for_examine(app: App) -> bool:
     """Bdevs here are ready when created (nothing examines them): answers at once."""
@@ -343,6 +392,24 @@ def vhost_get_controllers(app: App, p: GetControllersParams) -> list[dict[str, A
 def vhost_delete_controller(app: App, p: CtrlrParams) -> bool:
     """Delete a vhost controller."""
     app.controllers.delete(p.ctrlr)
+    return True
+
+
+@attrs.frozen
+class CoalescingParams:
+    ctrlr: str = param(help="controller name")
+    delay_base_us: int = param(help="base delay time (us); 0 turns coalescing off")
+    iops_threshold: int = param(help="IOPS threshold when coalescing is enabled")
+
+
+@CORE.command("vhost_controller_set_coalescing", params=CoalescingParams, cli=_SILENT)
+def vhost_controller_set_coalescing(app: App, p: CoalescingParams) -> bool:
+    """Set interrupt coalescing: a queue doing more than iops_threshold requests per second
+    gets its interrupts delayed (up to delay_base_us) so that one reports several completions."""
+    ctrlr = app.controllers.get(p.ctrlr)
+    ctrlr.set_coalescing(p.delay_base_us, p.iops_threshold)
+    notice(log, "Controller %s: interrupt coalescing %s", p.ctrlr,
+           f"delay_base_us={p.delay_base_us} iops_threshold={p.iops_threshold}" if p.delay_base_us else "off")
     return True
 
 

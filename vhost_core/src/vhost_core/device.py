@@ -113,10 +113,10 @@ class DeviceContext:
 
     def open_bdev(self, name: str, *, on_remove: Callback | None = None,
                   on_resize: Callback | None = None) -> BdevDescriptor:
-        """Open bdev ``name`` on this controller's reactor and claim it for the controller
-        (see :meth:`BdevRegistry.open`).  ``desc.address`` is what the device's C half
-        submits through.  Descriptors still open after :meth:`Device.detach` are closed
-        by the core."""
+        """Open bdev ``name`` on this controller's reactor (see :meth:`BdevRegistry.open`):
+        shared, not claimed, so other controllers may open it too, as in SPDK.
+        ``desc.address`` is what the device's C half submits through.  Descriptors still
+        open after :meth:`Device.detach` are closed by the core."""
         desc = self._bdevs.open(name, self.name, reactor=self.reactor, on_remove=on_remove,
                                 on_resize=on_resize)
         self._descriptors = [d for d in self._descriptors if not d.closed] + [desc]
@@ -203,6 +203,12 @@ class Device:
         """Virtqueue ``index`` fetches nothing new, but requests are still in flight:
         complete those the device holds indefinitely (virtio-scsi event buffers) so
         that the queue drains.  Default: nothing."""
+
+    def delete_refused(self) -> str | None:
+        """Why ``vhost_delete_controller`` must refuse this controller now (EBUSY), worded
+        as the fix (SPDK refuses a vhost-scsi controller that still has targets); None
+        (the default): it may be deleted.  Daemon shutdown deletes regardless."""
+        return None
 
     def backend_specific(self) -> dict[str, Any]:
         """The ``backend_specific`` object of ``vhost_get_controllers``.  Default: {}."""

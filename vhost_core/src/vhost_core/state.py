@@ -104,13 +104,14 @@ class App:
         out: dict[str, list[dict]] = {"bdev": []}
         bdevs = list(self.bdevs)
         for module in self.bdev_modules:
-            out["bdev"].extend(module.config_json([b for b in bdevs if b.module == module.name]))
+            mine = [b for b in bdevs if b.module == module.name]
+            out["bdev"].extend(_with_qos(module.config_json(mine), mine))
         for dtype in self.device_types:
             out.setdefault(dtype.subsystem, [])
         for ctrlr in self.controllers:
             dtype = self.device_types.get(ctrlr.device.device_type)
             if dtype is not None:
-                out[dtype.subsystem].extend(ctrlr.device.config_json())
+                out[dtype.subsystem].extend(ctrlr.config_json())
         return out
 
     def call(self, method: str, params: dict | None = None) -> Any:
@@ -212,3 +213,21 @@ class App:
                 except Exception:
                     log.exception("bdev module %s failed to stop", module.name)
             self.reactors.stop()
+
+
+def _with_qos(calls: list[dict], bdevs: list) -> list[dict]:
+    """``calls`` with each limited bdev's ``bdev_set_qos_limit`` right after the call that
+    creates it, as SPDK writes them (non-zero limits only)."""
+    limited = {b.name: b for b in bdevs if any(b.qos_limits.values())}
+    out = []
+    for call in calls:
+        out.append(call)
+        bdev = limited.pop(call.get("params", {}).get("name"), None)
+        if bdev is not None:
+            out.append(_qos_call(bdev))
+    return out + [_qos_call(b) for b in limited.values()]
+
+
+def _qos_call(bdev) -> dict:
+    return {"method": "bdev_set_qos_limit",
+            "params": {"name": bdev.name, **{k: v for k, v in bdev.qos_limits.items() if v}}}

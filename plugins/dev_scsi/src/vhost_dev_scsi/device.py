@@ -203,6 +203,14 @@ class ScsiDevice(Device):
 
     # ------------------------------------------------------------ Device
 
+    def delete_refused(self) -> str | None:
+        if not self.targets:
+            return None
+        nums = sorted(self.targets)
+        fix = "; ".join(f"vhost_scsi_controller_remove_target {self.ctrlr_name} {n}" for n in nums)
+        return (f"SCSI target{'s' if len(nums) > 1 else ''} {', '.join(map(str, nums))} "
+                f"{'are' if len(nums) > 1 else 'is'} still present: remove the targets first ({fix})")
+
     def device_features(self) -> int:
         # CHANGE as SPDK: QEMU's vhost-user-scsi passes its own CHANGE bit through to
         # SET_FEATURES unmasked.  Offering it only permits PARAM_CHANGE events; we

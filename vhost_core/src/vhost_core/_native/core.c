@@ -51,6 +51,9 @@
 #define REACTOR_MAX_DEVS 256
 #define REACTOR_MAX_QUEUES 1024
 #define REACTOR_MAX_DESCS 1024
+/* Interrupt coalescing measures each queue's request rate over this period (SPDK's
+ * SPDK_VHOST_STATS_CHECK_INTERVAL_MS). */
+#define COALESCING_INTERVAL_MS 10
 
 struct vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 struct vring_avail { uint16_t flags; uint16_t idx; uint16_t ring[]; };
@@ -690,6 +693,10 @@ struct vn_vq {
     struct vn_log *log;
     int log_used;
     uint64_t log_used_gpa;
+    /* interrupt coalescing (vn_dev_set_coalescing): the rate period's end and the
+     * requests seen when it began, the current delay, and the earliest time of the
+     * next signal */
+    uint64_t co_next_check, co_reqs_at_check, co_delay, co_next_event;
     /* in-flight tracking */
     volatile struct ifl_queue *ifl;
     uint32_t ifl_capacity;
@@ -705,7 +712,34 @@ struct vn_dev {
     struct vn_reactor *reactor;
     const struct vn_device_ops *ops;
     void *ctx;
+    /* Interrupt coalescing: the delay base in ticks (0: off) and the threshold in
+     * requests per COALESCING_INTERVAL_MS. */
+    uint64_t co_delay_base;
+    uint32_t co_threshold;
 };
+
+/* A bdev's QoS rate limits: one token bucket per limit (enum vn_qos_limit), shared by
+ * every descriptor of the bdev on every reactor.  Tokens are added from the reactors'
+ * per-iteration clock by whichever reactor finds time has passed (a CAS on `last`
+ * makes one of them add each interval), and taken with atomic adds; an I/O passes
+ * while a bucket holds any token, so a large one may take it below zero and the next
+ * ones wait for the debt (SPDK's behaviour). */
+struct qos_bucket {
+    _Atomic int64_t tokens;
+    _Atomic uint64_t last;      /* time up to which tokens were added */
+    _Atomic uint64_t rate;      /* per second; 0: no limit */
+    _Atomic int64_t burst;      /* most tokens held (QOS_BURST_MS of the rate) */
+};
+
+struct vn_qos {
+    struct qos_bucket b[VN_QOS_LIMITS];
+    uint64_t tick_rate;
+};
+
+/* Tokens a bucket holds at most (the rate over this many ms): a reactor that was not
+ * scheduled for a while (a busy host) catches up instead of losing the time, and a
+ * guest that was idle gets at most this much at full speed before the limit bites. */
+#define QOS_BURST_MS 100
 
 /* A descriptor as the core keeps it: the public part first. */
 struct core_desc {
@@ -713,6 +747,12 @@ struct core_desc {
     struct vn_reactor *r;
     int (*poll)(void *bdev_ctx, void *chan);   /* the channel's poller, or NULL */
     int listed;                 /* on the reactor's lists */
+    /* QoS: the bdev's limits (NULL: none) and the I/O held back, oldest first, linked
+     * through their driver_ctx; `waiting`: on the reactor's list of such descriptors. */
+    struct vn_qos *qos;
+    vn_bdev_io *qhead, *qtail;
+    uint64_t held;              /* how many (read racily by the control plane) */
+    int waiting;
 };
 
 struct exec_msg {
@@ -748,7 +788,13 @@ struct vn_reactor {
     int ndescs;
     struct core_desc *polled_descs[REACTOR_MAX_DESCS];
     int npolled_descs;
+    /* Descriptors holding I/O back for QoS. */
+    struct core_desc *qos_waiting[REACTOR_MAX_DESCS];
+    int nqos_waiting;
     struct vn_iostat_clock clock;
+    /* Devices with interrupt coalescing on: the iteration reads the clock for them. */
+    int ncoalescing;
+    uint64_t co_interval;       /* COALESCING_INTERVAL_MS in ticks */
     int epoll_dirty;
     uint64_t loops, busy_loops, idle_ns, busy_ns;
 };
@@ -852,9 +898,40 @@ static void vq_publish_used(struct vn_vq *q)
     q->need_signal = 1;
 }
 
-static void vq_signal(struct vn_vq *q)
+/*
+ * Interrupt coalescing, SPDK's semantics (lib/vhost): every COALESCING_INTERVAL_MS the
+ * queue's request count since the delay was last set is compared with the threshold;
+ * above it, the guest's interrupts are spaced delay_base * (count - threshold) /
+ * threshold apart from then on (at most delay_base), so that one interrupt reports a
+ * batch of completions.  At or under it, the delay stays and the count carries on into
+ * the next period (a front-end that stalls for a moment does not turn coalescing off).
+ * Returns whether the signal must wait (the completions stay published in the used ring).
+ */
+static int vq_coalesce(struct vn_vq *q, uint64_t now)
 {
-    if (!q->need_signal) return;
+    struct vn_dev *d = q->dev;
+    if (now >= q->co_next_check) {
+        q->co_next_check = now + d->reactor->co_interval;
+        uint64_t n = q->stat_requests - q->co_reqs_at_check;
+        if (n > d->co_threshold) {
+            uint64_t delay = d->co_delay_base * (n - d->co_threshold) / d->co_threshold;
+            if (delay > d->co_delay_base) delay = d->co_delay_base;
+            q->co_reqs_at_check = q->stat_requests;
+            /* A shorter delay than the one the last signal started applies at once. */
+            if (delay < q->co_delay && q->co_next_event > now + delay) q->co_next_event = now + delay;
+            q->co_delay = delay;
+        }
+    }
+    return now < q->co_next_event;
+}
+
+/* Signal the guest if it wants to hear of new used entries.  `now`: the iteration's
+ * clock when the device coalesces interrupts (0 otherwise, or to signal at once).
+ * Returns 1 when a signal is held back by coalescing (the reactor must come back). */
+static int vq_signal(struct vn_vq *q, uint64_t now)
+{
+    if (!q->need_signal) return 0;
+    if (__builtin_expect(now != 0, 0) && q->dev->co_delay_base && vq_coalesce(q, now)) return 1;
     q->need_signal = 0;
     atomic_thread_fence(memory_order_seq_cst);
     int do_signal;
@@ -870,6 +947,7 @@ static void vq_signal(struct vn_vq *q)
         int rc = vn_fd_signal(q->call_fd);
         if (__builtin_expect(rc == 0, 1)) {
             q->stat_signals++;
+            if (__builtin_expect(now != 0, 0)) q->co_next_event = now + q->co_delay;
         } else {
             /* Never again on this fd: each attempt could stall the reactor. */
             q->call_fd = -1;
@@ -878,6 +956,7 @@ static void vq_signal(struct vn_vq *q)
                                            : "the call fd cannot be written (not an eventfd)");
         }
     }
+    return 0;
 }
 
 static void vq_complete(vn_req *req, uint32_t written)
@@ -1364,6 +1443,9 @@ int vn_vq_start(struct vn_vq *q)
     q->broken = NULL;
     q->used_dirty = 0;
     q->need_signal = 0;
+    /* Coalescing measures the new session afresh. */
+    q->co_next_check = q->co_next_event = q->co_delay = 0;
+    q->co_reqs_at_check = q->stat_requests;
     return vn_reactor_exec(q->dev->reactor, vq_start_on_reactor, q);
 }
 
@@ -1374,7 +1456,7 @@ static int vq_stopping_on_reactor(void *p)
     if (q->inflight == 0) {
         struct vn_reactor *r = q->dev->reactor;
         vq_publish_used(q);
-        vq_signal(q);
+        vq_signal(q, 0);
         for (int i = 0; i < r->nqueues; i++) {
             if (r->queues[i] == q) {
                 r->queues[i] = r->queues[--r->nqueues];
@@ -1431,7 +1513,38 @@ static int dev_detach_on_reactor(void *p)
     struct vn_reactor *r = d->reactor;
     list_remove((void **)r->devs, &r->ndevs, d);
     list_remove((void **)r->polled_devs, &r->npolled_devs, d);
+    if (d->co_delay_base) r->ncoalescing--;
+    d->co_delay_base = 0;
     return 0;
+}
+
+struct coalescing_arg { struct vn_dev *d; uint64_t delay_base; uint32_t threshold; };
+
+static int dev_set_coalescing_on_reactor(void *p)
+{
+    struct coalescing_arg *a = p;
+    struct vn_dev *d = a->d;
+    struct vn_reactor *r = d->reactor;
+    r->ncoalescing += (a->delay_base != 0) - (d->co_delay_base != 0);
+    d->co_delay_base = a->delay_base;
+    d->co_threshold = a->threshold;
+    for (int i = 0; i < r->nqueues; i++) {
+        struct vn_vq *q = r->queues[i];
+        if (q->dev != d) continue;
+        q->co_next_check = q->co_next_event = q->co_delay = 0;
+        q->co_reqs_at_check = q->stat_requests;
+    }
+    return 0;
+}
+
+int vn_dev_set_coalescing(struct vn_dev *d, uint32_t delay_base_us, uint32_t iops_threshold)
+{
+    uint64_t ticks = (uint64_t)delay_base_us * vn_tick_rate() / 1000000u;
+    uint32_t threshold = (uint32_t)((uint64_t)iops_threshold * COALESCING_INTERVAL_MS / 1000u);
+    if (ticks >= UINT32_MAX) return -EINVAL;
+    if (threshold == 0) return -ERANGE;
+    struct coalescing_arg a = { d, ticks, threshold };
+    return vn_reactor_exec(d->reactor, dev_set_coalescing_on_reactor, &a);
 }
 
 struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx, int *err)
@@ -1460,6 +1573,191 @@ void vn_dev_free(struct vn_dev *d)
     if (!d) return;
     vn_reactor_exec(d->reactor, dev_detach_on_reactor, d);
     free(d);
+}
+
+/* ------------------------------------------------------------------ */
+/* QoS rate limits (bdev_set_qos_limit)                                */
+/* ------------------------------------------------------------------ */
+
+static void qos_refill(struct qos_bucket *b, uint64_t rate, uint64_t now, uint64_t tick_rate)
+{
+    uint64_t last = atomic_load_explicit(&b->last, memory_order_relaxed);
+    if (now <= last) return;
+    uint64_t dt = now - last;
+    int64_t burst = atomic_load_explicit(&b->burst, memory_order_relaxed);
+    unsigned __int128 add = (unsigned __int128)rate * dt / tick_rate;
+    if (add == 0) return;   /* not one token yet: the time stays for the next look */
+    uint64_t used = dt;
+    if (add > (unsigned __int128)burst) {
+        add = (uint64_t)burst;          /* idle for long: full, and the clock restarts */
+    } else {
+        /* Only the time those whole tokens took is used up: no rounding is lost. */
+        unsigned __int128 t = ((unsigned __int128)add * tick_rate + rate - 1) / rate;
+        if (t < dt) used = (uint64_t)t;
+    }
+    if (!atomic_compare_exchange_strong_explicit(&b->last, &last, last + used, memory_order_relaxed,
+                                                 memory_order_relaxed))
+        return;                         /* another reactor added them */
+    int64_t t = atomic_fetch_add_explicit(&b->tokens, (int64_t)add, memory_order_relaxed) + (int64_t)add;
+    while (t > burst && !atomic_compare_exchange_weak_explicit(&b->tokens, &t, burst, memory_order_relaxed,
+                                                               memory_order_relaxed)) {
+    }
+}
+
+/* Whether `io` may go to the bdev now (and if so, its tokens are taken).  Only reads
+ * and writes are limited, as in SPDK; other I/O waits only behind held-back I/O. */
+static int qos_admit(struct vn_qos *q, vn_bdev_io *io, uint32_t block_size, uint64_t now)
+{
+    if (io->type != VN_IO_READ && io->type != VN_IO_WRITE) return 1;
+    const int which[3] = { VN_QOS_RW_IOS, VN_QOS_RW_BYTES, io->type == VN_IO_WRITE ? VN_QOS_W_BYTES
+                                                                                     : VN_QOS_R_BYTES };
+    uint64_t rates[3];
+    for (int i = 0; i < 3; i++) {
+        struct qos_bucket *b = &q->b[which[i]];
+        rates[i] = atomic_load_explicit(&b->rate, memory_order_relaxed);
+        if (!rates[i]) continue;
+        if (atomic_load_explicit(&b->tokens, memory_order_relaxed) <= 0) {
+            qos_refill(b, rates[i], now, q->tick_rate);
+            if (atomic_load_explicit(&b->tokens, memory_order_relaxed) <= 0) return 0;
+        }
+    }
+    int64_t bytes = (int64_t)(io->num_blocks * block_size);
+    for (int i = 0; i < 3; i++) {
+        if (!rates[i]) continue;
+        struct qos_bucket *b = &q->b[which[i]];
+        atomic_fetch_sub_explicit(&b->tokens, i == 0 ? 1 : bytes, memory_order_relaxed);
+        qos_refill(b, rates[i], now, q->tick_rate);
+    }
+    return 1;
+}
+
+static inline vn_bdev_io *qos_next(vn_bdev_io *io)
+{
+    vn_bdev_io *n;
+    __builtin_memcpy(&n, io->driver_ctx, sizeof(n));
+    return n;
+}
+
+static inline void qos_set_next(vn_bdev_io *io, vn_bdev_io *n)
+{
+    __builtin_memcpy(io->driver_ctx, &n, sizeof(n));
+}
+
+/* vn_bdev_desc.qos_submit while the bdev has limits (or I/O is still held back):
+ * straight to the bdev when nothing waits and the tokens are there, else to the back
+ * of the descriptor's FIFO. */
+static void desc_qos_submit(vn_bdev_desc *d, vn_bdev_io *io)
+{
+    struct core_desc *c = (struct core_desc *)d;
+    if (!c->qhead && (!c->qos || qos_admit(c->qos, io, d->block_size, io->start_ticks))) {
+        d->bdev->ops->submit(d->bdev->ctx, d->chan, io);
+        return;
+    }
+    qos_set_next(io, NULL);
+    if (c->qtail) qos_set_next(c->qtail, io);
+    else c->qhead = io;
+    c->qtail = io;
+    c->held++;
+    if (!c->waiting) {
+        c->r->qos_waiting[c->r->nqos_waiting++] = c;
+        c->waiting = 1;
+    }
+}
+
+static void qos_unlist(struct core_desc *c)
+{
+    if (!c->waiting) return;
+    list_remove((void **)c->r->qos_waiting, &c->r->nqos_waiting, c);
+    c->waiting = 0;
+}
+
+/* Once per reactor iteration, before new requests: resubmit held-back I/O, oldest
+ * first, as far as the tokens go.  Returns the I/O submitted. */
+static int reactor_qos_resubmit(struct vn_reactor *r)
+{
+    int work = 0;
+    uint64_t now = vn_iostat_start(&r->clock);
+    for (int i = 0; i < r->nqos_waiting;) {
+        struct core_desc *c = r->qos_waiting[i];
+        while (c->qhead) {
+            vn_bdev_io *io = c->qhead;
+            if (c->qos && !qos_admit(c->qos, io, c->d.block_size, now)) break;
+            c->qhead = qos_next(io);
+            if (!c->qhead) c->qtail = NULL;
+            c->held--;
+            /* May complete inline, and the device submit more: that goes to the back. */
+            c->d.bdev->ops->submit(c->d.bdev->ctx, c->d.chan, io);
+            work++;
+        }
+        if (c->qhead) { i++; continue; }
+        r->qos_waiting[i] = r->qos_waiting[--r->nqos_waiting];
+        c->waiting = 0;
+        if (!c->qos) c->d.qos_submit = NULL;     /* limits gone and nothing left held back */
+    }
+    return work;
+}
+
+/* Fail the I/O a closing descriptor still holds back (it never reached the bdev). */
+static void qos_fail_held(struct core_desc *c)
+{
+    qos_unlist(c);
+    while (c->qhead) {
+        vn_bdev_io *io = c->qhead;
+        c->qhead = qos_next(io);
+        c->held--;
+        io->cb(io, -ENODEV);
+    }
+    c->qtail = NULL;
+}
+
+struct vn_qos *vn_qos_new(void)
+{
+    struct vn_qos *q = calloc(1, sizeof(*q));
+    if (q) q->tick_rate = vn_tick_rate();
+    return q;
+}
+
+void vn_qos_free(struct vn_qos *q) { free(q); }
+
+void vn_qos_set_limit(struct vn_qos *q, int which, uint64_t per_sec, uint64_t min_burst)
+{
+    struct qos_bucket *b = &q->b[which];
+    int64_t burst = (int64_t)(per_sec / (1000 / QOS_BURST_MS));
+    if (burst < (int64_t)min_burst) burst = (int64_t)min_burst;
+    uint64_t was = atomic_load(&b->rate);
+    atomic_store(&b->burst, burst);
+    if (per_sec && !was) {
+        /* Starts full, as SPDK's first timeslice. */
+        atomic_store(&b->last, vn_ticks());
+        atomic_store(&b->tokens, burst);
+    }
+    atomic_store(&b->rate, per_sec);
+}
+
+struct desc_qos_arg { struct core_desc *c; struct vn_qos *qos; };
+
+static int desc_set_qos_on_reactor(void *p)
+{
+    struct desc_qos_arg *a = p;
+    struct core_desc *c = a->c;
+    if (!c->d.bdev) return 0;
+    c->qos = a->qos;
+    /* Without limits the throttle stays until what it holds back is resubmitted. */
+    if (a->qos) c->d.qos_submit = desc_qos_submit;
+    else if (!c->qhead) c->d.qos_submit = NULL;
+    return 0;
+}
+
+void vn_desc_set_qos(vn_bdev_desc *d, struct vn_qos *qos)
+{
+    struct core_desc *c = (struct core_desc *)d;
+    struct desc_qos_arg a = { c, qos };
+    vn_reactor_exec(c->r, desc_set_qos_on_reactor, &a);
+}
+
+uint64_t vn_desc_qos_held(vn_bdev_desc *d)
+{
+    return __atomic_load_n(&((struct core_desc *)d)->held, __ATOMIC_RELAXED);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1512,6 +1810,9 @@ static int desc_close_on_reactor(void *p)
     vn_bdev *b = c->d.bdev;
     if (!b) return 0;
     c->d.closing = 1;
+    qos_fail_held(c);
+    c->qos = NULL;
+    c->d.qos_submit = NULL;
     if (c->d.in_flight) return (int)(c->d.in_flight > INT32_MAX ? INT32_MAX : c->d.in_flight);
     if (c->d.chan && b->ops->channel_destroy) b->ops->channel_destroy(b->ctx, c->d.chan);
     c->d.chan = NULL;
@@ -1593,6 +1894,7 @@ static int reactor_iteration(struct vn_reactor *r)
 {
     int work = 0;
     reactor_handle_msgs(r);
+    if (__builtin_expect(r->nqos_waiting != 0, 0)) work += reactor_qos_resubmit(r);
     for (int i = 0; i < r->nqueues; i++)
         work += vq_process(r->queues[i]);
     for (int i = 0; i < r->npolled_descs; i++) {
@@ -1604,10 +1906,12 @@ static int reactor_iteration(struct vn_reactor *r)
         work += d->ops->poll(d->ctx);
     }
     vn_iostat_flush(&r->clock);
+    uint64_t now = r->ncoalescing ? vn_ticks() | 1 : 0;
     for (int i = 0; i < r->nqueues; i++) {
         struct vn_vq *q = r->queues[i];
         vq_publish_used(q);
-        vq_signal(q);
+        /* A held-back signal is work: an interrupt-mode reactor must not sleep on it. */
+        work += vq_signal(q, now);
     }
     return work;
 }
@@ -1683,6 +1987,7 @@ struct vn_reactor *vn_reactor_new(int core, int interrupt_mode)
     if (!r) return NULL;
     r->core = core;
     r->interrupt_mode = interrupt_mode;
+    r->co_interval = vn_tick_rate() / (1000 / COALESCING_INTERVAL_MS);
     r->msg_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     r->epfd = epoll_create1(EPOLL_CLOEXEC);
     pthread_mutex_init(&r->lock, NULL);

@@ -119,6 +119,11 @@ struct vn_reactor;
 struct vn_dev *vn_dev_new(struct vn_reactor *r, const struct vn_device_ops *ops, void *ctx, int *err);
 /* Detach from the reactor (all queues must be stopped) and free. */
 void vn_dev_free(struct vn_dev *d);
+/* Interrupt coalescing (SPDK's vhost_controller_set_coalescing): a queue whose
+ * request rate exceeds iops_threshold has its guest interrupts spaced by up to
+ * delay_base_us, in proportion to the excess (0: off).  -ERANGE: iops_threshold
+ * below 100 (SPDK's minimum); -EINVAL: delay_base_us too large. */
+int vn_dev_set_coalescing(struct vn_dev *d, uint32_t delay_base_us, uint32_t iops_threshold);
 
 /* ---- bdev descriptors (vhost_native.h) ---- */
 /* Open `bdev` on reactor r: its channel is made there and polled from then on.
@@ -135,6 +140,22 @@ void vn_desc_get_iostat(vn_bdev_desc *d, uint64_t *out);
 void vn_desc_reset_iostat_maxmin(vn_bdev_desc *d);
 /* A resized bdev: its size for every reactor from now on. */
 void vn_bdev_set_num_blocks(vn_bdev *b, uint64_t num_blocks);
+
+/* ---- QoS rate limits (bdev_set_qos_limit) ---- */
+/* One per bdev with limits, shared by all its descriptors on every reactor. */
+enum vn_qos_limit { VN_QOS_RW_IOS = 0, VN_QOS_RW_BYTES = 1, VN_QOS_R_BYTES = 2, VN_QOS_W_BYTES = 3,
+                    VN_QOS_LIMITS = 4 };
+struct vn_qos;
+struct vn_qos *vn_qos_new(void);
+/* Free once no descriptor uses it any more. */
+void vn_qos_free(struct vn_qos *q);
+/* Set one limit, per second (I/Os or bytes; 0: none); `min_burst`: the fewest tokens
+ * the bucket may hold (1 I/O, 512 bytes). */
+void vn_qos_set_limit(struct vn_qos *q, int which, uint64_t per_sec, uint64_t min_burst);
+/* Throttle the descriptor's I/O by `q` (NULL: no more; what is held back goes on). */
+void vn_desc_set_qos(vn_bdev_desc *d, struct vn_qos *q);
+/* I/O the descriptor holds back right now (read racily). */
+uint64_t vn_desc_qos_held(vn_bdev_desc *d);
 
 /* ---- reactors ---- */
 struct vn_reactor *vn_reactor_new(int core, int interrupt_mode);

@@ -37,6 +37,9 @@ import attrs
 
 from vhost_core.bdev.iostat import IoStat
 
+#: bdev_set_qos_limit's limits, in the order of ``enum vn_qos_limit`` (core.h).
+QOS_LIMITS = ("rw_ios_per_sec", "rw_mbytes_per_sec", "r_mbytes_per_sec", "w_mbytes_per_sec")
+
 #: I/O types in the order of ``enum vn_io_type``.
 IO_TYPES = ("read", "write", "flush", "unmap", "write_zeroes", "reset")
 
@@ -92,6 +95,11 @@ class Bdev:
     #: and what bdev_reset_iostat set aside.
     iostat_retired: IoStat = attrs.Factory(IoStat)
     iostat_base: IoStat | None = None
+    #: bdev_set_qos_limit: the limits in SPDK's units (IOPS, MiB/s), 0 = none; managed by
+    #: the registry (:meth:`BdevRegistry.set_qos <vhost_core.bdev.registry.BdevRegistry.set_qos>`).
+    qos_limits: dict[str, int] = attrs.Factory(lambda: dict.fromkeys(QOS_LIMITS, 0))
+    #: The native ``struct vn_qos`` the limits are enforced with (None until first set).
+    qos_native: Any = None
 
     @property
     def claimed_by(self) -> str | None:
@@ -114,8 +122,7 @@ class Bdev:
             "block_size": self.block_size,
             "num_blocks": self.num_blocks,
             "uuid": self.uuid,
-            "assigned_rate_limits": {"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0,
-                                     "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0},
+            "assigned_rate_limits": dict(self.qos_limits),
             "claimed": self.claimed_by is not None,
             "zoned": False,
             "supported_io_types": {

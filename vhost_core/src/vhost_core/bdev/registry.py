@@ -7,10 +7,13 @@ A device does not take a bdev, it opens it (SPDK's ``spdk_bdev_open_ext``)::
     ...  # hand desc.address to the device's C half, which submits through it
     desc.close()
 
-The descriptor is the device's claim on the bdev, its callbacks, and (with a reactor)
-the bdev's channel on that reactor, whose I/O the core counts and times.  ``close()``
+The descriptor is the device's use of the bdev, its callbacks, and (with a reactor)
+the bdev's channel on that reactor, whose I/O the core counts and times.  Opening does
+not claim: as in SPDK, any number of devices (a vhost-blk and a vhost-scsi target, two
+VMs sharing a read-only base image) may have one bdev open at once; only a module that
+builds on a bdev (``claim=True``) takes it exclusively.  ``close()``
 waits for the I/O in flight (with the control lock released), lets the channel go,
-releases the claim, drops the callbacks and folds the descriptor's counters into the
+releases a claim, drops the callbacks and folds the descriptor's counters into the
 bdev's (``bdev_get_iostat`` outlives it).  Deleting a bdev calls each descriptor's
 ``on_remove`` (the device fails new I/O and closes it), closes what is still open,
 then frees the bdev; :meth:`BdevRegistry.resize` calls each ``on_resize``.
@@ -25,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from vhost_core.errors import VhostError
-from vhost_core.bdev.interface import Bdev
+from vhost_core.bdev.interface import QOS_LIMITS, Bdev
 from vhost_core.bdev.iostat import WORDS as IOSTAT_WORDS, IoStat
 from vhost_core.log import get_logger, notice
 
@@ -35,6 +38,9 @@ log = get_logger("bdev")
 CLOSE_TIMEOUT_S = 30.0
 #: How often that wait looks again.
 CLOSE_POLL_S = 0.001
+#: Native QoS state of bdevs deleted while I/O was stuck in them: a stuck descriptor
+#: may still look at it, so it is never freed.
+_LEAKED_QOS: list[Any] = []
 
 Callback = Callable[["BdevDescriptor"], None]
 
@@ -191,33 +197,70 @@ class BdevRegistry:
                                           f"create it first, e.g. bdev_malloc_create")
         return bdev
 
-    def open(self, name: str, owner: str, *, reactor: Any = None, claim: bool = True,
+    def open(self, name: str, owner: str, *, reactor: Any = None, claim: bool = False,
              on_remove: Callback | None = None, on_resize: Callback | None = None) -> BdevDescriptor:
         """Open bdev ``name`` for ``owner`` (a controller name).
 
         :param reactor: the device's reactor: the bdev's channel is made there and the
             descriptor's ``address`` is what the device's C half submits through.
             None: a control-plane-only descriptor (callbacks and claim, no I/O).
-        :param claim: hold the bdev exclusively for ``owner`` (a bdev serves one
-            controller); a claim by another owner raises ``EBUSY``.
+        :param claim: hold the bdev exclusively for ``owner`` (SPDK's module claim, for
+            a module that builds on the bdev); False (devices): share it with every other
+            opener.  While another owner claims it, or when a claim is asked while others
+            have it open, ``EBUSY``.
         :param on_remove: ``cb(desc)`` when the bdev is being deleted: fail new I/O and
-            ``desc.close()`` (the registry closes what is left open after it).
-        :param on_resize: ``cb(desc)`` after ``desc.bdev.num_blocks`` changed.
+            ``desc.close()`` (the registry closes what is left open after it).  Every
+            opener's is called.
+        :param on_resize: ``cb(desc)`` after ``desc.bdev.num_blocks`` changed (every
+            opener's).
         """
         bdev = self.get(name)
         if bdev.deleting:
             raise VhostError(errno.EBUSY, f"bdev '{name}' is being deleted")
         holder = bdev.claimed_by
-        if claim and holder is not None and holder != owner:
-            raise VhostError(errno.EBUSY, f"bdev '{name}' is already claimed by controller "
-                                         f"'{holder}': a bdev serves one controller; "
-                                         f"create another bdev or delete that controller")
+        if holder is not None and holder != owner:
+            raise VhostError(errno.EBUSY, f"bdev '{name}' is claimed exclusively by '{holder}': "
+                                         f"open the bdev built on it instead, or delete '{holder}' first")
+        others = sorted({d.owner for d in bdev.descriptors if d.owner != owner})
+        if claim and others:
+            raise VhostError(errno.EBUSY, f"bdev '{name}' cannot be claimed by '{owner}': it is open by "
+                                         f"{', '.join(others)}; delete those controllers (or their "
+                                         f"targets) first")
         try:
             desc = BdevDescriptor(self, bdev, owner, reactor, claim, on_remove, on_resize)
         except OSError as exc:
             raise VhostError(exc.errno or errno.EIO, str(exc.strerror or exc)) from None
         bdev.descriptors.append(desc)
+        if desc._native is not None and any(bdev.qos_limits.values()):
+            from vhost_core.native import lib
+
+            lib.vn_desc_set_qos(desc._native, bdev.qos_native)
         return desc
+
+    def set_qos(self, name: str, limits: dict[str, int]) -> dict[str, int]:
+        """Set some of ``bdev_set_qos_limit``'s limits (SPDK's units: IOPS, MiB/s; 0
+        clears one; absent ones stay) on bdev ``name``: every descriptor of it, on every
+        reactor, throttles through one shared set of token buckets.  Returns the limits
+        now in force."""
+        from vhost_core.native import ffi, lib
+
+        bdev = self.get(name)
+        new = {**bdev.qos_limits, **limits}
+        if bdev.qos_native is None and any(new.values()):
+            q = lib.vn_qos_new()
+            if q == ffi.NULL:
+                raise VhostError(errno.ENOMEM, f"bdev '{name}': no memory for its QoS state")
+            bdev.qos_native = ffi.gc(q, lib.vn_qos_free)
+        if bdev.qos_native is not None:
+            for i, key in enumerate(QOS_LIMITS):
+                per_sec = new[key] if i == 0 else new[key] << 20
+                lib.vn_qos_set_limit(bdev.qos_native, i, per_sec, 1 if i == 0 else 512)
+            on = bdev.qos_native if any(new.values()) else ffi.NULL
+            for desc in bdev.descriptors:
+                if desc._native is not None and not desc.closed:
+                    lib.vn_desc_set_qos(desc._native, on)
+        bdev.qos_limits = new
+        return dict(new)
 
     def resize(self, name: str, num_blocks: int) -> None:
         """The bdev's module changed its size: every reactor and every device learns it."""
@@ -257,6 +300,7 @@ class BdevRegistry:
             desc.close()
         del self._bdevs[bdev.name]
         if any(desc.stuck for desc in opened):
+            _LEAKED_QOS.append(bdev.qos_native)
             log.error("bdev %s: deleted with I/O that never completed; its memory is not freed", name)
             return
         if bdev.drain is not None:

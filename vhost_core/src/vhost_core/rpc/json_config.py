@@ -14,7 +14,6 @@ load with an error naming the entry, unless ``--json-ignore-init-errors`` says t
 
 from __future__ import annotations
 
-import errno
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ import attrs
 from vhost_core.log import get_logger, notice
 
 from .registry import RpcError, RpcState
-from .spdk import ATTACHES_BDEV, IGNORED, SHARED_BDEV_NOT_YET
+from .spdk import IGNORED
 
 if TYPE_CHECKING:  # pragma: no cover
     from vhost_core.app import App
@@ -119,7 +118,7 @@ class JsonConfig:
             try:
                 self.app.call(e.method, e.params)
             except RpcError as exc:
-                self._fail(e, self._explain(e, exc))
+                self._fail(e, exc.message)
 
     def _missing(self, e: _Entry) -> None:
         ours = set(self.app.config_by_subsystem()) | _KNOWN_SUBSYSTEMS
@@ -127,15 +126,6 @@ class JsonConfig:
             notice(log, "Skipping %s: this target has no '%s' subsystem", e.method, e.subsystem)
             return
         self._fail(e, self.app.rpc.not_found(e.method).message)
-
-    def _explain(self, e: _Entry, exc: RpcError) -> str:
-        key = ATTACHES_BDEV.get(e.method)
-        if exc.code == -errno.EBUSY and key and e.params and isinstance(e.params.get(key), str):
-            name = e.params[key]
-            bdev = next((b for b in self.app.bdevs if b.name == name or name in b.aliases), None)
-            if bdev is not None and bdev.claimed_by is not None:
-                return f"bdev '{name}' already serves controller '{bdev.claimed_by}': {SHARED_BDEV_NOT_YET}"
-        return exc.message
 
     def _fail(self, e: _Entry, why: str) -> None:
         message = f"{e.describe(self.source)}: {why}"

@@ -171,20 +171,7 @@ def family_match(families: dict[str, str], method: str) -> str | None:
 
 
 #: SPDK methods this target does not implement yet, and what calling one answers.
-NOT_YET: dict[str, str] = {
-    "bdev_set_qos_limit": "QoS rate limits are not implemented yet",
-    "vhost_controller_set_coalescing": "Interrupt coalescing is not implemented yet",
-}
-
-#: Methods that attach a bdev to a controller, and the parameter naming the bdev: SPDK lets one
-#: bdev serve several controllers, this target does not yet.
-ATTACHES_BDEV: dict[str, str] = {
-    "vhost_create_blk_controller": "dev_name",
-    "construct_vhost_blk_controller": "dev_name",
-    "vhost_scsi_controller_add_target": "bdev_name",
-    "add_vhost_scsi_lun": "bdev_name",
-}
-SHARED_BDEV_NOT_YET = "one bdev serving several controllers (as SPDK allows) is not implemented yet"
+NOT_YET: dict[str, str] = {}
 
 
 def ignored_params_class(method: str, spec: Ignored) -> type:

@@ -38,7 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define VN_ABI_VERSION 2
+#define VN_ABI_VERSION 3
 
 /* Most descriptors one request may carry (data segments + header + status). */
 #define VN_MAX_IOV 260
@@ -106,7 +106,9 @@ struct vn_bdev_io {
     /* The core's (vn_desc_submit): the descriptor and the start of the I/O. */
     vn_bdev_desc *desc;
     uint64_t start_ticks;
-    uint8_t driver_ctx[128];    /* scratch space for the bdev module */
+    /* Scratch space for the bdev module (the core uses it while it holds the I/O
+     * back for a QoS rate limit, before the bdev sees it). */
+    uint8_t driver_ctx[128];
 };
 
 /*
@@ -263,6 +265,10 @@ struct vn_bdev_desc {
     int closing;                /* the bdev goes away or the device lets go of it */
     uint32_t block_size;        /* bdev->block_size, at hand for the accounting */
     struct vn_iostat iostat;    /* what completed successfully (bdev_get_iostat) */
+    /* The core's QoS throttle (bdev_set_qos_limit): NULL while the bdev has no rate
+     * limit (the submit path then costs one test); set, every I/O goes through it,
+     * and I/O over the limit waits in the descriptor's FIFO for tokens (never failed). */
+    void (*qos_submit)(vn_bdev_desc *d, vn_bdev_io *io);
 };
 
 /* Whether new I/O may be submitted (the bdev is open and not being closed). */
@@ -314,6 +320,10 @@ static inline void vn_desc_submit(vn_bdev_desc *d, vn_bdev_io *io, vn_bdev_io_cb
     io->desc = d;
     io->start_ticks = vn_iostat_start(d->clock);
     d->in_flight++;
+    if (__builtin_expect(d->qos_submit != NULL, 0)) {
+        d->qos_submit(d, io);
+        return;
+    }
     d->bdev->ops->submit(d->bdev->ctx, d->chan, io);
 }
 

@@ -20,14 +20,14 @@ The fixture may depend on other fixtures (``tmp_path`` for a backing file, a
 parametrised fixture to run the suite over several configurations...).
 
 What it checks, each test on a fresh daemon (interrupt mode, core 0): the bdev's
-``bdev_get_bdevs`` entry and claim; through a vhost-blk controller (so vhost-dev-blk
+``bdev_get_bdevs`` entry and two controllers sharing it; through a vhost-blk controller (so vhost-dev-blk
 must be installed: every test fails and says so otherwise, a suite that did not run
 must not pass) and the fake front-end:
 write/read round trips (one block, many blocks, many small segments, first and last
 block), flush, unmap and write_zeroes reading back zeroes (when the bdev offers
 them), out-of-bounds I/O failing with IOERR, read-only controllers, concurrent I/O
 on two queues, deleting the bdev while I/O is in flight (every I/O completes, OK or
-IOERR, later I/O fails, the daemon keeps serving), deleting a claimed bdev, and
+IOERR, later I/O fails, the daemon keeps serving), deleting a bdev a controller has open, and
 re-creating a bdev under the same name.
 
 Recipe flags for backends that cannot keep data: ``data_integrity=False`` (reads are
@@ -178,7 +178,7 @@ class BdevConformance:
 
     # ------------------------------------------------------------ the bdev itself
 
-    def test_bdev_is_listed_with_its_geometry_and_claimed_by_its_controller(self, bdev_under_test):
+    def test_bdev_is_listed_with_its_geometry_and_shared_by_controllers(self, bdev_under_test):
         b = bdev_under_test
         d = b.daemon
         info = d.rpc("bdev_get_bdevs", name=b.name)[0]
@@ -191,10 +191,13 @@ class BdevConformance:
         if "vhost_create_blk_controller" not in d.rpc("rpc_get_methods"):
             pytest.fail(NEEDS_BLK)
         d.rpc("vhost_create_blk_controller", ctrlr=CTRLR, dev_name=b.name)
-        assert d.rpc("bdev_get_bdevs", name=b.name)[0]["claimed"] is True
-        with pytest.raises(RpcError) as err:
-            d.rpc("vhost_create_blk_controller", ctrlr="conformance.1", dev_name=b.name)
-        assert "already claimed" in err.value.message
+        # vhost opens a bdev, it does not claim it (SPDK): a second controller shares it.
+        d.rpc("vhost_create_blk_controller", ctrlr="conformance.1", dev_name=b.name, readonly=True)
+        assert d.rpc("bdev_get_bdevs", name=b.name)[0]["claimed"] is False
+        served = {c["ctrlr"]: c["backend_specific"]["block"] for c in d.rpc("vhost_get_controllers")}
+        assert served[CTRLR]["bdev"] == served["conformance.1"]["bdev"] == b.name
+        d.rpc("vhost_delete_controller", ctrlr="conformance.1")
+        d.rpc("vhost_delete_controller", ctrlr=CTRLR)
 
     def test_capacity_and_block_size_reach_the_driver(self, bdev_under_test, blk):
         b = bdev_under_test
@@ -366,7 +369,7 @@ class BdevConformance:
         d.rpc("vhost_delete_controller", ctrlr=CTRLR)
         self._no_traceback(b)
 
-    def test_delete_while_claimed_without_a_front_end(self, bdev_under_test, blk_controller):
+    def test_delete_while_open_without_a_front_end(self, bdev_under_test, blk_controller):
         b = bdev_under_test
         d = b.daemon
         b.delete()
