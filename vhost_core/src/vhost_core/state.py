@@ -44,6 +44,7 @@ class App:
         self.reactors = Reactors(cpumask, interrupt_mode)
         self.bdevs = BdevRegistry()
         self.bdevs.wait_unlocked = self.wait_unlocked
+        self.bdevs.lock = self.lock
         self.bdev_modules = BdevModuleRegistry()
         self.device_types = DeviceTypeRegistry()
         self.controllers = ControllerRegistry(self)

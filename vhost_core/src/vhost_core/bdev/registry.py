@@ -18,6 +18,7 @@ then frees the bdev; :meth:`BdevRegistry.resize` calls each ``on_resize``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from collections.abc import Iterator
@@ -151,6 +152,11 @@ class BdevRegistry:
         #: Waits that must not hold up the control plane (draining a descriptor) call
         #: this; the daemon sets it to a wait that releases its control lock.
         self.wait_unlocked: Callable[[float], Any] = time.sleep
+        #: The daemon's control lock (a context manager), which every command handler
+        #: runs under.  A module that learns of a change on a thread of its own (an image
+        #: resized or removed from outside, found by a library's watch) holds it around its
+        #: calls to ``resize`` or ``delete``.  Never hold it while waiting for the network.
+        self.lock: Any = contextlib.nullcontext()
 
     def __iter__(self) -> Iterator[Bdev]:
         return iter(list(self._bdevs.values()))
