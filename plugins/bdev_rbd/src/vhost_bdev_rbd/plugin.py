@@ -233,7 +233,10 @@ def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, c
     mon_host = _mon_host(config, config_file) or "?"
     timeout = CONNECT_TIMEOUT_S
     settings = {"client_mount_timeout": f"{timeout:g}", "rados_mon_op_timeout": f"{timeout:g}",
-                "rados_osd_op_timeout": f"{OSD_TIMEOUT_S:g}"}
+                "rados_osd_op_timeout": f"{OSD_TIMEOUT_S:g}",
+                # A guest's discard of part of an object zeroes it instead of being dropped:
+                # unmapped blocks read back as zeroes, as on the other bdevs.
+                "rbd_skip_partial_discard": "false"}
     if key_file is not None:
         settings["keyring"] = key_file
     settings.update(config)
@@ -244,7 +247,7 @@ def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, c
             raise VhostError(errno.EINVAL, f"{method}: {k}={settings[k]!r} is not a number of seconds") from None
     user = user_id or "admin"
     client = f"client.{user}"
-    r = rados.Rados(rados_id=user, conffile=config_file or "")
+    r = rados.Rados(rados_id=user, conffile=config_file)
     try:
         for k, v in settings.items():
             try:

@@ -51,7 +51,7 @@ struct rbdn_io {
     struct vn_xq_node node;
     struct rbdn_chan *chan;
     rbd_completion_t comp;
-    int64_t expect;             /* bytes a read/write must return */
+    int64_t expect;             /* bytes a read must return */
 };
 
 _Static_assert(sizeof(struct rbdn_io) <= sizeof(((vn_bdev_io *)0)->driver_ctx), "driver_ctx too small");
@@ -126,7 +126,7 @@ static void rbdn_submit(void *ctx, void *chan, vn_bdev_io *io)
             finish(b, io, len > VN_MAX_TRANSFER ? -E2BIG : -EINVAL);
             return;
         }
-        r->expect = (int64_t)len;
+        r->expect = io->type == VN_IO_READ ? (int64_t)len : 0;   /* a write returns 0 */
     }
     rc = rbd_aio_create_completion(r, on_complete, &r->comp);
     if (rc < 0) { finish(b, io, rc); return; }

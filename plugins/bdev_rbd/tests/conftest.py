@@ -1,0 +1,61 @@
+"""Fixtures of the bdev_rbd tests: a real single-node Ceph cluster on 127.0.0.1 (one per
+test session, a few seconds to start), and fresh RBD images in its pool ``rbd``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from vhost_bdev_rbd.testing import CephCluster
+
+pytest_plugins = ["vhost_core.testing.pytest_plugin"]
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def ceph():
+    """The cluster: started once, stopped (and its directory removed) at the end."""
+    cluster = CephCluster(root=None)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def rbd_image(ceph):
+    """A new 64 MiB image; returns a function making more (``rbd_image.make(size_mib)``)."""
+    made: list[str] = []
+
+    def make(size_mib: int = 64, name: str | None = None) -> str:
+        name = name or f"img{os.getpid()}-{next(_names)}"
+        ceph.rbd("create", "--size", f"{size_mib}M", f"rbd/{name}")
+        made.append(name)
+        return name
+
+    first = make()
+
+    class Images(str):
+        pass
+
+    img = Images(first)
+    img.make = make
+    yield img
+    for name in made:
+        ceph.run("rbd", "rm", "--no-progress", f"rbd/{name}", check=False, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _short_rbd_timeouts(monkeypatch):
+    """Daemons started by these tests give up on a monitor after 3 s (the bad-input tests
+    wait for it) and on an OSD after 8 s."""
+    monkeypatch.setenv("VHOST_BDEV_RBD_TIMEOUT_S", "3")
+    monkeypatch.setenv("VHOST_BDEV_RBD_OSD_TIMEOUT_S", "8")
