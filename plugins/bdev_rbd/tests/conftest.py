@@ -10,7 +10,6 @@ import pytest
 
 from vhost_bdev_rbd.testing import CephCluster
 
-pytest_plugins = ["vhost_core.testing.pytest_plugin"]
 
 _names = itertools.count()
 
