@@ -96,10 +96,8 @@ def test_registered_cluster_is_shared_listed_saved_and_unregistered_only_when_un
     with pytest.raises(RpcError) as ei:
         d.rpc("bdev_rbd_unregister_cluster", name="c1")
     assert ei.value.code == -errno.EBUSY and "A, B" in ei.value.message and "bdev_rbd_delete" in ei.value.message
-    # One connection: the monitor sees one client session for both images (plus none per bdev).
-    config = d.rpc("save_config")
-    bdev_calls = [c for s in config["subsystems"] if s["subsystem"] == "bdev" for c in s["config"]
-                  if c["method"].startswith("bdev_rbd")]
+    # save_config (rpc.py) is framework_get_config per subsystem.
+    bdev_calls = [c for c in d.rpc("framework_get_config", name="bdev") if c["method"].startswith("bdev_rbd")]
     assert [c["method"] for c in bdev_calls] == ["bdev_rbd_register_cluster", "bdev_rbd_create",
                                                  "bdev_rbd_create"]
     assert bdev_calls[2]["params"]["read_only"] is True
@@ -164,10 +162,13 @@ def test_snapshot_and_clone_made_with_the_rbd_cli_are_readable_as_bdevs(vhost_da
         assert not snap["supported_io_types"]["write"]
         d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="Snap")
         d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="Clone")
+        def read_all(dev) -> bytes:
+            return b"".join(dev.read(i * 2048, 2048) for i in range(len(payload) // MIB))
+
         with connect_blk(d.socket("vhost.0"), memory_mb=32) as dev:
-            assert dev.read(0, len(payload) // 512) == payload
+            assert read_all(dev) == payload
         with connect_blk(d.socket("vhost.1"), memory_mb=32) as dev:
-            assert dev.read(0, len(payload) // 512) == payload
+            assert read_all(dev) == payload
             dev.write(0, b"\x11" * 4096)            # copy-up: the parent is untouched
             assert dev.read(0, 8) == b"\x11" * 4096
         for c in ("vhost.0", "vhost.1"):
@@ -179,8 +180,6 @@ def test_snapshot_and_clone_made_with_the_rbd_cli_are_readable_as_bdevs(vhost_da
         ceph.run("rbd", "snap", "unprotect", "rbd/golden@s1", check=False)
         ceph.run("rbd", "snap", "purge", "--no-progress", "rbd/golden", check=False)
         ceph.run("rbd", "rm", "--no-progress", "rbd/golden", check=False)
-    out = tmp_path / "snap"
-    assert out.exists() is False
 
 
 # ------------------------------------------------------------------ bad input
@@ -243,7 +242,7 @@ def test_bad_config_key_block_size_cluster_and_mon_address_are_refused_with_thei
     conf = ceph.client_conf()
     _fails(d, "bdev_rbd_create", -errno.EINVAL, "'no_such_option'", "fix or drop it",
            pool_name="rbd", rbd_name=str(rbd_image), block_size=512, config={**conf, "no_such_option": "1"})
-    _fails(d, "bdev_rbd_create", -errno.EINVAL, "block size", pool_name="rbd", rbd_name=str(rbd_image),
+    _fails(d, "bdev_rbd_create", -errno.EINVAL, "block_size 1000", pool_name="rbd", rbd_name=str(rbd_image),
            block_size=1000, config=conf)
     _fails(d, "bdev_rbd_create", -errno.ENOENT, "no cluster 'nope'", "bdev_rbd_register_cluster",
            pool_name="rbd", rbd_name=str(rbd_image), block_size=512, cluster_name="nope")
@@ -263,7 +262,7 @@ def test_bad_config_key_block_size_cluster_and_mon_address_are_refused_with_thei
 def test_a_registered_cluster_from_a_config_file_and_key_file(vhost_daemon, ceph, rbd_image, tmp_path):
     d = vhost_daemon
     conf = tmp_path / "c.conf"
-    conf.write_text(f"[global]\nmon host = {ceph.mon_host}\n")
+    conf.write_text(f"[global]\nmon host = v1:{ceph.mon_host}\n")
     keyring = tmp_path / "keyring"
     keyring.write_text(f"[client.admin]\n\tkey = {ceph.admin_key}\n")
     d.rpc("bdev_rbd_register_cluster", name="cf", config_file=str(conf), key_file=str(keyring))

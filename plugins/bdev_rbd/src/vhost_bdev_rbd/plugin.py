@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import select
+import socket
 import threading
 import time
 import uuid as uuid_mod
@@ -214,6 +215,31 @@ def _mon_host(config: dict[str, str], config_file: str | None) -> str | None:
     return None
 
 
+def _mon_addrs(mon_host: str) -> list[tuple[str, int]]:
+    """(host, port) pairs of a mon_host value ("a:6789,b", "[v2:a:3300,v1:a:6789]")."""
+    out = []
+    for tok in re.split(r"[\s,;\[\]]+", mon_host):
+        tok = re.sub(r"^v[12]:", "", tok).split("/")[0]
+        if not tok:
+            continue
+        host, sep, port = tok.rpartition(":")
+        if sep and port.isdigit():
+            out.append((host, int(port)))
+        else:
+            out += [(tok, 3300), (tok, 6789)]
+    return out
+
+
+def _mon_listens(mon_host: str) -> bool:
+    for host, port in _mon_addrs(mon_host)[:6]:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, config: dict[str, str] | None,
              config_file: str | None, key_file: str | None) -> _Cluster:
     rados, _ = _import_bindings()
@@ -269,6 +295,12 @@ def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, c
                                           f"its key (key= in config, key_file, or the keyring of "
                                           f"config_file) against `ceph auth get-key {client}`") from None
         except (rados.TimedOut, rados.InterruptedOrTimeoutError) as exc:
+            if _mon_listens(mon_host):
+                # cephx with a wrong key is not refused: the monitor just never lets the client in.
+                raise VhostError(errno.EACCES, f"{method}: a monitor of {what} listens at {mon_host} but did not "
+                                              f"let {client} in within {timeout:g} s ({exc}): check its key "
+                                              f"(key= in config, key_file, or the keyring of config_file) "
+                                              f"against `ceph auth get-key {client}`") from None
             raise VhostError(errno.ETIMEDOUT, f"{method}: no monitor of {what} at {mon_host} answered within "
                                              f"{timeout:g} s ({exc}): {fix_mon}") from None
         except rados.Error as exc:

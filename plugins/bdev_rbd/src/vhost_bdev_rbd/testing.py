@@ -220,7 +220,7 @@ keyring = {r}/osd.$id/keyring
 
     def client_conf(self) -> dict[str, str]:
         """What bdev_rbd_register_cluster's config_param needs to reach this cluster as admin."""
-        return {"mon_host": self.mon_host, "key": self.admin_key}
+        return {"mon_host": f"v1:{self.mon_host}", "key": self.admin_key}
 
     def __enter__(self) -> CephCluster:
         return self.start()
