@@ -30,8 +30,9 @@ def ceph():
 
 
 @pytest.fixture
-def rbd_image(ceph):
-    """A new 64 MiB image; returns a function making more (``rbd_image.make(size_mib)``)."""
+def rbd_image(ceph, vhost_daemon):
+    """A new 64 MiB image (``rbd_image.make(size_mib)`` makes more), removed after the test's
+    daemon stopped (an image open in a client is not removed)."""
     made: list[str] = []
 
     def make(size_mib: int = 64, name: str | None = None) -> str:
@@ -49,7 +50,7 @@ def rbd_image(ceph):
     img.make = make
     yield img
     for name in made:
-        ceph.run("rbd", "rm", "--no-progress", f"rbd/{name}", check=False, timeout=30)
+        ceph.run("rbd", "rm", "--no-progress", f"rbd/{name}", check=False, timeout=20)
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ MIB = 1 << 20
 
 def _export_sha(ceph, image: str, tmp_path: Path, offset: int, length: int) -> str:
     out = tmp_path / f"{image}.export"
+    out.unlink(missing_ok=True)
     ceph.rbd("export", "--no-progress", f"rbd/{image}", str(out), timeout=120)
     with open(out, "rb") as f:
         f.seek(offset)
@@ -68,7 +69,8 @@ def test_fio_verify_over_vhost_blk_rides_out_a_stalled_osd_sees_both_resizes_and
             ceph.cont_osd()
         # ... and resumes when it is back: no error reaches the guest.
         rc, out = wait_background(vm, "fio", timeout=600)
-        assert rc == 0 and "err= 0" in out, out
+        errors = [line for line in d.log().splitlines() if "*ERROR*" in line]
+        assert rc == 0 and "err= 0" in out, f"{errors}\n{out[-1000:]}"
         assert _writes(d, "Ceph0") > stalled
         guest = vm.check("dd if=/dev/vda bs=1M count=32 iflag=direct 2>/dev/null | sha256sum").split()[0]
         # Resized by the target's RPC, then by someone else with the rbd CLI: the guest sees both.

@@ -47,6 +47,8 @@ CONNECT_TIMEOUT_S = float(os.environ.get("VHOST_BDEV_RBD_TIMEOUT_S", "5"))
 #: I/O error; ``rados_osd_op_timeout`` in config_param/config overrides it.
 OSD_TIMEOUT_S = float(os.environ.get("VHOST_BDEV_RBD_OSD_TIMEOUT_S", "30"))
 DEFAULT_CEPH_CONF = "/etc/ceph/ceph.conf"
+#: How often I/O errors are looked for (and logged, one line per bdev at most).
+ERROR_TICK_S = 1.0
 
 
 def _import_bindings() -> tuple[Any, Any]:
@@ -420,9 +422,15 @@ class RbdModule(BdevModule):
 
     def _watch(self) -> None:
         while True:
-            ready, _, _ = select.select([self.notify_fd, self._stop_r], [], [])
+            ready, _, _ = select.select([self.notify_fd, self._stop_r], [], [], ERROR_TICK_S)
             if self._stop_r in ready:
                 return
+            try:
+                self.report_errors()
+            except Exception:
+                log.exception("bdev_rbd: reporting I/O errors failed")
+            if self.notify_fd not in ready:
+                continue
             try:
                 os.eventfd_read(self.notify_fd)
             except BlockingIOError:
@@ -431,6 +439,21 @@ class RbdModule(BdevModule):
                 self.check_updates()
             except Exception:
                 log.exception("bdev_rbd: handling an image update failed")
+
+    def report_errors(self) -> None:
+        """Log a bdev's I/O errors: the first one at once, then at most one summary per tick."""
+        with self.lock:
+            for s in self.states.values():
+                st = _stats(s)
+                if st is None or st["io_errors"] <= s.logged_errors:
+                    continue
+                e = st["last_error"] or {}
+                log.error("bdev %s: %d I/O error(s) on %s/%s (%d in total); the latest: %s of %d blocks at block "
+                          "%d: %s (errno %d); the guest gets an I/O error for each (counters: bdev_rbd_get_stats)",
+                          s.bdev.name, st["io_errors"] - s.logged_errors, s.pool_name, s.rbd_name, st["io_errors"],
+                          e.get("io_type"), e.get("num_blocks", 0), e.get("offset_blocks", 0), e.get("error"),
+                          e.get("errno", 0))
+                s.logged_errors = st["io_errors"]
 
     def check_updates(self) -> None:
         with self.lock:
