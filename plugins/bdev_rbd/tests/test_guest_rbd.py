@@ -43,8 +43,10 @@ def test_fio_verify_over_vhost_blk_rides_out_a_stalled_osd_sees_both_resizes_and
         vhost_daemon, ceph, rbd_image, tmp_path):
     d = vhost_daemon
     img = str(rbd_image)
+    # Requests wait for a stalled OSD up to rados_osd_op_timeout; a loaded machine running a
+    # TCG guest needs a while to catch up after the OSD is back, so give them a minute.
     d.rpc("bdev_rbd_create", name="Ceph0", pool_name="rbd", rbd_name=img, block_size=4096,
-          config=ceph.client_conf())
+          config={**ceph.client_conf(), "rados_osd_op_timeout": "60"})
     d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="Ceph0")
     with blk_vm(d, "vhost.1", num_queues=2, smp=2) as vm:
         vm.start().wait_ready(timeout=180)
