@@ -93,10 +93,14 @@ def test_fio_verify_over_vhost_blk_rides_out_a_stalled_osd_sees_both_resizes_and
     assert "Traceback" not in log
 
 
-def test_fio_verify_over_vhost_scsi_and_a_flushed_write_survives_kill_9_of_the_target(
-        vhost_daemon, ceph, rbd_image, tmp_path):
-    d = vhost_daemon
-    img = str(rbd_image)
+def test_fio_verify_over_vhost_scsi_and_a_flushed_write_survives_kill_9_of_the_target(ceph, rbd_image, tmp_path,
+                                                                                       request):
+    from vhost_core.testing.daemon import VhostDaemon
+
+    d = VhostDaemon(tmp_path / "killed").start()     # not the fixture's: this one is killed
+    request.addfinalizer(d.stop)
+    img = rbd_image.make(64)
+    rbd_image.leave.add(img)
     d.rpc("vhost_create_scsi_controller", ctrlr="vhost.0")
     d.rpc("bdev_rbd_create", name="Ceph0", pool_name="rbd", rbd_name=img, block_size=512,
           config=ceph.client_conf())
