@@ -34,6 +34,7 @@ def test_requests_fail_after_the_osd_timeout_others_go_on_and_io_resumes_when_th
             assert r.status == VIRTIO_BLK_S_IOERR
         finally:
             ceph.cont_osd()
+            ceph.wait_healthy()
         deadline = time.monotonic() + 60
         while True:
             r = dev.submit(VIRTIO_BLK_T_OUT, 128, b"\x04" * 4096)
