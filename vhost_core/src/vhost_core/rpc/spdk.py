@@ -152,9 +152,10 @@ DISTRIBUTIONS: dict[str, str] = {
     "vhost_scsi_controller_": "vhost-dev-scsi", "construct_vhost_scsi_controller": "vhost-dev-scsi",
     "add_vhost_scsi_lun": "vhost-dev-scsi", "remove_vhost_scsi_dev": "vhost-dev-scsi",
     "remove_vhost_scsi_target": "vhost-dev-scsi",
+    "bdev_rbd_": "vhost-bdev-rbd", "bdev_rbd_get_stats": "vhost-bdev-rbd",
+    "construct_rbd_bdev": "vhost-bdev-rbd", "delete_rbd_bdev": "vhost-bdev-rbd",
     # Announced, not written yet: the hint says which wheel will serve them.
     "bdev_nvme_": _NVME, "construct_nvme_bdev": _NVME,
-    "bdev_rbd_": "vhost-bdev-rbd", "construct_rbd_bdev": "vhost-bdev-rbd",
 }
 
 
