@@ -53,10 +53,10 @@ def test_fio_verify_over_vhost_blk_rides_out_a_stalled_osd_sees_both_resizes_and
         assert int(vm.check("cat /sys/block/vda/size")) == 64 * MIB // 512
         assert vm.check("cat /sys/block/vda/queue/logical_block_size").strip() == "4096"
         start_background(vm, "fio --name=v --filename=/dev/vda --rw=randrw --bs=4k --iodepth=16 "
-                             "--ioengine=libaio --direct=1 --size=16M --numjobs=2 --offset_increment=16M "
+                             "--ioengine=libaio --direct=1 --size=8M --numjobs=2 --offset_increment=8M "
                              "--verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting", "fio")
         deadline = time.monotonic() + 120
-        while _writes(d, "Ceph0") < 300:
+        while _writes(d, "Ceph0") < 200:
             assert time.monotonic() < deadline, "fio never got going"
             time.sleep(0.2)
         # The OSD stops answering (SIGSTOP: to a client, an OSD that hangs); I/O waits for it...
@@ -74,7 +74,7 @@ def test_fio_verify_over_vhost_blk_rides_out_a_stalled_osd_sees_both_resizes_and
         errors = [line for line in d.log().splitlines() if "*ERROR*" in line]
         assert rc == 0 and "err= 0" in out, f"{errors}\n{out[-1000:]}"
         assert _writes(d, "Ceph0") > stalled
-        guest = vm.check("dd if=/dev/vda bs=1M count=32 iflag=direct 2>/dev/null | sha256sum").split()[0]
+        guest = vm.check("dd if=/dev/vda bs=1M count=16 iflag=direct 2>/dev/null | sha256sum").split()[0]
         # Resized by the target's RPC, then by someone else with the rbd CLI: the guest sees both.
         d.rpc("bdev_rbd_resize", name="Ceph0", new_size=96)
         _wait_guest_size(vm, "vda", 96 * MIB)
@@ -84,7 +84,7 @@ def test_fio_verify_over_vhost_blk_rides_out_a_stalled_osd_sees_both_resizes_and
         vm.check("dd if=/tmp/t of=/dev/vda bs=1M seek=120 oflag=direct conv=fsync 2>/dev/null")
         tail = vm.check("sha256sum /tmp/t").split()[0]
         assert "I/O error" not in vm.check("dmesg")
-    assert _export_sha(ceph, img, tmp_path, 0, 32 * MIB) == guest
+    assert _export_sha(ceph, img, tmp_path, 0, 16 * MIB) == guest
     assert _export_sha(ceph, img, tmp_path, 120 * MIB, 2 * MIB) == tail
     s = d.rpc("bdev_rbd_get_stats", name="Ceph0")[0]
     assert s["io_errors"] == 0, s
