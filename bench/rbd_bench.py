@@ -8,7 +8,11 @@ memstore OSD on this machine: vhost_bdev_rbd.testing.CephCluster):
                ceiling, with no vhost-user hop at all
   qsd          qemu-storage-daemon --blockdev driver=rbd (Debian's qemu-block-extra)
                exporting the image as vhost-user-blk
-  ours         our target: bdev_rbd_create on the image, vhost-blk controller, polling reactor
+  ours         our target: bdev_rbd_create on the image, vhost-blk controller, reactor in
+               --interrupt-mode: like qsd, everything (reactor, librbd's threads) on the target core
+  ours-poll    the same with a busy-polling reactor on the target core and librbd's threads
+               moved to the load generator's core (bdev_rbd_register_cluster --core-mask): a
+               polling reactor starves threads that share its core
 
 qsd and ours are driven by the project's load generator (bench/loadgen/vublk_loadgen, one
 queue) on the other core, as bench/run_bench.py does; this reuses its machinery.  CPU per
@@ -43,7 +47,7 @@ import run_bench as rb  # noqa: E402 -- the shared benchmark machinery
 
 from vhost_bdev_rbd.testing import CephCluster  # noqa: E402
 
-ALL_TARGETS = ["rbd-bench", "qsd", "ours"]
+ALL_TARGETS = ["rbd-bench", "qsd", "ours", "ours-poll"]
 WORKLOADS = [("randread", 1), ("randread", 16), ("randwrite", 1), ("randwrite", 16)]
 BARS = {"rbd-bench": 0.9, "qsd": 1.0}
 IMAGE = "bench"
@@ -71,10 +75,11 @@ class QsdRbdTarget(rb.Target):
 
 
 class OursRbdTarget(rb.OursTarget):
-    def __init__(self, name, args, workdir, logdir, ceph: CephCluster):
+    def __init__(self, name, args, workdir, logdir, ceph: CephCluster, poll: bool):
         super().__init__(name, args, workdir, logdir, bdev="rbd")
         self.needs_precondition = False
         self.ceph = ceph
+        self.poll = poll
 
     def start(self) -> str:
         sockdir = self.workdir / "vhost"
@@ -83,9 +88,11 @@ class OursRbdTarget(rb.OursTarget):
         for p in (self.rpc_sock, str(sockdir / "vhost.0")):
             if os.path.exists(p):
                 os.unlink(p)
-        self._spawn(shlex.split(self.args.vhost_cmd) + ["-S", str(sockdir), "-m", self.mask, "-r", self.rpc_sock])
+        cmd = shlex.split(self.args.vhost_cmd) + ["-S", str(sockdir), "-m", self.mask, "-r", self.rpc_sock]
+        self._spawn(cmd if self.poll else cmd + ["--interrupt-mode"])
         self._wait_socket(self.rpc_sock, 30)
-        self.rpc("bdev_rbd_register_cluster", "c0", "--config-file", str(self.ceph.conf))
+        pin = ["--core-mask", hex(1 << self.args.loadgen_cpu)] if self.poll else []
+        self.rpc("bdev_rbd_register_cluster", "c0", "--config-file", str(self.ceph.conf), *pin)
         self.rpc("bdev_rbd_create", "rbd", IMAGE, "4096", "-b", "Ceph0", "-c", "c0")
         self.rpc("vhost_create_blk_controller", "--cpumask", self.mask, "vhost.0", "Ceph0")
         sock = str(sockdir / "vhost.0")
@@ -166,7 +173,8 @@ def main() -> int:
                                f"{res['iops']:,.0f} IOPS, {res['cpu_us_per_io']:.1f} us CPU/IO"))
                     continue
                 (workdir / t).mkdir(exist_ok=True)
-                target = (QsdRbdTarget if t == "qsd" else OursRbdTarget)(t, args, workdir / t, logdir, ceph)
+                target = (QsdRbdTarget(t, args, workdir / t, logdir, ceph) if t == "qsd" else
+                          OursRbdTarget(t, args, workdir / t, logdir, ceph, poll=t == "ours-poll"))
                 try:
                     sock = target.start()
                     for rw, qd in WORKLOADS:
@@ -204,6 +212,7 @@ def main() -> int:
         return None
 
     rows = [["target", "workload", "IOPS", "mean lat us", "target CPU%", "CPU us per I/O"]]
+    ours_names = [t for t in targets if t.startswith("ours")]
     for rw, qd in WORKLOADS:
         for t in targets:
             m = get(t, rw, qd)
@@ -213,18 +222,20 @@ def main() -> int:
             rows.append([t, f"{rw} qd{qd}", rb.fmt_iops(m["iops"]), rb.fmt_f(m.get("mean_lat_us"), 1),
                          rb.fmt_f(m.get("target_cpu_pct"), 0), rb.fmt_f(m.get("cpu_us_per_io"), 1)])
     peers = [p for p in ("rbd-bench", "qsd") if p in targets]
-    ratio_rows = [["workload"] + [f"ours/{p}" for p in peers]]
+    ratio_rows = [["workload"] + [f"{o}/{p}" for o in ours_names for p in peers]]
     verdicts = []
     for rw, qd in WORKLOADS:
         row = [f"{rw} qd{qd}"]
-        for p in peers:
-            a, b = get("ours", rw, qd), get(p, rw, qd)
-            if a and b:
-                ok = a["iops"] / b["iops"] >= BARS[p]
-                verdicts.append(ok)
-                row.append(f"{a['iops'] / b['iops']:.2f}x {'ok' if ok else 'BELOW'}")
-            else:
-                row.append("-")
+        for o in ours_names:
+            for p in peers:
+                a, b = get(o, rw, qd), get(p, rw, qd)
+                if a and b:
+                    ok = a["iops"] / b["iops"] >= BARS[p]
+                    if o == "ours":
+                        verdicts.append(ok)
+                    row.append(f"{a['iops'] / b['iops']:.2f}x {'ok' if ok else 'BELOW'}")
+                else:
+                    row.append("-")
         ratio_rows.append(row)
     hdr = (f"4 KiB random I/O on a {args.size_mib} MiB RBD image (written in full first) of a single-node "
            f"cluster on this machine (1 mon, 1 memstore OSD, unpinned); targets on core {args.target_cpu}, "

@@ -251,8 +251,8 @@ def test_bad_config_key_block_size_cluster_and_mon_address_are_refused_with_thei
                pool_name="rbd", rbd_name=str(rbd_image), block_size=512, config={"key": conf["key"]})
     _fails(d, "bdev_rbd_register_cluster", -errno.ENOENT, str(tmp_path / "nope.conf"),
            name="c", config_file=str(tmp_path / "nope.conf"))
-    _fails(d, "bdev_rbd_register_cluster", -errno.ENOTSUP, "core_mask", name="c", config_param=conf,
-           core_mask="0x2")
+    _fails(d, "bdev_rbd_register_cluster", -errno.EINVAL, "core_mask 0x400", "names no core", name="c",
+           config_param=conf, core_mask="0x400")
     assert d.rpc("bdev_rbd_get_clusters_info") == []
     with pytest.raises(RpcError) as ei:
         d.rpc("bdev_rbd_unregister_cluster", name="c")
@@ -271,3 +271,23 @@ def test_a_registered_cluster_from_a_config_file_and_key_file(vhost_daemon, ceph
     assert d.rpc("bdev_get_bdevs", name="X")[0]["num_blocks"] == 64 * MIB // 512
     d.rpc("bdev_rbd_delete", name="X")
     d.rpc("bdev_rbd_unregister_cluster", name="cf")
+
+
+def test_core_mask_pins_librados_threads_and_nothing_else(vhost_daemon, ceph):
+    d = vhost_daemon
+    last = os.cpu_count() - 1
+    d.rpc("bdev_rbd_register_cluster", name="c", config_param=ceph.client_conf(), core_mask=hex(1 << last))
+    assert d.rpc("bdev_rbd_get_clusters_info", name="c")["core_mask"] == hex(1 << last)
+    pinned, others = [], []
+    for tid in os.listdir(f"/proc/{d.proc.pid}/task"):
+        try:
+            comm = open(f"/proc/{d.proc.pid}/task/{tid}/comm").read().strip()
+            status = open(f"/proc/{d.proc.pid}/task/{tid}/status").read()
+        except OSError:
+            continue
+        cpus = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+        (pinned if cpus == str(last) else others).append(comm)
+    assert any(c.startswith("msgr-worker") for c in pinned), (pinned, others)
+    assert not any(c.startswith("msgr-worker") for c in others) or last == 0, (pinned, others)
+    # the daemon's own threads (RPC server, the main thread) are not pinned by it
+    assert any(c in ("vhost", "python3", "python") or c.startswith("vhost") for c in others) or last == 0, others

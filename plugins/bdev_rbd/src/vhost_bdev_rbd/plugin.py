@@ -29,10 +29,11 @@ import attrs
 
 from vhost_core.bdev.interface import IO_TYPES, Bdev, BdevModule, check_block_size
 from vhost_core.bdev.registry import BdevRegistry
-from vhost_core.commands import Cli, CliArg, CommandContext, cli, param, unsupported
+from vhost_core.commands import Cli, CliArg, CommandContext, param
 from vhost_core.errors import VhostError
 from vhost_core.hookspecs import hookimpl
 from vhost_core.log import get_logger, notice
+from vhost_core.reactor import parse_cpumask
 
 from vhost_bdev_rbd._rbd_native import ffi, lib
 
@@ -67,7 +68,6 @@ def _import_bindings() -> tuple[Any, Any]:
 # parameters (SPDK's)
 # --------------------------------------------------------------------------
 
-_CORE_MASK = "librbd's threads are not pinned by this target (they only complete I/O): omit core_mask"
 
 
 @attrs.frozen
@@ -79,7 +79,8 @@ class RegisterClusterParams:
                                                      "(default: rely on config file)")
     config_file: str | None = param(None, "--config-file", help="The file path of the Rados configuration file")
     key_file: str | None = param(None, "--key-file", help="The file path of the Rados keyring file")
-    core_mask: str | None = unsupported(None, _CORE_MASK, cli=cli("--core-mask", help="not supported"))
+    core_mask: str | None = param(None, "--core-mask", help="Set core mask for librbd IO context threads "
+                                                          "(default: any core)")
 
 
 @attrs.frozen
@@ -153,6 +154,7 @@ class _Cluster:
     mon_host: str
     rados: Any                          # rados.Rados
     native: Any                         # rados_t, for the data path
+    core_mask: str | None = None
     users: set[str] = attrs.Factory(set)
 
     def info(self) -> dict[str, Any]:
@@ -165,6 +167,8 @@ class _Cluster:
             out["config_file"] = self.config_file
         if self.key_file is not None:
             out["key_file"] = self.key_file
+        if self.core_mask is not None:
+            out["core_mask"] = self.core_mask
         return out
 
     def shutdown(self) -> None:
@@ -172,6 +176,10 @@ class _Cluster:
             self.rados.shutdown()
         finally:
             lib.rbdn_cluster_shutdown(self.native)
+
+
+def core_mask_text(cpus: set[int] | None) -> str | None:
+    return None if cpus is None else hex(sum(1 << c for c in cpus))
 
 
 def _unlocked(bdevs: BdevRegistry, fn: Callable[[], Any], timeout_s: float, what: str, fix: str) -> Any:
@@ -242,8 +250,22 @@ def _mon_listens(mon_host: str) -> bool:
     return False
 
 
+def _core_set(method: str, core_mask: str | None) -> set[int] | None:
+    if core_mask is None:
+        return None
+    try:
+        mask = parse_cpumask(core_mask)
+    except ValueError as exc:
+        raise VhostError(errno.EINVAL, f"{method}: core_mask {core_mask!r}: {exc}") from None
+    cpus = {i for i in range(mask.bit_length()) if mask >> i & 1}
+    if not cpus or max(cpus) >= (os.cpu_count() or 1):
+        raise VhostError(errno.EINVAL, f"{method}: core_mask {core_mask} names no core of this machine "
+                                      f"(cores 0-{(os.cpu_count() or 1) - 1}): give a mask of existing cores")
+    return cpus
+
+
 def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, config: dict[str, str] | None,
-             config_file: str | None, key_file: str | None) -> _Cluster:
+             config_file: str | None, key_file: str | None, cpus: set[int] | None = None) -> _Cluster:
     rados, _ = _import_bindings()
     config = {str(k): str(v) for k, v in (config or {}).items()}
     what = f"cluster '{name}'" if name else "the cluster"
@@ -285,6 +307,8 @@ def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, c
                                               f"({exc}): fix or drop it (ceph config help {k})") from None
 
         def connect() -> None:
+            if cpus is not None:            # see native_connect
+                os.sched_setaffinity(0, cpus)
             r.connect(timeout=int(timeout + 0.999))
 
         fix_mon = (f"check that a ceph-mon listens at {mon_host} (mon_host in config or config_file) and "
@@ -325,6 +349,11 @@ def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, c
     err = ffi.new("char[256]")
 
     def native_connect() -> int:
+        # librados starts its threads (messenger, finisher: they run the I/O completions) from
+        # the connecting thread and they inherit its affinity: core_mask pins them, away from
+        # busy-polling reactors.  This is a thread of its own, so nothing else is pinned.
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
         return lib.rbdn_cluster_connect(user.encode(), config_file.encode() if config_file else ffi.NULL,
                                         ffi.new("char *[]", keys), ffi.new("char *[]", vals), len(keys), out,
                                         err, 256)
@@ -339,7 +368,7 @@ def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, c
         raise VhostError(-rc, f"{method}: the data path's connection to {what} failed: "
                               f"{ffi.string(err).decode(errors='replace')}")
     return _Cluster(name=name, user_id=user_id, config=config, config_file=config_file, key_file=key_file,
-                    mon_host=mon_host, rados=r, native=out[0])
+                    mon_host=mon_host, rados=r, native=out[0], core_mask=core_mask_text(cpus))
 
 
 # --------------------------------------------------------------------------
@@ -377,7 +406,7 @@ class RbdModule(BdevModule):
         with self.lock:
             for c in self.clusters.values():
                 params: dict[str, Any] = {"name": c.name}
-                for k in ("user_id", "config_file", "key_file"):
+                for k in ("user_id", "config_file", "key_file", "core_mask"):
                     if getattr(c, k) is not None:
                         params[k] = getattr(c, k)
                 if c.config:
@@ -498,7 +527,8 @@ def _register_cluster(module: RbdModule, bdevs: BdevRegistry, p: RegisterCluster
         if p.name in module.clusters:
             raise VhostError(errno.EEXIST, f"{method}: cluster '{p.name}' is already registered: pick another "
                                           f"name or bdev_rbd_unregister_cluster it first")
-    c = _connect(bdevs, method, p.name, p.user_id, p.config_param, p.config_file, p.key_file)
+    c = _connect(bdevs, method, p.name, p.user_id, p.config_param, p.config_file, p.key_file,
+                 _core_set(method, p.core_mask))
     with module.lock:
         if p.name in module.clusters:
             c.shutdown()
