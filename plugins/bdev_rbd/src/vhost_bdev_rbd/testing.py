@@ -136,8 +136,12 @@ keyring = {r}/osd.$id/keyring
         self.run("monmaptool", "--create", "--fsid", self.fsid, "--addv", "a", f"[v1:{self.mon_host}]", monmap)
         self.run("ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", monmap, "--keyring", kr)
         self.mon = self._spawn("ceph-mon", "a")
-        self._wait(lambda: self.run("ceph", "mon", "stat", check=False, timeout=10).returncode == 0,
-                   30, "the monitor")
+        def mon_up() -> bool:
+            try:
+                return self.run("ceph", "mon", "stat", check=False, timeout=10).returncode == 0
+            except CephError:
+                return False
+        self._wait(mon_up, 30, "the monitor")
         osd_uuid = str(uuid.uuid4())
         osd_id = self.ceph("osd", "new", osd_uuid).strip()
         if osd_id != "0":
@@ -177,13 +181,19 @@ keyring = {r}/osd.$id/keyring
         self._wait(self._osd_up, 60, "osd.0")
 
     def _osd_up(self) -> bool:
-        cp = self.run("ceph", "osd", "dump", "--format", "plain", check=False, timeout=10)
+        try:
+            cp = self.run("ceph", "osd", "dump", "--format", "plain", check=False, timeout=10)
+        except CephError:
+            return False
         return cp.returncode == 0 and any(line.startswith("osd.0 up") for line in cp.stdout.decode().splitlines())
 
-    def wait_healthy(self, timeout: float = 60) -> None:
+    def wait_healthy(self, timeout: float = 120) -> None:
         """Every PG of pool rbd active (a write to it then succeeds at once)."""
         def writable() -> bool:
-            cp = self.run("rados", "-p", "rbd", "put", "vhost-probe", "/dev/null", check=False, timeout=10)
+            try:
+                cp = self.run("rados", "-p", "rbd", "put", "vhost-probe", "/dev/null", check=False, timeout=10)
+            except CephError:       # no answer yet (an OSD catching up)
+                return False
             return cp.returncode == 0
         self._wait(writable, timeout, "pool rbd")
 
