@@ -62,6 +62,7 @@ def rbd_image(ceph, vhost_daemon):
 @pytest.fixture(autouse=True)
 def _short_rbd_timeouts(monkeypatch):
     """Daemons started by these tests give up on a monitor after 3 s (the bad-input tests
-    wait for it) and on an OSD after 8 s."""
+    wait for it) and on an OSD after 8 s; they look for images moved to the trash every 2 s."""
     monkeypatch.setenv("VHOST_BDEV_RBD_TIMEOUT_S", "3")
     monkeypatch.setenv("VHOST_BDEV_RBD_OSD_TIMEOUT_S", "8")
+    monkeypatch.setenv("VHOST_BDEV_RBD_GONE_CHECK_S", "2")

@@ -291,3 +291,23 @@ def test_core_mask_pins_librados_threads_and_nothing_else(vhost_daemon, ceph):
     assert not any(c.startswith("msgr-worker") for c in others) or last == 0, (pinned, others)
     # the daemon's own threads (RPC server, the main thread) are not pinned by it
     assert any(c in ("vhost", "python3", "python") or c.startswith("vhost") for c in others) or last == 0, others
+
+
+def test_an_image_moved_to_the_trash_under_a_controller_is_hot_removed(vhost_daemon, ceph, rbd_image):
+    """`rbd rm` refuses an image the target has open (it is watched); `rbd trash mv` does not:
+    the image is gone for its users, so its bdev is hot-removed and the front-end's I/O fails."""
+    d = vhost_daemon
+    _create(d, ceph, rbd_image)
+    d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="Ceph0")
+    with connect_blk(d.socket("vhost.0")) as dev:
+        dev.write(0, b"\x07" * 4096)
+        assert ceph.run("rbd", "rm", "--no-progress", f"rbd/{rbd_image}", check=False).returncode != 0
+        ceph.rbd("trash", "mv", f"rbd/{rbd_image}")
+        deadline = time.monotonic() + 20
+        while d.rpc("bdev_get_bdevs"):
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.2)
+        r = dev.submit(0, 0, b"", 4096)          # VIRTIO_BLK_T_IN
+        assert r.status != 0
+    assert "moved to the trash" in d.log()
+    ceph.run("rbd", "trash", "purge", "--no-progress", "rbd", check=False)

@@ -50,6 +50,9 @@ OSD_TIMEOUT_S = float(os.environ.get("VHOST_BDEV_RBD_OSD_TIMEOUT_S", "30"))
 DEFAULT_CEPH_CONF = "/etc/ceph/ceph.conf"
 #: How often I/O errors are looked for (and logged, one line per bdev at most).
 ERROR_TICK_S = 1.0
+#: How often each image is looked up by name: `rbd trash mv` of an open image sends no update
+#: notification (a resize does, and is acted on at once).
+GONE_CHECK_S = float(os.environ.get("VHOST_BDEV_RBD_GONE_CHECK_S", "10"))
 
 
 def _import_bindings() -> tuple[Any, Any]:
@@ -400,6 +403,7 @@ class RbdModule(BdevModule):
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = None
+        self._next_gone_check = 0.0
 
     def config_json(self, bdevs: list[Bdev]) -> list[dict[str, Any]]:
         calls: list[dict[str, Any]] = []
@@ -451,13 +455,20 @@ class RbdModule(BdevModule):
 
     def _watch(self) -> None:
         while True:
-            ready, _, _ = select.select([self.notify_fd, self._stop_r], [], [], ERROR_TICK_S)
+            ready, _, _ = select.select([self.notify_fd, self._stop_r], [], [], min(ERROR_TICK_S, GONE_CHECK_S))
             if self._stop_r in ready:
                 return
             try:
                 self.report_errors()
             except Exception:
                 log.exception("bdev_rbd: reporting I/O errors failed")
+            if time.monotonic() >= self._next_gone_check:
+                self._next_gone_check = time.monotonic() + GONE_CHECK_S
+                with self.lock:
+                    for st in self.states.values():
+                        if not st.freed and not st.read_only:
+                            lib.rbdn_bdev_mark_updated(st.native)
+                ready = [self.notify_fd]
             if self.notify_fd not in ready:
                 continue
             try:
@@ -484,17 +495,38 @@ class RbdModule(BdevModule):
                           e.get("errno", 0))
                 s.logged_errors = st["io_errors"]
 
+    @staticmethod
+    def _still_named(s: _RbdBdev) -> bool:
+        """Whether pool/image still opens by its name (an image moved to the trash does not)."""
+        _, rbd = _import_bindings()
+        try:
+            ioctx = s.cluster.rados.open_ioctx(s.pool_name)
+        except Exception:
+            return True                 # cannot tell: keep serving
+        try:
+            with rbd.Image(ioctx, s.rbd_name.partition("@")[0], read_only=True):
+                return True
+        except rbd.ImageNotFound:
+            return False
+        except Exception:
+            return True
+        finally:
+            ioctx.close()
+
     def check_updates(self) -> None:
         with self.lock:
             changed = [s for s in self.states.values() if not s.freed and lib.rbdn_bdev_updated(s.native)]
         bdevs = self.bdevs
         for s in changed:
             size = lib.rbdn_bdev_image_size(s.native)     # the network: no lock held
+            if size >= 0 and not s.read_only and not self._still_named(s):
+                size = -errno.ENOENT                      # `rbd trash mv` (or rm) took its name away
             with bdevs.lock:
                 if s.freed or s.bdev.name not in bdevs:
                     continue
                 if size == -errno.ENOENT:
-                    log.error("bdev %s: image %s/%s was removed from the cluster; hot-removing the bdev",
+                    log.error("bdev %s: image %s/%s was removed from the cluster (or moved to the trash); "
+                              "hot-removing the bdev",
                               s.bdev.name, s.pool_name, s.rbd_name)
                     bdevs.delete(s.bdev.name, module=MODULE)
                     continue

@@ -312,6 +312,11 @@ int rbdn_bdev_updated(void *p)
     return atomic_exchange(&((struct rbdn_bdev *)p)->updated, 0);
 }
 
+void rbdn_bdev_mark_updated(void *p)
+{
+    atomic_store(&((struct rbdn_bdev *)p)->updated, 1);
+}
+
 int64_t rbdn_bdev_image_size(void *p)
 {
     struct rbdn_bdev *b = p;

@@ -33,6 +33,8 @@ void rbdn_bdev_free(void *bdev);
 void *rbdn_bdev_native(void *bdev);
 /* Whether an update was reported since the last call (and clears it). */
 int rbdn_bdev_updated(void *bdev);
+/* Have the next rbdn_bdev_updated() say yes (a periodic look at the image). */
+void rbdn_bdev_mark_updated(void *bdev);
 /* Image size in bytes as librbd knows it now (refreshes the header); negative errno on failure. */
 int64_t rbdn_bdev_image_size(void *bdev);
 int rbdn_bdev_resize(void *bdev, uint64_t bytes);
