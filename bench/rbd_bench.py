@@ -253,6 +253,10 @@ def main() -> int:
         (outdir / f"{stem}.md").write_text("\n".join(md) + "\n")
         (outdir / f"{stem}.json").write_text(json.dumps({"machine": machine, "args": vars(args),
                                                          "results": results}, indent=1, default=str) + "\n")
+        if rb.plot(results, WORKLOADS, targets, {**machine, "target_cpu": args.target_cpu,
+                                                 "loadgen_cpu": args.loadgen_cpu}, outdir / f"{stem}.png"):
+            md.insert(2, f"![IOPS and latency]({stem}.png)\n")
+            (outdir / f"{stem}.md").write_text("\n".join(md) + "\n")
         print(f"wrote: {outdir / (stem + '.md')}")
     return 0 if verdicts and all(verdicts) else 1
 
