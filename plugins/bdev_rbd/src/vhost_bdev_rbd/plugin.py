@@ -14,6 +14,7 @@ other controllers.  librbd's update watch tells a small thread here when an imag
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -389,6 +390,9 @@ class _RbdBdev:
     read_only: bool
     freed: bool = False
     logged_errors: int = 0
+    #: Held by the watch thread while it asks the cluster about this image, and by destruct
+    #: while it frees it: neither the image nor a connection goes away under a call.
+    busy: threading.Lock = attrs.Factory(threading.Lock)
 
 
 class RbdModule(BdevModule):
@@ -437,7 +441,13 @@ class RbdModule(BdevModule):
     def fini(self) -> None:
         os.write(self._stop_w, b"x")
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(CONNECT_TIMEOUT_S + OSD_TIMEOUT_S)
+            if self._thread.is_alive():
+                # Still inside a call to the cluster: shutting the connections down under it
+                # would crash; the process exits anyway.
+                log.error("bdev_rbd: the watch thread is stuck in a call to the cluster; "
+                          "leaving the cluster connections to the exiting process")
+                return
             self._thread = None
         with self.lock:
             clusters = list(self.clusters.values())
@@ -518,9 +528,12 @@ class RbdModule(BdevModule):
             changed = [s for s in self.states.values() if not s.freed and lib.rbdn_bdev_updated(s.native)]
         bdevs = self.bdevs
         for s in changed:
-            size = lib.rbdn_bdev_image_size(s.native)     # the network: no lock held
-            if size >= 0 and not s.read_only and not self._still_named(s):
-                size = -errno.ENOENT                      # `rbd trash mv` (or rm) took its name away
+            with s.busy:                                  # the network: no control lock held
+                if s.freed:
+                    continue
+                size = lib.rbdn_bdev_image_size(s.native)
+                if size >= 0 and not s.read_only and not self._still_named(s):
+                    size = -errno.ENOENT                  # `rbd trash mv` (or rm) took its name away
             with bdevs.lock:
                 if s.freed or s.bdev.name not in bdevs:
                     continue
@@ -645,9 +658,10 @@ def _create(module: RbdModule, bdevs: BdevRegistry, method: str, p: CreateParams
                 if module.states.get(state.bdev.name) is state:
                     del module.states[state.bdev.name]
             cluster.users.discard(name)
-        lib.rbdn_bdev_free(native)
-        if own:
-            cluster.shutdown()
+        with state.busy if state is not None else contextlib.nullcontext():
+            lib.rbdn_bdev_free(native)
+            if own:
+                cluster.shutdown()
 
     where = {"pool_name": p.pool_name, "rbd_name": p.rbd_name}
     if own:
