@@ -441,12 +441,13 @@ class RbdModule(BdevModule):
     def fini(self) -> None:
         os.write(self._stop_w, b"x")
         if self._thread is not None:
-            self._thread.join(CONNECT_TIMEOUT_S + OSD_TIMEOUT_S)
+            # Short: it may be waiting for the control lock, which our caller holds.
+            self._thread.join(2)
             if self._thread.is_alive():
-                # Still inside a call to the cluster: shutting the connections down under it
-                # would crash; the process exits anyway.
-                log.error("bdev_rbd: the watch thread is stuck in a call to the cluster; "
-                          "leaving the cluster connections to the exiting process")
+                # Still busy (a call to the cluster, or that lock): shutting the connections down
+                # under it could crash it; the process exits anyway.
+                notice(log, "bdev_rbd: the watch thread is still busy; leaving the cluster "
+                            "connections to the exiting process")
                 return
             self._thread = None
         with self.lock:
