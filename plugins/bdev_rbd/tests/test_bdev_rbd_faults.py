@@ -40,7 +40,8 @@ def test_requests_fail_after_the_osd_timeout_others_go_on_and_io_resumes_when_th
             r = dev.submit(VIRTIO_BLK_T_OUT, 128, b"\x04" * 4096)
             if r.status == VIRTIO_BLK_S_OK:
                 break
-            assert time.monotonic() < deadline, "I/O never resumed after the OSD came back"
+            assert time.monotonic() < deadline, ("I/O never resumed after the OSD came back",
+                                                 d.rpc("bdev_rbd_get_stats")[0]["last_error"], d.log()[-1500:])
             time.sleep(1)
         assert dev.read(128, 8) == b"\x04" * 4096
         assert dev.read(0, 8) == b"\x01" * 4096
