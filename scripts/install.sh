@@ -21,9 +21,15 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 # linux-libc-dev: bdev_aio uses Linux AIO and io_uring through raw system calls and the
 # kernel's uapi headers, no libaio, no liburing).  make: only for bench/loadgen/Makefile.
 pkgs=(python3 python3-venv python3-dev gcc libc6-dev make)
+# bdev_rbd: librbd's and librados' headers to build it, Ceph's Python bindings to run it
+# (the venv sees Debian's through --system-site-packages).
+pkgs+=(librbd-dev librados-dev python3-rados python3-rbd)
 if [ $want_test = 1 ]; then
     # No linux-image-amd64: the guest's kernel is extracted from it below, not installed.
     pkgs+=(qemu-system-x86 qemu-utils busybox-static fio cpio kmod util-linux)
+    # bdev_rbd's tests start a single-node Ceph (mon + memstore OSD); its benchmark's peer is
+    # qemu-storage-daemon's rbd driver (qemu-block-extra).
+    pkgs+=(ceph-mon ceph-osd ceph-common qemu-block-extra)
 fi
 if [ $want_fuzz = 1 ]; then
     # -fsanitize=fuzzer needs clang's runtime libraries, a separate package on Debian 12;

@@ -14,7 +14,7 @@ SUITES=(tests/test_vhost_user_hostile.py tests/test_isolation.py tests/test_isol
         plugins/dev_scsi/tests plugins/dev_blk/tests/test_conformance.py
         plugins/bdev_malloc/tests/test_conformance.py plugins/bdev_aio/tests/test_conformance.py
         plugins/bdev_nvme/tests/test_conformance.py plugins/bdev_nvme/tests/test_bdev_nvme_rpc.py
-        plugins/bdev_nvme/tests/test_hostile_target.py)
+        plugins/bdev_nvme/tests/test_hostile_target.py plugins/bdev_rbd/tests/test_conformance.py)
 [ $# -gt 0 ] && SUITES=("$@")
 
 VENV=.venv-asan

@@ -43,6 +43,13 @@ SPDK_PARAMS: dict[str, tuple[str, ...]] = {
                                     "trtype"),
     "bdev_nvme_get_controllers": ("name",),
     "bdev_nvme_set_hotplug": ("enable", "period_us"),
+    "bdev_rbd_create": ("block_size", "cluster_name", "config", "name", "pool_name", "rbd_name", "read_only",
+                        "user_id", "uuid"),
+    "bdev_rbd_delete": ("name",),
+    "bdev_rbd_get_clusters_info": ("name",),
+    "bdev_rbd_register_cluster": ("config_file", "config_param", "core_mask", "key_file", "name", "user_id"),
+    "bdev_rbd_resize": ("name", "new_size"),
+    "bdev_rbd_unregister_cluster": ("name",),
     "bdev_reset_iostat": ("mode", "name"),
     "bdev_set_qos_limit": ("name", "r_mbytes_per_sec", "rw_ios_per_sec", "rw_mbytes_per_sec", "w_mbytes_per_sec"),
     "bdev_wait_for_examine": (),
@@ -96,7 +103,7 @@ def test_spdk_parameters_are_declared_and_ours_are_marked(registry, method):
 def test_every_spdk_method_we_serve_is_in_the_table(registry):
     from vhost_core.rpc.spdk import IGNORED, SPDK_METHODS
 
-    ours = {"framework_get_plugins", "vhost_get_queue_stats", "bdev_aio_get_stats"}
+    ours = {"framework_get_plugins", "vhost_get_queue_stats", "bdev_aio_get_stats", "bdev_rbd_get_stats"}
     served = set(registry.names(include_aliases=False)) - ours - set(IGNORED)
     assert served <= set(SPDK_PARAMS), f"add SPDK's parameters of {sorted(served - set(SPDK_PARAMS))}"
     in_namespaces = {m for m in served if m.split("_")[0] in ("bdev", "vhost", "framework", "log")}
@@ -110,6 +117,8 @@ def _value(action: argparse.Action) -> list[str]:
     """A non-default value for an option or positional of SPDK's parser."""
     if action.choices:
         return [str(list(action.choices)[-1])]
+    if action.metavar == "key=value":
+        return ["x=y"]
     if action.type is int:
         return ["8"]
     if action.type is float:

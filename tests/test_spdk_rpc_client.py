@@ -234,6 +234,7 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     assert rpc.json("bdev_get_bdevs", "-b", "Null0")[0]["uuid"] == bdevs["Null0"]["uuid"]
 
     _seed_old_names(rpc)
+    _rbd(rpc)
 
     listed = set(rpc.json("rpc_get_methods"))
 
@@ -244,6 +245,27 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
 
     unlisted = listed - rpc.driven
     assert not unlisted, f"listed by rpc_get_methods but not driven by this test: {sorted(unlisted)}"
+
+
+def _rbd(rpc: SpdkRpc) -> None:
+    """bdev_rbd_*, on a throw-away single-node Ceph cluster (vhost-bdev-rbd's test helper)."""
+    from vhost_bdev_rbd.testing import CephCluster
+
+    with CephCluster() as ceph:
+        ceph.rbd("create", "--size", "16M", "rbd/spdk")
+        conf = ceph.client_conf()
+        assert rpc.run("bdev_rbd_register_cluster", "c1", "--user", "admin",
+                       *[a for k, v in conf.items() for a in ("--config-param", f"{k}={v}")]).strip() == "c1"
+        assert rpc.json("bdev_rbd_get_clusters_info", "-b", "c1")["config_param"] == conf
+        assert rpc.run("bdev_rbd_create", "rbd", "spdk", "512", "-b", "Rbd0", "-c", "c1").strip() == "Rbd0"
+        rpc.run("bdev_rbd_resize", "Rbd0", "32")
+        (b,) = rpc.json("bdev_get_bdevs", "-b", "Rbd0")
+        assert b["num_blocks"] == (32 << 20) // 512
+        assert b["driver_specific"]["rbd"] == {"pool_name": "rbd", "rbd_name": "spdk", "cluster_name": "c1"}
+        assert rpc.call("bdev_rbd_get_stats", {"name": "Rbd0"})[0]["io_errors"] == 0
+        rpc.run("bdev_rbd_delete", "Rbd0")
+        rpc.run("bdev_rbd_unregister_cluster", "c1")
+        assert rpc.json("bdev_rbd_get_clusters_info") == []
 
 
 def _seed_old_names(rpc: SpdkRpc) -> None:

@@ -158,9 +158,11 @@ class BdevRegistry:
         #: Waits that must not hold up the control plane (draining a descriptor) call
         #: this; the daemon sets it to a wait that releases its control lock.
         self.wait_unlocked: Callable[[float], Any] = time.sleep
-        #: The control lock: commands run holding it; a module's own thread (a controller
-        #: lost for good, hot-removing its bdevs) takes it around its registry calls.  The
-        #: daemon sets it to its own lock.
+        #: The daemon's control lock (a context manager; the daemon sets it to its own),
+        #: which every command handler runs under.  A module that learns of a change on a
+        #: thread of its own (an NVMe controller lost for good, an RBD image resized or
+        #: removed from outside) holds it around its calls to ``resize`` or ``delete``.
+        #: Never hold it while waiting for the network.
         self.lock: Any = threading.RLock()
 
     def __iter__(self) -> Iterator[Bdev]:

@@ -154,8 +154,8 @@ DISTRIBUTIONS: dict[str, str] = {
     "remove_vhost_scsi_target": "vhost-dev-scsi",
     "bdev_nvme_": _NVME, "construct_nvme_bdev": _NVME, "delete_nvme_controller": _NVME,
     "get_nvme_controllers": _NVME,
-    # Announced, not written yet: the hint says which wheel will serve them.
-    "bdev_rbd_": "vhost-bdev-rbd", "construct_rbd_bdev": "vhost-bdev-rbd",
+    "bdev_rbd_": "vhost-bdev-rbd", "bdev_rbd_get_stats": "vhost-bdev-rbd",
+    "construct_rbd_bdev": "vhost-bdev-rbd", "delete_rbd_bdev": "vhost-bdev-rbd",
 }
 
 

@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""bdev_rbd benchmark: 4 KiB random reads and writes at QD1 and QD16 on one RBD image.
+
+Three ways to drive the same image of a throw-away single-node cluster (one mon, one
+memstore OSD on this machine: vhost_bdev_rbd.testing.CephCluster):
+
+  rbd-bench    `rbd bench` (librbd in-process; --io-threads 16 for QD16, 1 for QD1): the
+               ceiling, with no vhost-user hop at all
+  qsd          qemu-storage-daemon --blockdev driver=rbd (Debian's qemu-block-extra)
+               exporting the image as vhost-user-blk
+  ours         our target: bdev_rbd_create on the image, vhost-blk controller, reactor in
+               --interrupt-mode: like qsd, everything (reactor, librbd's threads) on the target core
+  ours-poll    the same with a busy-polling reactor on the target core and librbd's threads
+               moved to the load generator's core (bdev_rbd_register_cluster --core-mask): a
+               polling reactor starves threads that share its core
+
+qsd and ours are driven by the project's load generator (bench/loadgen/vublk_loadgen, one
+queue) on the other core, as bench/run_bench.py does; this reuses its machinery.  CPU per
+I/O on the target: the target's CPU time (the whole process tree; for rbd bench the rbd
+process, which is its own load generator) over the I/Os it completed.
+
+The OSD runs on the same two cores, so every number here is bound by it; the comparison is
+what matters.  Not a test: run it on a quiet machine.
+
+    python3 bench/rbd_bench.py --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+import run_bench as rb  # noqa: E402 -- the shared benchmark machinery
+
+from vhost_bdev_rbd.testing import CephCluster  # noqa: E402
+
+ALL_TARGETS = ["rbd-bench", "qsd", "ours", "ours-poll"]
+WORKLOADS = [("randread", 1), ("randread", 16), ("randwrite", 1), ("randwrite", 16)]
+BARS = {"rbd-bench": 0.9, "qsd": 1.0}
+IMAGE = "bench"
+
+
+class QsdRbdTarget(rb.Target):
+    def __init__(self, name, args, workdir, logdir, ceph: CephCluster):
+        super().__init__(name, args, workdir, logdir)
+        self.ceph = ceph
+
+    def start(self) -> str:
+        if not shutil.which("qemu-storage-daemon"):
+            raise rb.TargetError("qemu-storage-daemon not found (apt-get install qemu-utils qemu-block-extra)")
+        sock = str(self.workdir / "qsd.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        self._spawn(["qemu-storage-daemon", "--blockdev",
+                     f"driver=rbd,pool=rbd,image={IMAGE},conf={self.ceph.conf},user=admin,node-name=r0,"
+                     "cache.direct=on",
+                     "--export", "type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,"
+                     f"addr.path={sock},writable=on"])
+        self._wait_socket(sock, 30)
+        self.socket_path = sock
+        return sock
+
+
+class OursRbdTarget(rb.OursTarget):
+    def __init__(self, name, args, workdir, logdir, ceph: CephCluster, poll: bool):
+        super().__init__(name, args, workdir, logdir, bdev="rbd")
+        self.needs_precondition = False
+        self.ceph = ceph
+        self.poll = poll
+
+    def start(self) -> str:
+        sockdir = self.workdir / "vhost"
+        sockdir.mkdir(exist_ok=True)
+        self.rpc_sock = str(self.workdir / "rpc.sock")
+        for p in (self.rpc_sock, str(sockdir / "vhost.0")):
+            if os.path.exists(p):
+                os.unlink(p)
+        cmd = shlex.split(self.args.vhost_cmd) + ["-S", str(sockdir), "-m", self.mask, "-r", self.rpc_sock]
+        self._spawn(cmd if self.poll else cmd + ["--interrupt-mode"])
+        self._wait_socket(self.rpc_sock, 30)
+        pin = ["--core-mask", hex(1 << self.args.loadgen_cpu)] if self.poll else []
+        self.rpc("bdev_rbd_register_cluster", "c0", "--config-file", str(self.ceph.conf), *pin)
+        self.rpc("bdev_rbd_create", "rbd", IMAGE, "4096", "-b", "Ceph0", "-c", "c0")
+        self.rpc("vhost_create_blk_controller", "--cpumask", self.mask, "vhost.0", "Ceph0")
+        sock = str(sockdir / "vhost.0")
+        self._wait_socket(sock, 20)
+        deadline = time.monotonic() + 20
+        while json.loads(self.rpc("vhost_get_controllers", "-n", "vhost.0"))[0]["sessions"]:
+            if time.monotonic() > deadline:
+                raise rb.TargetError(f"{self.name}: the probe connection to {sock} did not go away")
+            time.sleep(0.1)
+        self.socket_path = sock
+        return sock
+
+
+def run_rbd_bench(args, ceph: CephCluster, rw: str, qd: int) -> dict:
+    io_type = "read" if rw == "randread" else "write"
+    total = max(args.bench_ops, 1000) * args.bs
+    cmd = ["taskset", "-c", str(args.target_cpu), "rbd", "-c", str(ceph.conf), "bench", "--io-type", io_type,
+           "--io-size", str(args.bs), "--io-threads", str(qd), "--io-total", str(total), "--io-pattern", "rand",
+           f"rbd/{IMAGE}"]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ceph.env())
+    wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = re.search(r"elapsed:\s*([\d.]+)\s+ops:\s*(\d+)\s+ops/sec:\s*([\d.]+)", r.stdout)
+    if r.returncode or not m:
+        return {"error": f"rbd bench failed: {(r.stderr or r.stdout).strip()[-300:]}"}
+    ops, iops = int(m.group(2)), float(m.group(3))
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {"iops": iops, "mean_lat_us": qd / iops * 1e6 if iops else None, "p99_lat_us": None, "errors": 0,
+            "target_cpu_pct": round(100 * cpu / wall, 1), "loadgen_cpu_pct": None, "other_cpu_pct": None,
+            "cpu_us_per_io": cpu / ops * 1e6 if ops else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS))
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--time", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--bench-ops", type=int, default=20000, help="I/Os per rbd bench run")
+    ap.add_argument("--wait-quiet", type=float, default=3.0)
+    ap.add_argument("--bs", type=int, default=4096)
+    ap.add_argument("--queue-size", type=int, default=256)
+    ap.add_argument("--target-cpu", type=int, default=0)
+    ap.add_argument("--loadgen-cpu", type=int, default=1)
+    ap.add_argument("--loadgen-args", default="")
+    venv_bin = Path(sys.executable).parent
+    ap.add_argument("--vhost-cmd", default=str(venv_bin / "vhost") if (venv_bin / "vhost").exists() else "vhost")
+    ap.add_argument("--rpc-cmd", default=str(venv_bin / "vhost-rpc") if (venv_bin / "vhost-rpc").exists()
+                    else "vhost-rpc")
+    ap.add_argument("--out", default=None, help="also save <name>.md/.json there (e.g. bench/results)")
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    rb.build_tools()
+    logdir = Path(args.out) / "logs" if args.out else Path(tempfile.mkdtemp(prefix="bench-rbd-logs-"))
+    logdir.mkdir(parents=True, exist_ok=True)
+    machine = rb.machine_info()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-rbd-"))
+    runs: dict[tuple[str, str, int], list[dict]] = {}
+    ceph = CephCluster(memstore_bytes=(args.size_mib + 512) << 20)
+    try:
+        ceph.start()
+        ceph.rbd("create", "--size", f"{args.size_mib}M", f"rbd/{IMAGE}")
+        rb.log(f"writing {args.size_mib} MiB to rbd/{IMAGE} (once)")
+        ceph.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-threads", "4", "--io-total",
+                 f"{args.size_mib}M", "--io-pattern", "seq", f"rbd/{IMAGE}", timeout=300)
+        for rep in range(args.repeat):
+            for t in targets:
+                if t == "rbd-bench":
+                    for rw, qd in WORKLOADS:
+                        res = run_rbd_bench(args, ceph, rw, qd)
+                        runs.setdefault((t, rw, qd), []).append(res)
+                        rb.log(f"[{t}] {rw} qd{qd} run {rep + 1}: " + (res.get("error") or
+                               f"{res['iops']:,.0f} IOPS, {res['cpu_us_per_io']:.1f} us CPU/IO"))
+                    continue
+                (workdir / t).mkdir(exist_ok=True)
+                target = (QsdRbdTarget(t, args, workdir / t, logdir, ceph) if t == "qsd" else
+                          OursRbdTarget(t, args, workdir / t, logdir, ceph, poll=t == "ours-poll"))
+                try:
+                    sock = target.start()
+                    for rw, qd in WORKLOADS:
+                        res = rb.run_loadgen(args, sock, rw, qd, target)
+                        if res.get("iops") and res.get("target_cpu_pct") is not None:
+                            res["cpu_us_per_io"] = res["target_cpu_pct"] / 100 / res["iops"] * 1e6
+                        runs.setdefault((t, rw, qd), []).append(res)
+                        rb.log(f"[{t}] {rw} qd{qd} run {rep + 1}: " + (res.get("error") or
+                               f"{res['iops']:,.0f} IOPS, mean {res['mean_lat_us']:.1f} us, "
+                               f"target cpu {res['target_cpu_pct']}%"))
+                except rb.TargetError as e:
+                    for rw, qd in WORKLOADS:
+                        runs.setdefault((t, rw, qd), []).append({"error": str(e).splitlines()[0]})
+                finally:
+                    target.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        ceph.stop()
+
+    results = []
+    for (t, rw, qd), rs in runs.items():
+        good = [r for r in rs if not r.get("error")]
+        entry = {"target": t, "rw": rw, "qd": qd, "runs": rs}
+        if good:
+            best = max(r["iops"] for r in good)
+            entry["result"] = next(r for r in good if r["iops"] == best)
+        else:
+            entry["error"] = rs[-1].get("error")
+        results.append(entry)
+
+    def get(t, rw, qd):
+        for r in results:
+            if (r["target"], r["rw"], r["qd"]) == (t, rw, qd) and r.get("result"):
+                return r["result"]
+        return None
+
+    rows = [["target", "workload", "IOPS", "mean lat us", "target CPU%", "CPU us per I/O"]]
+    ours_names = [t for t in targets if t.startswith("ours")]
+    for rw, qd in WORKLOADS:
+        for t in targets:
+            m = get(t, rw, qd)
+            if m is None:
+                rows.append([t, f"{rw} qd{qd}", "ERROR", "-", "-", "-"])
+                continue
+            rows.append([t, f"{rw} qd{qd}", rb.fmt_iops(m["iops"]), rb.fmt_f(m.get("mean_lat_us"), 1),
+                         rb.fmt_f(m.get("target_cpu_pct"), 0), rb.fmt_f(m.get("cpu_us_per_io"), 1)])
+    peers = [p for p in ("rbd-bench", "qsd") if p in targets]
+    ratio_rows = [["workload"] + [f"{o}/{p}" for o in ours_names for p in peers]]
+    verdicts = []
+    for rw, qd in WORKLOADS:
+        row = [f"{rw} qd{qd}"]
+        for o in ours_names:
+            for p in peers:
+                a, b = get(o, rw, qd), get(p, rw, qd)
+                if a and b:
+                    ok = a["iops"] / b["iops"] >= BARS[p]
+                    if o == "ours":
+                        verdicts.append(ok)
+                    row.append(f"{a['iops'] / b['iops']:.2f}x {'ok' if ok else 'BELOW'}")
+                else:
+                    row.append("-")
+        ratio_rows.append(row)
+    hdr = (f"4 KiB random I/O on a {args.size_mib} MiB RBD image (written in full first) of a single-node "
+           f"cluster on this machine (1 mon, 1 memstore OSD, unpinned); targets on core {args.target_cpu}, "
+           f"load generator on core {args.loadgen_cpu}; {args.time:g}s (+{args.warmup:g}s warmup) per "
+           f"loadgen run, {args.bench_ops} I/Os per rbd bench run, best of {args.repeat}. rbd bench's CPU "
+           f"includes its own I/O generation. Bars: ours >= {BARS['rbd-bench']}x rbd bench, "
+           f">= {BARS['qsd']}x qsd (IOPS).")
+    print("\n" + hdr + "\n\n" + rb.text_table(rows) + "\n\n" + rb.text_table(ratio_rows))
+    if args.out:
+        outdir = Path(args.out)
+        stem = args.name or "rbd_" + time.strftime("%Y%m%d-%H%M%S")
+        md = [f"## bdev_rbd benchmark ({machine['date']})", "",
+              f"{machine['cpu_model']} | {machine['cores']} cores | kernel {machine['kernel']} | "
+              f"{machine['qemu_storage_daemon']}", "", hdr, "", rb.md_table(rows), "", rb.md_table(ratio_rows)]
+        (outdir / f"{stem}.md").write_text("\n".join(md) + "\n")
+        (outdir / f"{stem}.json").write_text(json.dumps({"machine": machine, "args": vars(args),
+                                                         "results": results}, indent=1, default=str) + "\n")
+        if rb.plot(results, WORKLOADS, targets, {**machine, "target_cpu": args.target_cpu,
+                                                 "loadgen_cpu": args.loadgen_cpu}, outdir / f"{stem}.png"):
+            md.insert(2, f"![IOPS and latency]({stem}.png)\n")
+            (outdir / f"{stem}.md").write_text("\n".join(md) + "\n")
+        print(f"wrote: {outdir / (stem + '.md')}")
+    return 0 if verdicts and all(verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup(cffi_modules=["src/vhost_bdev_rbd/_build.py:ffibuilder"])

@@ -1,0 +1,1 @@
+../../../vhost_core/src/vhost_core/native_build.py
