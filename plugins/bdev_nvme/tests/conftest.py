@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["vhost_core.testing.pytest_plugin"]
+# The project's fixtures (vhost_daemon, ...) come from vhost_core.testing.pytest_plugin,
+# which the repository's pyproject.toml loads for every suite.
 
 
 def _load(name: str):

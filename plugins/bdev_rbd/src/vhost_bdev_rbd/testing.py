@@ -102,7 +102,10 @@ keyring = {r}/osd.$id/keyring
 """)
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "CEPH_CONF": str(self.conf)}
+        # Ceph's own programs run as installed: a sanitizer runtime preloaded into the
+        # test process (scripts/test-sanitizers.sh) must not be forced into them.
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
+        return {**env, "CEPH_CONF": str(self.conf)}
 
     def run(self, *args: str, timeout: float = CLI_TIMEOUT_S, check: bool = True,
             input: bytes | None = None) -> subprocess.CompletedProcess:
