@@ -374,16 +374,19 @@ static void add_target(int t, int readonly)
 }
 
 /* Hot-detach as the plugin does it: retry until the target's commands drained
- * (polling between tries, as the reactor would), then close its descriptor. */
+ * (polling between tries, as the reactor would), then close its descriptor.  A
+ * long WRITE SAME or UNMAP goes on one share per reactor iteration, so draining
+ * may take many iterations: the oracle is that every iteration makes progress
+ * until it is done (a removal never stalls), not a fixed count. */
 static void remove_target(int t)
 {
     struct scsi_ctl c = { dev, (uint32_t)t, 0 };
-    for (int i = 0;; i++) {
+    for (int idle = 0;;) {
         int left = scsi_dev_remove_target(&c);
         FUZZ_CHECK(left >= 0);
         if (left == 0) break;
-        FUZZ_CHECK(i < 64);
-        reactor_poll();
+        idle = reactor_poll() ? 0 : idle + 1;
+        FUZZ_CHECK(idle < 4);
         reap();
     }
     fb.b[t].gone = 1;
