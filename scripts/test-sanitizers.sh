@@ -49,7 +49,10 @@ VHOST_SANITIZE=1 $VENV/bin/python -m pip install -q --no-build-isolation "${plug
 # the first report aborts the process that made it.
 ASAN_LIB=$(gcc -print-file-name=libasan.so)
 [ -f "$ASAN_LIB" ] || { echo "test-sanitizers.sh: no libasan.so (apt-get install libasan8)" >&2; exit 1; }
-export LD_PRELOAD=$ASAN_LIB
+# libstdc++ too: a C++ library loaded later (librados, by the RBD plugin) throws
+# exceptions, and ASan's __cxa_throw interceptor finds the real one only if it is
+# there when the runtime starts.
+export LD_PRELOAD="$ASAN_LIB $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:allow_user_segv_handler=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # Guard against a stale build: every native module must carry ASan.
