@@ -136,9 +136,10 @@ def test_a_running_guest_migrates_while_fio_verifies(vhost_daemon, destination_d
         job = result["jobs"][0]
         assert job["error"] == 0
         assert job["write"]["io_bytes"] >= 2 * 16 << 20
-        # The guest on the destination served its I/O through the second daemon.
+        # The guest on the destination served the rest of fio's I/O through the second
+        # daemon (its writes, or only its verify reads when the writes were done before).
         stats = dst_d.rpc("bdev_get_iostat", name="aio0")["bdevs"][0]
-        assert stats["num_write_ops"] > 0 and stats["num_read_ops"] > 0
+        assert stats["num_write_ops"] + stats["num_read_ops"] > 0
     for d in (src_d, dst_d):
         assert "Traceback" not in d.log(), d.log()
 

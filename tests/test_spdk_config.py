@@ -151,13 +151,14 @@ def test_wait_for_rpc_applies_start_up_options_first_and_the_rest_at_framework_s
         {"method": "bdev_aio_create", "params": {"name": "Aio9", "filename": "/nonexistent/disk.img"}}]}]},
      "bdev entry 0 (bdev_aio_create name=\"Aio9\" filename=\"/nonexistent/disk.img\"): bdev_aio_create: "
      "cannot open '/nonexistent/disk.img': directory '/nonexistent' does not exist: fix the path"),
-    # A bdev type whose plugin is not installed: names the wheel.
+    # An RBD image with no cluster to reach (SPDK's config relied on /etc/ceph): says what to give.
+    # (A bdev type whose plugin is not installed is test_install_only_what_you_need's.)
     ({"subsystems": [{"subsystem": "bdev", "config": [
         {"method": "bdev_rbd_create", "params": {"name": "Ceph0", "pool_name": "rbd", "rbd_name": "foo",
                                                  "block_size": 512}}]}]},
      "bdev entry 0 (bdev_rbd_create name=\"Ceph0\" pool_name=\"rbd\" rbd_name=\"foo\" block_size=512): "
-     "Method not found: 'bdev_rbd_create'. It is provided by the vhost-bdev-rbd plugin: "
-     "pip install vhost-bdev-rbd"),
+     "bdev_rbd_create: no monitor address for the cluster: give config_file (a ceph.conf), or mon_host in "
+     "config_param/config (e.g. mon_host=10.0.0.1:6789)"),
     # A transport the NVMe plugin does not have yet: says so.
     ({"subsystems": [{"subsystem": "bdev", "config": [
         {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "pcie",
