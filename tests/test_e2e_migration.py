@@ -14,17 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
 
 import pytest
 from guestvm import GuestVM
+from test_e2e_aio import disk_file  # noqa: F401  (the fixture: a 64 MiB file on a disk filesystem)
 
 from vhost_core.testing.daemon import VhostDaemon
 
-DISK_TMP = os.environ.get("VHOST_TEST_DISK_TMP", "/var/tmp")
 MEM_MB = 384
 
 
@@ -32,18 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def disk_file():
-    d = tempfile.mkdtemp(prefix="e2e-mig-", dir=DISK_TMP)
-    path = os.path.join(d, "disk.img")
-    with open(path, "wb") as f:
-        f.truncate(64 << 20)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
