@@ -80,8 +80,9 @@ def test_coalescing_batches_interrupts_of_a_busy_queue(blk):
         elapsed = _paced_reads(dev, 2000)
         coalesced = _signals(vq)
         stats1 = d.rpc("vhost_get_queue_stats", ctrlr="vhost.0")[0]["interrupts"]
-        # Under load, far fewer interrupts than each completion's own: one per delay at most.
-        assert coalesced <= elapsed / (DELAY_US / 1e6) + 3, (coalesced, elapsed, plain)
+        # Under load, far fewer interrupts than each completion's own.  (Not "one per
+        # delay_base": the delay follows each 10 ms period's rate, and a busy host that
+        # stalls this process shortens it, as it should.)
         assert coalesced * 4 < plain, (coalesced, elapsed, plain)
         assert stats1 - stats0 >= coalesced
 

@@ -92,7 +92,9 @@ mon data avail warn = 1
 mon data avail crit = 0
 osd op num shards = 1
 osd op num threads per shard = 2
-osd heartbeat grace = 5
+# The default grace: a PG's read lease is 0.8x it, and an OSD stopped (SIGSTOP, in the
+# fault tests) for longer than its lease can leave PGs laggy with ops stuck after SIGCONT.
+osd heartbeat grace = 20
 osd max object name len = 256
 osd max object namespace len = 64
 debug ms = 0
