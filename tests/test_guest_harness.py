@@ -153,25 +153,8 @@ def test_vhost_user_blk_qsd(make_vm, qsd):
     assert _host_sha256(qsd["img"], 0, 4 * MiB) == sha0
     assert _host_sha256(qsd["img"], 60 * MiB, MiB) == sha1
 
-    # fio with libaio and verification, in a region that does not overlap
-    rc, out = vm.run("fio --name=t --filename=/dev/vda --rw=randrw --bs=4k --iodepth=8 "
-                     "--ioengine=libaio --direct=1 --offset=16M --size=8M "
-                     "--verify=crc32c --do_verify=1", timeout=120)
-    assert rc == 0, out
-    assert "err= 0" in out and "verify: bad" not in out, out
-
-    # guest-initiated reboot: same QEMU, data persisted
-    pid = vm.qemu_pid
-    old_boot = vm.boot_id
-    vm.reboot()
-    assert vm.qemu_pid == pid and vm.qemu_returncode is None
-    assert vm.boot_id != old_boot and vm.boot_count == 2
-    assert vm.check("cat /sys/block/vda/size").strip() == str(DISK_SIZE // 512)
-    after = vm.check("dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum")
-    assert after.split()[0] == sha0
-    after = vm.check("dd if=/dev/vda bs=1M skip=60 count=1 iflag=direct 2>/dev/null"
-                     " | sha256sum")
-    assert after.split()[0] == sha1
+    # fio in the guest and guest-initiated reboots are exercised against our own target
+    # (test_e2e_blk.py); here the harness only proves its disk path on a known-good peer.
 
     assert vm.poweroff() == 0
     assert qsd["proc"].poll() is None, "qemu-storage-daemon died"
