@@ -65,8 +65,9 @@ class QsdRbdTarget(rb.Target):
         if os.path.exists(sock):
             os.unlink(sock)
         self._spawn(["qemu-storage-daemon", "--blockdev",
-                     f"driver=rbd,pool=rbd,image={IMAGE},conf={self.ceph.conf},user=admin,node-name=r0,"
-                     "cache.direct=on",
+                     f"driver=rbd,pool=rbd,image={IMAGE},conf={self.args.client_conf},user=admin,node-name=r0,"
+                     # QEMU's rbd driver sets rbd_cache from this (off with direct=on)
+                     f"cache.direct={'on' if self.args.cache == 'off' else 'off'}",
                      "--export", "type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,"
                      f"addr.path={sock},writable=on"])
         self._wait_socket(sock, 30)
@@ -92,7 +93,7 @@ class OursRbdTarget(rb.OursTarget):
         self._spawn(cmd if self.poll else cmd + ["--interrupt-mode"])
         self._wait_socket(self.rpc_sock, 30)
         pin = ["--core-mask", hex(1 << self.args.loadgen_cpu)] if self.poll else []
-        self.rpc("bdev_rbd_register_cluster", "c0", "--config-file", str(self.ceph.conf), *pin)
+        self.rpc("bdev_rbd_register_cluster", "c0", "--config-file", str(self.args.client_conf), *pin)
         self.rpc("bdev_rbd_create", "rbd", IMAGE, "4096", "-b", "Ceph0", "-c", "c0")
         self.rpc("vhost_create_blk_controller", "--cpumask", self.mask, "vhost.0", "Ceph0")
         sock = str(sockdir / "vhost.0")
@@ -109,7 +110,7 @@ class OursRbdTarget(rb.OursTarget):
 def run_rbd_bench(args, ceph: CephCluster, rw: str, qd: int) -> dict:
     io_type = "read" if rw == "randread" else "write"
     total = max(args.bench_ops, 1000) * args.bs
-    cmd = ["taskset", "-c", str(args.target_cpu), "rbd", "-c", str(ceph.conf), "bench", "--io-type", io_type,
+    cmd = ["taskset", "-c", str(args.target_cpu), "rbd", "-c", str(args.client_conf), "bench", "--io-type", io_type,
            "--io-size", str(args.bs), "--io-threads", str(qd), "--io-total", str(total), "--io-pattern", "rand",
            f"rbd/{IMAGE}"]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -147,6 +148,9 @@ def main() -> int:
                     else "vhost-rpc")
     ap.add_argument("--out", default=None, help="also save <name>.md/.json there (e.g. bench/results)")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--cache", choices=("rbd-cli", "off"), default="rbd-cli",
+                    help="librbd's cache for every target alike: as the rbd CLI sets it (on, writes "
+                         "acknowledged before a first flush too), or off")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -159,12 +163,21 @@ def main() -> int:
     ceph = CephCluster(memstore_bytes=(args.size_mib + 512) << 20)
     try:
         ceph.start()
+        # One client configuration for all three, so that librbd behaves the same under each:
+        # the rbd CLI turns rbd_cache_writethrough_until_flush off for itself (a tool has no
+        # guest that would flush), so with the cache on every target gets that too.
+        args.client_conf = workdir / "client.conf"
+        extra = ("rbd cache = false\n" if args.cache == "off" else
+                 "rbd cache = true\nrbd cache writethrough until flush = false\n")
+        args.client_conf.write_text(ceph.conf.read_text() + "\n[client]\n" + extra)
         ceph.rbd("create", "--size", f"{args.size_mib}M", f"rbd/{IMAGE}")
         rb.log(f"writing {args.size_mib} MiB to rbd/{IMAGE} (once)")
         ceph.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-threads", "4", "--io-total",
                  f"{args.size_mib}M", "--io-pattern", "seq", f"rbd/{IMAGE}", timeout=300)
         for rep in range(args.repeat):
-            for t in targets:
+            # Every other repeat in reverse: the OSD's state drifts as the runs write, and a
+            # target measured always last would always pay for it.
+            for t in (targets if rep % 2 == 0 else targets[::-1]):
                 if t == "rbd-bench":
                     for rw, qd in WORKLOADS:
                         res = run_rbd_bench(args, ceph, rw, qd)
@@ -242,7 +255,9 @@ def main() -> int:
            f"load generator on core {args.loadgen_cpu}; {args.time:g}s (+{args.warmup:g}s warmup) per "
            f"loadgen run, {args.bench_ops} I/Os per rbd bench run, best of {args.repeat}. rbd bench's CPU "
            f"includes its own I/O generation. Bars: ours >= {BARS['rbd-bench']}x rbd bench, "
-           f">= {BARS['qsd']}x qsd (IOPS).")
+           f">= {BARS['qsd']}x qsd (IOPS). librbd's cache for all: "
+           + ("off (rbd_cache=false; qsd cache.direct=on)." if args.cache == "off" else
+              "on, as the rbd CLI sets it (rbd_cache_writethrough_until_flush=false; qsd cache.direct=off)."))
     print("\n" + hdr + "\n\n" + rb.text_table(rows) + "\n\n" + rb.text_table(ratio_rows))
     if args.out:
         outdir = Path(args.out)
