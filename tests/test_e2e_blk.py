@@ -73,23 +73,6 @@ def test_data_survives_guest_reboot_and_qemu_restart(vhost_daemon):
     assert "Traceback" not in d.log()
 
 
-def test_fio_randrw_verify_on_four_queues(vhost_daemon):
-    d = vhost_daemon
-    make_disk(d, mb=64)
-    with blk_vm(d, "vhost.1", num_queues=4, smp=4, mem_mb=768) as vm:
-        vm.start().wait_ready(timeout=180)
-        assert vm.check("ls /sys/block/vda/mq | wc -l").strip() == "4"
-        out = vm.check("fio --name=v --filename=/dev/vda --rw=randrw --bs=4k --iodepth=16 "
-                       "--ioengine=libaio --direct=1 --size=8M --numjobs=4 --offset_increment=8M "
-                       "--cpus_allowed=0-3 --cpus_allowed_policy=split "
-                       "--verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting", timeout=600)
-        assert "err= 0" in out, out
-    stats = d.rpc("vhost_get_queue_stats", ctrlr="vhost.1")
-    busy = [q for q in stats if q["requests"] > 100]
-    assert len(busy) == 4, f"expected I/O on all four queues: {stats}"
-    assert all(q["errors"] == 0 for q in stats), stats
-
-
 def test_readonly_controller_refuses_writes(vhost_daemon):
     d = vhost_daemon
     make_disk(d, readonly=True)

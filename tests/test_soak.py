@@ -275,6 +275,7 @@ def test_two_vms_through_churn_kill_9_and_migration_round_after_round(tmp_path, 
             left = blk.current
             blk.cur = 1 - blk.cur
             wait_requests(blk.current, "vhost.0", 0, 60, f"round {rnd}: vm-blk after the migration")
+            assert "Controller vhost.0: dirty page logging started (live migration)" in left.log()
 
             runs_blk = finish_fio(vm_blk, f"vm-blk, round {rnd}")
             runs_scsi = finish_fio(vm_scsi, f"vm-scsi, round {rnd}")
@@ -283,6 +284,10 @@ def test_two_vms_through_churn_kill_9_and_migration_round_after_round(tmp_path, 
             vm_blk.kill()
             vms.remove(vm_blk)
             vm_blk.close()
+            # One fio job per vCPU: every queue carried I/O, none failed a request.
+            stats = left.rpc("vhost_get_queue_stats", ctrlr="vhost.0")[:QUEUES]
+            assert all(q["requests"] > 0 for q in stats) and not any(q["errors"] for q in stats), \
+                f"round {rnd}: vm-blk's four queues on the daemon it left: {stats}"
             # The daemons the VM left hold nothing of it any more.
             for d in (left, blk.current):
                 wait_no_session(d, "vhost.0", timeout=30)
@@ -299,6 +304,10 @@ def test_two_vms_through_churn_kill_9_and_migration_round_after_round(tmp_path, 
                           f"rss {samples[-1][1] // 1024} MiB")
             print(report[-1], flush=True)
 
+        stats = scsi_d.rpc("vhost_get_queue_stats", ctrlr="vhost.0")
+        busy = [q["queue"] for q in stats if q["requests"] > 100]
+        assert busy == [2, 3, 4, 5], f"expected I/O on vm-scsi's four request queues: {stats}"
+        assert all(q["errors"] == 0 for q in stats), stats
         errs = guest_io_errors(vm_scsi)
         assert not errs, "vm-scsi logged I/O errors:\n" + "\n".join(errs[-20:])
         # Level from the first round on: the same open files, RSS within 16 MiB.
