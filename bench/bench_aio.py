@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import signal
 import statistics
@@ -47,24 +46,13 @@ WORKLOADS = [("randread", 32), ("randwrite", 32)]
 BARS = {"fio": 0.9, "qsd": 1.0}
 
 
-class QsdFileTarget(rb.Target):
+class QsdFileTarget(rb.QsdTarget):
     def __init__(self, name, args, workdir, logdir, path: str):
         super().__init__(name, args, workdir, logdir)
         self.path = path
 
-    def start(self) -> str:
-        if not shutil.which("qemu-storage-daemon"):
-            raise rb.TargetError("qemu-storage-daemon not found (apt-get install qemu-utils)")
-        sock = str(self.workdir / "qsd.sock")
-        if os.path.exists(sock):
-            os.unlink(sock)
-        self._spawn(["qemu-storage-daemon", "--blockdev",
-                     f"driver=file,filename={self.path},aio=native,cache.direct=on,node-name=f0",
-                     "--export", "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
-                     f"addr.path={sock},writable=on"])
-        self._wait_socket(sock, 20)
-        self.socket_path = sock
-        return sock
+    def blockdev(self) -> str:
+        return f"driver=file,filename={self.path},aio=native,cache.direct=on,node-name=n0"
 
 
 class OursFileTarget(rb.OursTarget):
@@ -75,31 +63,9 @@ class OursFileTarget(rb.OursTarget):
         self.interrupt = interrupt
         self.engine = engine
 
-    def start(self) -> str:
-        sockdir = self.workdir / "vhost"
-        sockdir.mkdir(exist_ok=True)
-        self.rpc_sock = str(self.workdir / "rpc.sock")
-        for p in (self.rpc_sock, str(sockdir / "vhost.0")):
-            if os.path.exists(p):
-                os.unlink(p)
-        cmd = shlex.split(self.args.vhost_cmd) + ["-S", str(sockdir), "-m", self.mask, "-r", self.rpc_sock]
-        if self.interrupt:
-            cmd.append("--interrupt-mode")
-        self._spawn(cmd)
-        self._wait_socket(self.rpc_sock, 30)
+    def create_bdev(self) -> str:
         self.rpc("bdev_aio_create", self.path, "Aio0", "--engine", self.engine)
-        self.rpc("vhost_create_blk_controller", "--cpumask", self.mask, "vhost.0", "Aio0")
-        sock = str(sockdir / "vhost.0")
-        self._wait_socket(sock, 20)
-        # _wait_socket's probe connection is a front-end too, and the controller serves one
-        # at a time: wait until it is gone, or the load generator would be refused.
-        deadline = time.monotonic() + 20
-        while json.loads(self.rpc("vhost_get_controllers", "-n", "vhost.0"))[0]["sessions"]:
-            if time.monotonic() > deadline:
-                raise rb.TargetError(f"{self.name}: the probe connection to {sock} did not go away")
-            time.sleep(0.1)
-        self.socket_path = sock
-        return sock
+        return "Aio0"
 
 
 def make_target(name: str, args, workdir: Path, logdir: Path, path: str) -> rb.Target:

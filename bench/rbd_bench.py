@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
-import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,26 +50,17 @@ BARS = {"rbd-bench": 0.9, "qsd": 1.0}
 IMAGE = "bench"
 
 
-class QsdRbdTarget(rb.Target):
+class QsdRbdTarget(rb.QsdTarget):
+    install_hint = "apt-get install qemu-utils qemu-block-extra"
+
     def __init__(self, name, args, workdir, logdir, ceph: CephCluster):
         super().__init__(name, args, workdir, logdir)
         self.ceph = ceph
 
-    def start(self) -> str:
-        if not shutil.which("qemu-storage-daemon"):
-            raise rb.TargetError("qemu-storage-daemon not found (apt-get install qemu-utils qemu-block-extra)")
-        sock = str(self.workdir / "qsd.sock")
-        if os.path.exists(sock):
-            os.unlink(sock)
-        self._spawn(["qemu-storage-daemon", "--blockdev",
-                     f"driver=rbd,pool=rbd,image={IMAGE},conf={self.args.client_conf},user=admin,node-name=r0,"
-                     # QEMU's rbd driver sets rbd_cache from this (off with direct=on)
-                     f"cache.direct={'on' if self.args.cache == 'off' else 'off'}",
-                     "--export", "type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,"
-                     f"addr.path={sock},writable=on"])
-        self._wait_socket(sock, 30)
-        self.socket_path = sock
-        return sock
+    def blockdev(self) -> str:
+        # QEMU's rbd driver sets rbd_cache from cache.direct (off with direct=on).
+        return (f"driver=rbd,pool=rbd,image={IMAGE},conf={self.args.client_conf},user=admin,node-name=n0,"
+                f"cache.direct={'on' if self.args.cache == 'off' else 'off'}")
 
 
 class OursRbdTarget(rb.OursTarget):
@@ -81,30 +69,13 @@ class OursRbdTarget(rb.OursTarget):
         self.needs_precondition = False
         self.ceph = ceph
         self.poll = poll
+        self.interrupt = not poll
 
-    def start(self) -> str:
-        sockdir = self.workdir / "vhost"
-        sockdir.mkdir(exist_ok=True)
-        self.rpc_sock = str(self.workdir / "rpc.sock")
-        for p in (self.rpc_sock, str(sockdir / "vhost.0")):
-            if os.path.exists(p):
-                os.unlink(p)
-        cmd = shlex.split(self.args.vhost_cmd) + ["-S", str(sockdir), "-m", self.mask, "-r", self.rpc_sock]
-        self._spawn(cmd if self.poll else cmd + ["--interrupt-mode"])
-        self._wait_socket(self.rpc_sock, 30)
+    def create_bdev(self) -> str:
         pin = ["--core-mask", hex(1 << self.args.loadgen_cpu)] if self.poll else []
         self.rpc("bdev_rbd_register_cluster", "c0", "--config-file", str(self.args.client_conf), *pin)
         self.rpc("bdev_rbd_create", "rbd", IMAGE, "4096", "-b", "Ceph0", "-c", "c0")
-        self.rpc("vhost_create_blk_controller", "--cpumask", self.mask, "vhost.0", "Ceph0")
-        sock = str(sockdir / "vhost.0")
-        self._wait_socket(sock, 20)
-        deadline = time.monotonic() + 20
-        while json.loads(self.rpc("vhost_get_controllers", "-n", "vhost.0"))[0]["sessions"]:
-            if time.monotonic() > deadline:
-                raise rb.TargetError(f"{self.name}: the probe connection to {sock} did not go away")
-            time.sleep(0.1)
-        self.socket_path = sock
-        return sock
+        return "Ceph0"
 
 
 def run_rbd_bench(args, ceph: CephCluster, rw: str, qd: int) -> dict:

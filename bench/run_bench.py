@@ -284,24 +284,28 @@ class Target:
 
 
 class QsdTarget(Target):
-    def __init__(self, name, args, workdir, logdir, read_zeroes: bool):
+    """qemu-storage-daemon exporting one --blockdev (node n0) as vhost-user-blk.  The
+    other benchmarks subclass it with their own blockdev()."""
+    install_hint = "apt-get install qemu-utils"
+
+    def __init__(self, name, args, workdir, logdir, read_zeroes: bool = False):
         super().__init__(name, args, workdir, logdir)
         self.read_zeroes = read_zeroes
 
+    def blockdev(self) -> str:
+        bd = f"driver=null-co,node-name=n0,size={DEV_SIZE_MIB * 1024 * 1024}"
+        return bd + ",read-zeroes=on" if self.read_zeroes else bd
+
     def start(self) -> str:
         if not shutil.which("qemu-storage-daemon"):
-            raise TargetError("qemu-storage-daemon not found (apt-get install qemu-utils)")
+            raise TargetError(f"qemu-storage-daemon not found ({self.install_hint})")
         sock = str(self.workdir / "qsd.sock")
         if os.path.exists(sock):
             os.unlink(sock)
-        bd = f"driver=null-co,node-name=n0,size={DEV_SIZE_MIB * 1024 * 1024}"
-        if self.read_zeroes:
-            bd += ",read-zeroes=on"
-        cmd = ["qemu-storage-daemon", "--blockdev", bd, "--export",
-               "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,"
-               f"addr.path={sock},writable=on"]
-        self._spawn(cmd)
-        self._wait_socket(sock, 20)
+        self._spawn(["qemu-storage-daemon", "--blockdev", self.blockdev(), "--export",
+                     "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,"
+                     f"addr.path={sock},writable=on"])
+        self._wait_socket(sock, 30)
         self.socket_path = sock
         return sock
 
@@ -342,6 +346,21 @@ class OursTarget(Target):
                               f"{(r.stderr or r.stdout).strip()}")
         return r.stdout
 
+    #: Reactor in --interrupt-mode (the other benchmarks' variants set it).
+    interrupt = False
+
+    def daemon_args(self) -> list[str]:
+        """The target's command line beyond sockets, mask and RPC socket."""
+        return ["--interrupt-mode"] if self.interrupt else []
+
+    def create_bdev(self) -> str:
+        """Make the bdev the controller serves (the daemon answers RPCs); its name."""
+        if self.bdev == "null":
+            self.rpc("bdev_null_create", "Null0", str(DEV_SIZE_MIB), "512")
+            return "Null0"
+        self.rpc("bdev_malloc_create", str(DEV_SIZE_MIB), "512", "-b", "Malloc0")
+        return "Malloc0"
+
     def start(self) -> str:
         sockdir = self.workdir / "vhost"
         sockdir.mkdir(exist_ok=True)
@@ -349,16 +368,10 @@ class OursTarget(Target):
         for p in (self.rpc_sock, str(sockdir / "vhost.0")):
             if os.path.exists(p):
                 os.unlink(p)
-        cmd = shlex.split(self.args.vhost_cmd) + ["-S", str(sockdir), "-m", self.mask,
-                                                  "-r", self.rpc_sock]
-        self._spawn(cmd)
+        self._spawn(shlex.split(self.args.vhost_cmd) + ["-S", str(sockdir), "-m", self.mask,
+                                                        "-r", self.rpc_sock] + self.daemon_args())
         self._wait_socket(self.rpc_sock, 30, probe=True)
-        if self.bdev == "null":
-            self.rpc("bdev_null_create", "Null0", str(DEV_SIZE_MIB), "512")
-            name = "Null0"
-        else:
-            self.rpc("bdev_malloc_create", str(DEV_SIZE_MIB), "512", "-b", "Malloc0")
-            name = "Malloc0"
+        name = self.create_bdev()
         self.rpc("vhost_create_blk_controller", "--cpumask", self.mask, "vhost.0", name)
         sock = str(sockdir / "vhost.0")
         self._wait_socket(sock, 20)
