@@ -37,7 +37,7 @@ IGNORED_NOTICES = [
     ("bdev_raid_set_options: ignored process_window_size_kb", "RAID bdevs are not implemented"),
     ("bdev_nvme_set_options: ignored action_on_timeout", "no such knob"),
     ('framework_set_scheduler name="static": ignored', "static scheduler"),
-    ("bdev_nvme_set_hotplug enable=false: ignored period_us", "PCIe transport is not implemented yet"),
+    ("bdev_nvme_set_hotplug enable=false: ignored period_us", "removal is always noticed"),
 ]
 
 

@@ -1,0 +1,188 @@
+"""Runs INSIDE the VFIO test guest (test_pcie_guest.py), chrooted into the host's root: the
+project's daemon and the test front-end, against QEMU's emulated NVMe controller through
+VFIO.  Asserts what it can see from inside; prints ``PCIE-RESULT <json>`` with what it wrote,
+for the host to find in the image file after the guest powered off.
+
+Usage: pcie_guest_run.py SERIAL IMAGE_BYTES
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vhost_core.rpc.registry import RpcError
+from vhost_core.testing import connect_blk
+from vhost_core.testing.constants import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT
+from vhost_core.testing.daemon import VhostDaemon
+
+SERIAL, IMAGE_BYTES = sys.argv[1], int(sys.argv[2])
+T0 = time.monotonic()
+BLK_HDR = struct.Struct("<IIQ")
+
+
+def say(what: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {what}", flush=True)
+
+
+def rpc_error(d: VhostDaemon, method: str, **params) -> RpcError:
+    try:
+        d.rpc(method, **params)
+    except RpcError as exc:
+        return exc
+    raise AssertionError(f"{method} {params} succeeded")
+
+
+def nvme_function() -> str:
+    found = [os.path.basename(p) for p in glob.glob("/sys/bus/pci/devices/*")
+             if open(os.path.join(p, "class")).read().strip() == "0x010802"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def driver_of(bdf: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/driver"))
+    except OSError:
+        return None
+
+
+def stats(d: VhostDaemon) -> dict:
+    return d.rpc("bdev_nvme_get_controllers", name="Nvme0")[0]["ctrlrs"][0]["stats"]
+
+
+def main() -> None:
+    bdf = nvme_function()
+    work = Path("/tmp/vhost-pcie")
+    work.mkdir(parents=True, exist_ok=True)
+    d = VhostDaemon(work, cpumask="0x1").start(timeout=120)
+    say(f"daemon up; NVMe function {bdf}, driver {driver_of(bdf)}")
+    written: list[tuple[int, int, str]] = []      # (byte offset, length, sha256) the image must hold
+    zeroed: list[tuple[int, int]] = []
+    discarded: list[tuple[int, int]] = []
+    try:
+        # ---- bad input, before the function is vfio-pci's: the error gives the lines to run
+        assert driver_of(bdf) is None
+        e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr=bdf)
+        assert e.code == -errno.EBUSY and "bound to no driver, not vfio-pci" in e.message, e.message
+        assert f"echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override" in e.message, e.message
+        lines = e.message.split("with: ", 1)[1].split("; ")
+        for line in lines:
+            if line.startswith("echo"):              # the modules were loaded at boot
+                subprocess.run(["sh", "-c", line], check=True)
+        assert driver_of(bdf) == "vfio-pci", driver_of(bdf)
+        e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr="0000:00:00.0")
+        assert e.code == -errno.ENODEV and "0000:00:00.0 is not an NVMe controller (class 0x060000" in e.message, \
+            e.message
+        assert d.rpc("bdev_nvme_get_controllers") == [] and d.rpc("bdev_get_bdevs") == []
+        say("bad input refused")
+
+        # ---- attach
+        names = d.rpc("bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr=bdf)
+        assert names == ["Nvme0n1"], names
+        say("attached")
+        b = d.rpc("bdev_get_bdevs", name="Nvme0n1")[0]
+        nv = b["driver_specific"]["nvme"][0]
+        assert b["product_name"] == "NVMe disk" and b["block_size"] * b["num_blocks"] == IMAGE_BYTES, b
+        assert nv["pci_address"] == bdf and nv["trid"]["trtype"] == "PCIe" and nv["trid"]["traddr"] == bdf, nv
+        assert nv["ctrlr_data"]["serial_number"] == SERIAL, nv
+        assert nv["ctrlr_data"]["model_number"].startswith("QEMU NVMe"), nv
+        assert {"read", "write", "flush", "unmap", "write_zeroes"} <= {t for t, v in b["supported_io_types"].items()
+                                                                      if v}, b
+        e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme1", trtype="pcie", traddr=bdf)
+        assert e.code == -errno.EEXIST and f"{bdf} is already attached as 'Nvme0'" in e.message, e.message
+        e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr=bdf)
+        assert e.code == -errno.EEXIST and "'Nvme0' already exists" in e.message, e.message
+        assert [c["name"] for c in d.rpc("bdev_nvme_get_controllers")] == ["Nvme0"]
+        cfg = [c for c in d.rpc("framework_get_config", name="bdev") if c["method"] == "bdev_nvme_attach_controller"]
+        assert cfg and cfg[0]["params"]["trtype"] == "pcie" and cfg[0]["params"]["traddr"] == bdf, cfg
+
+        # ---- I/O through a vhost-blk controller; the buffers are the front-end's guest memory,
+        # DMA-mapped into the IOMMU by the core's memory registration.
+        d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="Nvme0n1")
+        with connect_blk(d.socket("vhost.0"), num_queues=2) as dev:
+            def write(sector: int, data: bytes, queue: int = 0) -> None:
+                dev.write(sector, data, queue=queue)
+                written.append((sector * 512, len(data), hashlib.sha256(data).hexdigest()))
+
+            cases = [(0, 4096), (2048, 65536), (8192, (1 << 20) + 4096), (20480, 512 * 7)]
+            for i, (sector, n) in enumerate(cases):
+                data = os.urandom(n)
+                write(sector, data, queue=i % 2)
+                assert dev.read(sector, n // 512, queue=(i + 1) % 2) == data, f"read back at sector {sector}"
+            say("read/write verified (one page, 64 KiB, 1 MiB + 4 KiB split at MDTS, 3.5 KiB)")
+            # Scattered 512-byte buffers: no PRP list describes them, an SGL does.
+            mem = dev.memory
+            segs = [os.urandom(512) for _ in range(4)]
+            gpas = [mem.alloc_bytes(s, 4096) for s in segs]
+            hdr = mem.alloc_bytes(BLK_HDR.pack(VIRTIO_BLK_T_OUT, 0, 30000), 16)
+            st = mem.alloc_bytes(b"\xff", 1)
+            dev.chain(0, [(hdr, 16, False)] + [(g, 512, False) for g in gpas] + [(st, 1, True)])
+            assert mem.read(st, 1)[0] == VIRTIO_BLK_S_OK
+            joined = b"".join(segs)
+            written.append((30000 * 512, len(joined), hashlib.sha256(joined).hexdigest()))
+            assert dev.read(30000, 4) == joined
+            # Page-aligned buffers in pieces (as a Linux guest's are): a PRP list describes them.
+            pieces = [os.urandom(8192), os.urandom(24576), os.urandom(4096)]
+            gpas = [mem.alloc_bytes(p, 4096) for p in pieces]
+            hdr = mem.alloc_bytes(BLK_HDR.pack(VIRTIO_BLK_T_OUT, 0, 31000), 16)
+            st = mem.alloc_bytes(b"\xff", 1)
+            dev.chain(1, [(hdr, 16, False)] + [(g, len(p), False) for g, p in zip(gpas, pieces)] + [(st, 1, True)])
+            assert mem.read(st, 1)[0] == VIRTIO_BLK_S_OK
+            joined = b"".join(pieces)
+            written.append((31000 * 512, len(joined), hashlib.sha256(joined).hexdigest()))
+            assert dev.read(31000, len(joined) // 512) == joined
+            dev.flush()
+            s = stats(d)
+            assert s["sgls"] >= 1 and s["prp_lists"] >= 1 and s["commands"] >= 8, s
+            say(f"SGL and PRP-list writes verified, flushed; stats {s}")
+            # Write zeroes over data, and a discard (whose blocks the host check leaves out).
+            write(40960, os.urandom(65536))
+            written.pop()
+            dev.write_zeroes(40960, 128)
+            assert dev.read(40960, 128) == bytes(65536)
+            zeroed.append((40960 * 512, 65536))
+            dev.discard(61440, 256)
+            discarded.append((61440 * 512, 256 * 512))
+            s = stats(d)
+            assert s["completed"]["write_zeroes"] >= 1 and s["completed"]["unmap"] >= 1, s
+            assert s["errors"] == {k: 0 for k in s["errors"]} and s["timeouts"] == 0, s
+            say("write zeroes and unmap done")
+            iostat = d.rpc("bdev_get_iostat", name="Nvme0n1")["bdevs"][0]
+            assert iostat["num_write_ops"] >= 6 and iostat["num_read_ops"] >= 6, iostat
+
+            # ---- detach: the bdev goes (the device's I/O fails), the function is released
+            assert d.rpc("bdev_nvme_detach_controller", name="Nvme0") is True
+            assert d.rpc("bdev_get_bdevs") == [] and d.rpc("bdev_nvme_get_controllers") == []
+            try:
+                dev.read(0, 8)
+                raise AssertionError("I/O on a detached NVMe bdev succeeded")
+            except Exception as exc:       # BlkIOError: IOERR
+                assert "IOERR" in str(exc) or "status" in str(exc), exc
+        say("detached")
+        # Released: it attaches again, and what was written is there.
+        assert d.rpc("bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr=bdf) == ["Nvme0n1"]
+        d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="Nvme0n1")
+        with connect_blk(d.socket("vhost.1"), num_queues=1) as dev:
+            off, n, sha = written[0]
+            assert hashlib.sha256(dev.read(off // 512, n // 512)).hexdigest() == sha
+        assert d.rpc("bdev_nvme_detach_controller", name="Nvme0") is True
+        say("re-attached after detach, data still there, detached again")
+        log = d.log()
+        assert "Traceback" not in log, log
+    finally:
+        d.stop()
+    print("PCIE-RESULT " + json.dumps({"written": written, "zeroed": zeroed, "discarded": discarded,
+                                       "seconds": round(time.monotonic() - T0, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
