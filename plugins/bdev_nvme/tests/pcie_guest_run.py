@@ -3,7 +3,12 @@ project's daemon and the test front-end, against QEMU's emulated NVMe controller
 VFIO.  Asserts what it can see from inside; prints ``PCIE-RESULT <json>`` with what it wrote,
 for the host to find in the image file after the guest powered off.
 
-Usage: pcie_guest_run.py SERIAL IMAGE_BYTES
+Usage: pcie_guest_run.py SERIAL IMAGE_BYTES READY_FILE
+
+Two daemons start at once (their start-up, Python over 9p under TCG, is most of the time):
+the first serves the checks of main(); the second, which never uses SGLs (as on an SSD
+without them, so that unaligned buffers go through bounce buffers), serves hotremove(): it
+writes READY_FILE once its I/O runs and the host then unplugs the controller.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from vhost_core.testing import connect_blk
 from vhost_core.testing.constants import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT
 from vhost_core.testing.daemon import VhostDaemon
 
-SERIAL, IMAGE_BYTES = sys.argv[1], int(sys.argv[2])
 T0 = time.monotonic()
 BLK_HDR = struct.Struct("<IIQ")
 
@@ -59,11 +63,104 @@ def stats(d: VhostDaemon) -> dict:
     return d.rpc("bdev_nvme_get_controllers", name="Nvme0")[0]["ctrlrs"][0]["stats"]
 
 
-def main() -> None:
+def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
+    """Bounce buffers, then I/O while the host unplugs the controller (QMP device_del): the
+    kernel's VFIO request interrupt makes the daemon hot-remove Nvme0n1 and release the
+    function, so that the removal completes; the vhost-blk device then fails every I/O."""
     bdf = nvme_function()
-    work = Path("/tmp/vhost-pcie")
+    try:
+        d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="Nvme0n1")
+        ok = failed = 0
+        written: list[tuple[int, int, str]] = []
+        with connect_blk(d.socket("vhost.0"), num_queues=1) as dev:
+            mem = dev.memory
+            segs = [os.urandom(512) for _ in range(4)]
+            gpas = [mem.alloc_bytes(x, 4096) for x in segs]
+            hdr = mem.alloc_bytes(BLK_HDR.pack(VIRTIO_BLK_T_OUT, 0, 50000), 16)
+            st = mem.alloc_bytes(b"\xff", 1)
+            dev.chain(0, [(hdr, 16, False)] + [(g, 512, False) for g in gpas] + [(st, 1, True)])
+            assert mem.read(st, 1)[0] == VIRTIO_BLK_S_OK
+            assert dev.read(50000, 4) == b"".join(segs)
+            written.append((50000 * 512, 2048, hashlib.sha256(b"".join(segs)).hexdigest()))
+            big = os.urandom(300 * 1024)         # in unaligned pieces, above one bounce buffer
+            dev.write(50008, big)
+            written.append((50008 * 512, len(big), hashlib.sha256(big).hexdigest()))
+            assert dev.read(50008, len(big) // 512) == big
+            s = stats(d)
+            assert s["bounced"] >= 4 and s["sgls"] == 0 and s["unaligned_failed"] == 0, s
+            say(f"bounce buffers verified: {s['bounced']} commands bounced")
+            data = os.urandom(65536)
+            written.append((4096 * 512, len(data), hashlib.sha256(data).hexdigest()))   # written over and over
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                try:
+                    dev.write(4096, data)
+                    assert dev.read(4096, 128) == data
+                    ok += 1
+                    if ok == 3:
+                        Path(ready_file).write_text("ready")
+                        say("I/O running; ready for device_del")
+                except AssertionError:
+                    raise
+                except Exception as exc:
+                    failed += 1
+                    if failed == 1:
+                        say(f"first failed I/O after {ok} good ones: {exc}")
+                    if not d.rpc("bdev_get_bdevs"):
+                        break
+                    time.sleep(0.05)
+            assert ok >= 3 and failed >= 1, (ok, failed)
+            assert d.rpc("bdev_get_bdevs") == [] and d.rpc("bdev_nvme_get_controllers") == []
+            for _ in range(3):                   # the vhost-blk device fails every further I/O
+                try:
+                    dev.read(0, 8)
+                    raise AssertionError("I/O on a hot-removed NVMe bdev succeeded")
+                except AssertionError:
+                    raise
+                except Exception:
+                    pass
+        log = d.wait_log("hot-removed", timeout=30)
+        assert f"the kernel asks for {bdf} back" in log and "Traceback" not in log, log
+        deadline = time.monotonic() + 60
+        while os.path.exists(f"/sys/bus/pci/devices/{bdf}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not os.path.exists(f"/sys/bus/pci/devices/{bdf}"), "the removal did not complete"
+        say("hot-removed: bdev gone, I/O fails, the function left the guest")
+        assert d.alive()
+    finally:
+        d.stop()
+    return written
+
+
+def start_daemon(name: str, env: dict | None = None) -> VhostDaemon:
+    work = Path("/tmp") / name
     work.mkdir(parents=True, exist_ok=True)
-    d = VhostDaemon(work, cpumask="0x1").start(timeout=120)
+    d = VhostDaemon(work, cpumask="0x1", env=env)
+    d.socket_dir.mkdir(parents=True, exist_ok=True)
+    d._logf = open(d.log_path, "wb")
+    d.proc = subprocess.Popen(d.args, stdout=d._logf, stderr=subprocess.STDOUT, env=d.env)
+    return d
+
+
+def wait_up(d: VhostDaemon, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert d.proc.poll() is None, d.log()
+        try:
+            d.rpc("spdk_get_version")
+            return
+        except (OSError, RpcError):
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.2)
+
+
+def main() -> None:
+    SERIAL, IMAGE_BYTES, ready_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    bdf = nvme_function()
+    d = start_daemon("vhost-pcie")
+    # As on an SSD without SGLs: buffers PRPs cannot describe go through bounce buffers.
+    d2 = start_daemon("vhost-pcie-nosgl", {"VHOST_NVME_NO_SGL": "1"})
+    wait_up(d)
     say(f"daemon up; NVMe function {bdf}, driver {driver_of(bdf)}")
     written: list[tuple[int, int, str]] = []      # (byte offset, length, sha256) the image must hold
     zeroed: list[tuple[int, int]] = []
@@ -180,6 +277,9 @@ def main() -> None:
         assert "Traceback" not in log, log
     finally:
         d.stop()
+    wait_up(d2)
+    assert d2.rpc("bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr=bdf) == ["Nvme0n1"]
+    written += hotremove(d2, ready_file)
     print("PCIE-RESULT " + json.dumps({"written": written, "zeroed": zeroed, "discarded": discarded,
                                        "seconds": round(time.monotonic() - T0, 1)}), flush=True)
 

@@ -10,13 +10,17 @@ gives the lines that bind it, which are then run; not an NVMe controller; attach
 another name and under the same name), attach (bdev names, SPDK's driver_specific.nvme with
 pci_address, model and serial, save_config), read/write through PRPs and PRP lists, a request
 split at MDTS, an SGL for scattered buffers, flush, write zeroes, unmap, detach (the bdev goes,
-the front-end's I/O fails) and attaching again (the VFIO group was released).
+the front-end's I/O fails) and attaching again (the VFIO group was released).  Then, with the
+controller behind a pcie-root-port, QMP device_del while the front-end reads and writes: the
+VFIO request interrupt makes the daemon hot-remove the bdev (the vhost-blk device fails every
+further I/O) and let go of the function, so that the removal completes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 SERIAL = "VHOSTPYVFIO0001"
@@ -27,14 +31,27 @@ FILL = 0x5A
 def test_pcie_controller_through_vfio_in_a_guest(vfio_mod, tmp_path):
     disk = tmp_path / "nvme.img"
     disk.write_bytes(bytes([FILL]) * IMAGE_BYTES)
-    g = vfio_mod.VfioGuest(str(disk), SERIAL)
+    script = Path(__file__).with_name("pcie_guest_run.py")
+    g = vfio_mod.VfioGuest(str(disk), SERIAL, root_port=True)
     try:
         g.start()
-        out = g.run_python(Path(__file__).with_name("pcie_guest_run.py"), SERIAL, str(IMAGE_BYTES))
-        print(f"boot + setup {g.boot_s:.1f} s\n{out}")
-        lines = [line for line in out.splitlines() if line.startswith("PCIE-RESULT ")]
-        assert lines, out
+        t0 = time.monotonic()
+        g.start_python(script, SERIAL, str(IMAGE_BYTES), "/tmp/hr-ready", log="/tmp/pcie.log")
+        log = ""
+        while g.read_file("/tmp/hr-ready") is None:
+            log = g.read_file("/tmp/pcie.log") or ""
+            assert "Traceback" not in log and time.monotonic() - t0 < 150, log
+            time.sleep(0.5)
+        g.vm.qmp("device_del", id="nvme0")      # while the front-end's I/O runs
+        while not (lines := [x for x in log.splitlines() if x.startswith("PCIE-RESULT ")]):
+            assert "Traceback" not in log and time.monotonic() - t0 < 240, log
+            time.sleep(0.5)
+            log = g.read_file("/tmp/pcie.log") or ""
+        print(f"boot + setup {g.boot_s:.1f} s, then {time.monotonic() - t0:.1f} s\n{log}")
         result = json.loads(lines[-1].split(" ", 1)[1])
+        g.vm.qmp("query-status")
+        assert any(e["event"] == "DEVICE_DELETED" and e.get("data", {}).get("device") == "nvme0"
+                   for e in g.vm.qmp_events), g.vm.qmp_events
         assert g.vm.poweroff() == 0
     finally:
         g.close()

@@ -49,7 +49,7 @@ class VfioGuest:
 
     def __init__(self, disk: str, serial: str, *, root_port: bool = False, name: str = "vfio") -> None:
         kernel, initrd = image()
-        nvme = f"nvme,serial={serial},drive=nvm0" + (",bus=rp0" if root_port else "")
+        nvme = f"nvme,id=nvme0,serial={serial},drive=nvm0" + (",bus=rp0" if root_port else "")
         devices = ["-device", "intel-iommu,aw-bits=48",
                    "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
                    "-drive", f"file={disk},format=raw,if=none,id=nvm0,cache=writeback"]
@@ -75,13 +75,26 @@ class VfioGuest:
         self.boot_s = time.monotonic() - t0
         return self
 
+    @staticmethod
+    def python_command(script: Path, *args: str) -> str:
+        py = REPO / ".venv" / "bin" / "python"
+        return (f"chroot {HOST} /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp "
+                f"PYTHONDONTWRITEBYTECODE=1 {shlex.quote(str(py))} {shlex.quote(str(script))} "
+                + " ".join(shlex.quote(a) for a in args))
+
     def run_python(self, script: Path, *args: str, timeout: float = 300) -> str:
         """Run ``script`` with this worktree's .venv Python inside the chroot; its output."""
-        py = REPO / ".venv" / "bin" / "python"
-        cmd = (f"chroot {HOST} /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp "
-               f"PYTHONDONTWRITEBYTECODE=1 {shlex.quote(str(py))} {shlex.quote(str(script))} "
-               + " ".join(shlex.quote(a) for a in args))
-        return self.vm.check(cmd, timeout=timeout)
+        return self.vm.check(self.python_command(script, *args), timeout=timeout)
+
+    def start_python(self, script: Path, *args: str, log: str) -> None:
+        """Start ``script`` in the background (output to ``log``, a path inside the chroot)."""
+        self.vm.check(f"setsid sh -c {shlex.quote(self.python_command(script, *args) + f' > {HOST}{log} 2>&1')} "
+                      f"< /dev/null > /dev/null 2>&1 &", timeout=10)
+
+    def read_file(self, path: str) -> str | None:
+        """A file inside the chroot (None if missing)."""
+        rc, out = self.vm.run(f"cat {HOST}{shlex.quote(path)}", timeout=10)
+        return out if rc == 0 else None
 
     def close(self) -> None:
         self.vm.close()

@@ -33,6 +33,8 @@
 #define MAX_QPAIRS 64
 #define MAX_CMD_BYTES (1u << 20)        /* per command: one page of PRP entries covers it */
 #define SGL_MAX 256                      /* 16-byte descriptors in one page */
+#define NBOUNCE 4                        /* bounce buffers per queue pair ... */
+#define BOUNCE_BYTES (256u << 10)        /* ... of this size (a bounced command moves at most this) */
 
 /* Controller registers. */
 #define REG_CAP 0x00
@@ -61,6 +63,8 @@ struct nvp_cmd {
     uint64_t deadline_ms;
     uint32_t bytes;
     uint8_t abandoned;          /* timed out: the slot waits for the controller's answer */
+    int8_t bounce;              /* bounce buffer index, or -1 */
+    uint64_t bskip;             /* bytes of the request before this command's (bounced reads) */
 };
 
 struct nvp_qpair {
@@ -71,6 +75,8 @@ struct nvp_qpair {
     volatile uint32_t *sq_db, *cq_db;
     uint16_t sq_tail, cq_head, phase;
     uint8_t *pages;             /* one PRP-list / SGL / DSM page per slot */
+    uint8_t *bounce;            /* NBOUNCE buffers of BOUNCE_BYTES, DMA-mapped */
+    uint32_t bounce_free;       /* bit i: buffer i is free */
     struct nvp_cmd *cmds;
     uint16_t *free_cids;
     uint32_t nfree;
@@ -108,7 +114,7 @@ struct nvp_ctrlr {
     /* statistics, updated by the reactors with relaxed atomics */
     struct nvp_stats st;
     /* DMA mappings of our own (to unmap/free on release) */
-    struct { void *p; size_t len; } own[4 + 2 * MAX_QPAIRS];
+    struct { void *p; size_t len; } own[4 + 3 * MAX_QPAIRS];
     int nown;
 };
 
@@ -549,9 +555,11 @@ int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t t
         q->depth = depth;
         q->sq = dma_alloc(c, (size_t)depth * sizeof(struct sqe) + (size_t)depth * sizeof(struct cqe), &rc);
         if (q->sq) q->pages = dma_alloc(c, (size_t)depth * PG, &rc);
+        if (q->pages) q->bounce = dma_alloc(c, (size_t)NBOUNCE * BOUNCE_BYTES, &rc);
+        q->bounce_free = (1u << NBOUNCE) - 1;
         q->cmds = calloc(depth, sizeof(*q->cmds));
         q->free_cids = calloc(depth, sizeof(*q->free_cids));
-        if (!q->sq || !q->pages || !q->cmds || !q->free_cids) {
+        if (!q->sq || !q->pages || !q->bounce || !q->cmds || !q->free_cids) {
             free(q->cmds), free(q->free_cids);
             seterr(err, errlen, "cannot allocate I/O queue %u: %s", q->qid, strerror(rc ? -rc : ENOMEM));
             return made ? made : (rc ? rc : -ENOMEM);
@@ -757,7 +765,7 @@ static int drive(struct nvp_qpair *q, vn_bdev_io *io)
         cmd.nsid = s->ns->nsid;
         uint64_t nb = s->end_block - s->next_block;
         uint8_t *page = q->pages + (size_t)cid * PG;
-        int rc = 0;
+        int rc = 0, bounce = -1;
         switch (io->type) {
         case VN_IO_READ:
         case VN_IO_WRITE: {
@@ -769,6 +777,32 @@ static int drive(struct nvp_qpair *q, vn_bdev_io *io)
             cmd.cdw11 = (uint32_t)(s->next_block >> 32);
             cmd.cdw12 = (uint32_t)(nb - 1);
             rc = build_dptr(q, io, (s->next_block - io->offset_blocks) * bs, (uint32_t)(nb * bs), &cmd, page);
+            if (rc == -EINVAL && bs <= BOUNCE_BYTES) {
+                /* Neither PRPs nor SGLs describe these buffers: copy through a bounce buffer. */
+                if (!q->bounce_free) {
+                    q->free_cids[q->nfree++] = cid;
+                    if (rang) goto out;
+                    return 1;                   /* waits like a request without a slot */
+                }
+                int b = __builtin_ctz(q->bounce_free);
+                if (nb > BOUNCE_BYTES / bs) nb = BOUNCE_BYTES / bs;
+                cmd.cdw12 = (uint32_t)(nb - 1);
+                uint8_t *buf = q->bounce + (size_t)b * BOUNCE_BYTES;
+                uint64_t skip = (s->next_block - io->offset_blocks) * bs;
+                if (io->type == VN_IO_WRITE) vn_iov_copy_from(io->iov, io->iovcnt, skip, buf, nb * bs);
+                struct iovec bv = {buf, nb * bs};
+                vn_bdev_io tmp;
+                tmp.iov = &bv;
+                tmp.iovcnt = 1;
+                cmd.cdw0 &= ~(3u << 14);
+                rc = build_dptr(q, &tmp, 0, (uint32_t)(nb * bs), &cmd, page);
+                if (rc == 0) {
+                    q->bounce_free &= ~(1u << b);
+                    bounce = b;
+                    q->cmds[cid].bskip = skip;
+                    STAT_ADD(c, bounced, 1);
+                }
+            }
             break;
         }
         case VN_IO_WRITE_ZEROES:
@@ -802,6 +836,8 @@ static int drive(struct nvp_qpair *q, vn_bdev_io *io)
             s->end_block = s->next_block;       /* submit no more; complete once parts return */
             break;
         }
+        q->cmds[cid].bounce = (int8_t)bounce;
+        q->cmds[cid].bytes = (uint32_t)(nb * bs);
         cmd.cdw0 |= (uint32_t)cid << 16;
         q->cmds[cid].io = io;
         q->cmds[cid].abandoned = 0;
@@ -814,6 +850,7 @@ static int drive(struct nvp_qpair *q, vn_bdev_io *io)
         rang = 1;
         STAT_ADD(c, commands, 1);
     }
+out:
     if (rang) {
         __atomic_thread_fence(__ATOMIC_RELEASE);
         *q->sq_db = q->sq_tail;
@@ -822,7 +859,7 @@ static int drive(struct nvp_qpair *q, vn_bdev_io *io)
         io_finish(io, c);
         return 0;
     }
-    return s->next_block < s->end_block && !q->nfree ? 1 : 0;
+    return s->next_block < s->end_block;       /* more to submit: waits for a slot or a bounce buffer */
 }
 
 static void fail_all(struct nvp_qpair *q, int status)
@@ -872,9 +909,16 @@ static int qpair_poll(struct nvp_qpair *q)
         struct nvp_cmd *cmd = &q->cmds[cid];
         vn_bdev_io *io = cmd->io;
         int abandoned = cmd->abandoned;
+        int b = cmd->bounce;
         cmd->io = NULL;
         cmd->abandoned = 0;
+        cmd->bounce = -1;
         q->free_cids[q->nfree++] = cid;
+        if (b >= 0) {
+            if (!abandoned && io->type == VN_IO_READ && !(st >> 1))
+                vn_iov_copy_to(io->iov, io->iovcnt, cmd->bskip, q->bounce + (size_t)b * BOUNCE_BYTES, cmd->bytes);
+            q->bounce_free |= 1u << b;
+        }
         if (abandoned) continue;                /* its request failed already (timeout) */
         q->outstanding--;
         struct nvp_io *s = IOS(io);

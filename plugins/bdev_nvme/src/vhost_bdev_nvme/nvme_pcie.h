@@ -22,11 +22,12 @@ struct nvp_stats {
     uint64_t commands;          /* NVMe commands submitted on I/O queues (requests split at MDTS) */
     uint64_t prp_lists;         /* commands whose data needed a PRP list */
     uint64_t sgls;              /* commands sent with an SGL (buffers PRPs cannot describe) */
-    uint64_t unaligned;         /* requests failed: buffers neither PRPs nor the controller's SGLs describe */
+    uint64_t unaligned;         /* requests failed: buffers no PRP, SGL or bounce buffer can carry */
     uint64_t timeouts;          /* commands not answered within the I/O timeout */
     uint64_t queue_full;        /* submissions that waited for a free queue slot */
     uint64_t failed_removed;    /* requests failed because the controller is gone */
     uint64_t status_errors;     /* commands the controller completed with an error status */
+    uint64_t bounced;           /* commands copied through a bounce buffer (neither PRPs nor SGLs fit) */
     uint32_t last_status;       /* SCT << 8 | SC of the latest error status */
     uint32_t reserved;
 };
