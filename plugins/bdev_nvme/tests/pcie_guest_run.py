@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from vhost_core.rpc.registry import RpcError
-from vhost_core.testing import connect_blk
-from vhost_core.testing.constants import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT
+from vhost_core.testing import BlkRequest, connect_blk
+from vhost_core.testing.constants import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhost_core.testing.daemon import VhostDaemon
 
 T0 = time.monotonic()
@@ -50,6 +50,15 @@ def nvme_function() -> str:
              if open(os.path.join(p, "class")).read().strip() == "0x010802"]
     assert len(found) == 1, found
     return found[0]
+
+
+def handshake(ask: str, answer: str, timeout: float = 90) -> None:
+    """Ask the host for something (it watches for /tmp/<ask>) and wait for /tmp/<answer>."""
+    Path(f"/tmp/{ask}").write_text("1")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(f"/tmp/{answer}"):
+        assert time.monotonic() < deadline, f"the host did not answer {ask}"
+        time.sleep(0.1)
 
 
 def driver_of(bdf: str) -> str | None:
@@ -265,12 +274,36 @@ def main() -> None:
             except Exception as exc:       # BlkIOError: IOERR
                 assert "IOERR" in str(exc) or "status" in str(exc), exc
         say("detached")
-        # Released: it attaches again, and what was written is there.
+        # Released: it attaches again (with a 2 s command timeout), and what was written is there.
+        assert d.rpc("bdev_nvme_set_options", timeout_us=2_000_000) is True
         assert d.rpc("bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr=bdf) == ["Nvme0n1"]
         d.rpc("vhost_create_blk_controller", ctrlr="vhost.1", dev_name="Nvme0n1")
         with connect_blk(d.socket("vhost.1"), num_queues=1) as dev:
             off, n, sha = written[0]
             assert hashlib.sha256(dev.read(off // 512, n // 512)).hexdigest() == sha
+            # A controller that stops answering (the host throttles its drive to 1 I/O per
+            # second): the commands it sits on fail after the timeout, the guest gets errors,
+            # not a hang; once it answers again, the late completions free their slots.
+            handshake("throttle-me", "throttled")
+            t = time.monotonic()
+            res = dev.submit_many([BlkRequest(VIRTIO_BLK_T_IN, 8 * i, data_in_len=4096) for i in range(5)],
+                                  timeout=60)
+            statuses = [r.status for r in res]
+            assert VIRTIO_BLK_S_IOERR in statuses and time.monotonic() - t < 30, statuses
+            s = stats(d)
+            assert s["timeouts"] >= 1 and s["io_timeout_ms"] == 2000, s
+            say(f"timed out: {statuses} in {time.monotonic() - t:.1f} s; {s['timeouts']} commands timed out")
+            handshake("unthrottle-me", "unthrottled")
+            deadline = time.monotonic() + 30
+            while True:                      # the abandoned commands come back; then all is normal
+                try:
+                    assert hashlib.sha256(dev.read(off // 512, n // 512)).hexdigest() == sha
+                    break
+                except AssertionError:
+                    raise
+                except Exception:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.5)
         assert d.rpc("bdev_nvme_detach_controller", name="Nvme0") is True
         say("re-attached after detach, data still there, detached again")
         log = d.log()

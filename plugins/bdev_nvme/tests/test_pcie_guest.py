@@ -10,7 +10,9 @@ gives the lines that bind it, which are then run; not an NVMe controller; attach
 another name and under the same name), attach (bdev names, SPDK's driver_specific.nvme with
 pci_address, model and serial, save_config), read/write through PRPs and PRP lists, a request
 split at MDTS, an SGL for scattered buffers, flush, write zeroes, unmap, detach (the bdev goes,
-the front-end's I/O fails) and attaching again (the VFIO group was released).  Then, with the
+the front-end's I/O fails) and attaching again (the VFIO group was released), then commands
+the controller sits on (its drive throttled through QMP) failing after bdev_nvme_set_options'
+timeout_us instead of hanging the guest.  Then, with the
 controller behind a pcie-root-port, QMP device_del while the front-end reads and writes: the
 VFIO request interrupt makes the daemon hot-remove the bdev (the vhost-blk device fails every
 further I/O) and let go of the function, so that the removal completes.
@@ -38,10 +40,19 @@ def test_pcie_controller_through_vfio_in_a_guest(vfio_mod, tmp_path):
         t0 = time.monotonic()
         g.start_python(script, SERIAL, str(IMAGE_BYTES), "/tmp/hr-ready", log="/tmp/pcie.log")
         log = ""
+        throttle = dict(device="nvm0", bps=0, bps_rd=0, bps_wr=0, iops_rd=0, iops_wr=0)
+        asks = {"throttle-me": lambda: g.vm.qmp("block_set_io_throttle", iops=1, **throttle),
+                "unthrottle-me": lambda: g.vm.qmp("block_set_io_throttle", iops=0, **throttle)}
+        answers = {"throttle-me": "throttled", "unthrottle-me": "unthrottled"}
         while g.read_file("/tmp/hr-ready") is None:
             log = g.read_file("/tmp/pcie.log") or ""
             assert "Traceback" not in log and time.monotonic() - t0 < 150, log
-            time.sleep(0.5)
+            for ask in list(asks):
+                if g.read_file(f"/tmp/{ask}") is not None:
+                    asks.pop(ask)()
+                    g.vm.check(f"touch {vfio_mod.HOST}/tmp/{answers[ask]}", timeout=10)
+            time.sleep(0.3)
+        assert not asks
         g.vm.qmp("device_del", id="nvme0")      # while the front-end's I/O runs
         while not (lines := [x for x in log.splitlines() if x.startswith("PCIE-RESULT ")]):
             assert "Traceback" not in log and time.monotonic() - t0 < 240, log

@@ -1,7 +1,7 @@
 """A guest in which the PCIe driver runs for real: q35 under TCG with a vIOMMU (intel-iommu),
 QEMU's emulated NVMe controller on a raw image file, and the host's root filesystem shared
 read-only over 9p.  The guest chroots into it, so the host's Python and this worktree's
-installed .venv run there unchanged: the daemon and a vhost-user front-end run INSIDE the
+installed .venv (the interpreter running the test) run there unchanged: the daemon and a vhost-user front-end run INSIDE the
 guest, the NVMe function is handed to vfio-pci there, and after the guest powers off the
 host reads the image file for what was written.
 
@@ -77,9 +77,14 @@ class VfioGuest:
 
     @staticmethod
     def python_command(script: Path, *args: str) -> str:
-        py = REPO / ".venv" / "bin" / "python"
-        return (f"chroot {HOST} /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp "
-                f"PYTHONDONTWRITEBYTECODE=1 {shlex.quote(str(py))} {shlex.quote(str(script))} "
+        """The command that runs ``script`` in the chroot with the interpreter running this test
+        (the worktree's .venv; .venv-asan under scripts/test-sanitizers.sh, whose sanitizer
+        settings are passed on, so that the driver runs instrumented in the guest too)."""
+        env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/tmp", "PYTHONDONTWRITEBYTECODE=1"]
+        env += [f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")
+                if os.environ.get(k)]
+        return (f"chroot {HOST} /usr/bin/env -i {' '.join(shlex.quote(e) for e in env)} "
+                f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} "
                 + " ".join(shlex.quote(a) for a in args))
 
     def run_python(self, script: Path, *args: str, timeout: float = 300) -> str:

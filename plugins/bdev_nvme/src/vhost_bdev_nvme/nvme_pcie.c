@@ -99,7 +99,7 @@ struct nvp_ctrlr {
     /* admin */
     struct sqe *asq;
     volatile struct cqe *acq;
-    uint16_t asq_tail, acq_head, aphase;
+    uint16_t asq_tail, acq_head, aphase, acid;
     uint8_t *abuf;
     pthread_mutex_t admin_lock;
     /* I/O */
@@ -478,8 +478,7 @@ int nvp_admin(void *ctrlr, const uint8_t *sqe_in, void *buf, uint32_t len, int t
     if (len > PG) { seterr(err, errlen, "admin data above 4 KiB"); return -EINVAL; }
     if (atomic_load(&c->failed)) { seterr(err, errlen, "the controller is gone"); return -ENODEV; }
     pthread_mutex_lock(&c->admin_lock);
-    static uint16_t cid_seq;
-    uint16_t cid = ++cid_seq;
+    uint16_t cid = ++c->acid;
     struct sqe s;
     memcpy(&s, sqe_in, sizeof(s));
     s.cdw0 = (s.cdw0 & 0xffff) | (uint32_t)cid << 16;

@@ -98,7 +98,7 @@ def check_function(bdf: str) -> None:
 class PcieController(Controller):
     """An NVMe controller on PCIe, driven from userspace through VFIO."""
 
-    def __init__(self, name: str, bdf: str, num_io_queues: int, memory: Any) -> None:
+    def __init__(self, name: str, bdf: str, num_io_queues: int, memory: Any, io_timeout_ms: int = 0) -> None:
         # Not Controller.__init__: no NVMe/TCP state.  The Identify parsing is shared.
         self.name = name
         self.bdf = bdf
@@ -118,6 +118,7 @@ class PcieController(Controller):
         self._thread: threading.Thread | None = None
         self.on_lost: Callable[[Controller, str], None] | None = None
         self.memory = memory
+        self.io_timeout_ms = io_timeout_ms or IO_TIMEOUT_MS
         self.listening = False
         self.map_failures = 0
         self.native = ffi.NULL
@@ -174,7 +175,7 @@ class PcieController(Controller):
                 max_xfer = (1 << mdts) * 4096 if mdts else 0
                 sgls = struct.unpack_from("<I", self._identify_raw, 536)[0]
                 use_sgl = bool(sgls & 3) and os.environ.get("VHOST_NVME_NO_SGL", "0") in ("", "0")
-                lib.nvp_set_limits(self.native, min(max_xfer, 0xFFFFFFFF), int(use_sgl), IO_TIMEOUT_MS)
+                lib.nvp_set_limits(self.native, min(max_xfer, 0xFFFFFFFF), int(use_sgl), self.io_timeout_ms)
                 made = lib.nvp_create_io_queues(self.native, min(self.granted_queues, IO_QUEUES), IO_QUEUE_DEPTH,
                                                 ADMIN_TIMEOUT_MS, err, 240)
                 if made <= 0:
@@ -303,4 +304,5 @@ class PcieController(Controller):
             "bounced": s.bounced,
             "last_status": status_text(s.last_status) if s.status_errors else None,
             "io_queues_in_use": lib.nvp_queues_in_use(self.native), "dma_map_failures": self.map_failures,
+            "io_timeout_ms": self.io_timeout_ms,
         }

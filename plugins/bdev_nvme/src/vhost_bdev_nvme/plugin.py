@@ -135,9 +135,9 @@ class GetParams:
     name: str | None = param(None, "-n", "--name", help="Name of the NVMe controller (default: all)")
 
 
-_HONOURED_OPTIONS = ("keep_alive_timeout_ms", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
+_HONOURED_OPTIONS = ("timeout_us", "keep_alive_timeout_ms", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
                      "fast_io_fail_timeout_sec", "tcp_connect_timeout_ms")
-_OPTION_DEFAULTS = {"keep_alive_timeout_ms": 10000, "ctrlr_loss_timeout_sec": 0, "reconnect_delay_sec": 0,
+_OPTION_DEFAULTS = {"timeout_us": 0, "keep_alive_timeout_ms": 10000, "ctrlr_loss_timeout_sec": 0, "reconnect_delay_sec": 0,
                     "fast_io_fail_timeout_sec": 0, "tcp_connect_timeout_ms": 0}
 
 
@@ -148,7 +148,9 @@ class SetOptionsParams:
     NOTICE, since SPDK's save_config writes them all."""
 
     action_on_timeout: Any = None
-    timeout_us: Any = None
+    timeout_us: int | None = param(None, help="PCIe: a command unanswered this long fails its request "
+                                             "(microseconds; 0: the default, 30 s) on controllers attached "
+                                             "later")
     timeout_admin_us: Any = None
     keep_alive_timeout_ms: int | None = param(None, help="Keep Alive timeout of new controllers (ms)")
     arbitration_burst: Any = None
@@ -199,6 +201,8 @@ class NvmeModule(BdevModule):
         self.attaching: set[str] = set()
         self.options = Timeouts()
         self.options_set: dict[str, Any] = {}
+        #: bdev_nvme_set_options timeout_us: PCIe commands unanswered this long fail (0: 30 s).
+        self.io_timeout_us = 0
         self.hostid = uuid_mod.uuid4().bytes
         self.hostnqn = _default_hostnqn()
         self.bdevs: BdevRegistry | None = None
@@ -392,7 +396,8 @@ def _attach_pcie(ctx: CommandContext, module: NvmeModule, method: str, p: Attach
                                               f"or bdev_nvme_detach_controller {other.name} first")
         module.attaching.add(p.name)
     try:
-        c = PcieController(p.name, bdf, nq, ctx.memory)
+        c = PcieController(p.name, bdf, nq, ctx.memory, io_timeout_ms=max(1, module.io_timeout_us // 1000)
+                           if module.io_timeout_us else 0)
         try:
             _off_the_lock(ctx.bdevs, lambda: c.bring_up(time.monotonic() + 30))
         except ControllerError as exc:
@@ -564,6 +569,10 @@ def _set_options(module: NvmeModule, p: SetOptionsParams) -> bool:
     if new.keep_alive_timeout_ms < 0 or new.connect_timeout_ms < 0:
         raise VhostError(errno.EINVAL, "bdev_nvme_set_options: keep_alive_timeout_ms and tcp_connect_timeout_ms "
                                        "cannot be negative")
+    if p.timeout_us is not None:
+        if p.timeout_us < 0:
+            raise VhostError(errno.EINVAL, "bdev_nvme_set_options: timeout_us cannot be negative")
+        module.io_timeout_us = p.timeout_us
     module.options = new
     module.options_set.update(given)
     ignored = [k for k in given if k not in _HONOURED_OPTIONS]
