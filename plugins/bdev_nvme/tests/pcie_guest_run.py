@@ -249,6 +249,10 @@ def main() -> None:
             dev.flush()
             s = stats(d)
             assert s["sgls"] >= 1 and s["prp_lists"] >= 1 and s["commands"] >= 8, s
+            # The daemon runs in interrupt mode: its reactor sleeps on the queue's MSI-X eventfd.
+            assert s["msix_vectors"] >= 2, s
+            msix = [line for line in open("/proc/interrupts") if "vfio-msix" in line and bdf in line]
+            assert msix and any(int(x) for line in msix for x in line.split()[1:3] if x.isdigit()), msix
             say(f"SGL and PRP-list writes verified, flushed; stats {s}")
             # Write zeroes over data, and a discard (whose blocks the host check leaves out).
             write(40960, os.urandom(65536))

@@ -83,6 +83,8 @@ struct nvp_qpair {
     uint32_t outstanding;
     uint64_t next_check_ms;
     vn_bdev_io *pend_head, *pend_tail;  /* requests waiting for slots (linked in driver_ctx) */
+    int irq_fd;                 /* eventfd of its MSI-X vector, or -1 */
+    int irq_mode;               /* the reactor sleeps on irq_fd (it asked for channel_fd) */
     /* Owner: the reactor thread using it, and how many channels of it. */
     int owner_tid;
     int refs;
@@ -111,6 +113,7 @@ struct nvp_ctrlr {
     int nq;
     struct nvp_qpair qp[MAX_QPAIRS];
     int req_fd;
+    int msix;                   /* MSI-X vectors enabled through VFIO (0: none) */
     /* statistics, updated by the reactors with relaxed atomics */
     struct nvp_stats st;
     /* DMA mappings of our own (to unmap/free on release) */
@@ -246,7 +249,15 @@ static void release(struct nvp_ctrlr *c)
         }
         close(c->req_fd);
     }
-    for (int i = 0; i < c->nq; i++) free(c->qp[i].cmds), free(c->qp[i].free_cids);
+    if (c->msix && c->device >= 0) {
+        struct vfio_irq_set s = {.argsz = sizeof(s), .flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+                                 .index = VFIO_PCI_MSIX_IRQ_INDEX, .start = 0, .count = 0};
+        ioctl(c->device, VFIO_DEVICE_SET_IRQS, &s);
+    }
+    for (int i = 0; i < c->nq; i++) {
+        free(c->qp[i].cmds), free(c->qp[i].free_cids);
+        if (c->qp[i].irq_fd >= 0) close(c->qp[i].irq_fd);
+    }
     for (int i = c->nown - 1; i >= 0; i--) {
         if (c->container >= 0) nvp_dma_unmap(c, (uint64_t)(uintptr_t)c->own[i].p, c->own[i].len);
         munmap(c->own[i].p, c->own[i].len);
@@ -537,6 +548,37 @@ void nvp_set_limits(void *ctrlr, uint32_t max_xfer_bytes, int sgl, uint32_t io_t
     c->io_timeout_ms = io_timeout_ms ? io_timeout_ms : 30000;
 }
 
+/* MSI-X: vector 0 (the admin queue's, left unused: the control plane polls it) and one eventfd
+ * per I/O queue pair, vector = qid.  Returns the vectors enabled, 0 when there are too few. */
+static int setup_msix(struct nvp_ctrlr *c, uint16_t count, int *fds)
+{
+    struct vfio_irq_info ii = {.argsz = sizeof(ii), .index = VFIO_PCI_MSIX_IRQ_INDEX};
+    if (ioctl(c->device, VFIO_DEVICE_GET_IRQ_INFO, &ii) < 0 || ii.count < (uint32_t)count + 1) return 0;
+    size_t sz = sizeof(struct vfio_irq_set) + sizeof(int32_t) * (count + 1u);
+    struct vfio_irq_set *set = calloc(1, sz);
+    if (!set) return 0;
+    int32_t *data = (int32_t *)set->data;
+    data[0] = -1;
+    for (uint16_t i = 0; i < count; i++) {
+        fds[i] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        data[i + 1] = fds[i];
+    }
+    set->argsz = (uint32_t)sz;
+    set->flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+    set->index = VFIO_PCI_MSIX_IRQ_INDEX;
+    set->start = 0;
+    set->count = count + 1u;
+    int ok = 1;
+    for (uint16_t i = 0; i < count; i++) ok &= fds[i] >= 0;
+    if (!ok || ioctl(c->device, VFIO_DEVICE_SET_IRQS, set) < 0) {
+        for (uint16_t i = 0; i < count; i++) if (fds[i] >= 0) close(fds[i]), fds[i] = -1;
+        free(set);
+        return 0;
+    }
+    free(set);
+    return count + 1;
+}
+
 int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t timeout_ms, char *err,
                          size_t errlen)
 {
@@ -545,6 +587,9 @@ int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t t
     if (depth > mqes) depth = (uint16_t)mqes;
     if (count > MAX_QPAIRS) count = MAX_QPAIRS;
     int made = 0;
+    int fds[MAX_QPAIRS];
+    for (int i = 0; i < MAX_QPAIRS; i++) fds[i] = -1;
+    if (c->nq == 0) c->msix = setup_msix(c, count, fds);
     for (uint16_t i = 0; i < count; i++) {
         struct nvp_qpair *q = &c->qp[c->nq];
         int rc = 0;
@@ -552,6 +597,8 @@ int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t t
         q->c = c;
         q->qid = (uint16_t)(c->nq + 1);
         q->depth = depth;
+        q->irq_fd = fds[i];
+        fds[i] = -1;
         q->sq = dma_alloc(c, (size_t)depth * sizeof(struct sqe) + (size_t)depth * sizeof(struct cqe), &rc);
         if (q->sq) q->pages = dma_alloc(c, (size_t)depth * PG, &rc);
         if (q->pages) q->bounce = dma_alloc(c, (size_t)NBOUNCE * BOUNCE_BYTES, &rc);
@@ -560,6 +607,8 @@ int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t t
         q->free_cids = calloc(depth, sizeof(*q->free_cids));
         if (!q->sq || !q->pages || !q->bounce || !q->cmds || !q->free_cids) {
             free(q->cmds), free(q->free_cids);
+            if (q->irq_fd >= 0) close(q->irq_fd);
+            for (int k = 0; k < MAX_QPAIRS; k++) if (fds[k] >= 0) close(fds[k]);
             seterr(err, errlen, "cannot allocate I/O queue %u: %s", q->qid, strerror(rc ? -rc : ENOMEM));
             return made ? made : (rc ? rc : -ENOMEM);
         }
@@ -572,7 +621,8 @@ int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t t
         s->cdw0 = 0x05;         /* Create I/O Completion Queue */
         s->prp1 = (uint64_t)(uintptr_t)q->cq;
         s->cdw10 = (uint32_t)(depth - 1) << 16 | q->qid;
-        s->cdw11 = 1;           /* physically contiguous, no interrupts */
+        /* Physically contiguous; with MSI-X, interrupts on vector qid. */
+        s->cdw11 = q->irq_fd >= 0 ? ((uint32_t)q->qid << 16 | 2u | 1u) : 1u;
         rc = nvp_admin(c, sqe, NULL, 0, 0, timeout_ms, cqe, err, errlen);
         if (rc == 0) {
             memset(sqe, 0, sizeof(sqe));
@@ -584,6 +634,8 @@ int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t t
         }
         if (rc < 0) {
             free(q->cmds), free(q->free_cids);
+            if (q->irq_fd >= 0) close(q->irq_fd);
+            for (int k = 0; k < MAX_QPAIRS; k++) if (fds[k] >= 0) close(fds[k]);
             return made ? made : rc;
         }
         q->sq_db = doorbell(c, q->qid, 0);
@@ -634,6 +686,11 @@ void nvp_get_stats(void *ctrlr, struct nvp_stats *out)
         dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
     out->last_status = __atomic_load_n(&c->st.last_status, __ATOMIC_RELAXED);
     out->reserved = 0;
+}
+
+int nvp_interrupts(void *ctrlr)
+{
+    return ((struct nvp_ctrlr *)ctrlr)->msix;
 }
 
 int nvp_queues_in_use(void *ctrlr)
@@ -890,6 +947,12 @@ static int qpair_poll(struct nvp_qpair *q)
 {
     struct nvp_ctrlr *c = q->c;
     int done = 0;
+    if (q->irq_mode) {
+        /* Reset the interrupt before looking at the queue: a completion posted after this read
+         * signals anew, one posted before is seen below (the fd is level-triggered). */
+        uint64_t v;
+        if (read(q->irq_fd, &v, sizeof(v)) < 0) { /* EAGAIN: no interrupt */ }
+    }
     if (__builtin_expect(atomic_load_explicit(&c->failed, memory_order_relaxed), 0)) {
         if (q->outstanding || q->pend_head) { fail_all(q, -EIO); return 1; }
         return 0;
@@ -1033,13 +1096,23 @@ static int ns_channel_poll(void *bdev_ctx, void *chan)
     return qpair_poll(((struct nvp_chan *)chan)->q);
 }
 
+/* Asked for by interrupt-mode reactors only: the queue's MSI-X eventfd (or -1: polled every
+ * 1 ms while I/O is in flight). */
+static int ns_channel_fd(void *bdev_ctx, void *chan)
+{
+    struct nvp_qpair *q = ((struct nvp_chan *)chan)->q;
+    if (q->irq_fd < 0) return -1;
+    q->irq_mode = 1;
+    return q->irq_fd;
+}
+
 static const struct vn_bdev_ops ns_ops = {
     .abi_version = VN_ABI_VERSION,
     .submit = ns_submit,
     .channel_create = ns_channel_create,
     .channel_destroy = ns_channel_destroy,
     .channel_poll = ns_channel_poll,
-    .channel_fd = NULL,
+    .channel_fd = ns_channel_fd,
 };
 
 void *nvp_ns_new(void *ctrlr, uint32_t nsid, uint32_t block_size, uint64_t num_blocks, uint32_t io_types)

@@ -46,7 +46,8 @@ int nvp_admin(void *ctrlr, const uint8_t *sqe, void *buf, uint32_t len, int to_c
               uint8_t *cqe, char *err, size_t errlen);
 // After Identify: bytes per command (MDTS; 0 = no limit), whether SGLs may be used, I/O timeout.
 void nvp_set_limits(void *ctrlr, uint32_t max_xfer_bytes, int sgl, uint32_t io_timeout_ms);
-// Create `count` I/O queue pairs of `depth` entries (admin commands).  Number made, or -errno.
+// Create `count` I/O queue pairs of `depth` entries (admin commands), each with its MSI-X vector
+// when the function has enough.  Number made, or -errno.
 int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t timeout_ms, char *err,
                          size_t errlen);
 // Map [vaddr, vaddr+len) for DMA at IOVA = vaddr (VFIO_IOMMU_MAP_DMA); 0 or -errno.
@@ -59,6 +60,9 @@ int nvp_request_eventfd(void *ctrlr);
 void nvp_fail(void *ctrlr, int fail);
 void nvp_get_stats(void *ctrlr, struct nvp_stats *out);
 int nvp_queues_in_use(void *ctrlr);
+// MSI-X vectors wired to eventfds (VFIO_DEVICE_SET_IRQS) at nvp_create_io_queues: interrupt-mode
+// reactors sleep on them.  0: none (the reactors poll).
+int nvp_interrupts(void *ctrlr);
 // Shut the controller down (CC.SHN, at most timeout_ms) if it still answers.
 void nvp_shutdown(void *ctrlr, uint32_t timeout_ms);
 // Drop the control plane's reference: once no namespace holds the controller, DMA memory,

@@ -304,5 +304,5 @@ class PcieController(Controller):
             "bounced": s.bounced,
             "last_status": status_text(s.last_status) if s.status_errors else None,
             "io_queues_in_use": lib.nvp_queues_in_use(self.native), "dma_map_failures": self.map_failures,
-            "io_timeout_ms": self.io_timeout_ms,
+            "io_timeout_ms": self.io_timeout_ms, "msix_vectors": lib.nvp_interrupts(self.native),
         }
