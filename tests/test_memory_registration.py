@@ -175,3 +175,24 @@ def test_a_listener_that_cannot_map_fails_its_own_listen_whole_and_never_the_tab
     t.install(new, regions)
     assert len(good.live()) == 1
     assert "cannot map" in caplog.text and "no IOMMU room" in caplog.text
+
+
+def test_a_stale_registration_is_replaced_not_refused():
+    """Guest memory is never refused for the registry's sake: a mapping at an address still
+    registered (freed without being unregistered) replaces the old entry, and the listeners
+    hear of both."""
+    reg = MemoryRegistry()
+    calls: list[tuple[str, int, int]] = []
+
+    class L:
+        def mem_register(self, v, n):
+            calls.append(("reg", v, n))
+
+        def mem_unregister(self, v, n):
+            calls.append(("unreg", v, n))
+
+    reg.listen(L())
+    reg.register(0x10000, 4096)
+    reg.register(0x10000, 8192)
+    assert calls == [("reg", 0x10000, 4096), ("unreg", 0x10000, 4096), ("reg", 0x10000, 8192)]
+    assert reg.regions() == [(0x10000, 8192)]

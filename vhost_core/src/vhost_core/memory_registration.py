@@ -82,7 +82,11 @@ class MemoryRegistry:
             return
         with self._lock:
             if vaddr in self._regions:
-                raise ValueError(f"memory region at {vaddr:#x} is registered already")
+                # A mapping at this address was freed without being unregistered (a bug): the
+                # listeners' view must follow the new one, never refuse guest memory for it.
+                log.error("memory registration: %#x was still registered when mapped again; "
+                          "replacing it", vaddr)
+                self.unregister(vaddr, self._regions[vaddr])
             self._regions[vaddr] = length
             for listener in list(self._listeners):
                 try:
