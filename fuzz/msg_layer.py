@@ -55,6 +55,8 @@ class FakeApp:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.lock_cond = threading.Condition(self.lock)
+        from vhost_core.memory_registration import MemoryRegistry
+        self.memory = MemoryRegistry()      # the daemon's registry of guest mappings (for DMA)
 
     def wait_unlocked(self, seconds: float) -> None:
         self.lock_cond.wait(seconds)

@@ -54,9 +54,11 @@ def test_the_example_output(tmp_path):
     assert len(cores) >= 2, "the seed's example runs the target on two cores: run the tests with two CPUs"
     mask = (1 << cores[0]) | (1 << cores[1])
     with VhostDaemon(tmp_path, cpumask=hex(mask)) as d:
-        # vhost-bdev-nvme serves NVMe/TCP; PCIe (VFIO) is a later issue, and says so.
+        # The seed's SSD is not in this machine: the PCIe attach says what it found there
+        # (plugins/bdev_nvme/tests/test_pcie_guest.py attaches a real one, in a guest).
         r = vhost_rpc(d, "construct_nvme_bdev -b Nvme0 -t pcie -a 0000:01:00.0")
-        assert r.returncode == 1 and "PCIe transport" in r.stderr and "not implemented yet" in r.stderr
+        assert r.returncode == 1 and any(why in r.stderr for why in (
+            "no PCI function 0000:01:00.0", "0000:01:00.0 is not an NVMe controller", "not vfio-pci"))
         paste(d, "construct_malloc_bdev 128 4096 Malloc0", "Malloc0\n")      # the name given positionally
         paste(d, f"construct_vhost_scsi_controller --cpumask {hex(1 << cores[0])} vhost.0")   # 0x1 there
         assert "Controller vhost.0: new controller added" in d.log()

@@ -127,9 +127,11 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     rpc.run("framework_wait_init")
     assert "Use --wait-for-rpc" in rpc.fails("iobuf_set_options")
 
-    # --- the seed's walkthrough, today's names (NVMe over PCIe is not implemented yet)
-    assert "PCIe transport" in rpc.fails("bdev_nvme_attach_controller", "-b", "Nvme0", "-t",
-                                                      "pcie", "-a", "0000:01:00.0")
+    # --- the seed's walkthrough, today's names (its SSD is not in this machine: the attach
+    # says what it found at that address)
+    why = rpc.fails("bdev_nvme_attach_controller", "-b", "Nvme0", "-t", "pcie", "-a", "0000:01:00.0")
+    assert any(w in why for w in ("no PCI function 0000:01:00.0", "0000:01:00.0 is not an NVMe controller",
+                                  "not vfio-pci")), why
     assert rpc.run("bdev_malloc_create", "128", "4096", "-b", "Malloc0").strip() == "Malloc0"
     assert rpc.run("vhost_create_scsi_controller", "--cpumask", "0x1", "vhost.0") == ""
     assert rpc.run("vhost_scsi_controller_add_target", "vhost.0", "1", "Malloc0").strip() == "1"

@@ -20,6 +20,7 @@ def _load(name: str):
 
 nvmet = _load("nvmet_target")
 fake = _load("fake_target")
+vfio = _load("vfio_guest")
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,12 @@ def fake_mod():
 def nvmet_mod():
     """The nvmet_target helper module (importlib mode cannot import it from the tests)."""
     return nvmet
+
+
+@pytest.fixture(scope="session")
+def vfio_mod():
+    """The vfio_guest helper module: a q35 guest with a vIOMMU and an emulated NVMe controller."""
+    return vfio
 
 
 @pytest.fixture(scope="session")

@@ -85,21 +85,25 @@ def _build_module():
     return mod
 
 
-def target_image() -> tuple[str, str]:
-    """(kernel, initrd) of the target guest, built once and cached."""
+def guest_image(tag: str, extra_modules: list[str], extra_params: dict[str, str], files: dict[str, bytes],
+                key_text: str) -> tuple[str, str]:
+    """(kernel, initrd) of the project's test guest plus ``extra_modules`` (loaded at boot, with
+    their dependencies, in order) and executable ``files``; built once and cached under a key
+    of the kernel, the base image and ``key_text``."""
     b = _build_module()
     root, kver = b.find_kernel()
-    key = hashlib.sha256((b.image_hash(kver, root) + Path(__file__).read_text()).encode()).hexdigest()[:16]
-    out = b.cache_dir() / f"nvmet-{key}.cpio.gz"
+    key = hashlib.sha256((b.image_hash(kver, root) + key_text).encode()).hexdigest()[:16]
+    out = b.cache_dir() / f"{tag}-{key}.cpio.gz"
     kernel = str(b.pvh_kernel(kver, root) or b.kernel_path(kver, root))
     if out.is_file():
         return kernel, str(out)
-    b.WANTED_MODULES = list(b.WANTED_MODULES) + EXTRA_MODULES
-    b.MODULE_PARAMS = {**b.MODULE_PARAMS, **EXTRA_PARAMS}
+    b.WANTED_MODULES = list(b.WANTED_MODULES) + extra_modules
+    b.MODULE_PARAMS = {**b.MODULE_PARAMS, **extra_params}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="nvmet-build-") as workdir:
+    with tempfile.TemporaryDirectory(prefix=f"{tag}-build-") as workdir:
         img = b.build_cpio(kver, workdir, root)
-    img.file("sbin/nvmet-setup", SETUP_SCRIPT.encode(), 0o755)
+    for path, data in files.items():
+        img.file(path, data, 0o755)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as raw:
@@ -112,6 +116,12 @@ def target_image() -> tuple[str, str]:
             os.unlink(tmp)
         raise
     return kernel, str(out)
+
+
+def target_image() -> tuple[str, str]:
+    """(kernel, initrd) of the target guest, built once and cached."""
+    return guest_image("nvmet", EXTRA_MODULES, EXTRA_PARAMS, {"sbin/nvmet-setup": SETUP_SCRIPT.encode()},
+                       Path(__file__).read_text())
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -75,17 +76,24 @@ def icresp(pfv: int = 0, cpda: int = 0, digest: int = 0, maxdata: int = 1 << 17)
     return bytes(pdu)
 
 
-def test_pcie_answers_that_the_transport_is_not_implemented_yet(vhost_daemon):
+def test_pcie_addresses_that_name_no_function_are_refused_naming_the_fix(vhost_daemon):
+    """On the host (no NVMe function here): a malformed BDF and one that does not exist.
+    The cases that need an NVMe controller (not bound to vfio-pci, not NVMe, attached
+    twice) run in a guest: test_pcie_guest.py."""
     d = vhost_daemon
-    e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr="0000:01:00.0")
-    assert e.code == -errno.ENOTSUP
-    assert "PCIe transport" in e.message and "not implemented yet" in e.message and "-t tcp" in e.message
+    e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr="01:00")
+    assert e.code == -errno.EINVAL
+    assert "'01:00' is not a PCI address" in e.message and "-a 0000:01:00.0" in e.message
+    assert not os.path.exists("/sys/bus/pci/devices/0000:7f:1f.7")
+    e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr="7f:1f.7")
+    assert e.code == -errno.ENODEV
+    assert "no PCI function 0000:7f:1f.7" in e.message and "lspci -D -d ::0108" in e.message
     # The seed's line, through the old name and SPDK's old flags.
-    r = vhost_rpc(d, "construct_nvme_bdev", "-b", "Nvme0", "-t", "pcie", "-a", "0000:01:00.0")
-    assert r.returncode == 1 and "PCIe transport" in r.stderr
+    r = vhost_rpc(d, "construct_nvme_bdev", "-b", "Nvme0", "-t", "pcie", "-a", "0000:7f:1f.7")
+    assert r.returncode == 1 and "no PCI function 0000:7f:1f.7" in r.stderr
     e = rpc_error(d, "bdev_nvme_attach_controller", name="Nvme0", trtype="rdma", traddr="192.0.2.1",
                   subnqn="nqn.2016-06.io.spdk:cnode1")
-    assert e.code == -errno.ENOTSUP and "use -t tcp" in e.message
+    assert e.code == -errno.ENOTSUP and "use -t tcp or -t pcie" in e.message
     nothing_attached(d)
 
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import attrs
 
 from vhost_core.errors import VhostError
+from vhost_core.memory_registration import MemoryRegistry
 from vhost_core.rpc.registry import RpcRegistry, RpcState, cli, extension, param, unsupported
 
 __all__ = ["Cli", "CliArg", "Command", "CommandContext", "CommandRegistry", "cli", "extension", "param",
@@ -175,13 +176,17 @@ class CommandContext:
     """What a command's handler may use of the daemon.
 
     ``bdevs``: the bdev registry (add, get, open, resize, delete, iterate);
-    ``controllers``: the controllers (create, get, device, listen, delete).
+    ``controllers``: the controllers (create, get, device, listen, delete);
+    ``memory``: the guest memory mappings, for backends that DMA into them
+    (:class:`~vhost_core.memory_registration.MemoryRegistry`: ``listen`` / ``unlisten``).
     """
 
-    def __init__(self, bdevs: BdevRegistry, controllers: ControllerRegistry, modules: BdevModuleRegistry) -> None:
+    def __init__(self, bdevs: BdevRegistry, controllers: ControllerRegistry, modules: BdevModuleRegistry,
+                 memory: MemoryRegistry | None = None) -> None:
         self.bdevs = bdevs
         self.controllers = controllers
         self._modules = modules
+        self.memory = memory if memory is not None else MemoryRegistry()
 
     def bdev_module(self, name: str) -> BdevModule:
         """The registered bdev module ``name`` (the plugin's own, with its state)."""

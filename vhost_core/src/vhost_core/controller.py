@@ -240,7 +240,7 @@ class Controller:
                     if vqs:
                         continue
                     for mem in mems:
-                        lib.vn_mem_free(mem)
+                        self.app.memory.free_mem(mem)   # unregistered (DMA), then unmapped
                     self._retired.remove(entry)
                     notice(log, "Controller %s: requests left by an earlier front-end completed; its guest "
                            "memory is released", self.name)

@@ -17,6 +17,14 @@ Each hook is called once per plugin while the daemon starts (and, for
 ``vhost_register_commands``, in the ``vhost-rpc`` process to build its sub-commands).
 A plugin whose registration fails (a name already taken, a malformed declaration)
 costs one log line and has nothing registered: all or nothing, the others load.
+
+Memory registration (SPDK's ``spdk_mem_register`` and mem-map notifications) is not a
+hook but a registry handed to commands: a bdev whose device DMAs into the buffers it
+is given (a PCIe SSD through VFIO) calls ``ctx.memory.listen(listener)`` when it
+attaches and ``ctx.memory.unlisten(listener)`` when it goes; the listener's
+``mem_register(vaddr, length)`` / ``mem_unregister(vaddr, length)`` are then called for
+every guest memory mapping, after it is made and before it is unmapped (only once no
+request can point into it).  The contract: :mod:`vhost_core.memory_registration`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import attrs
 from vhost_core import commands, plugins
 from vhost_core.bdev.interface import BdevModuleRegistry
 from vhost_core.bdev.registry import BdevRegistry
+from vhost_core.memory_registration import MemoryRegistry
 from vhost_core.controllers import ControllerRegistry
 from vhost_core.core_methods import CORE
 from vhost_core.device import DeviceTypeRegistry
@@ -46,6 +47,8 @@ class App:
         self.bdevs.wait_unlocked = self.wait_unlocked
         self.bdevs.lock = self.lock
         self.bdev_modules = BdevModuleRegistry()
+        #: Guest memory mappings, told to DMA-capable backends (memory_registration.py).
+        self.memory = MemoryRegistry()
         self.device_types = DeviceTypeRegistry()
         self.controllers = ControllerRegistry(self)
         self.rpc = RpcRegistry()
@@ -53,7 +56,8 @@ class App:
         self.rpc.rpc_state = RpcState.STARTUP
         self.rpc.hint_resolver = self._missing_method_hint
         #: What a plugin's command handlers see of the daemon.
-        self.command_context = commands.CommandContext(self.bdevs, self.controllers, self.bdev_modules)
+        self.command_context = commands.CommandContext(self.bdevs, self.controllers, self.bdev_modules,
+                                                       self.memory)
         self.plugins = plugins.load_plugins(disabled_plugins, plugin_modules)
         self.rpc_server: RpcServer | None = None
         self._stopped = False

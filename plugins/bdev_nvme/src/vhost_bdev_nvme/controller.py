@@ -310,6 +310,21 @@ class Controller:
         lib.nvt_ctrlr_set_io(self.native, min(incapsule, 1 << 20), max_xfer, depth, self.granted_queues,
                              self.timeouts.reconnect_delay_sec * 1000, self.timeouts.connect_timeout_ms)
 
+    def ns_new(self, ns: Namespace, io_type_bits: int) -> Any:
+        """The native bdev (``vn_bdev`` first) of namespace ``ns``, or NULL."""
+        native = lib.nvt_ns_new(self.native, ns.nsid, ns.block_size, ns.num_blocks, io_type_bits)
+        return None if native == ffi.NULL else native
+
+    def ns_free(self, native: Any) -> None:
+        lib.nvt_ns_free(native)
+
+    def native_address(self, native: Any) -> int:
+        return int(ffi.cast("uintptr_t", native))
+
+    def fail_io(self) -> None:
+        """Fail queued and new I/O at once (the controller goes)."""
+        lib.nvt_ctrlr_set_fail_io(self.native, 1)
+
     def up(self) -> None:
         self.state = "enabled"
         lib.nvt_ctrlr_set_fail_io(self.native, 0)

@@ -3,8 +3,9 @@
 Commands with SPDK's names and parameters: ``bdev_nvme_attach_controller`` (old name
 ``construct_nvme_bdev``), ``bdev_nvme_detach_controller`` (``delete_nvme_controller``),
 ``bdev_nvme_get_controllers`` (``get_nvme_controllers``), ``bdev_nvme_set_options``,
-``bdev_nvme_set_hotplug``.  Transport: NVMe/TCP (``-t tcp``), initiated in C on the
-reactors (nvme_tcp.c); PCIe is not implemented yet and says so.
+``bdev_nvme_set_hotplug``.  Transports: NVMe/TCP (``-t tcp``), initiated in C on the
+reactors (nvme_tcp.c), and PCIe (``-t pcie``), a userspace driver through VFIO
+(nvme_pcie.c, pcie.py).
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ from vhost_core.rpc.registry import RpcState
 
 from vhost_bdev_nvme._nvme_native import ffi, lib
 from vhost_bdev_nvme.controller import Controller, ControllerError, Namespace, Timeouts, Trid
+from vhost_bdev_nvme.pcie import PcieController, normalize_bdf
 
 VHOST_CORE_API = (2,)
 MODULE = "nvme"
 log = get_logger("bdev_nvme")
 _BOTH = RpcState.STARTUP | RpcState.RUNTIME
 DEFAULT_PORT = "4420"
+#: I/O queue pairs asked of a PCIe controller (one per reactor channel).
+IO_QUEUES_DEFAULT = 4
 IO_TYPE_BITS = {"read": 1, "write": 2, "flush": 4, "unmap": 8, "write_zeroes": 16}
 
-PCIE_NOT_YET = ("the PCIe transport (a userspace NVMe driver through VFIO) is not implemented yet in "
-                "this target: serve the SSD through the kernel's nvme driver with bdev_aio_create "
-                "/dev/nvmeXnY instead, or export it over NVMe/TCP (nvmet) and attach with -t tcp")
 
 
 def _default_hostnqn() -> str:
@@ -134,9 +135,9 @@ class GetParams:
     name: str | None = param(None, "-n", "--name", help="Name of the NVMe controller (default: all)")
 
 
-_HONOURED_OPTIONS = ("keep_alive_timeout_ms", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
+_HONOURED_OPTIONS = ("timeout_us", "keep_alive_timeout_ms", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
                      "fast_io_fail_timeout_sec", "tcp_connect_timeout_ms")
-_OPTION_DEFAULTS = {"keep_alive_timeout_ms": 10000, "ctrlr_loss_timeout_sec": 0, "reconnect_delay_sec": 0,
+_OPTION_DEFAULTS = {"timeout_us": 0, "keep_alive_timeout_ms": 10000, "ctrlr_loss_timeout_sec": 0, "reconnect_delay_sec": 0,
                     "fast_io_fail_timeout_sec": 0, "tcp_connect_timeout_ms": 0}
 
 
@@ -147,7 +148,9 @@ class SetOptionsParams:
     NOTICE, since SPDK's save_config writes them all."""
 
     action_on_timeout: Any = None
-    timeout_us: Any = None
+    timeout_us: int | None = param(None, help="PCIe: a command unanswered this long fails its request "
+                                             "(microseconds; 0: the default, 30 s) on controllers attached "
+                                             "later")
     timeout_admin_us: Any = None
     keep_alive_timeout_ms: int | None = param(None, help="Keep Alive timeout of new controllers (ms)")
     arbitration_burst: Any = None
@@ -198,6 +201,8 @@ class NvmeModule(BdevModule):
         self.attaching: set[str] = set()
         self.options = Timeouts()
         self.options_set: dict[str, Any] = {}
+        #: bdev_nvme_set_options timeout_us: PCIe commands unanswered this long fail (0: 30 s).
+        self.io_timeout_us = 0
         self.hostid = uuid_mod.uuid4().bytes
         self.hostnqn = _default_hostnqn()
         self.bdevs: BdevRegistry | None = None
@@ -213,6 +218,11 @@ class NvmeModule(BdevModule):
             ctrlrs = list(self.controllers.values())
         for c in ctrlrs:
             t = c.trid
+            if isinstance(c, PcieController):
+                calls.append({"method": "bdev_nvme_attach_controller",
+                              "params": {"name": c.name, "trtype": "pcie", "traddr": c.bdf,
+                                         "num_io_queues": c.num_io_queues}})
+                continue
             p: dict[str, Any] = {"name": c.name, "trtype": t.trtype.lower(), "traddr": t.traddr,
                                  "adrfam": t.adrfam.lower(), "trsvcid": t.trsvcid, "subnqn": t.subnqn,
                                  "hostnqn": c.hostnqn, "hdgst": c.hdgst, "ddgst": c.ddgst,
@@ -297,10 +307,10 @@ def _attach(ctx: CommandContext, module: NvmeModule, method: str, p: AttachParam
                                       f"192.0.2.10 -s 4420 -n nqn.2016-06.io.spdk:cnode1)")
     trtype = p.trtype.lower()
     if trtype == "pcie":
-        raise VhostError(errno.ENOTSUP, f"{method}: {p.name}: {PCIE_NOT_YET}")
+        return _attach_pcie(ctx, module, method, p)
     if trtype != "tcp":
         raise VhostError(errno.ENOTSUP, f"{method}: trtype '{p.trtype}' is not served (RDMA and FC are not "
-                                      f"implemented): use -t tcp")
+                                      f"implemented): use -t tcp or -t pcie")
     if not p.subnqn:
         raise VhostError(errno.EINVAL, f"{method}: subnqn is required for -t tcp: name the target's subsystem "
                                       f"(-n nqn....; `nvme discover -t tcp -a {p.traddr}` lists them)")
@@ -365,6 +375,55 @@ def _attach(ctx: CommandContext, module: NvmeModule, method: str, p: AttachParam
     return names
 
 
+def _attach_pcie(ctx: CommandContext, module: NvmeModule, method: str, p: AttachParams) -> list[str]:
+    bdf = normalize_bdf(p.traddr)
+    if bdf is None:
+        raise VhostError(errno.EINVAL, f"{method}: traddr '{p.traddr}' is not a PCI address: give the "
+                                      f"function as domain:bus:device.function, e.g. -a 0000:01:00.0 "
+                                      f"(`lspci -D -d ::0108` lists the NVMe controllers)")
+    nq = IO_QUEUES_DEFAULT if p.num_io_queues is None else p.num_io_queues
+    if not 1 <= nq <= 65535:
+        raise VhostError(errno.EINVAL, f"{method}: num_io_queues must be 1..65535, got {nq}")
+    with module.lock:
+        if p.name in module.controllers or p.name in module.attaching:
+            raise VhostError(errno.EEXIST, f"{method}: NVMe controller '{p.name}' already exists: pick another "
+                                          f"name, or bdev_nvme_detach_controller {p.name} first")
+        for other in module.controllers.values():
+            if isinstance(other, PcieController) and other.bdf == bdf:
+                raise VhostError(errno.EEXIST, f"{method}: PCI function {bdf} is already attached as "
+                                              f"'{other.name}': use its bdevs "
+                                              f"({', '.join(n.bdev_name for n in other.namespaces) or 'none'}), "
+                                              f"or bdev_nvme_detach_controller {other.name} first")
+        module.attaching.add(p.name)
+    try:
+        c = PcieController(p.name, bdf, nq, ctx.memory, io_timeout_ms=max(1, module.io_timeout_us // 1000)
+                           if module.io_timeout_us else 0)
+        try:
+            _off_the_lock(ctx.bdevs, lambda: c.bring_up(time.monotonic() + 30))
+        except ControllerError as exc:
+            raise VhostError(exc.errno, f"{method}: {p.name}: {exc.message}") from None
+        max_bdevs = 128 if p.max_bdevs is None else p.max_bdevs
+        if len(c.namespaces) > max_bdevs:
+            c.close()
+            raise VhostError(errno.EINVAL, f"{method}: {p.name} has {len(c.namespaces)} namespaces, more than "
+                                          f"max_bdevs={max_bdevs}: raise max_bdevs")
+        if not c.namespaces:
+            notice(log, "%s: controller %s has no active namespace", p.name, bdf)
+        names = _add_bdevs(ctx.bdevs, module, c)
+        c.up()
+        with module.lock:
+            module.controllers[p.name] = c
+        module.bdevs = ctx.bdevs
+        c.start(lambda ctrlr, why: _lost(module, ctrlr, why))
+    finally:
+        with module.lock:
+            module.attaching.discard(p.name)
+    d = c.cdata
+    notice(log, "%s: attached PCIe %s: %s (serial %s, firmware %s, NVMe %s), %d I/O queues, %s", p.name, bdf,
+           d["mn"], d["sn"], d["fr"], c.version, c.granted_queues, ", ".join(names) or "no namespaces")
+    return names
+
+
 def _off_the_lock(bdevs: BdevRegistry, fn: Any) -> Any:
     """Run ``fn`` (network waits: connect, Identify) on a thread of its own while this command
     waits with the control lock released, so that other RPCs are answered meanwhile."""
@@ -403,24 +462,26 @@ def _add_bdevs(bdevs: BdevRegistry, module: NvmeModule, c: Controller) -> list[s
 
 def _add_bdev(bdevs: BdevRegistry, c: Controller, ns: Namespace) -> str:
     bits = sum(IO_TYPE_BITS[t] for t in ns.io_types)
-    native = lib.nvt_ns_new(c.native, ns.nsid, ns.block_size, ns.num_blocks, bits)
-    if native == ffi.NULL:
+    native = c.ns_new(ns, bits)
+    if native is None:
         raise VhostError(errno.ENOMEM, f"{c.name}: out of memory creating bdev {ns.bdev_name}")
     freed = [False]
 
     def destruct() -> None:
         if not freed[0]:
             freed[0] = True
-            lib.nvt_ns_free(native)
+            c.ns_free(native)
 
-    info = {"trid": c.trid.to_json(), "ctrlr_data": c.ctrlr_data_json(), "vs": {"nvme_version": c.version},
+    info: dict[str, Any] = {"trid": c.trid.to_json(), "ctrlr_data": c.ctrlr_data_json(), "vs": {"nvme_version": c.version},
             "ns_data": {"id": ns.nsid, "can_share": bool(c.cdata.get("cmic", 0) & 2)},
             "security": {"opal": False}}
+    if isinstance(c, PcieController):
+        info = {"pci_address": c.bdf, **info}
     kw: dict[str, Any] = {}
     if ns.uuid:
         kw["uuid"] = ns.uuid
     bdev = Bdev(name=ns.bdev_name, module=MODULE, product_name="NVMe disk", block_size=ns.block_size,
-                num_blocks=ns.num_blocks, native=int(ffi.cast("uintptr_t", native)), destruct=destruct,
+                num_blocks=ns.num_blocks, native=c.native_address(native), destruct=destruct,
                 io_types=ns.io_types, driver_specific={"nvme": [info], "mp_policy": "active_passive"}, **kw)
     bdevs.add(bdev)
     return ns.bdev_name
@@ -440,9 +501,12 @@ def _lost(module: NvmeModule, c: Controller, why: str) -> None:
     bdevs = module.bdevs
     if bdevs is None:
         return
-    log.error("%s: controller %s did not come back within ctrlr_loss_timeout_sec (%d s): removing %s", c.name,
-              c.trid, c.timeouts.ctrlr_loss_timeout_sec, ", ".join(n.bdev_name for n in c.namespaces) or
-              "it")
+    gone = ", ".join(n.bdev_name for n in c.namespaces) or "it"
+    if isinstance(c, PcieController):
+        log.error("%s: PCIe controller %s %s: removing %s", c.name, c.bdf, why, gone)
+    else:
+        log.error("%s: controller %s did not come back within ctrlr_loss_timeout_sec (%d s): removing %s",
+                  c.name, c.trid, c.timeouts.ctrlr_loss_timeout_sec, gone)
     with bdevs.lock:
         with module.lock:
             if module.controllers.get(c.name) is not c:
@@ -467,7 +531,7 @@ def _detach(ctx: CommandContext, module: NvmeModule, method: str, p: DetachParam
                                               f"{want} (its path: {t})")
         del module.controllers[p.name]
     c.stop(ctx.bdevs.wait_unlocked)
-    lib.nvt_ctrlr_set_fail_io(c.native, 1)
+    c.fail_io()
     _delete_bdevs(ctx.bdevs, c)
     c.close()
     notice(log, "%s: detached %s", p.name, c.trid)
@@ -505,6 +569,10 @@ def _set_options(module: NvmeModule, p: SetOptionsParams) -> bool:
     if new.keep_alive_timeout_ms < 0 or new.connect_timeout_ms < 0:
         raise VhostError(errno.EINVAL, "bdev_nvme_set_options: keep_alive_timeout_ms and tcp_connect_timeout_ms "
                                        "cannot be negative")
+    if p.timeout_us is not None:
+        if p.timeout_us < 0:
+            raise VhostError(errno.EINVAL, "bdev_nvme_set_options: timeout_us cannot be negative")
+        module.io_timeout_us = p.timeout_us
     module.options = new
     module.options_set.update(given)
     ignored = [k for k in given if k not in _HONOURED_OPTIONS]
@@ -559,7 +627,8 @@ def vhost_register_commands(registry) -> None:
                       cli=Cli(prints=False))
     def bdev_nvme_set_hotplug(ctx: CommandContext, p: HotplugParams) -> bool:
         """Set hotplug options for bdev nvme type (PCIe only: nothing to watch here yet)."""
-        notice(log, "bdev_nvme_set_hotplug enable=%s: ignored%s: PCIe hotplug has nothing to watch (the PCIe "
-                    "transport is not implemented yet); NVMe/TCP controllers are watched by Keep Alive",
+        notice(log, "bdev_nvme_set_hotplug enable=%s: ignored%s: an attached PCIe controller's removal is "
+                    "always noticed (the VFIO request interrupt), new ones are attached by RPC; NVMe/TCP "
+                    "controllers are watched by Keep Alive",
                "true" if p.enable else "false", " period_us" if p.period_us is not None else "")
         return True

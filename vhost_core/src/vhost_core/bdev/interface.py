@@ -23,6 +23,12 @@ the core's ``VN_ABI_VERSION`` when the bdev is added to the registry.
 Devices do not hold a bdev, they open it (``BdevRegistry.open``, SPDK's descriptor);
 the core owns the channels behind the descriptors.
 
+DMA: the iovecs a bdev gets point into guest memory mapped by the daemon.  A bdev
+whose hardware reads and writes them itself must have that memory mapped into its
+IOMMU first: it listens to the daemon's memory registry (``CommandContext.memory``,
+:mod:`vhost_core.memory_registration`), which announces every mapping before a
+request can use it and withdraws it only once no request can.
+
 Ownership: the module owns the native memory; ``Bdev.destruct`` frees it and is
 called by the registry once every descriptor of the bdev is closed.
 """

@@ -87,7 +87,7 @@ class Session:
         self.features = 0
         self.features_set = False
         self.protocol_features = 0
-        self.memory = MemoryTable(self.name)
+        self.memory = MemoryTable(self.name, ctrlr.app.memory)
         self.inflight = InflightBuffer(self.name)
         self.dirty_log = DirtyLog(self.name)
         self.logging = False
@@ -278,7 +278,7 @@ class Session:
         for v in running:
             self.vrings.stop(v)
         if self.closing or self.wedged:     # closed meanwhile, or a ring never drained
-            lib.vn_mem_free(new)
+            self.memory.discard(new)
             raise m.ProtocolError("the session was closed while its memory table was replaced")
         self.vrings.set_memory(new)
         self.memory.install(new, regions)

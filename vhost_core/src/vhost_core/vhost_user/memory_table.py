@@ -10,6 +10,11 @@ a removed region stays mapped (``graveyard``) until no request fetched before th
 switch can still write into it.  The mappings belong to the session until it ends, or
 to the controller when rings it retires still have requests writing into them
 (``release``).
+
+Every region mapped is registered with the daemon's memory registry
+(:mod:`vhost_core.memory_registration`) before a ring can translate into it, and
+unregistered just before it is unmapped, once no request can point into it any more:
+that is how DMA-capable backends (VFIO) learn what to map into their IOMMU.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import errno
 import os
 
 from vhost_core.log import get_logger
+from vhost_core.memory_registration import MemoryRegistry
 from vhost_core.native import ffi, lib
 from vhost_core.vhost_user import messages as m
 from vhost_core.vhost_user.connection import Message
@@ -43,8 +49,10 @@ REGION_ERROR_HINTS = {
 class MemoryTable:
     """The guest memory of one session (``native``: its ``struct vn_mem``, or NULL)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, registry: MemoryRegistry | None = None) -> None:
         self.name = name
+        #: Where mappings are registered for DMA (the daemon's; a private one if none).
+        self.registry = registry if registry is not None else MemoryRegistry()
         self.native = ffi.NULL
         self.nregions = 0
         #: The regions as the front-end described them, in table order.
@@ -98,7 +106,12 @@ class MemoryTable:
         except BaseException:
             lib.vn_mem_free(new)
             raise
+        self.registry.register_mem(new)
         return new, regions
+
+    def discard(self, new: object) -> None:
+        """Free a table from :meth:`map` that was never installed."""
+        self.registry.free_mem(new)
 
     def install(self, new: object, regions: list[m.MemoryRegion]) -> None:
         """Make ``new`` (from :meth:`map`, :meth:`with_region` or :meth:`without_region`)
@@ -107,7 +120,7 @@ class MemoryTable:
         old, self.native = self.native, new
         self.regions = list(regions)
         self.nregions = len(regions)
-        lib.vn_mem_free(old)
+        self.registry.free_mem(old)
         log.debug("Controller %s: memory table with %d regions", self.name, self.nregions)
 
     @staticmethod
@@ -143,6 +156,7 @@ class MemoryTable:
                 f"cannot add memory region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} "
                 f"offset={r.mmap_offset:#x}: {os.strerror(-err[0])}"
                 + (what or REGION_ERROR_HINTS.get(-err[0], "")))
+        self.registry.register_mem(new, new.nregions - 1)
         return new, r
 
     def without_region(self, msg: Message) -> tuple[object, object, m.MemoryRegion]:
@@ -163,7 +177,7 @@ class MemoryTable:
 
     def free_graveyard(self) -> None:
         for mem in self.graveyard:
-            lib.vn_mem_free(mem)
+            self.registry.free_mem(mem)
         self.graveyard.clear()
 
     def check(self) -> None:
@@ -186,4 +200,4 @@ class MemoryTable:
 
     def free(self) -> None:
         for mem in self.release():
-            lib.vn_mem_free(mem)
+            self.registry.free_mem(mem)
