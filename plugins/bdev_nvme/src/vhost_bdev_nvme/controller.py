@@ -125,13 +125,18 @@ class Controller:
 
     # ------------------------------------------------------------ admin commands
 
+    def _admin_native(self, sqe: bytes, cbuf: Any, length: int, to_ctrlr: int, timeout_ms: int, cqe: Any,
+                      err: Any, err_len: int) -> int:
+        """One admin command through the transport's native call (0 or -errno)."""
+        return lib.nvt_admin_cmd(self.native, sqe, cbuf, length, to_ctrlr, timeout_ms, cqe, err, err_len)
+
     def _admin(self, sqe: bytearray, buf: Any = None, to_ctrlr: bool = False, timeout_ms: int = ADMIN_TIMEOUT_MS
                ) -> bytes:
         cqe = ffi.new("uint8_t[16]")
-        err = ffi.new("char[200]")
+        err = ffi.new("char[240]")
         length = len(buf) if buf is not None else 0
         cbuf = ffi.from_buffer(buf) if buf is not None else ffi.NULL
-        rc = lib.nvt_admin_cmd(self.native, bytes(sqe), cbuf, length, int(to_ctrlr), timeout_ms, cqe, err, 200)
+        rc = self._admin_native(bytes(sqe), cbuf, length, int(to_ctrlr), timeout_ms, cqe, err, 240)
         out = bytes(ffi.buffer(cqe, 16))
         if rc == -errno.EREMOTEIO:
             status = struct.unpack_from("<H", out, 14)[0] >> 1

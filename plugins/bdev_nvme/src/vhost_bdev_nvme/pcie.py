@@ -130,20 +130,9 @@ class PcieController(Controller):
 
     # ------------------------------------------------------------ admin commands
 
-    def _admin(self, sqe: bytearray, buf: Any = None, to_ctrlr: bool = False, timeout_ms: int = ADMIN_TIMEOUT_MS
-               ) -> bytes:
-        cqe = ffi.new("uint8_t[16]")
-        err = ffi.new("char[240]")
-        length = len(buf) if buf is not None else 0
-        cbuf = ffi.from_buffer(buf) if buf is not None else ffi.NULL
-        rc = lib.nvp_admin(self.native, bytes(sqe), cbuf, length, int(to_ctrlr), timeout_ms, cqe, err, 240)
-        out = bytes(ffi.buffer(cqe, 16))
-        if rc == -errno.EREMOTEIO:
-            status = struct.unpack_from("<H", out, 14)[0] >> 1
-            raise ControllerError(errno.EIO, f"admin command {sqe[0]:#04x} failed: {status_text(status)}")
-        if rc:
-            raise ControllerError(-rc, ffi.string(err).decode(errors="replace"))
-        return out
+    def _admin_native(self, sqe: bytes, cbuf: Any, length: int, to_ctrlr: int, timeout_ms: int, cqe: Any,
+                      err: Any, err_len: int) -> int:
+        return lib.nvp_admin(self.native, sqe, cbuf, length, to_ctrlr, timeout_ms, cqe, err, err_len)
 
     # ------------------------------------------------------------ bring-up
 

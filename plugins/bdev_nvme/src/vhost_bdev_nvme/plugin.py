@@ -349,19 +349,7 @@ def _attach(ctx: CommandContext, module: NvmeModule, method: str, p: AttachParam
         except ControllerError as exc:
             c.close()
             raise VhostError(exc.errno, f"{method}: {p.name}: {exc.message}") from None
-        max_bdevs = 128 if p.max_bdevs is None else p.max_bdevs
-        if len(c.namespaces) > max_bdevs:
-            c.close()
-            raise VhostError(errno.EINVAL, f"{method}: {p.name} has {len(c.namespaces)} namespaces, more than "
-                                          f"max_bdevs={max_bdevs}: raise max_bdevs")
-        if not c.namespaces:
-            notice(log, "%s: controller %s has no active namespace yet", p.name, trid)
-        names = _add_bdevs(ctx.bdevs, module, c)
-        c.up()
-        with module.lock:
-            module.controllers[p.name] = c
-        module.bdevs = ctx.bdevs
-        c.start(lambda ctrlr, why: _lost(module, ctrlr, why))
+        names = _register(ctx, module, method, p, c, trid)
     finally:
         with module.lock:
             module.attaching.discard(p.name)
@@ -372,6 +360,26 @@ def _attach(ctx: CommandContext, module: NvmeModule, method: str, p: AttachParam
            "" if not (p.hdgst or p.ddgst) else
            f", {'header' if p.hdgst else ''}{' and ' if p.hdgst and p.ddgst else ''}"
            f"{'data' if p.ddgst else ''} digest")
+    return names
+
+
+def _register(ctx: CommandContext, module: NvmeModule, method: str, p: AttachParams, c: Controller,
+              where: str) -> list[str]:
+    """A controller that came up (any transport): its namespaces become bdevs, it joins
+    the module and its loss handling starts.  The bdev names."""
+    max_bdevs = 128 if p.max_bdevs is None else p.max_bdevs
+    if len(c.namespaces) > max_bdevs:
+        c.close()
+        raise VhostError(errno.EINVAL, f"{method}: {p.name} has {len(c.namespaces)} namespaces, more than "
+                                      f"max_bdevs={max_bdevs}: raise max_bdevs")
+    if not c.namespaces:
+        notice(log, "%s: controller %s has no active namespace yet", p.name, where)
+    names = _add_bdevs(ctx.bdevs, module, c)
+    c.up()
+    with module.lock:
+        module.controllers[p.name] = c
+    module.bdevs = ctx.bdevs
+    c.start(lambda ctrlr, why: _lost(module, ctrlr, why))
     return names
 
 
@@ -402,19 +410,7 @@ def _attach_pcie(ctx: CommandContext, module: NvmeModule, method: str, p: Attach
             _off_the_lock(ctx.bdevs, lambda: c.bring_up(time.monotonic() + 30))
         except ControllerError as exc:
             raise VhostError(exc.errno, f"{method}: {p.name}: {exc.message}") from None
-        max_bdevs = 128 if p.max_bdevs is None else p.max_bdevs
-        if len(c.namespaces) > max_bdevs:
-            c.close()
-            raise VhostError(errno.EINVAL, f"{method}: {p.name} has {len(c.namespaces)} namespaces, more than "
-                                          f"max_bdevs={max_bdevs}: raise max_bdevs")
-        if not c.namespaces:
-            notice(log, "%s: controller %s has no active namespace", p.name, bdf)
-        names = _add_bdevs(ctx.bdevs, module, c)
-        c.up()
-        with module.lock:
-            module.controllers[p.name] = c
-        module.bdevs = ctx.bdevs
-        c.start(lambda ctrlr, why: _lost(module, ctrlr, why))
+        names = _register(ctx, module, method, p, c, bdf)
     finally:
         with module.lock:
             module.attaching.discard(p.name)
