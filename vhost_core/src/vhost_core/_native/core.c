@@ -33,6 +33,12 @@
 #define VRING_DESC_F_INDIRECT 4
 #define VRING_USED_F_NO_NOTIFY 1
 #define VRING_AVAIL_F_NO_INTERRUPT 1
+/* Packed virtqueues (virtio 1.1, 2.8): descriptor flags and event suppression. */
+#define VRING_PACKED_DESC_F_AVAIL (1u << 7)
+#define VRING_PACKED_DESC_F_USED (1u << 15)
+#define VRING_PACKED_EVENT_F_ENABLE 0
+#define VRING_PACKED_EVENT_F_DISABLE 1
+#define VRING_PACKED_EVENT_F_DESC 2
 
 /* Requests in flight per queue are capped: a 32768-entry ring must not cost
  * 32768 request slots of ~9 KiB each. */
@@ -59,6 +65,10 @@ struct vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; 
 struct vring_avail { uint16_t flags; uint16_t idx; uint16_t ring[]; };
 struct vring_used_elem { uint32_t id; uint32_t len; };
 struct vring_used { uint16_t flags; uint16_t idx; struct vring_used_elem ring[]; };
+/* Packed ring: one ring of descriptors both sides write, and two event
+ * suppression structures (the driver area and the device area). */
+struct vring_packed_desc { uint64_t addr; uint32_t len; uint16_t id; uint16_t flags; };
+struct vring_packed_event { uint16_t off_wrap; uint16_t flags; };
 
 static uint64_t now_ns(void)
 {
@@ -697,6 +707,13 @@ struct vn_vq {
      * requests seen when it began, the current delay, and the earliest time of the
      * next signal */
     uint64_t co_next_check, co_reqs_at_check, co_delay, co_next_event;
+    /* packed ring (VIRTIO_F_RING_PACKED): desc is the descriptor ring, avail the
+     * driver's event suppression area, used the device's; last_avail and used_idx
+     * are ring positions (0..size-1) with their wrap counters. */
+    int packed;
+    uint16_t avail_wrap, used_wrap;
+    uint16_t *id_slots;         /* per buffer id: ring slots of that buffer in flight, 0: free */
+    uint32_t inflight_slots;    /* ring slots taken and not yet written back */
     /* in-flight tracking */
     volatile struct ifl_queue *ifl;
     uint32_t ifl_capacity;
@@ -867,7 +884,8 @@ static void vq_mark_broken(struct vn_vq *q, const char *why)
  * page or three. */
 static __attribute__((noinline, cold)) void vq_log_used(struct vn_vq *q)
 {
-    if (q->log_used) log_mark(q->log, q->log_used_gpa, 4 + 8 * (uint64_t)q->size + 2);
+    /* A packed ring's "used" address is its device event suppression area. */
+    if (q->log_used) log_mark(q->log, q->log_used_gpa, q->packed ? 4 : 4 + 8 * (uint64_t)q->size + 2);
 }
 
 /* The device wrote into the request's device-writable buffers. */
@@ -880,6 +898,12 @@ static __attribute__((noinline, cold)) void vq_log_request(struct vn_vq *q, cons
 static void vq_publish_used(struct vn_vq *q)
 {
     if (!q->used_dirty) return;
+    if (__builtin_expect(q->packed, 0)) {
+        /* Each used descriptor was published by its flags as it completed. */
+        q->used_dirty = 0;
+        q->need_signal = 1;
+        return;
+    }
     atomic_thread_fence(memory_order_release);
     *(volatile uint16_t *)&q->used->idx = q->used_idx;
     if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
@@ -925,6 +949,22 @@ static int vq_coalesce(struct vn_vq *q, uint64_t now)
     return now < q->co_next_event;
 }
 
+/* Packed ring: whether the driver's event suppression area asks for an interrupt
+ * for the used descriptors written since the last one (virtio 1.1, 2.8.10; the
+ * offset test is vring_need_event's on positions extended by the wrap counters). */
+static int vq_packed_need_signal(struct vn_vq *q)
+{
+    const volatile struct vring_packed_event *ev = (const volatile struct vring_packed_event *)q->avail;
+    uint16_t flags = ev->flags;
+    if (flags != VRING_PACKED_EVENT_F_DESC || !q->event_idx) return flags != VRING_PACKED_EVENT_F_DISABLE;
+    uint16_t off_wrap = ev->off_wrap;
+    int32_t size = (int32_t)q->size;
+    int32_t new_ = q->used_idx, old = q->signalled_used, off = off_wrap & 0x7fff;
+    if (new_ <= old) old -= size;
+    if ((off_wrap >> 15) != q->used_wrap) off -= size;
+    return (uint16_t)(new_ - off - 1) < (uint16_t)(new_ - old);
+}
+
 /* Signal the guest if it wants to hear of new used entries.  `now`: the iteration's
  * clock when the device coalesces interrupts (0 otherwise, or to signal at once).
  * Returns 1 when a signal is held back by coalescing (the reactor must come back). */
@@ -935,7 +975,9 @@ static int vq_signal(struct vn_vq *q, uint64_t now)
     q->need_signal = 0;
     atomic_thread_fence(memory_order_seq_cst);
     int do_signal;
-    if (q->event_idx) {
+    if (__builtin_expect(q->packed, 0)) {
+        do_signal = vq_packed_need_signal(q);
+    } else if (q->event_idx) {
         uint16_t used_event = *vq_used_event(q);
         uint16_t new_idx = q->used_idx, old = q->signalled_used;
         do_signal = (uint16_t)(new_idx - used_event - 1) < (uint16_t)(new_idx - old);
@@ -1114,9 +1156,13 @@ static __attribute__((noinline, cold)) int vq_resubmit(struct vn_vq *q)
 
 /* Pop and submit what the guest made available, after whatever a previous
  * target process left in flight.  Returns requests started. */
+static int vq_process_packed(struct vn_vq *q);
+
 static int vq_process(struct vn_vq *q)
 {
     if (q->broken || q->stopping || !q->enabled) return 0;
+    /* The ring layout is the queue's, chosen once: one test per queue and pass. */
+    if (__builtin_expect(q->packed, 0)) return vq_process_packed(q);
     int done = 0;
     if (__builtin_expect(q->resubmit_pos < q->nresubmit, 0)) {
         done = vq_resubmit(q);
@@ -1152,10 +1198,223 @@ static int vq_process(struct vn_vq *q)
     return done;
 }
 
+
+/* ------------------------------------------------------------------ */
+/* packed virtqueues (VIRTIO_F_RING_PACKED)                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * One ring of descriptors: the driver makes a buffer available by writing its
+ * descriptors at consecutive positions (the head's flags last, with AVAIL equal
+ * to its wrap counter and USED not); the device takes buffers in ring order and
+ * writes one used descriptor per buffer (the buffer id, the length written,
+ * flags with AVAIL = USED = its own wrap counter) at its used position, which
+ * then advances by the number of ring descriptors the buffer took.  Buffers may
+ * complete in any order: the id says which one.  Everything read from the ring is
+ * read once and checked, as for split rings; a malformed ring breaks the queue.
+ */
+
+static inline int vq_packed_desc_avail(uint16_t flags, uint16_t wrap)
+{
+    return !!(flags & VRING_PACKED_DESC_F_AVAIL) == wrap && !!(flags & VRING_PACKED_DESC_F_USED) != wrap;
+}
+
+/* Translate one buffer into req's iovecs (a bad address only sets req->error). */
+static inline __attribute__((always_inline)) void vq_packed_add(struct vn_vq *q, vn_req *req, uint32_t *niov,
+                                                                uint64_t addr, uint32_t len, int write)
+{
+    if (len == 0 || req->error != VN_REQ_OK) return;
+    int n = mem_to_iov(q->mem, addr, len, &req->iov[*niov], VN_MAX_IOV - *niov);
+    if (n < 0) {
+        req->error = n == -2 ? VN_REQ_E2BIG : VN_REQ_EFAULT;
+        return;
+    }
+    *niov += n;
+    if (write) { req->n_in += n; req->in_len += len; }
+    else { req->n_out += n; req->out_len += len; }
+}
+
+/* Walk the buffer at the queue's avail position into req.  Returns 0 with its
+ * id and the ring descriptors it takes, or -1 if the ring is malformed (the
+ * queue is then broken and nothing was taken). */
+static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_vq *q, vn_req *req,
+                                                                     uint16_t *id_out, uint32_t *slots_out)
+{
+    const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
+    uint32_t size = q->size, pos = q->last_avail, slots = 0, niov = 0, walked = 0;
+    uint32_t limit = size < VQ_MAX_CHAIN ? size : VQ_MAX_CHAIN;
+    int seen_write = 0;
+    struct vring_packed_desc d, last = { 0, 0, 0, 0 };
+
+    req->n_out = req->n_in = 0;
+    req->out_len = req->in_len = 0;
+    req->error = VN_REQ_OK;
+    for (;;) {
+        if (++slots > limit) {
+            vq_mark_broken(q, slots > size ? "descriptor chain longer than the ring"
+                                           : "descriptor chain longer than 1040 descriptors");
+            return -1;
+        }
+        d.addr = ring[pos].addr;
+        d.len = ring[pos].len;
+        d.id = ring[pos].id;
+        d.flags = ring[pos].flags;
+        if (++pos == size) pos = 0;
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (!q->indirect) { vq_mark_broken(q, "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC"); return -1; }
+            if (d.flags & VRING_DESC_F_NEXT) { vq_mark_broken(q, "indirect descriptor with NEXT flag"); return -1; }
+            if (slots != 1) { vq_mark_broken(q, "indirect descriptor inside a chain"); return -1; }
+            if (d.len == 0 || d.len % sizeof(struct vring_packed_desc)) {
+                vq_mark_broken(q, "indirect table length is not a non-zero multiple of 16");
+                return -1;
+            }
+            uint32_t n = d.len / sizeof(struct vring_packed_desc);
+            if (n > VQ_MAX_CHAIN) { vq_mark_broken(q, "descriptor chain longer than 1040 descriptors"); return -1; }
+            const volatile struct vring_packed_desc *table = vn_mem_gpa_to_host(q->mem, d.addr, d.len);
+            if (!table) { vq_mark_broken(q, "indirect table outside guest memory"); return -1; }
+            /* The table's entries are read in order; NEXT means nothing there. */
+            for (uint32_t i = 0; i < n; i++) {
+                struct vring_packed_desc t;
+                t.addr = table[i].addr;
+                t.len = table[i].len;
+                t.flags = table[i].flags;
+                if (t.flags & VRING_DESC_F_INDIRECT) { vq_mark_broken(q, "nested indirect descriptor table"); return -1; }
+                if (t.flags & VRING_DESC_F_WRITE) {
+                    seen_write = 1;
+                } else if (seen_write) {
+                    vq_mark_broken(q, "device-readable descriptor after a device-writable one");
+                    return -1;
+                }
+                vq_packed_add(q, req, &niov, t.addr, t.len, t.flags & VRING_DESC_F_WRITE);
+                last.addr = t.addr;
+                last.len = t.len;
+                last.flags = t.flags;
+            }
+            walked += n;
+            break;
+        }
+        if (d.flags & VRING_DESC_F_WRITE) {
+            seen_write = 1;
+        } else if (seen_write) {
+            vq_mark_broken(q, "device-readable descriptor after a device-writable one");
+            return -1;
+        }
+        vq_packed_add(q, req, &niov, d.addr, d.len, d.flags & VRING_DESC_F_WRITE);
+        last = d;
+        if (!(d.flags & VRING_DESC_F_NEXT)) break;
+    }
+    q->pass_walked += slots + walked;
+    /* The buffer id is the last ring descriptor's. */
+    if (d.id >= size) { vq_mark_broken(q, "buffer id out of range"); return -1; }
+    if (q->id_slots[d.id]) { vq_mark_broken(q, "buffer id already in flight"); return -1; }
+    if (q->inflight_slots + slots > size) {
+        vq_mark_broken(q, "more descriptors outstanding than the queue size");
+        return -1;
+    }
+    if (__builtin_expect(req->out_len > VQ_MAX_PART_BYTES || req->in_len > VQ_MAX_PART_BYTES, 0)
+        && req->error == VN_REQ_OK)
+        req->error = VN_REQ_E2BIG;
+    if (req->error) {
+        /* As for split rings: only the last descriptor, if device-writable, so
+         * that the device can still answer an error status there. */
+        req->n_out = req->n_in = 0;
+        req->out_len = req->in_len = 0;
+        if ((last.flags & VRING_DESC_F_WRITE) && last.len > 0 && last.len <= VQ_MAX_PART_BYTES) {
+            int n = mem_to_iov(q->mem, last.addr, last.len, req->iov, VN_MAX_IOV);
+            if (n > 0) { req->n_in = (uint32_t)n; req->in_len = last.len; }
+        }
+    }
+    *id_out = d.id;
+    *slots_out = slots;
+    return 0;
+}
+
+/* Log the used descriptor the device wrote at ring position pos. */
+static __attribute__((noinline, cold)) void vq_log_packed_desc(struct vn_vq *q, uint32_t pos)
+{
+    log_mark_host(q->log, q->mem, (const uint8_t *)q->desc + 16 * (size_t)pos, 16);
+}
+
+static void vq_complete_packed(vn_req *req, uint32_t written)
+{
+    struct vn_vq *q = req->core_priv;
+    struct slot *s = (struct slot *)req;
+    uint16_t id = req->head;
+    uint32_t pos = q->used_idx;
+    volatile struct vring_packed_desc *d = (volatile struct vring_packed_desc *)q->desc + pos;
+    if (__builtin_expect(q->log != NULL, 0) && req->n_in) vq_log_request(q, req);
+    d->id = id;
+    d->len = written;
+    uint16_t flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
+    if (written) flags |= VRING_DESC_F_WRITE;
+    /* id and len before the flags that hand the descriptor to the driver. */
+    atomic_thread_fence(memory_order_release);
+    d->flags = flags;
+    if (__builtin_expect(q->log != NULL, 0)) vq_log_packed_desc(q, pos);
+    uint32_t n = q->id_slots[id];
+    q->id_slots[id] = 0;
+    q->inflight_slots -= n;
+    pos += n;
+    if (pos >= q->size) {
+        pos -= q->size;
+        q->used_wrap ^= 1;
+    }
+    q->used_idx = (uint16_t)pos;
+    q->used_dirty = 1;
+    q->inflight--;
+    s->next_free = q->free_list;
+    q->free_list = s;
+}
+
+static __attribute__((noinline)) int vq_process_packed(struct vn_vq *q)
+{
+    const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
+    int done = 0;
+    q->pass_walked = 0;
+    while (q->free_list && q->pass_walked < VQ_PASS_BUDGET) {
+        uint16_t flags = ring[q->last_avail].flags;
+        if (!vq_packed_desc_avail(flags, q->avail_wrap)) break;
+        /* The head's flags before the rest of the buffer. */
+        atomic_thread_fence(memory_order_acquire);
+        struct slot *s = q->free_list;
+        vn_req *req = &s->req;
+        uint16_t id;
+        uint32_t slots;
+        if (vq_map_chain_packed(q, req, &id, &slots) < 0) break;
+        q->free_list = s->next_free;
+        q->inflight++;
+        q->stat_requests++;
+        if (req->error) q->stat_errors++;
+        q->id_slots[id] = (uint16_t)slots;
+        q->inflight_slots += slots;
+        uint32_t pos = q->last_avail + slots;
+        if (pos >= q->size) {
+            pos -= q->size;
+            q->avail_wrap ^= 1;
+        }
+        q->last_avail = (uint16_t)pos;
+        req->head = id;
+        req->queue_index = q->index;
+        req->dev_ctx = q->dev->ctx;
+        req->complete = vq_complete_packed;
+        req->core_priv = q;
+        q->dev->ops->submit(q->dev->ctx, req);
+        done++;
+    }
+    return done;
+}
+
 /* Interrupt mode: ask for kicks again; returns 1 if work raced in. */
 static int vq_arm(struct vn_vq *q)
 {
     if (q->broken || q->stopping || !q->enabled) return 0;
+    if (q->packed) {
+        ((volatile struct vring_packed_event *)q->used)->flags = VRING_PACKED_EVENT_F_ENABLE;
+        if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
+        atomic_thread_fence(memory_order_seq_cst);
+        uint16_t flags = ((const volatile struct vring_packed_desc *)q->desc)[q->last_avail].flags;
+        return vq_packed_desc_avail(flags, q->avail_wrap) && q->free_list;
+    }
     if (q->event_idx)
         *vq_avail_event(q) = q->last_avail;
     else
@@ -1167,6 +1426,14 @@ static int vq_arm(struct vn_vq *q)
 
 static void vq_disarm(struct vn_vq *q)
 {
+    if (q->packed) {
+        /* Polling: the driver never needs to kick (with or without EVENT_IDX). */
+        if (q->used && q->enabled && !q->broken) {
+            ((volatile struct vring_packed_event *)q->used)->flags = VRING_PACKED_EVENT_F_DISABLE;
+            if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
+        }
+        return;
+    }
     if (!q->event_idx && q->used && q->enabled && !q->broken) {
         *(volatile uint16_t *)&q->used->flags = VRING_USED_F_NO_NOTIFY;
         if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
@@ -1195,6 +1462,7 @@ int vn_vq_free(struct vn_vq *q)
      * hand the late completions freed memory. */
     if (q->running && vn_vq_stop(q, 0) != 0) return -EBUSY;
     free(q->slots);
+    free(q->id_slots);
     free(q->ifl_batch);
     free(q->resubmit);
     free(q);
@@ -1225,14 +1493,34 @@ void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m)
     else vq_set_mem_on_reactor(&a);
 }
 
-void vn_vq_set_base(struct vn_vq *q, uint16_t last_avail_idx)
+void vn_vq_set_base(struct vn_vq *q, uint32_t base)
 {
-    q->last_avail = last_avail_idx;
-    q->used_idx = last_avail_idx;
-    q->signalled_used = last_avail_idx;
+    if (q->packed) {
+        /* Bits 0-14 the avail position, 15 its wrap counter; the upper half the
+         * used position and wrap counter (QEMU's encoding), or 0: as the avail
+         * one (a stopped ring has nothing in flight). */
+        uint32_t used = base >> 16 ? base >> 16 : base & 0xffff;
+        q->last_avail = base & 0x7fff;
+        q->avail_wrap = (base >> 15) & 1;
+        q->used_idx = used & 0x7fff;
+        q->used_wrap = (used >> 15) & 1;
+        q->signalled_used = q->used_idx;
+        return;
+    }
+    q->last_avail = (uint16_t)base;
+    q->used_idx = (uint16_t)base;
+    q->signalled_used = (uint16_t)base;
 }
 
-uint16_t vn_vq_get_base(struct vn_vq *q) { return q->last_avail; }
+uint32_t vn_vq_get_base(struct vn_vq *q)
+{
+    if (q->packed)
+        return ((uint32_t)q->last_avail | (uint32_t)q->avail_wrap << 15)
+               | ((uint32_t)q->used_idx | (uint32_t)q->used_wrap << 15) << 16;
+    return q->last_avail;
+}
+
+void vn_vq_set_packed(struct vn_vq *q, int packed) { q->packed = !!packed; }
 
 struct set_int_arg { struct vn_vq *q; int value; int which; };
 
@@ -1430,6 +1718,18 @@ int vn_vq_start(struct vn_vq *q)
     }
     q->nresubmit = q->resubmit_pos = 0;
     q->recovered = q->recovery_reset = 0;
+    if (q->packed) {
+        if (q->last_avail >= q->size || q->used_idx >= q->size) return -EINVAL;
+        free(q->id_slots);
+        q->id_slots = calloc(q->size, sizeof(uint16_t));
+        if (!q->id_slots) return -ENOMEM;
+        q->inflight_slots = 0;
+        if (q->ifl) {
+            /* Packed-ring tracking is not implemented: the buffer is left alone. */
+            q->recovery_reset = 4;
+            q->ifl = NULL;
+        }
+    }
     if (q->ifl) {
         free(q->ifl_batch);
         free(q->resubmit);

@@ -66,8 +66,15 @@ void vn_vq_set_ring(struct vn_vq *q, uint32_t size, void *desc, void *avail, voi
 /* The table the queue translates with; on a running queue it takes effect between
  * two reactor iterations (requests already fetched keep their host addresses). */
 void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m);
-void vn_vq_set_base(struct vn_vq *q, uint16_t last_avail_idx);
-uint16_t vn_vq_get_base(struct vn_vq *q);
+/* Split rings: the next avail index.  Packed rings (vn_vq_set_packed): bits 0-14
+ * the avail position, 15 its wrap counter, 16-30 the used position, 31 its wrap
+ * counter (vhost-user's encoding; an upper half of 0 on set means "as the avail"). */
+void vn_vq_set_base(struct vn_vq *q, uint32_t base);
+uint32_t vn_vq_get_base(struct vn_vq *q);
+/* The ring layout: split (0) or packed (VIRTIO_F_RING_PACKED); set while stopped.
+ * A packed ring's desc/avail/used are its descriptor ring, driver area and
+ * device area. */
+void vn_vq_set_packed(struct vn_vq *q, int packed);
 void vn_vq_set_kick(struct vn_vq *q, int fd);
 void vn_vq_set_call(struct vn_vq *q, int fd);
 void vn_vq_set_features(struct vn_vq *q, int event_idx, int indirect);

@@ -226,7 +226,8 @@ class Session:
         return st.unpack(msg.payload)
 
     def offered_features(self) -> int:
-        return CORE_FEATURES | self.device.device_features()
+        packed = (1 << m.VIRTIO_F_RING_PACKED) if self.device.packed_ring else 0
+        return CORE_FEATURES | packed | self.device.device_features()
 
     # ---------------------------------------------------------------- features
 
@@ -239,7 +240,8 @@ class Session:
         if extra:
             raise m.ProtocolError(f"SET_FEATURES asks for bits {extra:#x} that were not offered")
         if self.vrings.any_started() and (features ^ self.features) & (
-                (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)):
+                (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)
+                | (1 << m.VIRTIO_F_RING_PACKED)):
             raise ValueError("ring features cannot change while queues run")
         self.features = features
         self.features_set = True
@@ -360,7 +362,9 @@ class Session:
     def _set_vring_base(self, msg: Message) -> None:
         index, num = self._payload(msg, m.VRING_STATE)
         v = self.vrings.get(index)
-        if num > 0xFFFF:
+        # Packed rings: bits 0-14 the avail position, 15 its wrap counter, and the used
+        # position and wrap counter in the upper half (checked against the size at start).
+        if num > 0xFFFF and not self.has_feature(m.VIRTIO_F_RING_PACKED):
             raise m.ProtocolError(f"vring {index} base {num} exceeds 65535")
         if v.started:
             raise m.ProtocolError(f"vring {index} base changed while it runs")

@@ -30,6 +30,7 @@ INFLIGHT_RESET_REASONS = {
     1: "it was made for another ring size",
     2: "it does not match the used ring",
     3: "it is too small for the ring",
+    4: "in-flight tracking of packed rings is not implemented",
 }
 
 
