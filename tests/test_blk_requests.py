@@ -723,3 +723,18 @@ def test_immediate_reconnect_after_disconnect_is_served(blk_daemon):
         assert dev.read(0, 8) == data
         dev.close()
     assert "refused a second front-end" not in d.log()
+
+
+@pytest.mark.parametrize("packed_ring,offered", [(None, True), (True, True), (False, False)],
+                         ids=["default", "true", "false"])
+def test_packed_ring_parameter_decides_whether_packed_rings_are_offered(blk_daemon, packed_ring, offered):
+    """SPDK's packed_ring: offered by default (QEMU negotiates it only with packed=on),
+    and with true; false keeps the controller on split rings.  save_config keeps it."""
+    d = blk_daemon
+    kw = {} if packed_ring is None else {"packed_ring": packed_ring}
+    make_ctrlr(d, "pr", 512, 64, **kw)
+    wait_no_session(d, "pr")
+    with VhostUserFrontend(d.socket("pr")) as fe:
+        assert bool(fe.get_features() & bit(VIRTIO_F_RING_PACKED)) == offered
+    entry = next(e for e in d.rpc("framework_get_config", name="vhost_blk") if e["params"].get("ctrlr") == "pr")
+    assert entry["params"]["packed_ring"] is offered
