@@ -674,6 +674,41 @@ struct ifl_queue {
 _Static_assert(sizeof(struct ifl_desc) == VN_INFLIGHT_DESC, "DescStateSplit is 16 bytes");
 _Static_assert(sizeof(struct ifl_queue) == VN_INFLIGHT_HEADER, "QueueRegionSplit header is 16 bytes");
 
+/* The packed-ring layout of the same buffer (DescStatePacked, QueueRegionPacked):
+ * every ring descriptor taken is copied into an entry of a free list; a buffer's head
+ * entry holds its fetch counter, its length in entries and its last entry.  The
+ * old_* fields are the state before the batch being published, so that a process
+ * dying in the middle leaves something the next one can roll back or forward. */
+struct pifl_desc {
+    uint8_t inflight;
+    uint8_t padding;
+    uint16_t next;
+    uint16_t last;
+    uint16_t num;
+    uint64_t counter;
+    uint16_t id;
+    uint16_t flags;
+    uint32_t len;
+    uint64_t addr;
+};
+
+struct pifl_queue {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t free_head;
+    uint16_t old_free_head;
+    uint16_t used_idx;
+    uint16_t old_used_idx;
+    uint8_t used_wrap_counter;
+    uint8_t old_used_wrap_counter;
+    uint8_t padding[7];
+    struct pifl_desc desc[];
+};
+
+_Static_assert(sizeof(struct pifl_desc) == VN_INFLIGHT_PACKED_DESC, "DescStatePacked is 32 bytes");
+_Static_assert(sizeof(struct pifl_queue) == VN_INFLIGHT_PACKED_HEADER, "QueueRegionPacked header is 32 bytes");
+
 struct vn_vq {
     struct vn_dev *dev;
     uint16_t index;
@@ -713,6 +748,7 @@ struct vn_vq {
     int packed;
     uint16_t avail_wrap, used_wrap;
     uint16_t *id_slots;         /* per buffer id: ring slots of that buffer in flight, 0: free */
+    uint16_t *id_entry;         /* per buffer id: its head entry in the inflight buffer */
     uint32_t inflight_slots;    /* ring slots taken and not yet written back */
     /* in-flight tracking */
     volatile struct ifl_queue *ifl;
@@ -1214,6 +1250,184 @@ static int vq_process(struct vn_vq *q)
  * read once and checked, as for split rings; a malformed ring breaks the queue.
  */
 
+
+/* ---- packed rings: in-flight tracking (vhost-user "Inflight I/O tracking") ---- */
+
+struct ifl_entry { uint64_t counter; uint16_t head; };
+
+static int ifl_entry_cmp(const void *a, const void *b)
+{
+    const struct ifl_entry *x = a, *y = b;
+    return x->counter < y->counter ? -1 : x->counter > y->counter;
+}
+
+static inline volatile struct pifl_queue *vq_pifl(struct vn_vq *q)
+{
+    return (volatile struct pifl_queue *)q->ifl;
+}
+
+/* A buffer of `slots` ring descriptors was taken at ring position `pos`: copy them
+ * into the free list's entries (the spec's order), before the device sees it. */
+static __attribute__((noinline, cold)) void vq_pifl_fetched(struct vn_vq *q, uint32_t pos, uint32_t slots, uint16_t id)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
+    uint16_t head = f->old_free_head;
+    q->id_entry[id] = 0xffff;       /* untracked, unless all goes well */
+    if (head >= q->size) return;    /* checked at start; the front-end may scribble since */
+    f->desc[head].num = 0;
+    f->desc[head].counter = ++q->ifl_counter;
+    atomic_signal_fence(memory_order_seq_cst);
+    f->desc[head].inflight = 1;
+    for (uint32_t i = 0; i < slots; i++) {
+        uint16_t e = f->free_head;
+        if (e >= q->size) return;
+        if (i + 1 == slots) f->desc[head].last = e;
+        f->desc[head].num++;
+        f->desc[e].addr = ring[pos].addr;
+        f->desc[e].len = ring[pos].len;
+        f->desc[e].flags = ring[pos].flags;
+        f->desc[e].id = ring[pos].id;
+        atomic_signal_fence(memory_order_seq_cst);
+        f->free_head = f->desc[e].next;
+        if (++pos == q->size) pos = 0;
+    }
+    atomic_signal_fence(memory_order_seq_cst);
+    f->old_free_head = f->free_head;
+    q->id_entry[id] = head;
+}
+
+/* Before the used descriptor of `id` is written: its entries back on the free list,
+ * the used position after it. */
+static __attribute__((noinline, cold)) void vq_pifl_used_begin(struct vn_vq *q, uint16_t id, uint16_t used_idx,
+                                                               uint16_t used_wrap)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    uint16_t e = q->id_entry[id];
+    if (e >= q->size) return;
+    uint16_t last = f->desc[e].last;
+    if (last >= q->size) return;
+    f->desc[last].next = f->free_head;
+    f->free_head = e;
+    atomic_signal_fence(memory_order_seq_cst);
+    f->used_idx = used_idx;
+    f->used_wrap_counter = (uint8_t)used_wrap;
+}
+
+/* After the used descriptor's flags: the buffer is the driver's; commit the batch. */
+static __attribute__((noinline, cold)) void vq_pifl_used_end(struct vn_vq *q, uint16_t id)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    uint16_t e = q->id_entry[id];
+    if (e < q->size) f->desc[e].inflight = 0;
+    atomic_signal_fence(memory_order_seq_cst);
+    f->old_free_head = f->free_head;
+    f->old_used_idx = f->used_idx;
+    f->old_used_wrap_counter = f->used_wrap_counter;
+}
+
+static void pifl_reset(struct vn_vq *q)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    f->version = 0;
+    for (uint32_t i = 0; i < q->size; i++) {
+        f->desc[i].inflight = 0;
+        f->desc[i].next = (uint16_t)(i + 1);
+        f->desc[i].last = f->desc[i].num = 0;
+        f->desc[i].counter = 0;
+    }
+    f->features = 0;
+    f->desc_num = (uint16_t)q->size;
+    f->free_head = f->old_free_head = 0;
+    f->used_idx = f->old_used_idx = q->used_idx;
+    f->used_wrap_counter = f->old_used_wrap_counter = (uint8_t)q->used_wrap;
+    f->version = 1;
+    q->ifl_counter = 0;
+}
+
+
+/* Runs before a packed queue starts (the spec's "When reconnecting"): finish or roll
+ * back the batch the previous process was publishing, free what is on the free list,
+ * queue every head still in flight, oldest first, and resume the ring after them: the
+ * used position plus the descriptors they took (the front-end cannot know it: a
+ * packed ring has no index in shared memory for it to read back). */
+static int vq_recover_inflight_packed(struct vn_vq *q)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
+    uint32_t size = q->size;
+    q->nresubmit = q->resubmit_pos = 0;
+    q->recovered = q->recovery_reset = 0;
+    if (size > q->ifl_capacity) {
+        q->recovery_reset = 3;
+        q->ifl = NULL;
+        return 0;
+    }
+    uint16_t version = f->version, desc_num = f->desc_num;
+    if (version != 1 || desc_num != size) {
+        if (version != 0) q->recovery_reset = 1;
+        pifl_reset(q);
+        return 0;
+    }
+    uint16_t free_head = f->free_head, old_free_head = f->old_free_head;
+    uint16_t used = f->used_idx, old_used = f->old_used_idx;
+    uint8_t wrap = f->used_wrap_counter, old_wrap = f->old_used_wrap_counter;
+    if (free_head > size || old_free_head > size || used >= size || old_used >= size || wrap > 1 || old_wrap > 1)
+        goto inconsistent;
+    if (used != old_used || wrap != old_wrap) {
+        /* Was the used descriptor at old_used written?  Then the batch reached the
+         * driver: commit it; else roll it back. */
+        uint16_t flags = ring[old_used].flags;
+        if (!!(flags & VRING_PACKED_DESC_F_AVAIL) == old_wrap && !!(flags & VRING_PACKED_DESC_F_USED) == old_wrap) {
+            old_free_head = free_head;
+            old_used = used;
+            old_wrap = wrap;
+        }
+    }
+    f->free_head = f->old_free_head = old_free_head;
+    f->used_idx = f->old_used_idx = old_used;
+    f->used_wrap_counter = f->old_used_wrap_counter = old_wrap;
+    uint32_t h = old_free_head;
+    for (uint32_t i = 0; i < size && h < size; i++) {
+        f->desc[h].inflight = 0;
+        h = f->desc[h].next;
+    }
+    struct ifl_entry *list = malloc(size * sizeof(*list));
+    if (!list) return -ENOMEM;
+    uint32_t n = 0, slots = 0;
+    uint64_t max_counter = 0;
+    for (uint32_t i = 0; i < size; i++) {
+        if (f->desc[i].inflight != 1) continue;
+        uint16_t num = f->desc[i].num;
+        if (num == 0 || num > size || (slots += num) > size) { free(list); goto inconsistent; }
+        list[n].counter = f->desc[i].counter;
+        list[n].head = (uint16_t)i;
+        if (list[n].counter > max_counter) max_counter = list[n].counter;
+        n++;
+    }
+    qsort(list, n, sizeof(*list), ifl_entry_cmp);
+    for (uint32_t i = 0; i < n; i++) q->resubmit[i] = list[i].head;
+    free(list);
+    q->nresubmit = n;
+    q->recovered = n;
+    q->ifl_counter = max_counter;
+    q->used_idx = old_used;
+    q->used_wrap = old_wrap;
+    q->signalled_used = old_used;
+    uint32_t pos = old_used + slots;
+    q->avail_wrap = old_wrap;
+    if (pos >= size) {
+        pos -= size;
+        q->avail_wrap ^= 1;
+    }
+    q->last_avail = (uint16_t)pos;
+    return 0;
+inconsistent:
+    q->recovery_reset = 2;
+    pifl_reset(q);
+    return 0;
+}
+
 static inline int vq_packed_desc_avail(uint16_t flags, uint16_t wrap)
 {
     return !!(flags & VRING_PACKED_DESC_F_AVAIL) == wrap && !!(flags & VRING_PACKED_DESC_F_USED) != wrap;
@@ -1237,11 +1451,14 @@ static inline __attribute__((always_inline)) void vq_packed_add(struct vn_vq *q,
 /* Walk the buffer at the queue's avail position into req.  Returns 0 with its
  * id and the ring descriptors it takes, or -1 if the ring is malformed (the
  * queue is then broken and nothing was taken). */
-static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_vq *q, vn_req *req,
+static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_vq *q,
+                                                                     const volatile struct vring_packed_desc *ring,
+                                                                     uint32_t size, uint32_t pos, vn_req *req,
                                                                      uint16_t *id_out, uint32_t *slots_out)
 {
-    const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
-    uint32_t size = q->size, pos = q->last_avail, slots = 0, niov = 0, walked = 0;
+    /* ring/size/pos: the queue's ring at its avail position, or (resubmission) a
+     * copy of one buffer's descriptors from the inflight buffer. */
+    uint32_t slots = 0, niov = 0, walked = 0;
     uint32_t limit = size < VQ_MAX_CHAIN ? size : VQ_MAX_CHAIN;
     int seen_write = 0;
     struct vring_packed_desc d, last = { 0, 0, 0, 0 };
@@ -1305,9 +1522,9 @@ static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_v
     }
     q->pass_walked += slots + walked;
     /* The buffer id is the last ring descriptor's. */
-    if (d.id >= size) { vq_mark_broken(q, "buffer id out of range"); return -1; }
+    if (d.id >= q->size) { vq_mark_broken(q, "buffer id out of range"); return -1; }
     if (q->id_slots[d.id]) { vq_mark_broken(q, "buffer id already in flight"); return -1; }
-    if (q->inflight_slots + slots > size) {
+    if (q->inflight_slots + slots > q->size) {
         vq_mark_broken(q, "more descriptors outstanding than the queue size");
         return -1;
     }
@@ -1342,34 +1559,94 @@ static void vq_complete_packed(vn_req *req, uint32_t written)
     uint16_t id = req->head;
     uint32_t pos = q->used_idx;
     volatile struct vring_packed_desc *d = (volatile struct vring_packed_desc *)q->desc + pos;
+    uint16_t flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
+    uint32_t n = q->id_slots[id], next = pos + n;
+    uint16_t wrap = q->used_wrap;
+    if (next >= q->size) {
+        next -= q->size;
+        wrap ^= 1;
+    }
     if (__builtin_expect(q->log != NULL, 0) && req->n_in) vq_log_request(q, req);
+    if (__builtin_expect(q->ifl != NULL, 0)) vq_pifl_used_begin(q, id, (uint16_t)next, wrap);
     d->id = id;
     d->len = written;
-    uint16_t flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
     if (written) flags |= VRING_DESC_F_WRITE;
     /* id and len before the flags that hand the descriptor to the driver. */
     atomic_thread_fence(memory_order_release);
     d->flags = flags;
     if (__builtin_expect(q->log != NULL, 0)) vq_log_packed_desc(q, pos);
-    uint32_t n = q->id_slots[id];
+    if (__builtin_expect(q->ifl != NULL, 0)) vq_pifl_used_end(q, id);
     q->id_slots[id] = 0;
     q->inflight_slots -= n;
-    pos += n;
-    if (pos >= q->size) {
-        pos -= q->size;
-        q->used_wrap ^= 1;
-    }
-    q->used_idx = (uint16_t)pos;
+    q->used_wrap = wrap;
+    q->used_idx = (uint16_t)next;
     q->used_dirty = 1;
     q->inflight--;
     s->next_free = q->free_list;
     q->free_list = s;
 }
 
+/* Hand a mapped request to the device (its id and ring descriptors registered). */
+static inline __attribute__((always_inline)) void vq_submit_packed(struct vn_vq *q, struct slot *s, uint16_t id,
+                                                                   uint32_t slots)
+{
+    vn_req *req = &s->req;
+    q->free_list = s->next_free;
+    q->inflight++;
+    q->stat_requests++;
+    if (req->error) q->stat_errors++;
+    q->id_slots[id] = (uint16_t)slots;
+    q->inflight_slots += slots;
+    req->head = id;
+    req->queue_index = q->index;
+    req->dev_ctx = q->dev->ctx;
+    req->complete = vq_complete_packed;
+    req->core_priv = q;
+}
+
+/* Requests a previous target process left in flight, from their copies in the
+ * inflight buffer (checked like a ring: the front-end can write it), oldest first. */
+static __attribute__((noinline, cold)) int vq_resubmit_packed(struct vn_vq *q)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    struct vring_packed_desc *copy = malloc(VQ_MAX_CHAIN * sizeof(*copy));
+    int done = 0;
+    if (!copy) return 0;
+    while (q->resubmit_pos < q->nresubmit && q->free_list && !q->broken) {
+        uint16_t head = q->resubmit[q->resubmit_pos];
+        uint32_t num = f->desc[head].num, e = head;
+        if (num > VQ_MAX_CHAIN) num = VQ_MAX_CHAIN;
+        for (uint32_t i = 0; i < num; i++) {
+            if (e >= q->size) { num = i; break; }
+            copy[i].addr = f->desc[e].addr;
+            copy[i].len = f->desc[e].len;
+            copy[i].id = f->desc[e].id;
+            copy[i].flags = f->desc[e].flags;
+            e = f->desc[e].next;
+        }
+        if (num == 0) { vq_mark_broken(q, "inflight buffer entry without descriptors"); break; }
+        struct slot *s = q->free_list;
+        uint16_t id;
+        uint32_t slots;
+        if (vq_map_chain_packed(q, copy, num, 0, &s->req, &id, &slots) < 0) break;
+        vq_submit_packed(q, s, id, slots);
+        q->id_entry[id] = head;
+        q->resubmit_pos++;
+        done++;
+        q->dev->ops->submit(q->dev->ctx, &s->req);
+    }
+    free(copy);
+    return done;
+}
+
 static __attribute__((noinline)) int vq_process_packed(struct vn_vq *q)
 {
     const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
     int done = 0;
+    if (__builtin_expect(q->resubmit_pos < q->nresubmit, 0)) {
+        done = vq_resubmit_packed(q);
+        if (q->resubmit_pos < q->nresubmit) return done;
+    }
     q->pass_walked = 0;
     while (q->free_list && q->pass_walked < VQ_PASS_BUDGET) {
         uint16_t flags = ring[q->last_avail].flags;
@@ -1377,28 +1654,19 @@ static __attribute__((noinline)) int vq_process_packed(struct vn_vq *q)
         /* The head's flags before the rest of the buffer. */
         atomic_thread_fence(memory_order_acquire);
         struct slot *s = q->free_list;
-        vn_req *req = &s->req;
         uint16_t id;
-        uint32_t slots;
-        if (vq_map_chain_packed(q, req, &id, &slots) < 0) break;
-        q->free_list = s->next_free;
-        q->inflight++;
-        q->stat_requests++;
-        if (req->error) q->stat_errors++;
-        q->id_slots[id] = (uint16_t)slots;
-        q->inflight_slots += slots;
-        uint32_t pos = q->last_avail + slots;
+        uint32_t slots, start = q->last_avail;
+        if (vq_map_chain_packed(q, ring, q->size, start, &s->req, &id, &slots) < 0) break;
+        vq_submit_packed(q, s, id, slots);
+        uint32_t pos = start + slots;
         if (pos >= q->size) {
             pos -= q->size;
             q->avail_wrap ^= 1;
         }
         q->last_avail = (uint16_t)pos;
-        req->head = id;
-        req->queue_index = q->index;
-        req->dev_ctx = q->dev->ctx;
-        req->complete = vq_complete_packed;
-        req->core_priv = q;
-        q->dev->ops->submit(q->dev->ctx, req);
+        /* Before submit: the device may complete it inside the call. */
+        if (__builtin_expect(q->ifl != NULL, 0)) vq_pifl_fetched(q, start, slots, id);
+        q->dev->ops->submit(q->dev->ctx, &s->req);
         done++;
     }
     return done;
@@ -1463,6 +1731,7 @@ int vn_vq_free(struct vn_vq *q)
     if (q->running && vn_vq_stop(q, 0) != 0) return -EBUSY;
     free(q->slots);
     free(q->id_slots);
+    free(q->id_entry);
     free(q->ifl_batch);
     free(q->resubmit);
     free(q);
@@ -1611,13 +1880,6 @@ static void ifl_reset(struct vn_vq *q, uint16_t used)
     q->ifl_counter = 0;
 }
 
-struct ifl_entry { uint64_t counter; uint16_t head; };
-
-static int ifl_entry_cmp(const void *a, const void *b)
-{
-    const struct ifl_entry *x = a, *y = b;
-    return x->counter < y->counter ? -1 : x->counter > y->counter;
-}
 
 /* Runs before the queue starts.  A buffer seen for the first time (version 0)
  * is initialised and the front-end's base stands.  Otherwise: finish the last
@@ -1721,16 +1983,19 @@ int vn_vq_start(struct vn_vq *q)
     if (q->packed) {
         if (q->last_avail >= q->size || q->used_idx >= q->size) return -EINVAL;
         free(q->id_slots);
+        free(q->id_entry);
         q->id_slots = calloc(q->size, sizeof(uint16_t));
-        if (!q->id_slots) return -ENOMEM;
+        q->id_entry = calloc(q->size, sizeof(uint16_t));
+        if (!q->id_slots || !q->id_entry) return -ENOMEM;
         q->inflight_slots = 0;
         if (q->ifl) {
-            /* Packed-ring tracking is not implemented: the buffer is left alone. */
-            q->recovery_reset = 4;
-            q->ifl = NULL;
+            free(q->resubmit);
+            q->resubmit = calloc(q->size, sizeof(uint16_t));
+            if (!q->resubmit) return -ENOMEM;
+            int rc = vq_recover_inflight_packed(q);
+            if (rc) return rc;
         }
-    }
-    if (q->ifl) {
+    } else if (q->ifl) {
         free(q->ifl_batch);
         free(q->resubmit);
         q->ifl_batch = calloc(q->size, sizeof(uint16_t));

@@ -88,15 +88,19 @@ int vn_vq_start(struct vn_vq *q);
 int vn_vq_stop(struct vn_vq *q, int timeout_ms);
 void vn_vq_get_stats(struct vn_vq *q, uint64_t *out);  /* [requests, kicks_sent, errors] */
 
-/* In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, split rings): `region`
+/* In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): `region`
  * is this queue's part of the front-end's shared inflight buffer, room for
  * `capacity` descriptors (NULL: no tracking).  Set while the queue is stopped;
  * the next vn_vq_start then resubmits, in their original order, the requests a
  * previous target process took from the ring and never completed. */
 #define VN_INFLIGHT_HEADER 16
 #define VN_INFLIGHT_DESC 16
+/* The packed-ring layout (QueueRegionPacked, DescStatePacked), for packed queues. */
+#define VN_INFLIGHT_PACKED_HEADER 32
+#define VN_INFLIGHT_PACKED_DESC 32
 void vn_vq_set_inflight(struct vn_vq *q, void *region, uint32_t capacity);
-/* What the last start recovered: [requests resubmitted, region reset reason]
+/* The region is read in the layout of the queue's ring at start (split or packed).
+ * What the last start recovered: [requests resubmitted, region reset reason]
  * (0: kept; 1: made for another ring size; 2: inconsistent with the used ring;
  * 3: too small for the ring). */
 void vn_vq_get_recovery(struct vn_vq *q, uint32_t *out);

@@ -243,8 +243,11 @@ class Session:
                 (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)
                 | (1 << m.VIRTIO_F_RING_PACKED)):
             raise ValueError("ring features cannot change while queues run")
+        packed_changed = (features ^ self.features) & (1 << m.VIRTIO_F_RING_PACKED)
         self.features = features
         self.features_set = True
+        if packed_changed and self.inflight.active:
+            self.inflight.assign(self.vrings, self.has_feature(m.VIRTIO_F_RING_PACKED))
         self.vrings.set_features(bool(features & (1 << m.VIRTIO_RING_F_EVENT_IDX)),
                                  bool(features & (1 << m.VIRTIO_RING_F_INDIRECT_DESC)))
         self.device.features_negotiated(features)
@@ -524,12 +527,14 @@ class Session:
     # ---------------------------------------------------------------- inflight
 
     def _get_inflight_fd(self, msg: Message) -> bytes:
-        reply, fd = self.inflight.get_fd(msg, self.protocol_features, len(self.vrings))
+        reply, fd = self.inflight.get_fd(msg, self.protocol_features, len(self.vrings),
+                                         self.has_feature(m.VIRTIO_F_RING_PACKED))
         self._reply_fds = [fd]
         return reply
 
     def _set_inflight_fd(self, msg: Message) -> None:
-        self.inflight.set_fd(msg, self.protocol_features, list(self.vrings))
+        self.inflight.set_fd(msg, self.protocol_features, list(self.vrings),
+                             self.has_feature(m.VIRTIO_F_RING_PACKED))
 
     # ---------------------------------------------------------------- config
 
