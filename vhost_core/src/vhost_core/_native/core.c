@@ -1800,7 +1800,13 @@ static int vq_set_int_on_reactor(void *p)
     switch (a->which) {
     case 0: q->kick_fd = a->value; q->dev->reactor->epoll_dirty = 1; break;
     case 1: q->call_fd = a->value; break;
-    case 2: q->enabled = a->value; break;
+    case 2:
+        q->enabled = a->value;
+        /* A packed ring enabled after it started (SET_VRING_ENABLE follows the kick):
+         * tell the driver not to kick a polling reactor (interrupt mode re-arms before
+         * it sleeps). */
+        if (q->packed && q->running && q->enabled) vq_disarm(q);
+        break;
     }
     return 0;
 }
