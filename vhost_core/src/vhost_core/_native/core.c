@@ -1,5 +1,5 @@
 /*
- * The data path: guest memory translation, split virtqueues, reactors.
+ * The data path: guest memory translation, split and packed virtqueues, reactors.
  *
  * Everything a guest or frontend controls (ring indices, descriptor addresses,
  * lengths, flags, `next` links) is read once into a local and checked before use:
