@@ -349,3 +349,38 @@ def test_a_packed_ring_of_long_invalid_chains_does_not_starve_the_other_controll
             assert laps >= 1 and errors >= 32768, (laps, errors)
     b.check(max_wait=0.25)
     assert_healthy(d)
+
+
+def test_packed_layout_does_not_outlive_reset_owner(d):
+    """Packed rings negotiated and one started, then RESET_OWNER and the ring restarted
+    without SET_FEATURES: it is a split ring now (validated and walked as one), and the
+    target writes nothing where the packed ring's device area was."""
+    wait_no_session(d, "vhost.0")
+    mem = GuestMemory.pc_like(16 * MiB)
+    fe = VhostUserFrontend(d.socket("vhost.0"))
+    try:
+        fe.get_features()
+        fe.set_protocol_features(fe.get_protocol_features())
+        fe.set_features(bit(VIRTIO_F_VERSION_1) | bit(30) | bit(VIRTIO_F_RING_PACKED))
+        fe.set_mem_table(mem)
+        pvq = fe.setup_vring(0, 16)
+        assert isinstance(pvq, PackedVirtqueue)
+        fe.set_vring_enable(0, True)
+        fe.reset_owner()
+        fe.vrings.pop(0)            # keep the packed ring's memory allocated (and guarded)
+        svq = fe.setup_vring(0, 16, packed=False, base=0)
+        fe.set_vring_enable(0, True)
+        mem.write(pvq.device_gpa, b"\xEE\xEE\xEE\xEE")
+        hdr = blk_header(mem, VIRTIO_BLK_T_IN, 0)
+        buf, st = Guarded(mem, 512), status_byte(mem)
+        svq.add_chain([(hdr.gpa, 16, False), (buf.gpa, 512, True), (st.gpa, 1, True)])
+        svq.kick(force=True)
+        (el,) = svq.wait_used(5)
+        assert st.read() == b"\x00" and el.len == 513
+        assert fe.get_vring_base(0) == 1
+        assert mem.read(pvq.device_gpa, 4) == b"\xEE\xEE\xEE\xEE"
+        pvq.close()
+    finally:
+        fe.close()
+        mem.close()
+    assert_healthy(d)
