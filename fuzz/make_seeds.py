@@ -150,6 +150,22 @@ def packed_walker_seeds() -> None:
     write("vq_walker", "packed-wrap-out-of-order", hdr + bytes(64) + packed_image(16, bufs, start=6))
 
 
+def packed_inflight_seeds() -> None:
+    """Packed rings (header byte 7 bit 1): a fresh buffer, and one whose three heads are in
+    flight; phase 2 runs a driver that posts chains and dies at each crash point."""
+    for crash in range(3):
+        hdr = bytes([qlog2(16), 0, crash, 1, 3, 5, 0x80, 2 | 1, 4, 3, 5, 2, 1, 0, 1, 0])
+        write("inflight", f"packed-crash{crash}", hdr + bytes(32 + 32 * 16) + bytes(64))
+    region = bytearray(32 + 32 * 16)
+    struct.pack_into("<QHHHHHHBB", region, 0, 0, 1, 16, 3, 3, 0, 0, 1, 1)
+    for e in range(3):
+        struct.pack_into("<BxHHHQHHIQ", region, 32 + 32 * e, 1, e + 1, e, 1, 10 - e, e, WRITE, 16, 0x8000)
+    for e in range(3, 16):
+        struct.pack_into("<BxHHHQHHIQ", region, 32 + 32 * e, 0, e + 1, 0, 0, 0, 0, 0, 0, 0)
+    hdr = bytes([qlog2(16), 0, 0, 1, 1, 3, 0x80, 2, 1, 0, 0, 0, 0, 0, 0, 0])
+    write("inflight", "packed-three-in-flight", hdr + bytes(region) + bytes(64))
+
+
 # ------------------------------------------------------------------ inflight
 
 def inflight_seed(ring: Ring, *, used_idx: int, region: bytes, capacity_shift: int = 0,
@@ -360,6 +376,7 @@ def nvme_seeds() -> None:
 def main() -> None:
     walker_seeds()
     inflight_seeds()
+    packed_inflight_seeds()
     blk_seeds()
     scsi_seeds()
     nvme_seeds()
