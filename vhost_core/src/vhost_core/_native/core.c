@@ -747,6 +747,8 @@ struct vn_vq {
      * are ring positions (0..size-1) with their wrap counters. */
     int packed;
     uint16_t avail_wrap, used_wrap;
+    uint16_t used_flags;        /* AVAIL | USED when used_wrap is 1, else 0 */
+    uint32_t chain_limit;       /* min(size, VQ_MAX_CHAIN) */
     uint16_t *id_slots;         /* per buffer id: ring slots of that buffer in flight, 0: free */
     uint16_t *id_entry;         /* per buffer id: its head entry in the inflight buffer */
     uint32_t inflight_slots;    /* ring slots taken and not yet written back */
@@ -1453,15 +1455,18 @@ static inline __attribute__((always_inline)) void vq_packed_add(struct vn_vq *q,
  * queue is then broken and nothing was taken). */
 static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_vq *q,
                                                                      const volatile struct vring_packed_desc *ring,
-                                                                     uint32_t size, uint32_t pos, vn_req *req,
-                                                                     uint16_t *id_out, uint32_t *slots_out)
+                                                                     uint32_t size, uint32_t pos, uint32_t limit,
+                                                                     vn_req *req, uint16_t *id_out, uint32_t *slots_out)
 {
     /* ring/size/pos: the queue's ring at its avail position, or (resubmission) a
-     * copy of one buffer's descriptors from the inflight buffer. */
-    uint32_t slots = 0, niov = 0, walked = 0;
-    uint32_t limit = size < VQ_MAX_CHAIN ? size : VQ_MAX_CHAIN;
+     * copy of one buffer's descriptors from the inflight buffer; limit: at most
+     * min(size, VQ_MAX_CHAIN) descriptors. */
+    uint32_t slots = 0, niov = 0;
     int seen_write = 0;
-    struct vring_packed_desc d, last = { 0, 0, 0, 0 };
+    /* After the walk, d is the buffer's last descriptor (an indirect table's last
+     * entry, with the ring descriptor's id). */
+    struct vring_packed_desc d;
+    const volatile struct vring_packed_desc *p = ring + pos, *end = ring + size;
 
     req->n_out = req->n_in = 0;
     req->out_len = req->in_len = 0;
@@ -1472,11 +1477,11 @@ static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_v
                                            : "descriptor chain longer than 1040 descriptors");
             return -1;
         }
-        d.addr = ring[pos].addr;
-        d.len = ring[pos].len;
-        d.id = ring[pos].id;
-        d.flags = ring[pos].flags;
-        if (++pos == size) pos = 0;
+        d.addr = p->addr;
+        d.len = p->len;
+        d.id = p->id;
+        d.flags = p->flags;
+        if (++p == end) p = ring;
         if (d.flags & VRING_DESC_F_INDIRECT) {
             if (!q->indirect) { vq_mark_broken(q, "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC"); return -1; }
             if (d.flags & VRING_DESC_F_NEXT) { vq_mark_broken(q, "indirect descriptor with NEXT flag"); return -1; }
@@ -1503,11 +1508,11 @@ static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_v
                     return -1;
                 }
                 vq_packed_add(q, req, &niov, t.addr, t.len, t.flags & VRING_DESC_F_WRITE);
-                last.addr = t.addr;
-                last.len = t.len;
-                last.flags = t.flags;
+                d.addr = t.addr;
+                d.len = t.len;
+                d.flags = t.flags;
             }
-            walked += n;
+            q->pass_walked += n;
             break;
         }
         if (d.flags & VRING_DESC_F_WRITE) {
@@ -1517,15 +1522,14 @@ static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_v
             return -1;
         }
         vq_packed_add(q, req, &niov, d.addr, d.len, d.flags & VRING_DESC_F_WRITE);
-        last = d;
         if (!(d.flags & VRING_DESC_F_NEXT)) break;
     }
-    q->pass_walked += slots + walked;
+    q->pass_walked += slots;
     /* The buffer id is the last ring descriptor's. */
-    if (d.id >= q->size) { vq_mark_broken(q, "buffer id out of range"); return -1; }
-    if (q->id_slots[d.id]) { vq_mark_broken(q, "buffer id already in flight"); return -1; }
-    if (q->inflight_slots + slots > q->size) {
-        vq_mark_broken(q, "more descriptors outstanding than the queue size");
+    if (__builtin_expect(d.id >= q->size || q->id_slots[d.id] || q->inflight_slots + slots > q->size, 0)) {
+        vq_mark_broken(q, d.id >= q->size ? "buffer id out of range"
+                          : q->id_slots[d.id] ? "buffer id already in flight"
+                                              : "more descriptors outstanding than the queue size");
         return -1;
     }
     if (__builtin_expect(req->out_len > VQ_MAX_PART_BYTES || req->in_len > VQ_MAX_PART_BYTES, 0)
@@ -1536,9 +1540,9 @@ static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_v
          * that the device can still answer an error status there. */
         req->n_out = req->n_in = 0;
         req->out_len = req->in_len = 0;
-        if ((last.flags & VRING_DESC_F_WRITE) && last.len > 0 && last.len <= VQ_MAX_PART_BYTES) {
-            int n = mem_to_iov(q->mem, last.addr, last.len, req->iov, VN_MAX_IOV);
-            if (n > 0) { req->n_in = (uint32_t)n; req->in_len = last.len; }
+        if ((d.flags & VRING_DESC_F_WRITE) && d.len > 0 && d.len <= VQ_MAX_PART_BYTES) {
+            int n = mem_to_iov(q->mem, d.addr, d.len, req->iov, VN_MAX_IOV);
+            if (n > 0) { req->n_in = (uint32_t)n; req->in_len = d.len; }
         }
     }
     *id_out = d.id;
@@ -1552,30 +1556,41 @@ static __attribute__((noinline, cold)) void vq_log_packed_desc(struct vn_vq *q, 
     log_mark_host(q->log, q->mem, (const uint8_t *)q->desc + 16 * (size_t)pos, 16);
 }
 
-static void vq_complete_packed(vn_req *req, uint32_t written)
+/* Write the used descriptor of `id` at position pos: id and len before the flags
+ * that hand it to the driver. */
+static inline __attribute__((always_inline)) void vq_packed_write_used(struct vn_vq *q, uint32_t pos, uint16_t id,
+                                                                       uint32_t written, uint16_t flags)
+{
+    volatile struct vring_packed_desc *d = (volatile struct vring_packed_desc *)q->desc + pos;
+    d->id = id;
+    d->len = written;
+    atomic_thread_fence(memory_order_release);
+    d->flags = flags | (written ? VRING_DESC_F_WRITE : 0);
+}
+
+/* Return `req` (its used descriptor written) to the driver; `tracked`: with the dirty
+ * log or the inflight buffer (a constant: the fast path has neither). */
+static inline __attribute__((always_inline)) void vq_complete_packed_body(vn_req *req, uint32_t written, int tracked)
 {
     struct vn_vq *q = req->core_priv;
     struct slot *s = (struct slot *)req;
     uint16_t id = req->head;
-    uint32_t pos = q->used_idx;
-    volatile struct vring_packed_desc *d = (volatile struct vring_packed_desc *)q->desc + pos;
-    uint16_t flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
-    uint32_t n = q->id_slots[id], next = pos + n;
-    uint16_t wrap = q->used_wrap;
+    uint32_t pos = q->used_idx, n = q->id_slots[id], next = pos + n;
+    uint16_t wrap = q->used_wrap, flags = q->used_flags;
     if (next >= q->size) {
         next -= q->size;
         wrap ^= 1;
+        q->used_flags = flags ^ (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED);
     }
-    if (__builtin_expect(q->log != NULL, 0) && req->n_in) vq_log_request(q, req);
-    if (__builtin_expect(q->ifl != NULL, 0)) vq_pifl_used_begin(q, id, (uint16_t)next, wrap);
-    d->id = id;
-    d->len = written;
-    if (written) flags |= VRING_DESC_F_WRITE;
-    /* id and len before the flags that hand the descriptor to the driver. */
-    atomic_thread_fence(memory_order_release);
-    d->flags = flags;
-    if (__builtin_expect(q->log != NULL, 0)) vq_log_packed_desc(q, pos);
-    if (__builtin_expect(q->ifl != NULL, 0)) vq_pifl_used_end(q, id);
+    if (tracked) {
+        if (q->log && req->n_in) vq_log_request(q, req);
+        if (q->ifl) vq_pifl_used_begin(q, id, (uint16_t)next, wrap);
+    }
+    vq_packed_write_used(q, pos, id, written, flags);
+    if (tracked) {
+        if (q->log) vq_log_packed_desc(q, pos);
+        if (q->ifl) vq_pifl_used_end(q, id);
+    }
     q->id_slots[id] = 0;
     q->inflight_slots -= n;
     q->used_wrap = wrap;
@@ -1584,6 +1599,22 @@ static void vq_complete_packed(vn_req *req, uint32_t written)
     q->inflight--;
     s->next_free = q->free_list;
     q->free_list = s;
+}
+
+/* With the dirty log or the inflight buffer: out of line. */
+static __attribute__((noinline, cold)) void vq_complete_packed_tracked(vn_req *req, uint32_t written)
+{
+    vq_complete_packed_body(req, written, 1);
+}
+
+static void vq_complete_packed(vn_req *req, uint32_t written)
+{
+    const struct vn_vq *q = req->core_priv;
+    if (__builtin_expect(((uintptr_t)q->log | (uintptr_t)q->ifl) != 0, 0)) {
+        vq_complete_packed_tracked(req, written);
+        return;
+    }
+    vq_complete_packed_body(req, written, 0);
 }
 
 /* Hand a mapped request to the device (its id and ring descriptors registered). */
@@ -1628,7 +1659,7 @@ static __attribute__((noinline, cold)) int vq_resubmit_packed(struct vn_vq *q)
         struct slot *s = q->free_list;
         uint16_t id;
         uint32_t slots;
-        if (vq_map_chain_packed(q, copy, num, 0, &s->req, &id, &slots) < 0) break;
+        if (vq_map_chain_packed(q, copy, num, 0, num, &s->req, &id, &slots) < 0) break;
         vq_submit_packed(q, s, id, slots);
         q->id_entry[id] = head;
         q->resubmit_pos++;
@@ -1656,7 +1687,7 @@ static __attribute__((noinline)) int vq_process_packed(struct vn_vq *q)
         struct slot *s = q->free_list;
         uint16_t id;
         uint32_t slots, start = q->last_avail;
-        if (vq_map_chain_packed(q, ring, q->size, start, &s->req, &id, &slots) < 0) break;
+        if (vq_map_chain_packed(q, ring, q->size, start, q->chain_limit, &s->req, &id, &slots) < 0) break;
         vq_submit_packed(q, s, id, slots);
         uint32_t pos = start + slots;
         if (pos >= q->size) {
@@ -1988,6 +2019,7 @@ int vn_vq_start(struct vn_vq *q)
     q->recovered = q->recovery_reset = 0;
     if (q->packed) {
         if (q->last_avail >= q->size || q->used_idx >= q->size) return -EINVAL;
+        q->chain_limit = q->size < VQ_MAX_CHAIN ? q->size : VQ_MAX_CHAIN;
         free(q->id_slots);
         free(q->id_entry);
         q->id_slots = calloc(q->size, sizeof(uint16_t));
@@ -2001,6 +2033,7 @@ int vn_vq_start(struct vn_vq *q)
             int rc = vq_recover_inflight_packed(q);
             if (rc) return rc;
         }
+        q->used_flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
     } else if (q->ifl) {
         free(q->ifl_batch);
         free(q->resubmit);
