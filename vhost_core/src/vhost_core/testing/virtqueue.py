@@ -681,10 +681,11 @@ class PackedVirtqueue:
                 pos, wrap = 0, wrap ^ 1
         for p, addr, length, flags, id_ in writes[1:]:
             self.write_desc(p, addr, length, flags, id_)
+        # The head: everything but its flags, then (after a barrier) the flags alone,
+        # written once: the device may take the buffer and write its used descriptor
+        # there at once.
         p, addr, length, flags, id_ = writes[0]
-        self.write_desc(p, addr, length, 0 if not publish else flags, id_)
-        if not publish:
-            self._pending_heads.append((p, flags))
+        self.write_desc(p, addr, length, 0, id_)
         self._advance(len(descs))
         if register_id is not None:
             self._chains[register_id] = _PChain(register_id, len(descs), None, writable, token)
@@ -692,7 +693,9 @@ class PackedVirtqueue:
                 self._free_ids.remove(register_id)
         if publish:
             mb()
-            self.write_desc(p, addr, length, flags, id_)
+            self.mem.write_u16(self.desc_gpa + 16 * p + 14, flags)
+        else:
+            self._pending_heads.append((p, flags))
 
     # ------------------------------------------------------------------ driver
 
@@ -734,8 +737,7 @@ class PackedVirtqueue:
         """Write the heads held back by ``publish=False`` (the first one last)."""
         mb()
         for p, flags in reversed(self._pending_heads):
-            addr, length, id_, _ = self.read_desc(p)
-            self.write_desc(p, addr, length, flags, id_)
+            self.mem.write_u16(self.desc_gpa + 16 * p + 14, flags)
         self._pending_heads.clear()
 
     def notify_needed(self) -> bool:
