@@ -12,8 +12,8 @@ from guestvm import GuestVM
 from test_e2e_scsi import disks
 
 #: fio on both disks at once, one job each, writing then verifying.
-FIO = ("fio --ioengine=libaio --direct=1 --rw=randrw --bssplit=4k/60:16k/20:128k/20 --iodepth=16 "
-       "--size=6M --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting "
+FIO = ("fio --ioengine=libaio --direct=1 --rw=randrw --bssplit=4k/70:64k/30 --iodepth=16 "
+       "--size=3M --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting "
        "--name=blk --filename=/dev/vda --name=scsi --filename=/dev/{scsi}")
 
 
