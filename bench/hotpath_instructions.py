@@ -44,7 +44,7 @@ def rpc(vhost: str, sock: str, *args: str) -> str:
     return subprocess.run([rpc_cmd, "-s", sock, *args], check=True, capture_output=True, text=True).stdout
 
 
-def measure(vhost: str, rw: str, qd: int, ios: int, qos: str = "") -> float:
+def measure(vhost: str, rw: str, qd: int, ios: int, qos: str = "", loadgen_args: tuple = ()) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         rpc_sock = os.path.join(tmp, "rpc.sock")
         out = os.path.join(tmp, "cg.out")
@@ -73,7 +73,7 @@ def measure(vhost: str, rw: str, qd: int, ios: int, qos: str = "") -> float:
             elif qos:
                 raise SystemExit(f"unknown QoS setup '{qos}': use neighbour or unreached")
             subprocess.run([str(LOADGEN), "--socket", os.path.join(tmp, "vhost.0"), "--rw", rw, "--qd", str(qd),
-                            "--ios", str(ios), "--time", "600", "--warmup", "0", "--no-call"],
+                            "--ios", str(ios), "--time", "600", "--warmup", "0", "--no-call", *loadgen_args],
                            check=True, capture_output=True, timeout=900)
             stats = rpc(vhost, rpc_sock, "vhost_get_queue_stats", "vhost.0")
         finally:

@@ -112,6 +112,58 @@ def walker_seeds() -> None:
     r = Ring(8)
     r.make_available([r.chain([(0x4000, 16, False), (0x20000, 512, True), (0x6000, 1, True)])])
     write("vq_walker", "outside-memory", walker_seed(r))
+    packed_walker_seeds()
+
+
+def packed_image(qsize: int, bufs: list[list[tuple[int, int, int]]], *, buf_id0: int = 0,
+                 start: int = 0, wrap: int = 1, tables: dict[int, list[tuple[int, int, int]]] | None = None) -> bytes:
+    """A packed ring at GPA 0: each buffer's descriptors [(gpa, len, flags)] made available
+    from ring position ``start`` with wrap counter ``wrap`` (one id per buffer), and
+    indirect tables (packed format) at the GPAs given."""
+    img = bytearray(MEM_SIZE)
+    pos, w = start, wrap
+    for k, descs in enumerate(bufs):
+        for gpa, length, flags in descs:
+            avail = (1 << 7) if w else (1 << 15)
+            struct.pack_into("<QIHH", img, 16 * pos, gpa, length, buf_id0 + k, flags | avail)
+            pos += 1
+            if pos == qsize:
+                pos, w = 0, w ^ 1
+    for table, descs in (tables or {}).items():
+        for i, (gpa, length, flags) in enumerate(descs):
+            struct.pack_into("<QIHH", img, table + 16 * i, gpa, length, 0, flags)
+    return bytes(img).rstrip(b"\0")
+
+
+def packed_walker_seeds() -> None:
+    """Packed rings (header flag 16): a chain, an indirect table, chains wrapping the ring."""
+    blk = [(0x4000, 16, NEXT), (0x5000, 512, NEXT | WRITE), (0x6000, 1, WRITE)]
+    hdr = bytes([qlog2(8), 16, 0, 0]) + struct.pack("<H", 0x8000) + bytes([0, 1, 0, 0]) + bytes(6)
+    write("vq_walker", "packed-one-chain", hdr + bytes(64) + packed_image(8, [blk]))
+    hdr = bytes([qlog2(8), 16 | 2, 0, 1 | 4]) + struct.pack("<H", 0x8000) + bytes([1, 1, 0, 1]) + bytes(6)
+    write("vq_walker", "packed-indirect", hdr + bytes(64) + packed_image(
+        8, [[(0x3000, 48, INDIRECT)]], tables={0x3000: [(0x4000, 16, 0), (0x5000, 4096, WRITE), (0x6000, 1, WRITE)]}))
+    # Five buffers from position 6 of a 16-entry ring: they wrap; completions out of order.
+    bufs = [[(0x4000 + 64 * i, 16, NEXT), (0x6000 + 64 * i, 64, WRITE)] for i in range(5)]
+    hdr = bytes([qlog2(16), 16 | 1 | 4 | 8, 0, 2 | 8]) + struct.pack("<H", 0x8000 | 6) \
+        + bytes([3, 1, 0, 1]) + bytes(6)
+    write("vq_walker", "packed-wrap-out-of-order", hdr + bytes(64) + packed_image(16, bufs, start=6))
+
+
+def packed_inflight_seeds() -> None:
+    """Packed rings (header byte 7 bit 1): a fresh buffer, and one whose three heads are in
+    flight; phase 2 runs a driver that posts chains and dies at each crash point."""
+    for crash in range(3):
+        hdr = bytes([qlog2(16), 0, crash, 1, 3, 5, 0x80, 2 | 1, 4, 3, 5, 2, 1, 0, 1, 0])
+        write("inflight", f"packed-crash{crash}", hdr + bytes(32 + 32 * 16) + bytes(64))
+    region = bytearray(32 + 32 * 16)
+    struct.pack_into("<QHHHHHHBB", region, 0, 0, 1, 16, 3, 3, 0, 0, 1, 1)
+    for e in range(3):
+        struct.pack_into("<BxHHHQHHIQ", region, 32 + 32 * e, 1, e + 1, e, 1, 10 - e, e, WRITE, 16, 0x8000)
+    for e in range(3, 16):
+        struct.pack_into("<BxHHHQHHIQ", region, 32 + 32 * e, 0, e + 1, 0, 0, 0, 0, 0, 0, 0)
+    hdr = bytes([qlog2(16), 0, 0, 1, 1, 3, 0x80, 2, 1, 0, 0, 0, 0, 0, 0, 0])
+    write("inflight", "packed-three-in-flight", hdr + bytes(region) + bytes(64))
 
 
 # ------------------------------------------------------------------ inflight
@@ -324,6 +376,7 @@ def nvme_seeds() -> None:
 def main() -> None:
     walker_seeds()
     inflight_seeds()
+    packed_inflight_seeds()
     blk_seeds()
     scsi_seeds()
     nvme_seeds()

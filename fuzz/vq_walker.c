@@ -1,6 +1,8 @@
 /*
- * Fuzz target: the split-virtqueue walker of vhost_core's core.c (descriptor
- * table, avail ring, indirect tables, chains, used ring, notifications).
+ * Fuzz target: the virtqueue walkers of vhost_core's core.c: split rings
+ * (descriptor table, avail ring, indirect tables, chains, used ring,
+ * notifications) and packed rings (descriptor ring, wrap counters, buffer ids,
+ * indirect tables, event suppression), chosen by a header bit.
  *
  * core.c is #included unchanged so that its static functions are reachable:
  * the harness drives reactor_iteration() itself, on this thread, exactly as a
@@ -10,7 +12,7 @@
  * core hands it and completes it inline or from its poll callback.
  *
  * Input: a 16-byte header {ring size log2, features (EVENT_IDX, INDIRECT_DESC,
- * arm/disarm as in interrupt mode, a stop/restart halfway), memory layout,
+ * arm/disarm as in interrupt mode, a stop/restart halfway, packed ring), memory layout,
  * completion policy, u16 base, rounds, used-length policy, -, call fd / 0xff
  * disabled, ...}, 8 guest-memory patches of 8 bytes {u16 GPA, length,
  * when: round or 0x80 | nth submission, 4 bytes} (the guest rewriting its
@@ -38,7 +40,7 @@ static struct {
     vn_req *out[MAX_OUT];       /* deferred requests, oldest first */
     uint32_t nout;
     uint32_t inflight;          /* submitted, not yet completed */
-    struct { uint16_t head; uint32_t len; } log[4096];
+    struct { uint16_t head; uint16_t slots; uint32_t len; } log[4096];
     uint32_t nlog;              /* completions not yet checked against the used ring */
     int used_tampered;          /* a patch hit the used ring: its contents are the guest's */
     uint8_t patch[NPATCH][8];
@@ -79,6 +81,8 @@ static void finish(vn_req *req)
     if (dv.nlog < sizeof(dv.log) / sizeof(dv.log[0])) {
         dv.log[dv.nlog].head = req->head;
         dv.log[dv.nlog].len = w;
+        /* Packed rings: the ring descriptors the buffer took (its used one advances by them). */
+        dv.log[dv.nlog].slots = dv.q->packed ? dv.q->id_slots[req->head] : 1;
     }
     dv.nlog++;
     dv.inflight--;
@@ -247,6 +251,29 @@ static void check_used(struct vn_vq *q, uint16_t *checked_idx)
     *checked_idx = idx;
 }
 
+/* Packed rings: every completion since the last check is a used descriptor at the
+ * device's used position, in order, with the device's wrap counter. */
+static void check_used_packed(struct vn_vq *q, uint32_t *pos, uint16_t *wrap)
+{
+    const struct vring_packed_desc *ring = (const struct vring_packed_desc *)q->desc;
+    if (!dv.used_tampered && dv.nlog <= sizeof(dv.log) / sizeof(dv.log[0])) {
+        for (uint32_t i = 0; i < dv.nlog; i++) {
+            const struct vring_packed_desc *d = &ring[*pos];
+            FUZZ_CHECK(d->id == dv.log[i].head);
+            FUZZ_CHECK(d->len == dv.log[i].len);
+            FUZZ_CHECK(!!(d->flags & VRING_PACKED_DESC_F_AVAIL) == *wrap);
+            FUZZ_CHECK(!!(d->flags & VRING_PACKED_DESC_F_USED) == *wrap);
+            FUZZ_CHECK(dv.log[i].slots >= 1 && dv.log[i].slots <= q->size);
+            *pos += dv.log[i].slots;
+            if (*pos >= q->size) { *pos -= q->size; *wrap ^= 1; }
+        }
+        FUZZ_CHECK(*pos == q->used_idx && *wrap == q->used_wrap);
+    }
+    *pos = q->used_idx;
+    *wrap = q->used_wrap;
+    dv.nlog = 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct reader r = { data, size, 0 };
@@ -255,6 +282,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint32_t qsize = 1u << (hdr[0] % (MAX_QSIZE_LOG2 + 1));
     int event_idx = hdr[1] & 1, indirect = (hdr[1] >> 1) & 1;
     int arm = (hdr[1] >> 2) & 1, restart = (hdr[1] >> 3) & 1, disabled = hdr[9] == 0xff;
+    int packed = (hdr[1] >> 4) & 1;
     int layout = hdr[2];
     uint16_t base = (uint16_t)(hdr[4] | hdr[5] << 8);
     int rounds = 1 + hdr[6] % 8;
@@ -269,13 +297,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
      * EVENT_IDX fields when negotiated (what _translate_ring validates). */
     uint64_t desc_gpa = 0, avail_gpa = 16ull * qsize;
     uint64_t used_gpa = (avail_gpa + 4 + 2ull * qsize + 2 + 3) & ~3ull;
-    uint64_t used_len = 4 + 8ull * qsize + (event_idx ? 2 : 0);
+    uint64_t used_len = 4 + 8ull * qsize + (event_idx ? 2 : 0), avail_len = 4 + 2ull * qsize + (event_idx ? 2 : 0);
+    if (packed) {
+        /* The descriptor ring, then the driver and device event areas; the device
+         * writes its used descriptors into the descriptor ring. */
+        used_gpa = avail_gpa + 4;
+        used_len = avail_len = 4;
+    }
     void *desc = vn_mem_gpa_to_host(mem, desc_gpa, 16ull * qsize);
-    void *avail = vn_mem_gpa_to_host(mem, avail_gpa, 4 + 2ull * qsize + (event_idx ? 2 : 0));
+    void *avail = vn_mem_gpa_to_host(mem, avail_gpa, avail_len);
     void *used = vn_mem_gpa_to_host(mem, used_gpa, used_len);
     if (!desc || !avail || !used) return 0;     /* the control plane refuses such a ring */
-    dv.used_lo = used_gpa;
-    dv.used_hi = used_gpa + used_len;
+    dv.used_lo = packed ? desc_gpa : used_gpa;
+    dv.used_hi = packed ? desc_gpa + 16ull * qsize : used_gpa + used_len;
 
     /* One queue per ring size, kept across inputs as the daemon keeps a
      * controller's queues across sessions (and as fast: a fresh queue's 256
@@ -287,21 +321,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     dv.q = q;
     vn_vq_set_mem(q, mem);
     vn_vq_set_ring(q, qsize, desc, avail, used);
-    vn_vq_set_base(q, base);
+    vn_vq_set_packed(q, packed);
+    /* Packed: a position inside the ring and a wrap counter (what the control plane checks). */
+    vn_vq_set_base(q, packed ? (base & (qsize - 1)) | (base & 0x8000) : base);
     vn_vq_set_features(q, event_idx, indirect);
     vn_vq_set_enabled(q, !disabled);
     vn_vq_set_call(q, hdr[9] & 1 ? call_fd : -1);
     FUZZ_CHECK(vn_vq_start(q) == 0);
     /* What used->idx the guest sees before anything completes. */
-    uint16_t checked = *(volatile uint16_t *)&q->used->idx;
-    *(volatile uint16_t *)&q->used->idx = checked = base;
+    uint16_t checked = 0;
+    uint32_t ppos = q->used_idx;
+    uint16_t pwrap = q->used_wrap;
+    if (!packed) *(volatile uint16_t *)&q->used->idx = checked = base;
+#define CHECK_USED() (packed ? check_used_packed(q, &ppos, &pwrap) : check_used(q, &checked))
 
     for (int round = 0; round < rounds; round++) {
         for (int i = 0; i < NPATCH; i++)
             if (!dv.patch_done[i] && !(dv.patch[i][3] & 0x80) && dv.patch[i][3] % 8 == round)
                 apply_patch(i);
         reactor_iteration(reactor);
-        check_used(q, &checked);
+        CHECK_USED();
         FUZZ_CHECK(vn_vq_inflight(q) == dv.inflight);
         if (arm && !vq_arm(q)) vq_disarm(q);
         if (restart && round == rounds / 2) {
@@ -312,7 +351,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             dev_poll(&dv);
             vn_vq_start(q);
             reactor_iteration(reactor);
-            check_used(q, &checked);
+            CHECK_USED();
         }
     }
     /* Drain: every request completes, exactly once, and the queue stops clean. */
@@ -320,11 +359,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (int i = 0; dv.nout; i++) {
         FUZZ_CHECK(i < 1000);
         reactor_iteration(reactor);
-        check_used(q, &checked);
+        CHECK_USED();
     }
     FUZZ_CHECK(dv.inflight == 0);
     FUZZ_CHECK(dv.completions == dv.submits);
     FUZZ_CHECK(vn_vq_stop(q, 0) == 0);
+    if (packed) FUZZ_CHECK(q->inflight_slots == 0);
+#undef CHECK_USED
     const char *why = vn_vq_broken_reason(q);
     if (why) FUZZ_CHECK(strlen(why) > 0);
     uint64_t signals;

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUITES=(tests/test_vhost_user_hostile.py tests/test_isolation.py tests/test_isolation_stuck.py
+SUITES=(tests/test_vhost_user_hostile.py tests/test_packed_hostile.py tests/test_isolation.py tests/test_isolation_stuck.py
         tests/test_blk_requests.py tests/test_inflight.py
         plugins/dev_scsi/tests plugins/dev_blk/tests/test_conformance.py
         plugins/bdev_malloc/tests/test_conformance.py plugins/bdev_aio/tests/test_conformance.py

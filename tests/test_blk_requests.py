@@ -45,6 +45,7 @@ from vhost_core.testing.constants import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -57,6 +58,16 @@ from vhost_core.testing.constants import (
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+@pytest.fixture(params=["split", "packed"])
+def ring(request) -> str:
+    """The ring layout a data-path test runs on (VIRTIO_F_RING_PACKED or not)."""
+    return request.param
+
+
+def ring_features(ring: str, features: int = DEFAULT_BLK_FEATURES) -> int:
+    return features | bit(VIRTIO_F_RING_PACKED) if ring == "packed" else features
 
 
 def make_ctrlr(d, name: str, block_size: int = 512, num_blocks: int = 4096, **kw) -> str:
@@ -201,10 +212,10 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_read_write_round_trip(any_bs, layout):
+def test_read_write_round_trip(any_bs, layout, ring):
     d, name, bs = any_bs
     kw = LAYOUTS[layout]
-    with connect(d, name, num_queues=2) as dev:
+    with connect(d, name, num_queues=2, features=ring_features(ring)) as dev:
         size = 48 * KiB if layout != "indirect_multi" else 63 * KiB  # 126 x 512 = seg_max
         if size % bs:
             size = size // bs * bs
@@ -219,9 +230,9 @@ def test_read_write_round_trip(any_bs, layout):
         assert dev.read(64 + bs // 512, bs // 512, **kw) == data[bs:2 * bs]
 
 
-def test_seg_max_segments_in_one_request(blk_daemon):
+def test_seg_max_segments_in_one_request(blk_daemon, ring):
     d = blk_daemon
-    with connect(d, queue_size=128) as dev:
+    with connect(d, queue_size=128, features=ring_features(ring)) as dev:
         data = os.urandom(126 * 512)
         dev.write(0, data, indirect=True, seg_size=512)
         assert dev.read(0, 126, indirect=True, seg_size=512) == data
@@ -231,9 +242,9 @@ def test_seg_max_segments_in_one_request(blk_daemon):
 
 
 @pytest.mark.parametrize("queue_size", [2, 32768])
-def test_ring_sizes_at_the_limits(blk_daemon, queue_size):
+def test_ring_sizes_at_the_limits(blk_daemon, queue_size, ring):
     d = blk_daemon
-    with connect(d, queue_size=queue_size, indirect=True, memory_mb=32) as dev:
+    with connect(d, queue_size=queue_size, indirect=True, memory_mb=32, features=ring_features(ring)) as dev:
         data = os.urandom(8192)
         dev.write(8, data)
         assert dev.read(8, 16) == data
@@ -444,10 +455,10 @@ def test_discard_misaligned_on_4096_bdev(blk_daemon):
         assert dev.read(0, 16) == b"\x72" * 8192
 
 
-def test_many_requests_in_flight_on_several_queues(blk_daemon):
+def test_many_requests_in_flight_on_several_queues(blk_daemon, ring):
     d = blk_daemon
     nq, per_q = 4, 96
-    with connect(d, num_queues=nq, queue_size=64) as dev:
+    with connect(d, num_queues=nq, queue_size=64, features=ring_features(ring)) as dev:
         blobs = {}
         reqs = []
         for q in range(nq):
@@ -472,9 +483,10 @@ def test_many_requests_in_flight_on_several_queues(blk_daemon):
 
 
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
-def test_interrupts_with_and_without_event_idx(blk_daemon, event_idx):
+def test_interrupts_with_and_without_event_idx(blk_daemon, event_idx, ring):
     d = blk_daemon
     features = DEFAULT_BLK_FEATURES if event_idx else DEFAULT_BLK_FEATURES & ~bit(VIRTIO_RING_F_EVENT_IDX)
+    features = ring_features(ring, features)
     with connect(d, num_queues=2, features=features, require_interrupts=True, timeout=5) as dev:
         assert dev.has_feature(VIRTIO_RING_F_EVENT_IDX) == event_idx
         for q in (0, 1):
@@ -487,7 +499,10 @@ def test_interrupts_with_and_without_event_idx(blk_daemon, event_idx):
         assert all(r.status == VIRTIO_BLK_S_OK for r in dev.submit_many(reqs))
         # The device tells the driver when it wants kicks.
         vq = dev.queues[0]
-        if event_idx:
+        if ring == "packed":
+            # Kicks enabled in the device event area (an idle interrupt-mode reactor).
+            assert vq.device_event[1] == 0
+        elif event_idx:
             assert vq.avail_event == vq.avail_idx
         else:
             assert vq.used_flags == 0
@@ -503,7 +518,7 @@ def test_interrupts_with_and_without_event_idx(blk_daemon, event_idx):
         assert stats[0]["interrupts"] > 0 and stats[1]["interrupts"] > 0
 
 
-def test_memory_table_replaced_while_queues_run(blk_daemon):
+def test_memory_table_replaced_while_queues_run(blk_daemon, ring):
     """QEMU memory hotplug: a new table (old regions + a new one) arrives while
     I/O runs; requests keep completing correctly, including ones whose buffers
     live in the new region.  Then the region goes away again (unplug):
@@ -513,7 +528,7 @@ def test_memory_table_replaced_while_queues_run(blk_daemon):
     all_regions = mem.regions
     mem.regions = all_regions[:2]
     try:
-        with connect(d, num_queues=2, memory=mem) as dev:
+        with connect(d, num_queues=2, memory=mem, features=ring_features(ring)) as dev:
             mem.regions = all_regions
             mem.regions[2]._free = [[8 * GiB, 8 * GiB + 4 * MiB]]
             stop = threading.Event()
@@ -602,6 +617,33 @@ def test_get_vring_base_and_reconnect(blk_daemon, start):
     assert "Traceback" not in d.log()
 
 
+def test_packed_ring_stops_and_restarts_at_its_wrap_counters(blk_daemon):
+    """GET_VRING_BASE of a packed ring that wrapped (odd laps): the position and both
+    wrap counters; the same ring restarted there carries on."""
+    d = blk_daemon
+    with connect(d, queue_size=8, features=ring_features("packed")) as dev:
+        vq = dev.queues[0]
+        for i in range(7):                  # 21 descriptors: 2 laps and 5
+            dev.write(i, bytes([i + 1]) * 512)
+        assert (vq.next_avail, vq.avail_wrap) == (5, 1)
+        fe = dev.frontend
+        base = fe.get_vring_base(0)
+        assert base == vq.vring_base == (5 | 1 << 15) | (5 | 1 << 15) << 16
+        for i in range(2):                  # 12 more: two more laps, restarted at each stop
+            dev.queues[0] = fe.setup_vring(0, vq=vq, base=fe.get_vring_base(0) if i else base)
+            fe.set_vring_enable(0, True)
+            dev.write(100, b"\x0f" * 512)
+            assert dev.read(i, 1) == bytes([i + 1]) * 512
+        assert (vq.next_avail, vq.avail_wrap) == (1, 1)
+        assert fe.get_vring_base(0) == (1 | 1 << 15) | (1 | 1 << 15) << 16
+        dev.queues[0] = fe.setup_vring(0, vq=vq, base=vq.vring_base)
+        fe.set_vring_enable(0, True)
+        for i in range(3):                  # 9 more: the ring wraps once, the counters flip
+            assert dev.read(i, 1) == bytes([i + 1]) * 512
+        assert (vq.next_avail, vq.avail_wrap) == (2, 0)
+        assert fe.get_vring_base(0) == 2 | 2 << 16
+
+
 def test_get_vring_base_then_restart_on_same_connection(blk_daemon):
     d = blk_daemon
     with connect(d) as dev:
@@ -681,3 +723,18 @@ def test_immediate_reconnect_after_disconnect_is_served(blk_daemon):
         assert dev.read(0, 8) == data
         dev.close()
     assert "refused a second front-end" not in d.log()
+
+
+@pytest.mark.parametrize("packed_ring,offered", [(None, True), (True, True), (False, False)],
+                         ids=["default", "true", "false"])
+def test_packed_ring_parameter_decides_whether_packed_rings_are_offered(blk_daemon, packed_ring, offered):
+    """SPDK's packed_ring: offered by default (QEMU negotiates it only with packed=on),
+    and with true; false keeps the controller on split rings.  save_config keeps it."""
+    d = blk_daemon
+    kw = {} if packed_ring is None else {"packed_ring": packed_ring}
+    make_ctrlr(d, "pr", 512, 64, **kw)
+    wait_no_session(d, "pr")
+    with VhostUserFrontend(d.socket("pr")) as fe:
+        assert bool(fe.get_features() & bit(VIRTIO_F_RING_PACKED)) == offered
+    entry = next(e for e in d.rpc("framework_get_config", name="vhost_blk") if e["params"].get("ctrlr") == "pr")
+    assert entry["params"]["packed_ring"] is offered

@@ -15,13 +15,14 @@ import pytest
 
 from vhost_core.rpc.client import RpcError
 from vhost_core.testing import connect_blk
-from vhost_core.testing.constants import VIRTIO_BLK_T_IN, VIRTIO_RING_F_EVENT_IDX
+from vhost_core.testing.constants import VIRTIO_BLK_T_IN, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX
 from vhost_core.testing.daemon import wait_no_session
 
 BLK_HDR = struct.Struct("<IIQ")
 #: Without EVENT_IDX every completion the device publishes asks for an interrupt (no
-#: used_event the driver parks): what is counted is the device's own batching.
-NO_EVENT_IDX = ((1 << 64) - 1) & ~(1 << VIRTIO_RING_F_EVENT_IDX)
+#: used_event the driver parks): what is counted is the device's own batching.  On
+#: split rings, or (with VIRTIO_F_RING_PACKED) packed ones.
+NO_EVENT_IDX = ((1 << 64) - 1) & ~(1 << VIRTIO_RING_F_EVENT_IDX) & ~(1 << VIRTIO_F_RING_PACKED)
 DELAY_US = 5000
 
 
@@ -64,9 +65,11 @@ def blk(vhost_daemon):
     return d
 
 
-def test_coalescing_batches_interrupts_of_a_busy_queue(blk):
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_coalescing_batches_interrupts_of_a_busy_queue(blk, ring):
     d = blk
-    with connect_blk(d.socket("vhost.0"), features=NO_EVENT_IDX, queue_size=256, indirect=True) as dev:
+    features = NO_EVENT_IDX | ((1 << VIRTIO_F_RING_PACKED) if ring == "packed" else 0)
+    with connect_blk(d.socket("vhost.0"), features=features, queue_size=256, indirect=True) as dev:
         vq = dev.queues[0]
         _paced_reads(dev, 200)
         _signals(vq)

@@ -109,7 +109,9 @@ def test_a_running_guest_migrates_while_fio_verifies(vhost_daemon, destination_d
                     extra_args=["-incoming", f"tcp:127.0.0.1:{port}"]) as dst:
         src.start().wait_ready()
         dst.start()
-        start_fio(src, guest_disk, loops=2, jobs=queues)
+        # Enough work to outlast the migration (~1 s of copying on an idle host): fio must
+        # still be running on the destination.
+        start_fio(src, guest_disk, loops=6, jobs=queues)
         # Let the workload get going: the switch-over must catch requests in flight.
         time.sleep(2)
         assert src.run("test -e /tmp/fio.rc")[0] != 0, "fio ended before the migration started"

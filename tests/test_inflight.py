@@ -3,7 +3,8 @@ request level: the fake front-end plays QEMU, and the state a crashed target pro
 behind (ring and inflight buffer) is written by hand, so each recovery path is exercised
 exactly.  The real thing (QEMU, a guest, kill -9) is in test_e2e_aio.py.
 
-Buffer layout (vhost-user spec, "Inflight I/O tracking", split virtqueue): per queue a
+Buffer layout (vhost-user spec, "Inflight I/O tracking", split virtqueue; the packed
+layout is at the end): per queue a
 16-byte header {u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx}
 then desc_num 16-byte entries {u8 inflight; u8 pad[5]; u16 next; u64 counter}; queue
 regions are 64-byte aligned.
@@ -31,13 +32,14 @@ from vhost_core.testing import (
 from vhost_core.testing.constants import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_BLK_S_OK,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VhostUserProtocolFeature as PF,
     VhostUserRequest as R,
     bit,
 )
-from vhost_core.testing.virtqueue import SplitVirtqueue
+from vhost_core.testing.virtqueue import PackedVirtqueue, SplitVirtqueue, packed_vring_base
 
 MiB = 1 << 20
 INFLIGHT = struct.Struct("<QQHH4x")
@@ -290,3 +292,155 @@ def test_each_queue_recovers_from_its_own_part_of_the_buffer(blk_daemon, mem):
         assert fe.get_vring_base(1) == 1 and fe.get_vring_base(0) == 1
     d.wait_log("vring 1: resubmitting 1 request left in flight")
     assert "vring 0: resubmitting" not in d.log()
+
+
+# ---------------------------------------------------------------------------
+# packed rings: QueueRegionPacked
+# ---------------------------------------------------------------------------
+
+#: QueueRegionPacked's header: features, version, desc_num, free_head, old_free_head,
+#: used_idx, old_used_idx, used_wrap_counter, old_used_wrap_counter (then padding to 32).
+PHEADER = struct.Struct("<QHHHHHHBB10x")
+#: DescStatePacked: inflight, next, last, num, counter, id, flags, len, addr.
+PDESC = struct.Struct("<BxHHHQHHIQ")
+
+
+def pstride(queue_size: int) -> int:
+    return (PHEADER.size + PDESC.size * queue_size + 63) & ~63
+
+
+def packed_handshake(path: str) -> tuple[VhostUserFrontend, int]:
+    fe = VhostUserFrontend(path)
+    acked = (fe.get_features() & (DEFAULT_BLK_FEATURES | bit(VIRTIO_F_RING_PACKED))) \
+        | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+    assert acked & bit(VIRTIO_F_RING_PACKED)
+    offered = fe.get_protocol_features()
+    fe.set_protocol_features(offered & (FRONTEND_PROTOCOL_FEATURES | bit(PF.INFLIGHT_SHMFD)))
+    fe.set_owner()
+    fe.set_features(acked)      # before GET_INFLIGHT_FD, as QEMU (>= 5.2) does
+    return fe, acked
+
+
+def test_get_inflight_fd_sizes_packed_regions_once_packed_rings_are_negotiated(blk_daemon):
+    fe, _ = packed_handshake(blk_daemon.socket("vhost.0"))
+    with fe:
+        fd, size = get_inflight(fe, num_queues=2, queue_size=256)
+        os.close(fd)
+        assert size == 2 * pstride(256) > 2 * stride(256)
+
+
+@pytest.mark.parametrize("died", ["before publishing", "after publishing"])
+def test_packed_requests_left_in_flight_are_resubmitted_and_the_ring_resumes_after_them(
+        blk_daemon, mem, died):
+    """The previous process took A (write), B (write) and C (read), three descriptors each,
+    from a 16-entry packed ring, and completed only C, whose used descriptor goes at ring
+    position 0.  It died after linking C back on the free list and moving used_idx, either
+    before writing that descriptor's flags (rolled back: A, B and C come back) or right
+    after (committed: only A and B).  The front-end sends the base it started with (a
+    packed ring has no index it could read back): the ring resumes after the nine
+    descriptors taken, as the buffer says."""
+    d = blk_daemon
+    path = d.socket("vhost.0")
+    wait_no_session(d, "vhost.0")
+    fe, acked = packed_handshake(path)
+    with fe:
+        fd, size = get_inflight(fe, queue_size=16)
+        fe.set_mem_table(mem)
+        vq = PackedVirtqueue(mem, 16)
+        start_base = vq.vring_base
+        a, a_st = blk_chain(mem, vq, VIRTIO_BLK_T_OUT, 0, b"A" * 512)
+        b, b_st = blk_chain(mem, vq, VIRTIO_BLK_T_OUT, 8, b"B" * 512)
+        c, c_st = blk_chain(mem, vq, VIRTIO_BLK_T_IN, 16, read_len=512)
+        assert vq.next_avail == 9
+        descs = [vq.read_desc(i) for i in range(9)]     # (addr, len, id, flags) as taken
+        with mmap.mmap(fd, size) as region:
+            published = died == "after publishing"
+            for e, (addr, length, id_, flags) in enumerate(descs):
+                head = e - e % 3
+                region[PHEADER.size + e * PDESC.size:PHEADER.size + (e + 1) * PDESC.size] = PDESC.pack(
+                    1 if e == head else 0, e + 1, head + 2 if e == head else 0, 3 if e == head else 0,
+                    5 + head // 3 if e == head else 0, id_, flags, length, addr)
+            for e in range(9, 16):
+                region[PHEADER.size + e * PDESC.size:PHEADER.size + (e + 1) * PDESC.size] = PDESC.pack(
+                    0, e + 1, 0, 0, 0, 0, 0, 0, 0)
+            # C's entries back on the free list (8 -> 9), free_head 6, used_idx 3; old_* before.
+            region[PHEADER.size + 8 * PDESC.size + 2:PHEADER.size + 8 * PDESC.size + 4] = struct.pack("<H", 9)
+            region[:PHEADER.size] = PHEADER.pack(0, 1, 16, 6, 9, 3, 0, 1, 1)
+            if published:   # C's used descriptor reached the guest
+                vq.write_desc(0, descs[0][0], 513, 0x8080 | 2, c)
+                assert [e.head for e in vq.get_used()] == [c]
+            set_inflight(fe, fd, size, queue_size=16)
+            vq2 = fe.setup_vring(0, vq=vq, base=start_base)
+            fe.set_vring_enable(0, True)
+            want = [a, b] if published else [a, b, c]
+            got = vq2.wait_used(5, min_count=len(want))
+            assert [e.head for e in got] == want          # oldest first
+            assert mem.read(a_st, 1)[0] == mem.read(b_st, 1)[0] == VIRTIO_BLK_S_OK
+            if not published:
+                assert mem.read(c_st, 1)[0] == VIRTIO_BLK_S_OK
+            # Bookkeeping: nothing in flight, the used position after the nine descriptors.
+            header = PHEADER.unpack_from(region)
+            assert header[5:] == (9, 9, 1, 1), header
+            assert all(region[PHEADER.size + e * PDESC.size] == 0 for e in range(16))
+        dev = VirtioBlkDevice(fe, mem, [vq2], None, acked, own_memory=False)
+        assert dev.read(0, 1) == b"A" * 512 and dev.read(8, 1) == b"B" * 512
+        assert fe.get_vring_base(0) == packed_vring_base(15, 1, 15, 1)
+        os.close(fd)
+    d.wait_log(f"vring 0: resubmitting {len(want)} requests left in flight")
+    assert "Traceback" not in d.log()
+
+
+@pytest.mark.parametrize("damage", ["another ring size", "free list out of range", "more in flight than the ring"])
+def test_an_inconsistent_packed_buffer_is_ignored_with_a_warning_and_the_ring_serves(blk_daemon, mem, damage):
+    d = blk_daemon
+    wait_no_session(d, "vhost.0")
+    fe, acked = packed_handshake(d.socket("vhost.0"))
+    with fe:
+        fd, size = get_inflight(fe, queue_size=16)
+        with mmap.mmap(fd, size) as region:
+            region[:PHEADER.size] = {"another ring size": PHEADER.pack(0, 1, 64, 0, 0, 0, 0, 1, 1),
+                                     "free list out of range": PHEADER.pack(0, 1, 16, 4000, 4000, 0, 0, 1, 1),
+                                     "more in flight than the ring": PHEADER.pack(0, 1, 16, 0, 0, 0, 0, 1, 1)}[damage]
+            for e in range(16):   # every entry a head "in flight" of 3 descriptors: 48 > 16
+                region[PHEADER.size + e * PDESC.size:PHEADER.size + (e + 1) * PDESC.size] = PDESC.pack(
+                    1, 0xFFFF, e, 3, e, e, 0, 16, 0)
+        set_inflight(fe, fd, size, queue_size=16)
+        os.close(fd)
+        fe.set_mem_table(mem)
+        vq = fe.setup_vring(0, 16)
+        fe.set_vring_enable(0, True)
+        dev = VirtioBlkDevice(fe, mem, [vq], None, acked, own_memory=False)
+        dev.write(0, b"\x5a" * 512)
+        assert dev.read(0, 1) == b"\x5a" * 512
+        assert fe.get_vring_base(0) == packed_vring_base(6, 1, 6, 1)
+    d.wait_log("ignoring the front-end's inflight buffer")
+    assert "resubmitting" not in d.log()
+
+
+def test_a_hostile_packed_buffer_costs_only_that_connection(blk_daemon, mem):
+    """Heads in flight whose stored descriptors are junk (no end of chain, ids out of
+    range, addresses outside memory): what is resubmitted is checked like the ring; the
+    queue may break, the daemon and the other controller carry on."""
+    d = blk_daemon
+    wait_no_session(d, "vhost.0")
+    fe, _ = packed_handshake(d.socket("vhost.0"))
+    with fe:
+        fd, size = get_inflight(fe, queue_size=16)
+        with mmap.mmap(fd, size) as region:
+            region[:PHEADER.size] = PHEADER.pack(0, 1, 16, 15, 15, 0, 0, 1, 1)
+            for e in range(15):
+                region[PHEADER.size + e * PDESC.size:PHEADER.size + (e + 1) * PDESC.size] = PDESC.pack(
+                    1 if e < 5 else 0, (e * 7) % 16, e, 1 + e % 3, 100 - e, 0xFFFF - e, 1, 1 << 31, 1 << 50)
+        set_inflight(fe, fd, size, queue_size=16)
+        os.close(fd)
+        fe.set_mem_table(mem)
+        fe.setup_vring(0, 16)
+        fe.set_vring_enable(0, True)
+        try:
+            fe.ping()
+        except ConnectionClosed:
+            pass
+    with connect(d, "vhost.1") as other:
+        other.write(0, b"\x33" * 512)
+        assert other.read(0, 1) == b"\x33" * 512
+    assert d.alive() and "Traceback" not in d.log()

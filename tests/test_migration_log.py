@@ -19,6 +19,7 @@ from vhost_core.testing import DEFAULT_BLK_FEATURES, FRONTEND_PROTOCOL_FEATURES,
 from vhost_core.testing.constants import (
     VHOST_F_LOG_ALL,
     VHOST_VRING_F_LOG,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
@@ -68,7 +69,9 @@ def start_logging(dev, dlog: DirtyLog) -> None:
     fe.set_features(dev.features | bit(VHOST_F_LOG_ALL))
     for vq in dev.queues:
         desc, used, avail = vq.uaddrs()
-        fe.set_vring_addr(vq.index, desc, used, avail, flags=bit(VHOST_VRING_F_LOG), log=vq.used_gpa)
+        # QEMU's log address of the "used" part: a packed ring's device event area.
+        used_gpa = vq.device_gpa if getattr(vq, "packed", False) else vq.used_gpa
+        fe.set_vring_addr(vq.index, desc, used, avail, flags=bit(VHOST_VRING_F_LOG), log=used_gpa)
 
 
 def stop_logging(dev) -> None:
@@ -239,3 +242,44 @@ def test_a_log_shrunk_under_the_target_costs_only_that_connection(blk_daemon, de
         data = os.urandom(4096)
         other.write(8, data)
         assert other.read(8, 8) == data
+
+
+def test_packed_ring_descriptors_the_target_writes_back_are_logged(blk_daemon):
+    """A packed ring has no used ring: the device writes each used descriptor into the
+    descriptor ring, and those entries must reach the destination too."""
+    dev = connect(blk_daemon, "vhost.0", num_queues=1, queue_size=512,
+                  features=DEFAULT_BLK_FEATURES | bit(VIRTIO_F_RING_PACKED),
+                  protocol_features=FRONTEND_PROTOCOL_FEATURES | bit(PF.LOG_SHMFD))
+    dlog = DirtyLog(dev.memory.size)
+    try:
+        start_logging(dev, dlog)
+        vq = dev.queues[0]
+        assert getattr(vq, "packed", False)
+        mem = dev.memory
+        out = page_buffer(mem, 2)
+        mem.write(out, os.urandom(2 * PAGE))
+        ring_pages = pages_of(vq.desc_gpa, 16 * vq.size)
+        assert len(ring_pages) >= 2
+        logged_ring = set()
+        for i in range(200):     # 600 descriptors: the used position crosses every page of the ring
+            pos = vq.last_used
+            dlog.clear()
+            hdr, st = request(dev, VIRTIO_BLK_T_OUT, 64, out, 2 * PAGE)
+            dirty = dlog.pages()
+            assert pages_of(vq.desc_gpa + 16 * pos, 16) <= dirty, (i, pos)
+            assert pages_of(st, 1) <= dirty and not dirty & pages_of(out, 2 * PAGE)
+            logged_ring |= dirty & ring_pages
+            mem.free(hdr)
+            mem.free(st)
+        assert logged_ring == ring_pages
+        inp = page_buffer(mem, 3)
+        dlog.clear()
+        request(dev, VIRTIO_BLK_T_IN, 64, inp, 2 * PAGE)
+        assert pages_of(inp, 2 * PAGE) <= dlog.pages()
+        stop_logging(dev)
+        dlog.clear()
+        request(dev, VIRTIO_BLK_T_IN, 64, inp, 2 * PAGE)
+        assert dlog.pages() == set()
+    finally:
+        dlog.close()
+        dev.close()

@@ -172,9 +172,9 @@ def test_wait_for_rpc_applies_start_up_options_first_and_the_rest_at_framework_s
         {"method": "bdev_malloc_create", "params": {"name": "M", "num_blocks": 64, "block_size": 512}}]},
         {"subsystem": "vhost_blk", "config": [
             {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vhost.0", "dev_name": "M",
-                                                                 "packed_ring": True}}]}]},
-     "vhost_blk entry 0 (vhost_create_blk_controller ctrlr=\"vhost.0\" dev_name=\"M\" packed_ring=true): "
-     "vhost_create_blk_controller: packed_ring=true is not supported by this target"),
+                                                                 "transport": "vfio_user_blk"}}]}]},
+     "vhost_blk entry 0 (vhost_create_blk_controller ctrlr=\"vhost.0\" dev_name=\"M\" "
+     "transport=\"vfio_user_blk\"): vhost_create_blk_controller: transport=\"vfio_user_blk\" is not supported"),
 ])
 def test_what_cannot_be_created_fails_the_load_naming_it(tmp_path, config, message):
     path = tmp_path / "config.json"

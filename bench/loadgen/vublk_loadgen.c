@@ -146,6 +146,25 @@ struct vring_used_elem {
     uint32_t len;
 };
 
+/* packed ring (VIRTIO_F_RING_PACKED, --packed) */
+#define VIRTIO_F_RING_PACKED 34
+#define VRING_PACKED_DESC_F_AVAIL (1u << 7)
+#define VRING_PACKED_DESC_F_USED (1u << 15)
+#define VRING_PACKED_EVENT_F_ENABLE 0
+#define VRING_PACKED_EVENT_F_DISABLE 1
+
+struct vring_packed_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t id;
+    uint16_t flags;
+};
+
+struct vring_packed_event {
+    uint16_t off_wrap;
+    uint16_t flags;
+};
+
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_S_OK 0
@@ -172,6 +191,7 @@ static struct {
     int event_idx;
     int no_call;
     int indirect; /* -1 auto, 0 never, 1 force */
+    int packed;   /* packed virtqueue */
     double connect_timeout;
     uint64_t size_override; /* bytes, 0 = from config */
     uint64_t max_ios;       /* stop after this many submissions, 0 = no limit */
@@ -442,6 +462,7 @@ static void usage(void)
             "                            (VRING_AVAIL_F_NO_INTERRUPT / used_event far away),\n"
             "                            like a polling guest driver; default: request calls\n"
             "  --indirect auto|on|off    indirect descriptors (auto: only if qd*3 > queue size)\n"
+            "  --packed                  a packed virtqueue (VIRTIO_F_RING_PACKED) instead of split\n"
             "  --size BYTES              device size if the backend has no GET_CONFIG\n"
             "  --connect-timeout SEC     retry connecting for this long (default 10)\n"
             "  --seed N                  PRNG seed\n"
@@ -455,7 +476,7 @@ static void usage(void)
 static void parse_args(int argc, char **argv)
 {
     enum { O_SOCK = 1000, O_RW, O_QD, O_BS, O_TIME, O_WARM, O_QS, O_CPU, O_EIDX, O_NOCALL,
-           O_IND, O_SIZE, O_CTO, O_SEED, O_IOS };
+           O_IND, O_SIZE, O_CTO, O_SEED, O_IOS, O_PACKED };
     static const struct option lo[] = {
         { "socket", required_argument, 0, O_SOCK },
         { "rw", required_argument, 0, O_RW },
@@ -472,6 +493,7 @@ static void parse_args(int argc, char **argv)
         { "connect-timeout", required_argument, 0, O_CTO },
         { "seed", required_argument, 0, O_SEED },
         { "ios", required_argument, 0, O_IOS },
+        { "packed", no_argument, 0, O_PACKED },
         { "verbose", no_argument, 0, 'v' },
         { "help", no_argument, 0, 'h' },
         { 0, 0, 0, 0 },
@@ -509,6 +531,7 @@ static void parse_args(int argc, char **argv)
         case O_SIZE: opt.size_override = strtoull(optarg, NULL, 0); break;
         case O_CTO: opt.connect_timeout = atof(optarg); break;
         case O_IOS: opt.max_ios = strtoull(optarg, NULL, 0); break;
+        case O_PACKED: opt.packed = 1; break;
         case O_SEED: opt.seed = strtoull(optarg, NULL, 0) | 1; break;
         case 'v': opt.verbose = 1; break;
         default: usage();
@@ -665,6 +688,11 @@ int main(int argc, char **argv)
         features |= BIT(VIRTIO_RING_F_EVENT_IDX);
     if (use_indirect)
         features |= BIT(VIRTIO_RING_F_INDIRECT_DESC);
+    const int packed = opt.packed;
+    if (packed && !(dev_features & BIT(VIRTIO_F_RING_PACKED)))
+        die("--packed: the backend does not offer VIRTIO_F_RING_PACKED");
+    if (packed)
+        features |= BIT(VIRTIO_F_RING_PACKED);
     vhu_set(VHU_SET_FEATURES, &features, 8, -1);
     vlog("acked features 0x%016" PRIx64, features);
 
@@ -706,7 +734,35 @@ int main(int argc, char **argv)
 
     /* pre-build all requests: request i = header, data, status */
     const unsigned dpr = use_indirect ? 1 : 3; /* ring descriptors per request */
-    for (unsigned i = 0; i < opt.qd; i++) {
+    /* Packed: request i is buffer id i; its descriptors (or its indirect table's one)
+     * are written into the ring at each submission, from this template. */
+    struct vring_packed_desc *ptmpl = calloc(3ul * opt.qd, sizeof(*ptmpl));
+    volatile struct vring_packed_desc *pring = (struct vring_packed_desc *)(mem + off_desc);
+    volatile struct vring_packed_event *driver_ev = (struct vring_packed_event *)(mem + off_avail);
+    volatile struct vring_packed_event *device_ev = (struct vring_packed_event *)(mem + off_used);
+    if (!ptmpl)
+        die("oom");
+    for (unsigned i = 0; packed && i < opt.qd; i++) {
+        struct vring_packed_desc t[3] = {
+            { GPA(off_req + 64ul * i), 16, (uint16_t)i, 0 },
+            { GPA(off_data + slot_bs * i), opt.bs, (uint16_t)i, (uint16_t)(opt.write ? 0 : VRING_DESC_F_WRITE) },
+            { GPA(off_req + 64ul * i + 16), 1, (uint16_t)i, VRING_DESC_F_WRITE },
+        };
+        mem[off_req + 64ul * i + 16] = 0xff;
+        ((struct virtio_blk_outhdr *)(mem + off_req + 64ul * i))->type = opt.write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+        if (use_indirect) {
+            memcpy(mem + off_ind + 64ul * i, t, sizeof(t));
+            ptmpl[3ul * i] = (struct vring_packed_desc){ GPA(off_ind + 64ul * i), sizeof(t), (uint16_t)i,
+                                                         VRING_DESC_F_INDIRECT };
+        } else {
+            t[0].flags |= VRING_DESC_F_NEXT;
+            t[1].flags |= VRING_DESC_F_NEXT;
+            memcpy(&ptmpl[3ul * i], t, sizeof(t));
+        }
+    }
+    if (packed)
+        driver_ev->flags = opt.no_call ? VRING_PACKED_EVENT_F_DISABLE : VRING_PACKED_EVENT_F_ENABLE;
+    for (unsigned i = 0; !packed && i < opt.qd; i++) {
         struct virtio_blk_outhdr *h = (void *)(mem + off_req + 64ul * i);
         h->type = opt.write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
         h->ioprio = 0;
@@ -738,7 +794,7 @@ int main(int argc, char **argv)
         d[2].flags = VRING_DESC_F_WRITE;
         d[2].next = 0;
     }
-    if (opt.no_call && !event_idx)
+    if (opt.no_call && !event_idx && !packed)
         *avail_flags = VRING_AVAIL_F_NO_INTERRUPT;
 
     struct vhu_mem_table mt;
@@ -753,7 +809,8 @@ int main(int argc, char **argv)
     /* ---------------- vring setup ---------------- */
     struct vhu_vring_state st = { .index = 0, .num = N };
     vhu_set(VHU_SET_VRING_NUM, &st, sizeof(st), -1);
-    st.num = 0;
+    /* Packed: avail and used positions 0, both wrap counters 1. */
+    st.num = packed ? 0x80008000u : 0;
     vhu_set(VHU_SET_VRING_BASE, &st, sizeof(st), -1);
     struct vhu_vring_addr va = {
         .index = 0,
@@ -792,6 +849,26 @@ int main(int argc, char **argv)
     const uint64_t one = 1;
 
     uint16_t avail_idx = 0, last_used = 0;
+    /* packed ring positions and wrap counters (the driver's) */
+    uint32_t p_avail = 0, p_used = 0;
+    uint16_t p_avail_wrap = 1, p_used_wrap = 1;
+#define PACKED_SUBMIT(r)                                                                              \
+    do {                                                                                              \
+        const struct vring_packed_desc *t_ = &ptmpl[3ul * (r)];                                       \
+        uint16_t bits_ = p_avail_wrap ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED;         \
+        uint32_t head_ = p_avail;                                                                     \
+        uint16_t head_flags_ = t_[0].flags | bits_;                                                   \
+        for (unsigned k_ = 0; k_ < dpr; k_++) {                                                       \
+            volatile struct vring_packed_desc *d_ = &pring[p_avail];                                  \
+            d_->addr = t_[k_].addr;                                                                   \
+            d_->len = t_[k_].len;                                                                     \
+            d_->id = t_[k_].id;                                                                       \
+            if (k_) d_->flags = t_[k_].flags | bits_;                                                 \
+            if (++p_avail == N) { p_avail = 0; p_avail_wrap ^= 1;                                     \
+                                  bits_ = p_avail_wrap ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED; } \
+        }                                                                                             \
+        __atomic_store_n(&pring[head_].flags, head_flags_, __ATOMIC_RELEASE);                         \
+    } while (0)
     unsigned inflight = 0;
     uint64_t kicks = 0, kicks_suppressed = 0, completions = 0, errors = 0, bad_ids = 0;
     uint64_t lat_sum = 0, lat_max = 0, lat_min = UINT64_MAX;
@@ -805,13 +882,18 @@ int main(int argc, char **argv)
         struct virtio_blk_outhdr *h = (void *)(req_base + 64ul * i);
         h->sector = next_block(&rng, &seq_next, nblocks) * spb;
         req_base[64ul * i + 16] = 0xff;
+        sub_ts[i] = t0;
+        if (packed) {
+            PACKED_SUBMIT(i);
+            continue;
+        }
         avail_ring[avail_idx & (N - 1)] = (uint16_t)(i * dpr);
         avail_idx++;
-        sub_ts[i] = t0;
     }
-    if (event_idx)
+    if (event_idx && !packed)
         *used_event_p = opt.no_call ? (uint16_t)(last_used + 0x8000) : last_used;
-    __atomic_store_n(avail_idx_p, avail_idx, __ATOMIC_RELEASE);
+    if (!packed)
+        __atomic_store_n(avail_idx_p, avail_idx, __ATOMIC_RELEASE);
     inflight = first;
     submitted = first;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -831,8 +913,69 @@ int main(int argc, char **argv)
     unsigned idle = 0;
 
     for (;;) {
-        uint16_t uidx = __atomic_load_n(used_idx_p, __ATOMIC_ACQUIRE);
         uint64_t now;
+        if (packed) {
+            uint16_t fl = __atomic_load_n(&pring[p_used].flags, __ATOMIC_ACQUIRE);
+            int ready = !!(fl & VRING_PACKED_DESC_F_AVAIL) == p_used_wrap && !!(fl & VRING_PACKED_DESC_F_USED) == p_used_wrap;
+            if (!ready) {
+                if (++idle < 1024)
+                    continue;
+                idle = 0;
+                now = now_ns();
+            } else {
+                idle = 0;
+                now = now_ns();
+                unsigned batch = 0;
+                for (;;) {
+                    fl = __atomic_load_n(&pring[p_used].flags, __ATOMIC_ACQUIRE);
+                    if (!(!!(fl & VRING_PACKED_DESC_F_AVAIL) == p_used_wrap
+                          && !!(fl & VRING_PACKED_DESC_F_USED) == p_used_wrap))
+                        break;
+                    uint32_t r = pring[p_used].id;
+                    p_used += dpr;
+                    if (p_used >= N) { p_used -= N; p_used_wrap ^= 1; }
+                    if (r >= opt.qd) {
+                        bad_ids++;
+                        errors++;
+                        continue;
+                    }
+                    uint8_t *stp = req_base + 64ul * r + 16;
+                    if (*stp != VIRTIO_BLK_S_OK)
+                        errors++;
+                    uint64_t lat = now - sub_ts[r];
+                    if (measuring && !draining) {
+                        completions++;
+                        lat_sum += lat;
+                        if (lat > lat_max) lat_max = lat;
+                        if (lat < lat_min) lat_min = lat;
+                        hist[hbucket(lat)]++;
+                    }
+                    if (draining || (opt.max_ios && submitted >= opt.max_ios)) {
+                        inflight--;
+                        continue;
+                    }
+                    submitted++;
+                    struct virtio_blk_outhdr *h = (void *)(req_base + 64ul * r);
+                    h->sector = next_block(&rng, &seq_next, nblocks) * spb;
+                    *stp = 0xff;
+                    PACKED_SUBMIT(r);
+                    sub_ts[r] = now;
+                    batch++;
+                }
+                if (batch) {
+                    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                    if (device_ev->flags != VRING_PACKED_EVENT_F_DISABLE) {
+                        if (write(kickfd, &one, 8) != 8 && errno != EAGAIN)
+                            die("kick: %s", strerror(errno));
+                        kicks += measuring;
+                    } else {
+                        kicks_suppressed += measuring;
+                    }
+                }
+            }
+            goto progress;
+        }
+        uint16_t uidx = __atomic_load_n(used_idx_p, __ATOMIC_ACQUIRE);
         if (uidx == last_used) {
             if (++idle < 1024)
                 continue;
@@ -899,6 +1042,7 @@ int main(int argc, char **argv)
                 }
             }
         }
+    progress:
         if (stop_flag && !draining) {
             if (!measuring) {
                 meas_start = now;
@@ -952,9 +1096,10 @@ int main(int argc, char **argv)
         vhu_recv_reply(VHU_GET_VRING_BASE, &r);
         if (r.size >= 8)
             backend_avail = r.p.state.num;
-        if (backend_avail != avail_idx)
+        uint32_t expect = packed ? (p_avail | (uint32_t)p_avail_wrap << 15) * 0x10001u : avail_idx;
+        if (backend_avail != expect)
             fprintf(stderr, "vublk_loadgen: GET_VRING_BASE returned %" PRId64 ", expected %u\n",
-                    backend_avail, avail_idx);
+                    backend_avail, expect);
     }
     close(sock_fd);
 
@@ -972,12 +1117,12 @@ int main(int argc, char **argv)
            "\"p50_lat_us\":%.3f,\"p99_lat_us\":%.3f,\"p999_lat_us\":%.3f,\"min_lat_us\":%.3f,"
            "\"max_lat_us\":%.3f,\"errors\":%" PRIu64 ",\"ios\":%" PRIu64 ",\"secs\":%.3f,"
            "\"kicks\":%" PRIu64 ",\"kicks_suppressed\":%" PRIu64 ",\"event_idx\":%s,"
-           "\"no_call\":%s,\"indirect\":%s,\"queue_size\":%u,\"features\":\"0x%" PRIx64 "\","
+           "\"no_call\":%s,\"indirect\":%s,\"packed\":%s,\"queue_size\":%u,\"features\":\"0x%" PRIx64 "\","
            "\"capacity_bytes\":%" PRIu64 ",\"socket\":\"%s\"}\n",
            opt.seq ? (opt.write ? "write" : "read") : (opt.write ? "randwrite" : "randread"), opt.qd, opt.bs, iops, mean_us, p50_us, p99_us,
            p999_us, completions ? lat_min / 1000.0 : 0.0, lat_max / 1000.0, errors, completions,
            secs, kicks, kicks_suppressed, event_idx ? "true" : "false",
-           opt.no_call ? "true" : "false", use_indirect ? "true" : "false", N, features,
+           opt.no_call ? "true" : "false", use_indirect ? "true" : "false", packed ? "true" : "false", N, features,
            capacity_sectors * 512, opt.socket);
     fflush(stdout);
     if (bad_ids)

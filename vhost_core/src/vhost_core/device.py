@@ -173,6 +173,9 @@ class Device:
     device_type: ClassVar[str] = ""
     #: The most virtqueues served (GET_QUEUE_NUM answers this).
     num_queues: int = 1
+    #: Offer VIRTIO_F_RING_PACKED (the core serves split and packed rings alike; the
+    #: front-end chooses: QEMU negotiates packed only with the device's packed=on).
+    packed_ring: bool = True
 
     def attach(self, ctx: DeviceContext) -> NativeDevice:
         """The controller was placed on ``ctx.reactor``: open bdevs, make the native

@@ -52,7 +52,9 @@ class BlkDevice(Device):
 
     device_type = "blk"
 
-    def __init__(self, bdev_name: str, readonly: bool, num_queues: int = MAX_QUEUES) -> None:
+    def __init__(self, bdev_name: str, readonly: bool, num_queues: int = MAX_QUEUES, *,
+                 packed_ring: bool = True) -> None:
+        self.packed_ring = packed_ring
         self.bdev_name = bdev_name
         self.requested_readonly = readonly
         self.num_queues = num_queues
@@ -140,7 +142,7 @@ class BlkDevice(Device):
             return []
         return [{"method": "vhost_create_blk_controller",
                  "params": {"ctrlr": self.ctx.name, "dev_name": self.bdev.name, "cpumask": self.ctx.cpumask,
-                            "readonly": self.readonly}}]
+                            "readonly": self.readonly, "packed_ring": self.packed_ring}}]
 
     def detach(self) -> None:
         if self.native != ffi.NULL:

@@ -30,9 +30,11 @@ class CreateBlkParams:
                                         accepts=("vhost_user_blk",),
                                         cli=cli("--transport", help="virtio-blk transport: vhost_user_blk, the "
                                                                     "only one here"))
-    packed_ring: bool = unsupported(False, "it serves split virtqueues (which every QEMU offers): "
-                                           "omit packed_ring (-p)",
-                                    cli=cli("-p", "--packed-ring", help="use a packed ring (unsupported)"))
+    # SPDK offers VIRTIO_F_RING_PACKED only with packed_ring; here it is offered unless
+    # packed_ring is false (QEMU negotiates a packed ring only with the device's packed=on,
+    # so offering it costs nothing; false keeps a guest on split rings).
+    packed_ring: bool | None = param(None, "-p", "--packed-ring",
+                                     help="offer packed virtqueues (the default; false: split only)")
     num_queues: int | None = extension(None, f"request queues offered to the guest, 1..{MAX_QUEUES} "
                                              f"(default {MAX_QUEUES})")
 
@@ -53,7 +55,7 @@ def vhost_register_commands(registry) -> None:
         nq = MAX_QUEUES if p.num_queues is None else p.num_queues
         if not 1 <= nq <= MAX_QUEUES:
             raise VhostError(errno.EINVAL, f"num_queues {nq} out of range: use 1..{MAX_QUEUES}")
-        device = BlkDevice(p.dev_name, p.readonly, nq)
+        device = BlkDevice(p.dev_name, p.readonly, nq, packed_ring=p.packed_ring is not False)
         ctx.controllers.create(p.ctrlr, device, p.cpumask)
         notice(log, "Controller %s: using bdev '%s'%s", p.ctrlr, device.bdev.name,
                " (read-only)" if device.readonly else "")

@@ -1,5 +1,5 @@
 /*
- * The data path: guest memory translation, split virtqueues, reactors.
+ * The data path: guest memory translation, split and packed virtqueues, reactors.
  *
  * Everything a guest or frontend controls (ring indices, descriptor addresses,
  * lengths, flags, `next` links) is read once into a local and checked before use:
@@ -33,6 +33,12 @@
 #define VRING_DESC_F_INDIRECT 4
 #define VRING_USED_F_NO_NOTIFY 1
 #define VRING_AVAIL_F_NO_INTERRUPT 1
+/* Packed virtqueues (virtio 1.1, 2.8): descriptor flags and event suppression. */
+#define VRING_PACKED_DESC_F_AVAIL (1u << 7)
+#define VRING_PACKED_DESC_F_USED (1u << 15)
+#define VRING_PACKED_EVENT_F_ENABLE 0
+#define VRING_PACKED_EVENT_F_DISABLE 1
+#define VRING_PACKED_EVENT_F_DESC 2
 
 /* Requests in flight per queue are capped: a 32768-entry ring must not cost
  * 32768 request slots of ~9 KiB each. */
@@ -59,6 +65,10 @@ struct vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; 
 struct vring_avail { uint16_t flags; uint16_t idx; uint16_t ring[]; };
 struct vring_used_elem { uint32_t id; uint32_t len; };
 struct vring_used { uint16_t flags; uint16_t idx; struct vring_used_elem ring[]; };
+/* Packed ring: one ring of descriptors both sides write, and two event
+ * suppression structures (the driver area and the device area). */
+struct vring_packed_desc { uint64_t addr; uint32_t len; uint16_t id; uint16_t flags; };
+struct vring_packed_event { uint16_t off_wrap; uint16_t flags; };
 
 static uint64_t now_ns(void)
 {
@@ -664,6 +674,41 @@ struct ifl_queue {
 _Static_assert(sizeof(struct ifl_desc) == VN_INFLIGHT_DESC, "DescStateSplit is 16 bytes");
 _Static_assert(sizeof(struct ifl_queue) == VN_INFLIGHT_HEADER, "QueueRegionSplit header is 16 bytes");
 
+/* The packed-ring layout of the same buffer (DescStatePacked, QueueRegionPacked):
+ * every ring descriptor taken is copied into an entry of a free list; a buffer's head
+ * entry holds its fetch counter, its length in entries and its last entry.  The
+ * old_* fields are the state before the batch being published, so that a process
+ * dying in the middle leaves something the next one can roll back or forward. */
+struct pifl_desc {
+    uint8_t inflight;
+    uint8_t padding;
+    uint16_t next;
+    uint16_t last;
+    uint16_t num;
+    uint64_t counter;
+    uint16_t id;
+    uint16_t flags;
+    uint32_t len;
+    uint64_t addr;
+};
+
+struct pifl_queue {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t free_head;
+    uint16_t old_free_head;
+    uint16_t used_idx;
+    uint16_t old_used_idx;
+    uint8_t used_wrap_counter;
+    uint8_t old_used_wrap_counter;
+    uint8_t padding[7];
+    struct pifl_desc desc[];
+};
+
+_Static_assert(sizeof(struct pifl_desc) == VN_INFLIGHT_PACKED_DESC, "DescStatePacked is 32 bytes");
+_Static_assert(sizeof(struct pifl_queue) == VN_INFLIGHT_PACKED_HEADER, "QueueRegionPacked header is 32 bytes");
+
 struct vn_vq {
     struct vn_dev *dev;
     uint16_t index;
@@ -697,6 +742,16 @@ struct vn_vq {
      * requests seen when it began, the current delay, and the earliest time of the
      * next signal */
     uint64_t co_next_check, co_reqs_at_check, co_delay, co_next_event;
+    /* packed ring (VIRTIO_F_RING_PACKED): desc is the descriptor ring, avail the
+     * driver's event suppression area, used the device's; last_avail and used_idx
+     * are ring positions (0..size-1) with their wrap counters. */
+    int packed;
+    uint16_t avail_wrap, used_wrap;
+    uint16_t used_flags;        /* AVAIL | USED when used_wrap is 1, else 0 */
+    uint32_t chain_limit;       /* min(size, VQ_MAX_CHAIN) */
+    uint16_t *id_slots;         /* per buffer id: ring slots of that buffer in flight, 0: free */
+    uint16_t *id_entry;         /* per buffer id: its head entry in the inflight buffer */
+    uint32_t inflight_slots;    /* ring slots taken and not yet written back */
     /* in-flight tracking */
     volatile struct ifl_queue *ifl;
     uint32_t ifl_capacity;
@@ -867,7 +922,8 @@ static void vq_mark_broken(struct vn_vq *q, const char *why)
  * page or three. */
 static __attribute__((noinline, cold)) void vq_log_used(struct vn_vq *q)
 {
-    if (q->log_used) log_mark(q->log, q->log_used_gpa, 4 + 8 * (uint64_t)q->size + 2);
+    /* A packed ring's "used" address is its device event suppression area. */
+    if (q->log_used) log_mark(q->log, q->log_used_gpa, q->packed ? 4 : 4 + 8 * (uint64_t)q->size + 2);
 }
 
 /* The device wrote into the request's device-writable buffers. */
@@ -880,6 +936,12 @@ static __attribute__((noinline, cold)) void vq_log_request(struct vn_vq *q, cons
 static void vq_publish_used(struct vn_vq *q)
 {
     if (!q->used_dirty) return;
+    if (__builtin_expect(q->packed, 0)) {
+        /* Each used descriptor was published by its flags as it completed. */
+        q->used_dirty = 0;
+        q->need_signal = 1;
+        return;
+    }
     atomic_thread_fence(memory_order_release);
     *(volatile uint16_t *)&q->used->idx = q->used_idx;
     if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
@@ -925,6 +987,22 @@ static int vq_coalesce(struct vn_vq *q, uint64_t now)
     return now < q->co_next_event;
 }
 
+/* Packed ring: whether the driver's event suppression area asks for an interrupt
+ * for the used descriptors written since the last one (virtio 1.1, 2.8.10; the
+ * offset test is vring_need_event's on positions extended by the wrap counters). */
+static int vq_packed_need_signal(struct vn_vq *q)
+{
+    const volatile struct vring_packed_event *ev = (const volatile struct vring_packed_event *)q->avail;
+    uint16_t flags = ev->flags;
+    if (flags != VRING_PACKED_EVENT_F_DESC || !q->event_idx) return flags != VRING_PACKED_EVENT_F_DISABLE;
+    uint16_t off_wrap = ev->off_wrap;
+    int32_t size = (int32_t)q->size;
+    int32_t new_ = q->used_idx, old = q->signalled_used, off = off_wrap & 0x7fff;
+    if (new_ <= old) old -= size;
+    if ((off_wrap >> 15) != q->used_wrap) off -= size;
+    return (uint16_t)(new_ - off - 1) < (uint16_t)(new_ - old);
+}
+
 /* Signal the guest if it wants to hear of new used entries.  `now`: the iteration's
  * clock when the device coalesces interrupts (0 otherwise, or to signal at once).
  * Returns 1 when a signal is held back by coalescing (the reactor must come back). */
@@ -935,7 +1013,9 @@ static int vq_signal(struct vn_vq *q, uint64_t now)
     q->need_signal = 0;
     atomic_thread_fence(memory_order_seq_cst);
     int do_signal;
-    if (q->event_idx) {
+    if (__builtin_expect(q->packed, 0)) {
+        do_signal = vq_packed_need_signal(q);
+    } else if (q->event_idx) {
         uint16_t used_event = *vq_used_event(q);
         uint16_t new_idx = q->used_idx, old = q->signalled_used;
         do_signal = (uint16_t)(new_idx - used_event - 1) < (uint16_t)(new_idx - old);
@@ -1114,9 +1194,13 @@ static __attribute__((noinline, cold)) int vq_resubmit(struct vn_vq *q)
 
 /* Pop and submit what the guest made available, after whatever a previous
  * target process left in flight.  Returns requests started. */
+static int vq_process_packed(struct vn_vq *q);
+
 static int vq_process(struct vn_vq *q)
 {
     if (q->broken || q->stopping || !q->enabled) return 0;
+    /* The ring layout is the queue's, chosen once: one test per queue and pass. */
+    if (__builtin_expect(q->packed, 0)) return vq_process_packed(q);
     int done = 0;
     if (__builtin_expect(q->resubmit_pos < q->nresubmit, 0)) {
         done = vq_resubmit(q);
@@ -1152,10 +1236,484 @@ static int vq_process(struct vn_vq *q)
     return done;
 }
 
+
+/* ------------------------------------------------------------------ */
+/* packed virtqueues (VIRTIO_F_RING_PACKED)                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * One ring of descriptors: the driver makes a buffer available by writing its
+ * descriptors at consecutive positions (the head's flags last, with AVAIL equal
+ * to its wrap counter and USED not); the device takes buffers in ring order and
+ * writes one used descriptor per buffer (the buffer id, the length written,
+ * flags with AVAIL = USED = its own wrap counter) at its used position, which
+ * then advances by the number of ring descriptors the buffer took.  Buffers may
+ * complete in any order: the id says which one.  Everything read from the ring is
+ * read once and checked, as for split rings; a malformed ring breaks the queue.
+ */
+
+
+/* ---- packed rings: in-flight tracking (vhost-user "Inflight I/O tracking") ---- */
+
+struct ifl_entry { uint64_t counter; uint16_t head; };
+
+static int ifl_entry_cmp(const void *a, const void *b)
+{
+    const struct ifl_entry *x = a, *y = b;
+    return x->counter < y->counter ? -1 : x->counter > y->counter;
+}
+
+static inline volatile struct pifl_queue *vq_pifl(struct vn_vq *q)
+{
+    return (volatile struct pifl_queue *)q->ifl;
+}
+
+/* A buffer of `slots` ring descriptors was taken at ring position `pos`: copy them
+ * into the free list's entries (the spec's order), before the device sees it. */
+static __attribute__((noinline, cold)) void vq_pifl_fetched(struct vn_vq *q, uint32_t pos, uint32_t slots, uint16_t id)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
+    uint16_t head = f->old_free_head;
+    q->id_entry[id] = 0xffff;       /* untracked, unless all goes well */
+    if (head >= q->size) return;    /* checked at start; the front-end may scribble since */
+    f->desc[head].num = 0;
+    f->desc[head].counter = ++q->ifl_counter;
+    atomic_signal_fence(memory_order_seq_cst);
+    f->desc[head].inflight = 1;
+    for (uint32_t i = 0; i < slots; i++) {
+        uint16_t e = f->free_head;
+        if (e >= q->size) return;
+        if (i + 1 == slots) f->desc[head].last = e;
+        f->desc[head].num++;
+        f->desc[e].addr = ring[pos].addr;
+        f->desc[e].len = ring[pos].len;
+        f->desc[e].flags = ring[pos].flags;
+        f->desc[e].id = ring[pos].id;
+        atomic_signal_fence(memory_order_seq_cst);
+        f->free_head = f->desc[e].next;
+        if (++pos == q->size) pos = 0;
+    }
+    atomic_signal_fence(memory_order_seq_cst);
+    f->old_free_head = f->free_head;
+    q->id_entry[id] = head;
+}
+
+/* Before the used descriptor of `id` is written: its entries back on the free list,
+ * the used position after it. */
+static __attribute__((noinline, cold)) void vq_pifl_used_begin(struct vn_vq *q, uint16_t id, uint16_t used_idx,
+                                                               uint16_t used_wrap)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    uint16_t e = q->id_entry[id];
+    if (e >= q->size) return;
+    uint16_t last = f->desc[e].last;
+    if (last >= q->size) return;
+    f->desc[last].next = f->free_head;
+    f->free_head = e;
+    atomic_signal_fence(memory_order_seq_cst);
+    f->used_idx = used_idx;
+    f->used_wrap_counter = (uint8_t)used_wrap;
+}
+
+/* After the used descriptor's flags: the buffer is the driver's; commit the batch. */
+static __attribute__((noinline, cold)) void vq_pifl_used_end(struct vn_vq *q, uint16_t id)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    uint16_t e = q->id_entry[id];
+    if (e < q->size) f->desc[e].inflight = 0;
+    atomic_signal_fence(memory_order_seq_cst);
+    f->old_free_head = f->free_head;
+    f->old_used_idx = f->used_idx;
+    f->old_used_wrap_counter = f->used_wrap_counter;
+}
+
+static void pifl_reset(struct vn_vq *q)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    f->version = 0;
+    for (uint32_t i = 0; i < q->size; i++) {
+        f->desc[i].inflight = 0;
+        f->desc[i].next = (uint16_t)(i + 1);
+        f->desc[i].last = f->desc[i].num = 0;
+        f->desc[i].counter = 0;
+    }
+    f->features = 0;
+    f->desc_num = (uint16_t)q->size;
+    f->free_head = f->old_free_head = 0;
+    f->used_idx = f->old_used_idx = q->used_idx;
+    f->used_wrap_counter = f->old_used_wrap_counter = (uint8_t)q->used_wrap;
+    f->version = 1;
+    q->ifl_counter = 0;
+}
+
+
+/* Runs before a packed queue starts (the spec's "When reconnecting"): finish or roll
+ * back the batch the previous process was publishing, free what is on the free list,
+ * queue every head still in flight, oldest first, and resume the ring after them: the
+ * used position plus the descriptors they took (the front-end cannot know it: a
+ * packed ring has no index in shared memory for it to read back). */
+static int vq_recover_inflight_packed(struct vn_vq *q)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
+    uint32_t size = q->size;
+    q->nresubmit = q->resubmit_pos = 0;
+    q->recovered = q->recovery_reset = 0;
+    if (size > q->ifl_capacity) {
+        q->recovery_reset = 3;
+        q->ifl = NULL;
+        return 0;
+    }
+    uint16_t version = f->version, desc_num = f->desc_num;
+    if (version != 1 || desc_num != size) {
+        if (version != 0) q->recovery_reset = 1;
+        pifl_reset(q);
+        return 0;
+    }
+    uint16_t free_head = f->free_head, old_free_head = f->old_free_head;
+    uint16_t used = f->used_idx, old_used = f->old_used_idx;
+    uint8_t wrap = f->used_wrap_counter, old_wrap = f->old_used_wrap_counter;
+    if (free_head > size || old_free_head > size || used >= size || old_used >= size || wrap > 1 || old_wrap > 1)
+        goto inconsistent;
+    if (used != old_used || wrap != old_wrap) {
+        /* Was the used descriptor at old_used written?  Then the batch reached the
+         * driver: commit it; else roll it back. */
+        uint16_t flags = ring[old_used].flags;
+        if (!!(flags & VRING_PACKED_DESC_F_AVAIL) == old_wrap && !!(flags & VRING_PACKED_DESC_F_USED) == old_wrap) {
+            old_free_head = free_head;
+            old_used = used;
+            old_wrap = wrap;
+        }
+    }
+    f->free_head = f->old_free_head = old_free_head;
+    f->used_idx = f->old_used_idx = old_used;
+    f->used_wrap_counter = f->old_used_wrap_counter = old_wrap;
+    uint32_t h = old_free_head;
+    for (uint32_t i = 0; i < size && h < size; i++) {
+        f->desc[h].inflight = 0;
+        h = f->desc[h].next;
+    }
+    struct ifl_entry *list = malloc(size * sizeof(*list));
+    if (!list) return -ENOMEM;
+    uint32_t n = 0, slots = 0;
+    uint64_t max_counter = 0;
+    for (uint32_t i = 0; i < size; i++) {
+        if (f->desc[i].inflight != 1) continue;
+        uint16_t num = f->desc[i].num;
+        if (num == 0 || num > size || (slots += num) > size) { free(list); goto inconsistent; }
+        list[n].counter = f->desc[i].counter;
+        list[n].head = (uint16_t)i;
+        if (list[n].counter > max_counter) max_counter = list[n].counter;
+        n++;
+    }
+    qsort(list, n, sizeof(*list), ifl_entry_cmp);
+    for (uint32_t i = 0; i < n; i++) q->resubmit[i] = list[i].head;
+    free(list);
+    q->nresubmit = n;
+    q->recovered = n;
+    q->ifl_counter = max_counter;
+    q->used_idx = old_used;
+    q->used_wrap = old_wrap;
+    q->signalled_used = old_used;
+    uint32_t pos = old_used + slots;
+    q->avail_wrap = old_wrap;
+    if (pos >= size) {
+        pos -= size;
+        q->avail_wrap ^= 1;
+    }
+    q->last_avail = (uint16_t)pos;
+    return 0;
+inconsistent:
+    q->recovery_reset = 2;
+    pifl_reset(q);
+    return 0;
+}
+
+static inline int vq_packed_desc_avail(uint16_t flags, uint16_t wrap)
+{
+    return !!(flags & VRING_PACKED_DESC_F_AVAIL) == wrap && !!(flags & VRING_PACKED_DESC_F_USED) != wrap;
+}
+
+/* Translate one buffer into req's iovecs (a bad address only sets req->error). */
+static inline __attribute__((always_inline)) void vq_packed_add(struct vn_vq *q, vn_req *req, uint32_t *niov,
+                                                                uint64_t addr, uint32_t len, int write)
+{
+    if (len == 0 || req->error != VN_REQ_OK) return;
+    int n = mem_to_iov(q->mem, addr, len, &req->iov[*niov], VN_MAX_IOV - *niov);
+    if (n < 0) {
+        req->error = n == -2 ? VN_REQ_E2BIG : VN_REQ_EFAULT;
+        return;
+    }
+    *niov += n;
+    if (write) { req->n_in += n; req->in_len += len; }
+    else { req->n_out += n; req->out_len += len; }
+}
+
+/* Walk the buffer at the queue's avail position into req.  Returns 0 with its
+ * id and the ring descriptors it takes, or -1 if the ring is malformed (the
+ * queue is then broken and nothing was taken). */
+static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_vq *q,
+                                                                     const volatile struct vring_packed_desc *ring,
+                                                                     uint32_t size, uint32_t pos, uint32_t limit,
+                                                                     vn_req *req, uint16_t *id_out, uint32_t *slots_out)
+{
+    /* ring/size/pos: the queue's ring at its avail position, or (resubmission) a
+     * copy of one buffer's descriptors from the inflight buffer; limit: at most
+     * min(size, VQ_MAX_CHAIN) descriptors. */
+    uint32_t slots = 0, niov = 0;
+    int seen_write = 0;
+    /* After the walk, d is the buffer's last descriptor (an indirect table's last
+     * entry, with the ring descriptor's id). */
+    struct vring_packed_desc d;
+    const volatile struct vring_packed_desc *p = ring + pos, *end = ring + size;
+
+    req->n_out = req->n_in = 0;
+    req->out_len = req->in_len = 0;
+    req->error = VN_REQ_OK;
+    for (;;) {
+        if (++slots > limit) {
+            vq_mark_broken(q, slots > size ? "descriptor chain longer than the ring"
+                                           : "descriptor chain longer than 1040 descriptors");
+            return -1;
+        }
+        d.addr = p->addr;
+        d.len = p->len;
+        d.id = p->id;
+        d.flags = p->flags;
+        if (++p == end) p = ring;
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (!q->indirect) { vq_mark_broken(q, "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC"); return -1; }
+            if (d.flags & VRING_DESC_F_NEXT) { vq_mark_broken(q, "indirect descriptor with NEXT flag"); return -1; }
+            if (slots != 1) { vq_mark_broken(q, "indirect descriptor inside a chain"); return -1; }
+            if (d.len == 0 || d.len % sizeof(struct vring_packed_desc)) {
+                vq_mark_broken(q, "indirect table length is not a non-zero multiple of 16");
+                return -1;
+            }
+            uint32_t n = d.len / sizeof(struct vring_packed_desc);
+            if (n > VQ_MAX_CHAIN) { vq_mark_broken(q, "descriptor chain longer than 1040 descriptors"); return -1; }
+            const volatile struct vring_packed_desc *table = vn_mem_gpa_to_host(q->mem, d.addr, d.len);
+            if (!table) { vq_mark_broken(q, "indirect table outside guest memory"); return -1; }
+            /* The table's entries are read in order; NEXT means nothing there. */
+            for (uint32_t i = 0; i < n; i++) {
+                struct vring_packed_desc t;
+                t.addr = table[i].addr;
+                t.len = table[i].len;
+                t.flags = table[i].flags;
+                if (t.flags & VRING_DESC_F_INDIRECT) { vq_mark_broken(q, "nested indirect descriptor table"); return -1; }
+                if (t.flags & VRING_DESC_F_WRITE) {
+                    seen_write = 1;
+                } else if (seen_write) {
+                    vq_mark_broken(q, "device-readable descriptor after a device-writable one");
+                    return -1;
+                }
+                vq_packed_add(q, req, &niov, t.addr, t.len, t.flags & VRING_DESC_F_WRITE);
+                d.addr = t.addr;
+                d.len = t.len;
+                d.flags = t.flags;
+            }
+            q->pass_walked += n;
+            break;
+        }
+        if (d.flags & VRING_DESC_F_WRITE) {
+            seen_write = 1;
+        } else if (seen_write) {
+            vq_mark_broken(q, "device-readable descriptor after a device-writable one");
+            return -1;
+        }
+        vq_packed_add(q, req, &niov, d.addr, d.len, d.flags & VRING_DESC_F_WRITE);
+        if (!(d.flags & VRING_DESC_F_NEXT)) break;
+    }
+    q->pass_walked += slots;
+    /* The buffer id is the last ring descriptor's. */
+    if (__builtin_expect(d.id >= q->size || q->id_slots[d.id] || q->inflight_slots + slots > q->size, 0)) {
+        vq_mark_broken(q, d.id >= q->size ? "buffer id out of range"
+                          : q->id_slots[d.id] ? "buffer id already in flight"
+                                              : "more descriptors outstanding than the queue size");
+        return -1;
+    }
+    if (__builtin_expect(req->out_len > VQ_MAX_PART_BYTES || req->in_len > VQ_MAX_PART_BYTES, 0)
+        && req->error == VN_REQ_OK)
+        req->error = VN_REQ_E2BIG;
+    if (req->error) {
+        /* As for split rings: only the last descriptor, if device-writable, so
+         * that the device can still answer an error status there. */
+        req->n_out = req->n_in = 0;
+        req->out_len = req->in_len = 0;
+        if ((d.flags & VRING_DESC_F_WRITE) && d.len > 0 && d.len <= VQ_MAX_PART_BYTES) {
+            int n = mem_to_iov(q->mem, d.addr, d.len, req->iov, VN_MAX_IOV);
+            if (n > 0) { req->n_in = (uint32_t)n; req->in_len = d.len; }
+        }
+    }
+    *id_out = d.id;
+    *slots_out = slots;
+    return 0;
+}
+
+/* Log the used descriptor the device wrote at ring position pos. */
+static __attribute__((noinline, cold)) void vq_log_packed_desc(struct vn_vq *q, uint32_t pos)
+{
+    log_mark_host(q->log, q->mem, (const uint8_t *)q->desc + 16 * (size_t)pos, 16);
+}
+
+/* Write the used descriptor of `id` at position pos: id and len before the flags
+ * that hand it to the driver. */
+static inline __attribute__((always_inline)) void vq_packed_write_used(struct vn_vq *q, uint32_t pos, uint16_t id,
+                                                                       uint32_t written, uint16_t flags)
+{
+    volatile struct vring_packed_desc *d = (volatile struct vring_packed_desc *)q->desc + pos;
+    d->id = id;
+    d->len = written;
+    atomic_thread_fence(memory_order_release);
+    d->flags = flags | (written ? VRING_DESC_F_WRITE : 0);
+}
+
+/* Return `req` (its used descriptor written) to the driver; `tracked`: with the dirty
+ * log or the inflight buffer (a constant: the fast path has neither). */
+static inline __attribute__((always_inline)) void vq_complete_packed_body(vn_req *req, uint32_t written, int tracked)
+{
+    struct vn_vq *q = req->core_priv;
+    struct slot *s = (struct slot *)req;
+    uint16_t id = req->head;
+    uint32_t pos = q->used_idx, n = q->id_slots[id], next = pos + n;
+    uint16_t wrap = q->used_wrap, flags = q->used_flags;
+    if (next >= q->size) {
+        next -= q->size;
+        wrap ^= 1;
+        q->used_flags = flags ^ (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED);
+    }
+    if (tracked) {
+        if (q->log && req->n_in) vq_log_request(q, req);
+        if (q->ifl) vq_pifl_used_begin(q, id, (uint16_t)next, wrap);
+    }
+    vq_packed_write_used(q, pos, id, written, flags);
+    if (tracked) {
+        if (q->log) vq_log_packed_desc(q, pos);
+        if (q->ifl) vq_pifl_used_end(q, id);
+    }
+    q->id_slots[id] = 0;
+    q->inflight_slots -= n;
+    q->used_wrap = wrap;
+    q->used_idx = (uint16_t)next;
+    q->used_dirty = 1;
+    q->inflight--;
+    s->next_free = q->free_list;
+    q->free_list = s;
+}
+
+/* With the dirty log or the inflight buffer: out of line. */
+static __attribute__((noinline, cold)) void vq_complete_packed_tracked(vn_req *req, uint32_t written)
+{
+    vq_complete_packed_body(req, written, 1);
+}
+
+static void vq_complete_packed(vn_req *req, uint32_t written)
+{
+    const struct vn_vq *q = req->core_priv;
+    if (__builtin_expect(((uintptr_t)q->log | (uintptr_t)q->ifl) != 0, 0)) {
+        vq_complete_packed_tracked(req, written);
+        return;
+    }
+    vq_complete_packed_body(req, written, 0);
+}
+
+/* Hand a mapped request to the device (its id and ring descriptors registered). */
+static inline __attribute__((always_inline)) void vq_submit_packed(struct vn_vq *q, struct slot *s, uint16_t id,
+                                                                   uint32_t slots)
+{
+    vn_req *req = &s->req;
+    q->free_list = s->next_free;
+    q->inflight++;
+    q->stat_requests++;
+    if (req->error) q->stat_errors++;
+    q->id_slots[id] = (uint16_t)slots;
+    q->inflight_slots += slots;
+    req->head = id;
+    req->queue_index = q->index;
+    req->dev_ctx = q->dev->ctx;
+    req->complete = vq_complete_packed;
+    req->core_priv = q;
+}
+
+/* Requests a previous target process left in flight, from their copies in the
+ * inflight buffer (checked like a ring: the front-end can write it), oldest first. */
+static __attribute__((noinline, cold)) int vq_resubmit_packed(struct vn_vq *q)
+{
+    volatile struct pifl_queue *f = vq_pifl(q);
+    struct vring_packed_desc *copy = malloc(VQ_MAX_CHAIN * sizeof(*copy));
+    int done = 0;
+    if (!copy) return 0;
+    while (q->resubmit_pos < q->nresubmit && q->free_list && !q->broken) {
+        uint16_t head = q->resubmit[q->resubmit_pos];
+        uint32_t num = f->desc[head].num, e = head;
+        if (num > VQ_MAX_CHAIN) num = VQ_MAX_CHAIN;
+        for (uint32_t i = 0; i < num; i++) {
+            if (e >= q->size) { num = i; break; }
+            copy[i].addr = f->desc[e].addr;
+            copy[i].len = f->desc[e].len;
+            copy[i].id = f->desc[e].id;
+            copy[i].flags = f->desc[e].flags;
+            e = f->desc[e].next;
+        }
+        if (num == 0) { vq_mark_broken(q, "inflight buffer entry without descriptors"); break; }
+        struct slot *s = q->free_list;
+        uint16_t id;
+        uint32_t slots;
+        if (vq_map_chain_packed(q, copy, num, 0, num, &s->req, &id, &slots) < 0) break;
+        vq_submit_packed(q, s, id, slots);
+        q->id_entry[id] = head;
+        q->resubmit_pos++;
+        done++;
+        q->dev->ops->submit(q->dev->ctx, &s->req);
+    }
+    free(copy);
+    return done;
+}
+
+static __attribute__((noinline)) int vq_process_packed(struct vn_vq *q)
+{
+    const volatile struct vring_packed_desc *ring = (const volatile struct vring_packed_desc *)q->desc;
+    int done = 0;
+    if (__builtin_expect(q->resubmit_pos < q->nresubmit, 0)) {
+        done = vq_resubmit_packed(q);
+        if (q->resubmit_pos < q->nresubmit) return done;
+    }
+    q->pass_walked = 0;
+    while (q->free_list && q->pass_walked < VQ_PASS_BUDGET) {
+        uint16_t flags = ring[q->last_avail].flags;
+        if (!vq_packed_desc_avail(flags, q->avail_wrap)) break;
+        /* The head's flags before the rest of the buffer. */
+        atomic_thread_fence(memory_order_acquire);
+        struct slot *s = q->free_list;
+        uint16_t id;
+        uint32_t slots, start = q->last_avail;
+        if (vq_map_chain_packed(q, ring, q->size, start, q->chain_limit, &s->req, &id, &slots) < 0) break;
+        vq_submit_packed(q, s, id, slots);
+        uint32_t pos = start + slots;
+        if (pos >= q->size) {
+            pos -= q->size;
+            q->avail_wrap ^= 1;
+        }
+        q->last_avail = (uint16_t)pos;
+        /* Before submit: the device may complete it inside the call. */
+        if (__builtin_expect(q->ifl != NULL, 0)) vq_pifl_fetched(q, start, slots, id);
+        q->dev->ops->submit(q->dev->ctx, &s->req);
+        done++;
+    }
+    return done;
+}
+
 /* Interrupt mode: ask for kicks again; returns 1 if work raced in. */
 static int vq_arm(struct vn_vq *q)
 {
     if (q->broken || q->stopping || !q->enabled) return 0;
+    if (q->packed) {
+        ((volatile struct vring_packed_event *)q->used)->flags = VRING_PACKED_EVENT_F_ENABLE;
+        if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
+        atomic_thread_fence(memory_order_seq_cst);
+        uint16_t flags = ((const volatile struct vring_packed_desc *)q->desc)[q->last_avail].flags;
+        return vq_packed_desc_avail(flags, q->avail_wrap) && q->free_list;
+    }
     if (q->event_idx)
         *vq_avail_event(q) = q->last_avail;
     else
@@ -1167,6 +1725,14 @@ static int vq_arm(struct vn_vq *q)
 
 static void vq_disarm(struct vn_vq *q)
 {
+    if (q->packed) {
+        /* Polling: the driver never needs to kick (with or without EVENT_IDX). */
+        if (q->used && q->enabled && !q->broken) {
+            ((volatile struct vring_packed_event *)q->used)->flags = VRING_PACKED_EVENT_F_DISABLE;
+            if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
+        }
+        return;
+    }
     if (!q->event_idx && q->used && q->enabled && !q->broken) {
         *(volatile uint16_t *)&q->used->flags = VRING_USED_F_NO_NOTIFY;
         if (__builtin_expect(q->log != NULL, 0)) vq_log_used(q);
@@ -1195,6 +1761,8 @@ int vn_vq_free(struct vn_vq *q)
      * hand the late completions freed memory. */
     if (q->running && vn_vq_stop(q, 0) != 0) return -EBUSY;
     free(q->slots);
+    free(q->id_slots);
+    free(q->id_entry);
     free(q->ifl_batch);
     free(q->resubmit);
     free(q);
@@ -1225,14 +1793,34 @@ void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m)
     else vq_set_mem_on_reactor(&a);
 }
 
-void vn_vq_set_base(struct vn_vq *q, uint16_t last_avail_idx)
+void vn_vq_set_base(struct vn_vq *q, uint32_t base)
 {
-    q->last_avail = last_avail_idx;
-    q->used_idx = last_avail_idx;
-    q->signalled_used = last_avail_idx;
+    if (q->packed) {
+        /* Bits 0-14 the avail position, 15 its wrap counter; the upper half the
+         * used position and wrap counter (QEMU's encoding), or 0: as the avail
+         * one (a stopped ring has nothing in flight). */
+        uint32_t used = base >> 16 ? base >> 16 : base & 0xffff;
+        q->last_avail = base & 0x7fff;
+        q->avail_wrap = (base >> 15) & 1;
+        q->used_idx = used & 0x7fff;
+        q->used_wrap = (used >> 15) & 1;
+        q->signalled_used = q->used_idx;
+        return;
+    }
+    q->last_avail = (uint16_t)base;
+    q->used_idx = (uint16_t)base;
+    q->signalled_used = (uint16_t)base;
 }
 
-uint16_t vn_vq_get_base(struct vn_vq *q) { return q->last_avail; }
+uint32_t vn_vq_get_base(struct vn_vq *q)
+{
+    if (q->packed)
+        return ((uint32_t)q->last_avail | (uint32_t)q->avail_wrap << 15)
+               | ((uint32_t)q->used_idx | (uint32_t)q->used_wrap << 15) << 16;
+    return q->last_avail;
+}
+
+void vn_vq_set_packed(struct vn_vq *q, int packed) { q->packed = !!packed; }
 
 struct set_int_arg { struct vn_vq *q; int value; int which; };
 
@@ -1243,7 +1831,13 @@ static int vq_set_int_on_reactor(void *p)
     switch (a->which) {
     case 0: q->kick_fd = a->value; q->dev->reactor->epoll_dirty = 1; break;
     case 1: q->call_fd = a->value; break;
-    case 2: q->enabled = a->value; break;
+    case 2:
+        q->enabled = a->value;
+        /* A packed ring enabled after it started (SET_VRING_ENABLE follows the kick):
+         * tell the driver not to kick a polling reactor (interrupt mode re-arms before
+         * it sleeps). */
+        if (q->packed && q->running && q->enabled) vq_disarm(q);
+        break;
     }
     return 0;
 }
@@ -1323,13 +1917,6 @@ static void ifl_reset(struct vn_vq *q, uint16_t used)
     q->ifl_counter = 0;
 }
 
-struct ifl_entry { uint64_t counter; uint16_t head; };
-
-static int ifl_entry_cmp(const void *a, const void *b)
-{
-    const struct ifl_entry *x = a, *y = b;
-    return x->counter < y->counter ? -1 : x->counter > y->counter;
-}
 
 /* Runs before the queue starts.  A buffer seen for the first time (version 0)
  * is initialised and the front-end's base stands.  Otherwise: finish the last
@@ -1430,7 +2017,24 @@ int vn_vq_start(struct vn_vq *q)
     }
     q->nresubmit = q->resubmit_pos = 0;
     q->recovered = q->recovery_reset = 0;
-    if (q->ifl) {
+    if (q->packed) {
+        if (q->last_avail >= q->size || q->used_idx >= q->size) return -EINVAL;
+        q->chain_limit = q->size < VQ_MAX_CHAIN ? q->size : VQ_MAX_CHAIN;
+        free(q->id_slots);
+        free(q->id_entry);
+        q->id_slots = calloc(q->size, sizeof(uint16_t));
+        q->id_entry = calloc(q->size, sizeof(uint16_t));
+        if (!q->id_slots || !q->id_entry) return -ENOMEM;
+        q->inflight_slots = 0;
+        if (q->ifl) {
+            free(q->resubmit);
+            q->resubmit = calloc(q->size, sizeof(uint16_t));
+            if (!q->resubmit) return -ENOMEM;
+            int rc = vq_recover_inflight_packed(q);
+            if (rc) return rc;
+        }
+        q->used_flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
+    } else if (q->ifl) {
         free(q->ifl_batch);
         free(q->resubmit);
         q->ifl_batch = calloc(q->size, sizeof(uint16_t));

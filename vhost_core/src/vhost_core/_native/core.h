@@ -66,8 +66,15 @@ void vn_vq_set_ring(struct vn_vq *q, uint32_t size, void *desc, void *avail, voi
 /* The table the queue translates with; on a running queue it takes effect between
  * two reactor iterations (requests already fetched keep their host addresses). */
 void vn_vq_set_mem(struct vn_vq *q, struct vn_mem *m);
-void vn_vq_set_base(struct vn_vq *q, uint16_t last_avail_idx);
-uint16_t vn_vq_get_base(struct vn_vq *q);
+/* Split rings: the next avail index.  Packed rings (vn_vq_set_packed): bits 0-14
+ * the avail position, 15 its wrap counter, 16-30 the used position, 31 its wrap
+ * counter (vhost-user's encoding; an upper half of 0 on set means "as the avail"). */
+void vn_vq_set_base(struct vn_vq *q, uint32_t base);
+uint32_t vn_vq_get_base(struct vn_vq *q);
+/* The ring layout: split (0) or packed (VIRTIO_F_RING_PACKED); set while stopped.
+ * A packed ring's desc/avail/used are its descriptor ring, driver area and
+ * device area. */
+void vn_vq_set_packed(struct vn_vq *q, int packed);
 void vn_vq_set_kick(struct vn_vq *q, int fd);
 void vn_vq_set_call(struct vn_vq *q, int fd);
 void vn_vq_set_features(struct vn_vq *q, int event_idx, int indirect);
@@ -81,15 +88,19 @@ int vn_vq_start(struct vn_vq *q);
 int vn_vq_stop(struct vn_vq *q, int timeout_ms);
 void vn_vq_get_stats(struct vn_vq *q, uint64_t *out);  /* [requests, kicks_sent, errors] */
 
-/* In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, split rings): `region`
+/* In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): `region`
  * is this queue's part of the front-end's shared inflight buffer, room for
  * `capacity` descriptors (NULL: no tracking).  Set while the queue is stopped;
  * the next vn_vq_start then resubmits, in their original order, the requests a
  * previous target process took from the ring and never completed. */
 #define VN_INFLIGHT_HEADER 16
 #define VN_INFLIGHT_DESC 16
+/* The packed-ring layout (QueueRegionPacked, DescStatePacked), for packed queues. */
+#define VN_INFLIGHT_PACKED_HEADER 32
+#define VN_INFLIGHT_PACKED_DESC 32
 void vn_vq_set_inflight(struct vn_vq *q, void *region, uint32_t capacity);
-/* What the last start recovered: [requests resubmitted, region reset reason]
+/* The region is read in the layout of the queue's ring at start (split or packed).
+ * What the last start recovered: [requests resubmitted, region reset reason]
  * (0: kept; 1: made for another ring size; 2: inconsistent with the used ring;
  * 3: too small for the ring). */
 void vn_vq_get_recovery(struct vn_vq *q, uint32_t *out);

@@ -47,7 +47,7 @@ from .frontend import (
     handshake,
 )
 from .memory import GuestMemory, GuestMemoryError, MemoryRegion
-from .virtqueue import SplitVirtqueue, UsedElem, VirtqueueError, vring_need_event
+from .virtqueue import PackedVirtqueue, SplitVirtqueue, UsedElem, VirtqueueError, vring_need_event
 
 __all__ = [
     "constants",
@@ -55,6 +55,7 @@ __all__ = [
     "GuestMemoryError",
     "MemoryRegion",
     "SplitVirtqueue",
+    "PackedVirtqueue",
     "UsedElem",
     "VirtqueueError",
     "vring_need_event",

@@ -69,13 +69,14 @@ from .constants import (
     VHOST_USER_VERSION,
     VHOST_USER_VERSION_MASK,
     VHOST_USER_VRING_NOFD_MASK,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_RING_F_EVENT_IDX,
     VhostUserProtocolFeature as PF,
     VhostUserRequest as R,
     bit,
 )
 from .memory import GuestMemory, MemoryRegion
-from .virtqueue import SplitVirtqueue, UsedElem, VirtqueueError
+from .virtqueue import PackedVirtqueue, SplitVirtqueue, UsedElem, VirtqueueError
 
 __all__ = [
     "VhostUserFrontend",
@@ -564,11 +565,12 @@ class VhostUserFrontend:
             raise VhostUserProtocolError(f"GET_VRING_BASE reply for vring {idx}, asked {index}")
         return num
 
-    def setup_vring(self, index: int, size: int = 128, *, vq: SplitVirtqueue | None = None,
-                    memory: GuestMemory | None = None, base: int = 0,
+    def setup_vring(self, index: int, size: int = 128, *, vq: SplitVirtqueue | PackedVirtqueue | None = None,
+                    memory: GuestMemory | None = None, base: int | None = None,
                     event_idx: bool | None = None, legacy_layout: bool = False,
                     region: int | None = None, kick: bool = True, call: bool = True,
-                    enable: bool | None = None, strict: bool = True) -> SplitVirtqueue:
+                    enable: bool | None = None, strict: bool = True,
+                    packed: bool | None = None) -> SplitVirtqueue | PackedVirtqueue:
         """Create (or reuse ``vq``) a split ring and configure vring ``index``
         the way QEMU does: SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR,
         SET_VRING_KICK, SET_VRING_CALL (then SET_VRING_ENABLE if ``enable`` is
@@ -577,16 +579,26 @@ class VhostUserFrontend:
         ``memory`` defaults to the last SET_MEM_TABLE's; ``event_idx`` defaults
         to whether VIRTIO_RING_F_EVENT_IDX was acked; ``kick``/``call`` False
         send the NOFD flag instead of an eventfd. The queue is recorded in
-        :attr:`vrings` (a previous queue at that index is closed)."""
+        :attr:`vrings` (a previous queue at that index is closed).  ``packed``
+        (default: whether VIRTIO_F_RING_PACKED was acked) makes a
+        :class:`PackedVirtqueue`, whose base defaults to its own position."""
         mem = memory or self.memory
         if vq is None:
             if mem is None:
                 raise VhostUserError("setup_vring needs guest memory (call set_mem_table first)")
             if event_idx is None:
                 event_idx = bool((self.acked_features or 0) & bit(VIRTIO_RING_F_EVENT_IDX))
-            vq = SplitVirtqueue(mem, size, index=index, event_idx=event_idx,
-                                legacy_layout=legacy_layout, region=region,
-                                start_idx=base, strict=strict)
+            if packed is None:
+                packed = bool((self.acked_features or 0) & bit(VIRTIO_F_RING_PACKED))
+            if packed:
+                vq = PackedVirtqueue(mem, size, index=index, event_idx=event_idx, region=region,
+                                     strict=strict)
+            else:
+                vq = SplitVirtqueue(mem, size, index=index, event_idx=event_idx,
+                                    legacy_layout=legacy_layout, region=region,
+                                    start_idx=base or 0, strict=strict)
+        if base is None:
+            base = vq.vring_base if getattr(vq, "packed", False) else 0
         old = self.vrings.get(index)
         if old is not None and old is not vq:
             old.close()

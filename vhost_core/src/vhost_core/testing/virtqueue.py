@@ -1,4 +1,5 @@
-"""Driver side of a VIRTIO 1.x *split* virtqueue living in :class:`GuestMemory`.
+"""Driver side of a VIRTIO 1.x *split* virtqueue living in :class:`GuestMemory`
+(and, at the end, :class:`PackedVirtqueue`: the same interface over a packed ring).
 
 Layout (all little-endian, in guest memory)::
 
@@ -64,6 +65,13 @@ __all__ = [
     "vring_need_event",
     "mb",
     "split_ring_sizes",
+    "PackedVirtqueue",
+    "packed_vring_base",
+    "VRING_PACKED_DESC_F_AVAIL",
+    "VRING_PACKED_DESC_F_USED",
+    "VRING_PACKED_EVENT_F_ENABLE",
+    "VRING_PACKED_EVENT_F_DISABLE",
+    "VRING_PACKED_EVENT_F_DESC",
 ]
 
 _DESC = struct.Struct("<QIHH")
@@ -523,3 +531,298 @@ class SplitVirtqueue:
                     self.mem.free(c.indirect_gpa)
         self._owned_allocs = []
         self._chains.clear()
+
+
+# ---------------------------------------------------------------------------
+# packed virtqueues (VIRTIO_F_RING_PACKED, virtio 1.1 section 2.8)
+# ---------------------------------------------------------------------------
+
+_PDESC = struct.Struct("<QIHH")     # addr, len, id, flags
+_PEVENT = struct.Struct("<HH")      # off_wrap, flags
+
+#: Packed descriptor flags: the driver's wrap counter in AVAIL (and its inverse in
+#: USED) makes a descriptor available; AVAIL == USED == the device's wrap counter marks
+#: it used.
+VRING_PACKED_DESC_F_AVAIL = 1 << 7
+VRING_PACKED_DESC_F_USED = 1 << 15
+#: Event suppression flags (the driver and device areas).
+VRING_PACKED_EVENT_F_ENABLE = 0
+VRING_PACKED_EVENT_F_DISABLE = 1
+VRING_PACKED_EVENT_F_DESC = 2
+
+
+def packed_vring_base(avail_pos: int, avail_wrap: int, used_pos: int, used_wrap: int) -> int:
+    """The vhost-user SET/GET_VRING_BASE value of a packed ring (QEMU's encoding):
+    bits 0-14 the avail position, 15 its wrap counter, 16-30 the used position, 31
+    its wrap counter."""
+    return (avail_pos | (avail_wrap << 15)) | ((used_pos | (used_wrap << 15)) << 16)
+
+
+@dataclass
+class _PChain:
+    id: int
+    slots: int
+    indirect_gpa: int | None
+    writable: int
+    token: Any = None
+
+
+@dataclass(eq=False, repr=False)
+class PackedVirtqueue:
+    """Driver side of a packed virtqueue, with the interface of
+    :class:`SplitVirtqueue` (``add_chain``, ``kick``, ``get_used``, ``wait_used``,
+    ``uaddrs``, ...): what a test does with one, it does with the other.
+
+    Completions are ``UsedElem(buffer id, len)``: the "head" of a packed buffer is its
+    buffer id.  Layout: the descriptor ring (``size`` x 16 bytes, align 16), the driver
+    event suppression area (``driver_gpa``, 4 bytes: off_wrap, flags) and the device's
+    (``device_gpa``); SET_VRING_ADDR carries them as desc, avail (driver) and used
+    (device).  :attr:`vring_base` is the SET_VRING_BASE value of the ring's position.
+
+    Hostile tests write descriptors themselves with :meth:`write_desc` and
+    :meth:`add_raw` (consecutive ring descriptors made available at once, with any
+    ids, flags and lengths).
+    """
+
+    mem: GuestMemory
+    size: int
+    index: int = 0
+    event_idx: bool = False
+    region: int | None = None
+    strict: bool = True
+    kick_fd: int = field(default=-1, init=False)
+    call_fd: int = field(default=-1, init=False)
+    errors: list = field(default_factory=list, init=False)
+    kicks: int = field(default=0, init=False)
+
+    packed = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.size <= 0x8000:
+            raise ValueError(f"bad packed queue size {self.size}")
+        self.desc_gpa = self.mem.alloc(16 * self.size, 16, region=self.region)
+        self.driver_gpa = self.mem.alloc(4, 4, region=self.region)
+        self.device_gpa = self.mem.alloc(4, 4, region=self.region)
+        self._owned_allocs = [self.desc_gpa, self.driver_gpa, self.device_gpa]
+        self.mem.write(self.desc_gpa, bytes(16 * self.size))
+        self.mem.write(self.device_gpa, bytes(4))
+        self.next_avail = 0
+        self.avail_wrap = 1
+        self.last_used = 0
+        self.used_wrap = 1
+        self._free_ids: list[int] = list(range(self.size - 1, -1, -1))
+        self._chains: dict[int, _PChain] = {}
+        self._free_slots = self.size
+        self._pending_heads: list[tuple[int, int]] = []
+        self._kicked = (self.next_avail, self.avail_wrap)
+        self.start_base = self.vring_base
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.enable_interrupts()
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def vring_base(self) -> int:
+        return packed_vring_base(self.next_avail, self.avail_wrap, self.last_used, self.used_wrap)
+
+    def desc_addr(self, i: int) -> int:
+        return self.desc_gpa + 16 * i
+
+    def uaddrs(self) -> tuple[int, int, int]:
+        """Front-end addresses ``(desc, used, avail)`` = (descriptor ring, device area,
+        driver area), in SET_VRING_ADDR's order."""
+        m = self.mem
+        return m.uaddr(self.desc_gpa), m.uaddr(self.device_gpa), m.uaddr(self.driver_gpa)
+
+    # ------------------------------------------------------------------ raw accessors
+
+    def _avail_bits(self, wrap: int) -> int:
+        return VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED
+
+    def write_desc(self, i: int, addr: int, length: int, flags: int = 0, id: int = 0, *,
+                   table_gpa: int | None = None) -> None:
+        """Write descriptor ``i`` of the ring (flags as given: no avail bits added) or of
+        an indirect table at ``table_gpa``."""
+        base = self.desc_gpa if table_gpa is None else table_gpa
+        self.mem.write(base + 16 * i, _PDESC.pack(addr & (2**64 - 1), length & 0xFFFFFFFF, id & 0xFFFF,
+                                                  flags & 0xFFFF))
+
+    def read_desc(self, i: int) -> tuple[int, int, int, int]:
+        """``(addr, len, id, flags)`` of ring descriptor ``i``."""
+        return _PDESC.unpack(self.mem.read(self.desc_gpa + 16 * i, 16))
+
+    @property
+    def device_event(self) -> tuple[int, int]:
+        """The device area: ``(off_wrap, flags)`` (VRING_PACKED_EVENT_F_*)."""
+        return _PEVENT.unpack(self.mem.read(self.device_gpa, 4))
+
+    def set_driver_event(self, off_wrap: int, flags: int) -> None:
+        self.mem.write(self.driver_gpa, _PEVENT.pack(off_wrap & 0xFFFF, flags & 0xFFFF))
+        mb()
+
+    def _advance(self, n: int) -> None:
+        self.next_avail += n
+        while self.next_avail >= self.size:
+            self.next_avail -= self.size
+            self.avail_wrap ^= 1
+
+    def add_raw(self, descs: Sequence[tuple[int, int, int, int]], *, register_id: int | None = None,
+                writable: int = 2**32, token: Any = None, publish: bool = True) -> None:
+        """Make ``descs`` (``(addr, len, flags, id)`` each; the avail bits are added)
+        available at the next ring positions, head last.  ``register_id``: accept a
+        completion with that id (taking ``len(descs)`` slots)."""
+        pos, wrap = self.next_avail, self.avail_wrap
+        writes = []
+        for addr, length, flags, id_ in descs:
+            writes.append((pos, addr, length, (flags | self._avail_bits(wrap)) & 0xFFFF, id_))
+            pos += 1
+            if pos == self.size:
+                pos, wrap = 0, wrap ^ 1
+        for p, addr, length, flags, id_ in writes[1:]:
+            self.write_desc(p, addr, length, flags, id_)
+        # The head: everything but its flags, then (after a barrier) the flags alone,
+        # written once: the device may take the buffer and write its used descriptor
+        # there at once.
+        p, addr, length, flags, id_ = writes[0]
+        self.write_desc(p, addr, length, 0, id_)
+        self._advance(len(descs))
+        if register_id is not None:
+            self._chains[register_id] = _PChain(register_id, len(descs), None, writable, token)
+            if register_id in self._free_ids:
+                self._free_ids.remove(register_id)
+        if publish:
+            mb()
+            self.mem.write_u16(self.desc_gpa + 16 * p + 14, flags)
+        else:
+            self._pending_heads.append((p, flags))
+
+    # ------------------------------------------------------------------ driver
+
+    @property
+    def num_free(self) -> int:
+        return self._free_slots
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._chains)
+
+    def add_chain(self, buffers: Sequence[Buffer], *, indirect: bool = False, token: Any = None,
+                  publish: bool = True) -> int:
+        """Make a buffer available; returns its buffer id (see
+        :meth:`SplitVirtqueue.add_chain`)."""
+        bufs = [(int(g), int(ln), bool(w)) for g, ln, w in buffers]
+        if not bufs:
+            raise ValueError("empty chain")
+        writable = sum(ln for _, ln, w in bufs if w)
+        slots = 1 if indirect else len(bufs)
+        if slots > self._free_slots or not self._free_ids:
+            raise VirtqueueError(f"chain of {slots} needs more than {self._free_slots} free descriptors")
+        id_ = self._free_ids.pop()
+        table = None
+        if indirect:
+            table = self.mem.alloc(16 * len(bufs), 16)
+            for i, (g, ln, w) in enumerate(bufs):
+                self.write_desc(i, g, ln, VRING_DESC_F_WRITE if w else 0, id_, table_gpa=table)
+            descs = [(table, 16 * len(bufs), VRING_DESC_F_INDIRECT, id_)]
+        else:
+            descs = [(g, ln, (VRING_DESC_F_WRITE if w else 0) | (VRING_DESC_F_NEXT if k + 1 < len(bufs) else 0),
+                      id_) for k, (g, ln, w) in enumerate(bufs)]
+        self.add_raw(descs, publish=publish)
+        self._chains[id_] = _PChain(id_, slots, table, writable, token)
+        self._free_slots -= slots
+        return id_
+
+    def publish(self) -> None:
+        """Write the heads held back by ``publish=False`` (the first one last)."""
+        mb()
+        for p, flags in reversed(self._pending_heads):
+            self.mem.write_u16(self.desc_gpa + 16 * p + 14, flags)
+        self._pending_heads.clear()
+
+    def notify_needed(self) -> bool:
+        mb()
+        off_wrap, flags = self.device_event
+        if flags != VRING_PACKED_EVENT_F_DESC:
+            return flags != VRING_PACKED_EVENT_F_DISABLE
+        old_pos, old_wrap = self._kicked
+        new, old = self.next_avail, old_pos
+        if old_wrap != self.avail_wrap:
+            old -= self.size
+        event = off_wrap & 0x7FFF
+        if (off_wrap >> 15) != self.avail_wrap:
+            event -= self.size
+        return vring_need_event(event & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
+
+    def kick(self, force: bool = False) -> bool:
+        need = force or self.notify_needed()
+        self._kicked = (self.next_avail, self.avail_wrap)
+        if need:
+            os.eventfd_write(self.kick_fd, 1)
+            self.kicks += 1
+        return need
+
+    def _fail(self, msg: str) -> None:
+        if self.strict:
+            raise VirtqueueError(msg)
+        self.errors.append(msg)
+
+    def get_used(self) -> list[UsedElem]:
+        """Consume every used descriptor the device wrote since the last call."""
+        out: list[UsedElem] = []
+        while self._chains:
+            _addr, length, id_, flags = self.read_desc(self.last_used)
+            avail = bool(flags & VRING_PACKED_DESC_F_AVAIL)
+            used = bool(flags & VRING_PACKED_DESC_F_USED)
+            if avail != used or used != bool(self.used_wrap):
+                break
+            mb()
+            _addr, length, id_, _flags = self.read_desc(self.last_used)
+            chain = self._chains.pop(id_, None)
+            if chain is None:
+                self._fail(f"vq{self.index}: device returned unknown buffer id {id_} at {self.last_used}")
+                out.append(UsedElem(id_, length))
+                break
+            if length > chain.writable:
+                self._fail(f"vq{self.index}: used len {length} > writable {chain.writable} for id {id_}")
+            self.last_used += chain.slots
+            if self.last_used >= self.size:
+                self.last_used -= self.size
+                self.used_wrap ^= 1
+            self._free_slots += chain.slots
+            self._free_ids.append(id_)
+            if chain.indirect_gpa is not None and not self.mem.closed:
+                self.mem.free(chain.indirect_gpa)
+            out.append(UsedElem(id_, length, chain.token))
+        if out and self._interrupts and self.event_idx:
+            self.set_driver_event(self.last_used | (self.used_wrap << 15), VRING_PACKED_EVENT_F_DESC)
+        return out
+
+    wait_call = SplitVirtqueue.wait_call
+    wait_used = SplitVirtqueue.wait_used
+
+    def read_used_idx(self) -> int:
+        """The next used position (for messages; packed rings have no used index)."""
+        return self.last_used
+
+    @property
+    def avail_idx(self) -> int:
+        return self.next_avail
+
+    def disable_interrupts(self) -> None:
+        self._interrupts = False
+        self.set_driver_event(0, VRING_PACKED_EVENT_F_DISABLE)
+
+    def enable_interrupts(self) -> None:
+        self._interrupts = True
+        if self.event_idx:
+            self.set_driver_event(self.last_used | (self.used_wrap << 15), VRING_PACKED_EVENT_F_DESC)
+        else:
+            self.set_driver_event(0, VRING_PACKED_EVENT_F_ENABLE)
+
+    def __repr__(self) -> str:
+        return (f"PackedVirtqueue(index={self.index}, size={self.size}, desc={self.desc_gpa:#x}, "
+                f"avail={self.next_avail}/{self.avail_wrap}, used={self.last_used}/{self.used_wrap}, "
+                f"in_flight={self.in_flight})")
+
+    close = SplitVirtqueue.close

@@ -226,7 +226,8 @@ class Session:
         return st.unpack(msg.payload)
 
     def offered_features(self) -> int:
-        return CORE_FEATURES | self.device.device_features()
+        packed = (1 << m.VIRTIO_F_RING_PACKED) if self.device.packed_ring else 0
+        return CORE_FEATURES | packed | self.device.device_features()
 
     # ---------------------------------------------------------------- features
 
@@ -239,10 +240,14 @@ class Session:
         if extra:
             raise m.ProtocolError(f"SET_FEATURES asks for bits {extra:#x} that were not offered")
         if self.vrings.any_started() and (features ^ self.features) & (
-                (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)):
+                (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)
+                | (1 << m.VIRTIO_F_RING_PACKED)):
             raise ValueError("ring features cannot change while queues run")
+        packed_changed = (features ^ self.features) & (1 << m.VIRTIO_F_RING_PACKED)
         self.features = features
         self.features_set = True
+        if packed_changed and self.inflight.active:
+            self.inflight.assign(self.vrings, self.has_feature(m.VIRTIO_F_RING_PACKED))
         self.vrings.set_features(bool(features & (1 << m.VIRTIO_RING_F_EVENT_IDX)),
                                  bool(features & (1 << m.VIRTIO_RING_F_INDIRECT_DESC)))
         self.device.features_negotiated(features)
@@ -360,7 +365,9 @@ class Session:
     def _set_vring_base(self, msg: Message) -> None:
         index, num = self._payload(msg, m.VRING_STATE)
         v = self.vrings.get(index)
-        if num > 0xFFFF:
+        # Packed rings: bits 0-14 the avail position, 15 its wrap counter, and the used
+        # position and wrap counter in the upper half (checked against the size at start).
+        if num > 0xFFFF and not self.has_feature(m.VIRTIO_F_RING_PACKED):
             raise m.ProtocolError(f"vring {index} base {num} exceeds 65535")
         if v.started:
             raise m.ProtocolError(f"vring {index} base changed while it runs")
@@ -520,12 +527,14 @@ class Session:
     # ---------------------------------------------------------------- inflight
 
     def _get_inflight_fd(self, msg: Message) -> bytes:
-        reply, fd = self.inflight.get_fd(msg, self.protocol_features, len(self.vrings))
+        reply, fd = self.inflight.get_fd(msg, self.protocol_features, len(self.vrings),
+                                         self.has_feature(m.VIRTIO_F_RING_PACKED))
         self._reply_fds = [fd]
         return reply
 
     def _set_inflight_fd(self, msg: Message) -> None:
-        self.inflight.set_fd(msg, self.protocol_features, list(self.vrings))
+        self.inflight.set_fd(msg, self.protocol_features, list(self.vrings),
+                             self.has_feature(m.VIRTIO_F_RING_PACKED))
 
     # ---------------------------------------------------------------- config
 

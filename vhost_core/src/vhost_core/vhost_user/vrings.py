@@ -110,9 +110,15 @@ class Vrings:
         assert v.addr is not None
         s = self.session
         event = 2 if s.has_feature(m.VIRTIO_RING_F_EVENT_IDX) else 0
-        parts = (("descriptor table", v.addr.desc, 16 * v.size),
-                 ("avail ring", v.addr.avail, 4 + 2 * v.size + event),
-                 ("used ring", v.addr.used, 4 + 8 * v.size + event))
+        if s.has_feature(m.VIRTIO_F_RING_PACKED):
+            # The descriptor ring, and the driver's and the device's event suppression areas.
+            parts = (("descriptor ring", v.addr.desc, 16 * v.size),
+                     ("driver event area", v.addr.avail, 4),
+                     ("device event area", v.addr.used, 4))
+        else:
+            parts = (("descriptor table", v.addr.desc, 16 * v.size),
+                     ("avail ring", v.addr.avail, 4 + 2 * v.size + event),
+                     ("used ring", v.addr.used, 4 + 8 * v.size + event))
         out = []
         for what, uva, length in parts:
             p = s.memory.uva_to_host(uva, length)
@@ -123,6 +129,12 @@ class Vrings:
             out.append(p)
         if v.addr.desc % 16 or v.addr.avail % 2 or v.addr.used % 4:
             raise ValueError(f"vring {v.index} addresses are misaligned")
+        if s.has_feature(m.VIRTIO_F_RING_PACKED):
+            used = v.base >> 16 or v.base & 0xFFFF
+            if (v.base & 0x7FFF) >= v.size or (used & 0x7FFF) >= v.size:
+                raise ValueError(f"vring {v.index} base {v.base:#x} is outside the packed ring of {v.size}")
+        elif v.base > 0xFFFF:
+            raise ValueError(f"vring {v.index} base {v.base} exceeds 65535")
         return tuple(out)
 
     def start(self, v: Vring) -> None:
@@ -147,6 +159,7 @@ class Vrings:
         # this session, whatever an earlier session or RESET_OWNER left behind.
         lib.vn_vq_set_features(v.native, s.has_feature(m.VIRTIO_RING_F_EVENT_IDX),
                                s.has_feature(m.VIRTIO_RING_F_INDIRECT_DESC))
+        lib.vn_vq_set_packed(v.native, s.has_feature(m.VIRTIO_F_RING_PACKED))
         lib.vn_vq_set_ring(v.native, v.size, desc, avail, used)
         lib.vn_vq_set_base(v.native, v.base)
         lib.vn_vq_set_kick(v.native, v.kick_fd)

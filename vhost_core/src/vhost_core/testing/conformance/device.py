@@ -22,7 +22,8 @@ What it checks, without knowing the device's request format: feature and protoco
 feature negotiation (VERSION_1 and PROTOCOL_FEATURES offered, bits that were not
 offered refused), config space reads (stable, the size asked), GET_QUEUE_NUM, that
 rings start, stop with GET_VRING_BASE (which reports the index they stopped at) and
-start again where told, that front-ends can disconnect and reconnect (mid-setup too),
+start again where told (on split and on packed rings: VIRTIO_F_RING_PACKED, which
+the core offers for every device type), that front-ends can disconnect and reconnect (mid-setup too),
 and hostile basics: unknown requests, truncated headers, bad vring indices, regions
 without file descriptors, rings outside guest memory.  After each of those the
 connection may be dropped, but the daemon keeps serving: a new connection to the
@@ -41,6 +42,7 @@ import pytest
 
 from vhost_core.testing.constants import (
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VhostUserProtocolFeature as PF,
     VhostUserRequest as R,
@@ -49,6 +51,7 @@ from vhost_core.testing.constants import (
 from vhost_core.testing.daemon import wait_no_session
 from vhost_core.testing.frontend import VhostUserError, VhostUserFrontend
 from vhost_core.testing.memory import GuestMemory
+from vhost_core.testing.virtqueue import packed_vring_base
 
 __all__ = ["DeviceConformance", "DeviceRecipe"]
 
@@ -93,6 +96,27 @@ class DeviceConformance:
         assert vhost_daemon.alive(), vhost_daemon.log()
         assert "Traceback" not in vhost_daemon.log(), vhost_daemon.log()
 
+    @pytest.fixture(params=["split", "packed"])
+    def ring_layout(self, request) -> str:
+        """The ring tests run on both layouts; the others negotiate split rings."""
+        self._packed = request.param == "packed"
+        return request.param
+
+    _packed = False
+
+    def _ring_features(self, offered: int) -> int:
+        """What the ring tests ack: VERSION_1, PROTOCOL_FEATURES, and RING_PACKED on the
+        packed layout (which must then be offered)."""
+        want = bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+        if self._packed:
+            assert offered & bit(VIRTIO_F_RING_PACKED), "VIRTIO_F_RING_PACKED must be offered"
+            want |= bit(VIRTIO_F_RING_PACKED)
+        return offered & want
+
+    def _base(self, index: int) -> int:
+        """SET_VRING_BASE of a ring at avail index ``index`` (packed: position and wrap 1)."""
+        return packed_vring_base(index, 1, index, 1) if self._packed else index
+
     @pytest.fixture
     def memory(self):
         mem = GuestMemory.pc_like(4 << 20)
@@ -128,15 +152,15 @@ class DeviceConformance:
         fe.set_owner()
         return offered
 
-    def _start_ring(self, fe: VhostUserFrontend, memory: GuestMemory, index: int = 0, base: int = 0):
-        vq = fe.setup_vring(index, 64, memory=memory, base=base)
+    def _start_ring(self, fe: VhostUserFrontend, memory: GuestMemory, index: int = 0, base: int | None = None):
+        vq = fe.setup_vring(index, 64, memory=memory, base=self._base(0) if base is None else base)
         if fe.acked_features and fe.acked_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             fe.set_vring_enable(index, True)
         return vq
 
     def _full_setup(self, fe: VhostUserFrontend, memory: GuestMemory) -> None:
         offered = self._negotiate(fe)
-        fe.set_features(offered & (bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)))
+        fe.set_features(self._ring_features(offered))
         fe.set_mem_table(memory)
         self._start_ring(fe, memory)
         fe.ping()
@@ -201,23 +225,28 @@ class DeviceConformance:
 
     # ------------------------------------------------------------ rings
 
-    def test_ring_stops_with_get_vring_base_and_restarts_where_told(self, controller, memory, frontends):
+    def test_ring_stops_with_get_vring_base_and_restarts_where_told(self, controller, memory, frontends,
+                                                                    ring_layout):
         _daemon, path = controller
         fe = frontends(path)
         self._full_setup(fe, memory)
-        assert fe.get_vring_base(0) == 0          # nothing was submitted
+        assert fe.get_vring_base(0) == self._base(0)    # nothing was submitted
         vq = fe.vrings[0]
-        fe.setup_vring(0, vq=vq, base=0)          # same ring again
+        fe.setup_vring(0, vq=vq, base=self._base(0))    # same ring again
         if fe.acked_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             fe.set_vring_enable(0, True)
         fe.ping()
-        assert fe.get_vring_base(0) == 0
-        # A ring restarted at another index reports that index when stopped.
-        self._start_ring(fe, memory, base=7)
-        assert fe.get_vring_base(0) == 7
+        assert fe.get_vring_base(0) == self._base(0)
+        # A ring restarted at another index reports that index when stopped (packed: the
+        # position and the wrap counters, as they were given).
+        self._start_ring(fe, memory, base=self._base(7))
+        assert fe.get_vring_base(0) == self._base(7)
+        if self._packed:
+            self._start_ring(fe, memory, base=packed_vring_base(9, 0, 9, 0))
+            assert fe.get_vring_base(0) == packed_vring_base(9, 0, 9, 0)
         fe.ping()
 
-    def test_reconnect_after_disconnects_at_every_stage(self, controller, device_recipe, memory):
+    def test_reconnect_after_disconnects_at_every_stage(self, controller, device_recipe, memory, ring_layout):
         daemon, path = controller
 
         def session_until(stage: str) -> None:
@@ -225,7 +254,7 @@ class DeviceConformance:
                 offered = self._negotiate(fe)
                 if stage == "features":
                     return
-                fe.set_features(offered & (bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)))
+                fe.set_features(self._ring_features(offered))
                 fe.set_mem_table(memory)
                 if stage == "mem_table":
                     return
@@ -289,11 +318,11 @@ class DeviceConformance:
         _dropped_or_refused(fe)
         self._serves_again(daemon, path, device_recipe)
 
-    def test_ring_outside_guest_memory(self, controller, device_recipe, memory, frontends):
+    def test_ring_outside_guest_memory(self, controller, device_recipe, memory, frontends, ring_layout):
         daemon, path = controller
         fe = frontends(path)
         offered = self._negotiate(fe)
-        fe.set_features(offered & (bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)))
+        fe.set_features(self._ring_features(offered))
         # A table whose only region is 64 KiB, then rings placed past its end.
         r0 = memory.regions[0]
         fe.set_mem_table([_region_with(r0, size=1 << 16)])
@@ -302,7 +331,7 @@ class DeviceConformance:
         try:
             try:
                 fe.set_vring_num(0, 64)
-                fe.set_vring_base(0, 0)
+                fe.set_vring_base(0, self._base(0))
                 fe.set_vring_addr(0, uaddr, uaddr + 0x1000, uaddr + 0x2000)
                 fe.set_vring_kick(0, kick)
             except (VhostUserError, OSError):
