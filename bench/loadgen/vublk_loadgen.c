@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <poll.h>
 #include <inttypes.h>
 #include <sched.h>
 #include <signal.h>
@@ -192,6 +193,7 @@ static struct {
     int no_call;
     int indirect; /* -1 auto, 0 never, 1 force */
     int packed;   /* packed virtqueue */
+    int wait;     /* sleep on the call eventfd instead of spinning */
     double connect_timeout;
     uint64_t size_override; /* bytes, 0 = from config */
     uint64_t max_ios;       /* stop after this many submissions, 0 = no limit */
@@ -463,6 +465,9 @@ static void usage(void)
             "                            like a polling guest driver; default: request calls\n"
             "  --indirect auto|on|off    indirect descriptors (auto: only if qd*3 > queue size)\n"
             "  --packed                  a packed virtqueue (VIRTIO_F_RING_PACKED) instead of split\n"
+            "  --wait                    sleep on the call eventfd while nothing completed, like an\n"
+            "                            interrupt-driven guest (default: spin on the used ring,\n"
+            "                            which takes a whole core)\n"
             "  --size BYTES              device size if the backend has no GET_CONFIG\n"
             "  --connect-timeout SEC     retry connecting for this long (default 10)\n"
             "  --seed N                  PRNG seed\n"
@@ -476,7 +481,7 @@ static void usage(void)
 static void parse_args(int argc, char **argv)
 {
     enum { O_SOCK = 1000, O_RW, O_QD, O_BS, O_TIME, O_WARM, O_QS, O_CPU, O_EIDX, O_NOCALL,
-           O_IND, O_SIZE, O_CTO, O_SEED, O_IOS, O_PACKED };
+           O_IND, O_SIZE, O_CTO, O_SEED, O_IOS, O_PACKED, O_WAIT };
     static const struct option lo[] = {
         { "socket", required_argument, 0, O_SOCK },
         { "rw", required_argument, 0, O_RW },
@@ -494,6 +499,7 @@ static void parse_args(int argc, char **argv)
         { "seed", required_argument, 0, O_SEED },
         { "ios", required_argument, 0, O_IOS },
         { "packed", no_argument, 0, O_PACKED },
+        { "wait", no_argument, 0, O_WAIT },
         { "verbose", no_argument, 0, 'v' },
         { "help", no_argument, 0, 'h' },
         { 0, 0, 0, 0 },
@@ -532,6 +538,7 @@ static void parse_args(int argc, char **argv)
         case O_CTO: opt.connect_timeout = atof(optarg); break;
         case O_IOS: opt.max_ios = strtoull(optarg, NULL, 0); break;
         case O_PACKED: opt.packed = 1; break;
+        case O_WAIT: opt.wait = 1; break;
         case O_SEED: opt.seed = strtoull(optarg, NULL, 0) | 1; break;
         case 'v': opt.verbose = 1; break;
         default: usage();
@@ -549,6 +556,20 @@ static void parse_args(int argc, char **argv)
         die("--qd %u exceeds --queue-size %u", opt.qd, opt.qsize);
     if (opt.time_s <= 0)
         die("--time must be > 0");
+    if (opt.wait && opt.no_call)
+        die("--wait sleeps until the backend signals: it cannot go with --no-call");
+}
+
+/* --wait: nothing completed; sleep until the backend signals (at most 100 ms, so the
+ * run's clock and SIGINT are still looked at).  The eventfd is level-triggered: a
+ * signal sent after the ring was found empty and before poll() is not lost. */
+static void wait_call(int callfd)
+{
+    struct pollfd p = { .fd = callfd, .events = POLLIN };
+    if (poll(&p, 1, 100) > 0) {
+        uint64_t v;
+        if (read(callfd, &v, sizeof(v)) < 0) { /* EAGAIN: raced with nothing */ }
+    }
 }
 
 static inline size_t align_up(size_t v, size_t a)
@@ -918,7 +939,9 @@ int main(int argc, char **argv)
             uint16_t fl = __atomic_load_n(&pring[p_used].flags, __ATOMIC_ACQUIRE);
             int ready = !!(fl & VRING_PACKED_DESC_F_AVAIL) == p_used_wrap && !!(fl & VRING_PACKED_DESC_F_USED) == p_used_wrap;
             if (!ready) {
-                if (++idle < 1024)
+                if (opt.wait)
+                    wait_call(callfd);
+                else if (++idle < 1024)
                     continue;
                 idle = 0;
                 now = now_ns();
@@ -977,7 +1000,9 @@ int main(int argc, char **argv)
         }
         uint16_t uidx = __atomic_load_n(used_idx_p, __ATOMIC_ACQUIRE);
         if (uidx == last_used) {
-            if (++idle < 1024)
+            if (opt.wait)
+                wait_call(callfd);
+            else if (++idle < 1024)
                 continue;
             idle = 0;
             now = now_ns();
@@ -1117,12 +1142,12 @@ int main(int argc, char **argv)
            "\"p50_lat_us\":%.3f,\"p99_lat_us\":%.3f,\"p999_lat_us\":%.3f,\"min_lat_us\":%.3f,"
            "\"max_lat_us\":%.3f,\"errors\":%" PRIu64 ",\"ios\":%" PRIu64 ",\"secs\":%.3f,"
            "\"kicks\":%" PRIu64 ",\"kicks_suppressed\":%" PRIu64 ",\"event_idx\":%s,"
-           "\"no_call\":%s,\"indirect\":%s,\"packed\":%s,\"queue_size\":%u,\"features\":\"0x%" PRIx64 "\","
+           "\"no_call\":%s,\"wait\":%s,\"indirect\":%s,\"packed\":%s,\"queue_size\":%u,\"features\":\"0x%" PRIx64 "\","
            "\"capacity_bytes\":%" PRIu64 ",\"socket\":\"%s\"}\n",
            opt.seq ? (opt.write ? "write" : "read") : (opt.write ? "randwrite" : "randread"), opt.qd, opt.bs, iops, mean_us, p50_us, p99_us,
            p999_us, completions ? lat_min / 1000.0 : 0.0, lat_max / 1000.0, errors, completions,
            secs, kicks, kicks_suppressed, event_idx ? "true" : "false",
-           opt.no_call ? "true" : "false", use_indirect ? "true" : "false", packed ? "true" : "false", N, features,
+           opt.no_call ? "true" : "false", opt.wait ? "true" : "false", use_indirect ? "true" : "false", packed ? "true" : "false", N, features,
            capacity_sectors * 512, opt.socket);
     fflush(stdout);
     if (bad_ids)
