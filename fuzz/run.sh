@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Replay every committed input of each fuzz target, then fuzz it for a while.
-#   fuzz/run.sh                     all targets, FUZZ_SECONDS (default 20) each
+#   fuzz/run.sh                     all targets, FUZZ_SECONDS (default 10) each
 #   fuzz/run.sh -t 600 scsi_req     one target, ten minutes
 #   fuzz/run.sh -t 0                replay only
 # Fails when an input crashes or breaks an oracle; a new crashing input lands in
@@ -10,7 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=${FUZZ_SECONDS:-20}
+seconds=${FUZZ_SECONDS:-10}
 if [ "${1:-}" = "-t" ]; then seconds=$2; shift 2; fi
 ALL=(vq_walker inflight blk_req scsi_req nvme_tcp_rx msg_layer)
 targets=("$@")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them all:
 #   1. fuzz      every fuzz target replays its committed inputs, then fuzzes
-#                FUZZ_SECONDS (default 20) each (fuzz/run.sh, fuzz/README.md)
+#                FUZZ_SECONDS (default 10) each (fuzz/run.sh, fuzz/README.md)
 #   2. sanitize  the hostile and device suites against daemons whose native
 #                modules are built with ASan + UBSan (scripts/test-sanitizers.sh)
 #   3. pytest    unit tests of every package, hostile-input tests against the
