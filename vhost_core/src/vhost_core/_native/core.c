@@ -802,6 +802,7 @@ struct core_desc {
     struct vn_reactor *r;
     int (*poll)(void *bdev_ctx, void *chan);   /* the channel's poller, or NULL */
     int listed;                 /* on the reactor's lists */
+    int has_fd;                 /* its channel wakes the reactor (set with the epoll set) */
     /* QoS: the bdev's limits (NULL: none) and the I/O held back, oldest first, linked
      * through their driver_ctx; `waiting`: on the reactor's list of such descriptors. */
     struct vn_qos *qos;
@@ -2382,6 +2383,8 @@ static int desc_open_on_reactor(void *p)
     r->descs[r->ndescs++] = c;
     if (c->poll) r->polled_descs[r->npolled_descs++] = c;
     c->listed = 1;
+    /* Its channel's fd joins the sleep set at once (a LUN hot-attached to running rings). */
+    r->epoll_dirty = 1;
     return 0;
 }
 
@@ -2484,9 +2487,11 @@ static void reactor_rebuild_epoll(struct vn_reactor *r)
     for (int i = 0; i < r->ndescs; i++) {
         struct core_desc *c = r->descs[i];
         vn_bdev *b = c->d.bdev;
+        c->has_fd = 0;
         if (!c->d.chan || !b->ops->channel_fd) continue;
         int fd = b->ops->channel_fd(b->ctx, c->d.chan);
         if (fd < 0) continue;
+        c->has_fd = 1;
         ev.events = EPOLLIN;
         ev.data.ptr = c;   /* never dereferenced: readiness only */
         epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev);
@@ -2521,12 +2526,13 @@ static int reactor_iteration(struct vn_reactor *r)
 }
 
 /* Interrupt mode: must the reactor keep polling (1 ms) instead of sleeping?  While
- * bdev I/O is in flight: a channel without an fd is only ever polled.  Requests a
+ * bdev I/O is in flight on a channel without an fd (it is only ever polled); one
+ * with an fd wakes the reactor itself.  Requests a
  * device merely holds (virtio-scsi event buffers) do not count. */
 static int reactor_outstanding(struct vn_reactor *r)
 {
     for (int i = 0; i < r->ndescs; i++)
-        if (r->descs[i]->d.in_flight) return 1;
+        if (r->descs[i]->d.in_flight && !r->descs[i]->has_fd) return 1;
     return 0;
 }
 
