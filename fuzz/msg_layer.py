@@ -67,6 +67,7 @@ class FakeBackend:
 
     device_type = "blk"
     num_queues = NUM_QUEUES
+    packed_ring = True          # offer VIRTIO_F_RING_PACKED, as dev_blk does by default
 
     def __init__(self) -> None:
         from vhost_dev_blk._blk_native import ffi as bffi, lib as blib
