@@ -24,10 +24,15 @@ import sys
 import time
 from pathlib import Path
 
+import inspect
+
 from vhost_core.rpc.registry import RpcError
 from vhost_core.testing import BlkRequest, connect_blk
+from vhost_core.testing.conformance import bdev as conformance_suite
 from vhost_core.testing.constants import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
-from vhost_core.testing.daemon import VhostDaemon
+from vhost_core.testing.daemon import VhostDaemon, wait_no_session
+from vhost_dev_scsi.testing import (EVT_RESET_REMOVED, GOOD, S_BAD_TARGET, S_OK, T_TRANSPORT_RESET, connect_scsi,
+                                    inquiry, rw10)
 
 T0 = time.monotonic()
 BLK_HDR = struct.Struct("<IIQ")
@@ -72,6 +77,57 @@ def stats(d: VhostDaemon) -> dict:
     return d.rpc("bdev_nvme_get_controllers", name="Nvme0")[0]["ctrlrs"][0]["stats"]
 
 
+# The bdev conformance suite's cases run here, against the daemon already up (a fresh daemon
+# per case, as pytest runs them, would cost a daemon start-up each under TCG).  All of them.
+CONFORMANCE = [name for name in dir(conformance_suite.BdevConformance) if name.startswith("test_")]
+
+
+def conformance(d: VhostDaemon, bdf: str) -> list[tuple[int, int]]:
+    """vhost-core's bdev conformance suite on Nvme0n1, each case given what its pytest
+    fixtures give it (the bdev, attached if the previous case detached it; a 2-queue vhost-blk
+    controller and its front-end), and cleaned up after as a fresh daemon would be.  Ends
+    detached.  Answers the byte ranges it wrote (first 64 and last 4 blocks): their content
+    is the suite's, checked by its own reads, not by the host."""
+    recipe = conformance_suite.BdevRecipe(
+        "bdev_nvme_attach_controller", {"name": "Nvme0", "trtype": "pcie", "traddr": bdf},
+        delete_method="bdev_nvme_detach_controller", delete_params={"name": "Nvme0"}, bdev_name="Nvme0n1",
+        # QEMU's drive (discard=ignore, its default) drops the deallocate: the blocks keep their
+        # data, as on many SSDs (the suite still checks the unmap completes and the rest reads back).
+        unmap_reads_zeroes=False)
+    suite = conformance_suite.BdevConformance()
+    ctrlr = conformance_suite.CTRLR
+    assert len(CONFORMANCE) >= 12, CONFORMANCE
+    b = None
+    for case in CONFORMANCE:
+        if not d.rpc("bdev_get_bdevs"):
+            b = conformance_suite._create(d, recipe)
+        kw: dict = {"bdev_under_test": b}
+        args = inspect.signature(getattr(suite, case)).parameters
+        dev = None
+        if "blk" in args or "blk_controller" in args:
+            d.rpc("vhost_create_blk_controller", ctrlr=ctrlr, dev_name=b.name, num_queues=2)
+            kw["blk_controller"] = d.socket(ctrlr)
+        if "blk" in args:
+            dev = kw["blk"] = connect_blk(d.socket(ctrlr), num_queues=2, timeout=20)
+        try:
+            getattr(suite, case)(**{k: v for k, v in kw.items() if k in args})
+        finally:
+            if dev is not None:
+                dev.close()
+        for c in d.rpc("vhost_get_controllers"):
+            wait_no_session(d, c["ctrlr"])
+            d.rpc("vhost_delete_controller", ctrlr=c["ctrlr"])
+    say(f"bdev conformance suite: {len(CONFORMANCE)} cases passed ({', '.join(CONFORMANCE)})")
+    if d.rpc("bdev_get_bdevs"):
+        assert d.rpc("bdev_nvme_detach_controller", name="Nvme0") is True
+    assert "Traceback" not in d.log(), d.log()
+    return [(0, 64 * b.block_size), ((b.num_blocks - 4) * b.block_size, 4 * b.block_size)]
+
+
+class ScsiFailed(Exception):
+    pass
+
+
 def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
     """Bounce buffers, then I/O while the host unplugs the controller (QMP device_del): the
     kernel's VFIO request interrupt makes the daemon hot-remove Nvme0n1 and release the
@@ -79,9 +135,31 @@ def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
     bdf = nvme_function()
     try:
         d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="Nvme0n1")
-        ok = failed = 0
+        # A vhost-scsi LUN on the same namespace, as in the seed's walkthrough.
+        d.rpc("vhost_create_scsi_controller", ctrlr="scsi.0")
+        assert d.rpc("vhost_scsi_controller_add_target", ctrlr="scsi.0", scsi_target_num=0,
+                     bdev_name="Nvme0n1") == 0
+        ok = failed = scsi_failed = 0
         written: list[tuple[int, int, str]] = []
-        with connect_blk(d.socket("vhost.0"), num_queues=1) as dev:
+        with connect_blk(d.socket("vhost.0"), num_queues=1) as dev, \
+                connect_scsi(d.socket("scsi.0"), post_events=4, timeout=30) as sdev:
+            r = sdev.command(0, inquiry(alloc=96), data_in_len=96)
+            assert r.response == S_OK and r.status == GOOD, r
+            assert r.data[16:32] == b"NVMe disk".ljust(16), r.data[:36]
+            sdata = os.urandom(128 * 1024)
+            r = sdev.command(0, rw10(True, 90000, len(sdata) // 512), data_out=sdata)
+            assert r.response == S_OK and r.status == GOOD, r
+            written.append((90000 * 512, len(sdata), hashlib.sha256(sdata).hexdigest()))
+            r = sdev.command(0, rw10(False, 90000, len(sdata) // 512), data_in_len=len(sdata))
+            assert r.response == S_OK and r.status == GOOD and r.data == sdata, r
+            say("vhost-scsi LUN on Nvme0n1: INQUIRY says NVMe disk, 128 KiB written and read back")
+
+            def scsi_read() -> None:
+                r = sdev.command(0, rw10(False, 90000, 8), data_in_len=4096)
+                if r.response != S_OK or r.status != GOOD:
+                    raise ScsiFailed(f"SCSI READ: response {r.response} status {r.status}")
+                assert r.data == sdata[:4096], "SCSI READ returned other data"
+
             mem = dev.memory
             segs = [os.urandom(512) for _ in range(4)]
             gpas = [mem.alloc_bytes(x, 4096) for x in segs]
@@ -103,18 +181,24 @@ def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 try:
+                    try:
+                        scsi_read()
+                    except ScsiFailed as exc:
+                        scsi_failed += 1
+                        if scsi_failed == 1:
+                            say(f"first failed SCSI I/O after {ok} good rounds: {exc}")
                     dev.write(4096, data)
                     assert dev.read(4096, 128) == data
                     ok += 1
                     if ok == 3:
                         Path(ready_file).write_text("ready")
-                        say("I/O running; ready for device_del")
+                        say("I/O running on both controllers; ready for device_del")
                 except AssertionError:
                     raise
                 except Exception as exc:
                     failed += 1
                     if failed == 1:
-                        say(f"first failed I/O after {ok} good ones: {exc}")
+                        say(f"first failed vhost-blk I/O after {ok} good ones: {exc}")
                     if not d.rpc("bdev_get_bdevs"):
                         break
                     time.sleep(0.05)
@@ -128,6 +212,20 @@ def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
                     raise
                 except Exception:
                     pass
+            # The vhost-scsi LUN was hot-detached: the driver is told (a transport reset
+            # event, "removed", for target 0), and the target is gone for further commands.
+            event, lun, reason, used = sdev.wait_event(timeout=30)
+            assert (event, lun[:2], reason) == (T_TRANSPORT_RESET, bytes([1, 0]), EVT_RESET_REMOVED), \
+                (event, lun, reason)
+            for _ in range(2):
+                r = sdev.command(0, rw10(False, 90000, 8), data_in_len=4096)
+                assert r.response == S_BAD_TARGET, r
+            assert sdev.events_completed(0.3) == []
+            ctrls = {c["ctrlr"]: c for c in d.rpc("vhost_get_controllers")}
+            assert ctrls["scsi.0"]["backend_specific"]["scsi"] == [], ctrls["scsi.0"]
+            say(f"vhost-scsi target 0 hot-detached (event received, commands answer BAD_TARGET; "
+                f"{scsi_failed} SCSI reads failed during the removal)")
+        d.wait_log("hot-detached target", timeout=10)
         log = d.wait_log("hot-removed", timeout=30)
         assert f"the kernel asks for {bdf} back" in log and "Traceback" not in log, log
         deadline = time.monotonic() + 60
@@ -174,6 +272,7 @@ def main() -> None:
     written: list[tuple[int, int, str]] = []      # (byte offset, length, sha256) the image must hold
     zeroed: list[tuple[int, int]] = []
     discarded: list[tuple[int, int]] = []
+    scratch: list[tuple[int, int]] = []
     try:
         # ---- bad input, before the function is vfio-pci's: the error gives the lines to run
         assert driver_of(bdf) is None
@@ -190,6 +289,7 @@ def main() -> None:
             e.message
         assert d.rpc("bdev_nvme_get_controllers") == [] and d.rpc("bdev_get_bdevs") == []
         say("bad input refused")
+        scratch = conformance(d, bdf)
 
         # ---- attach
         names = d.rpc("bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr=bdf)
@@ -318,6 +418,7 @@ def main() -> None:
     assert d2.rpc("bdev_nvme_attach_controller", name="Nvme0", trtype="pcie", traddr=bdf) == ["Nvme0n1"]
     written += hotremove(d2, ready_file)
     print("PCIE-RESULT " + json.dumps({"written": written, "zeroed": zeroed, "discarded": discarded,
+                                       "scratch": scratch,
                                        "seconds": round(time.monotonic() - T0, 1)}), flush=True)
 
 
