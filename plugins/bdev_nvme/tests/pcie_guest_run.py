@@ -397,6 +397,16 @@ def main() -> None:
             s = stats(d)
             assert s["timeouts"] >= 1 and s["io_timeout_ms"] == 2000, s
             say(f"timed out: {statuses} in {time.monotonic() - t:.1f} s; {s['timeouts']} commands timed out")
+            # Each timed-out command is sent an NVMe Abort (the admin queue is not throttled:
+            # QEMU answers at once, that it did not abort it, as its model never does).
+            deadline = time.monotonic() + 20
+            while (a := stats(d)["aborts"])["sent"] < s["timeouts"] or \
+                    a["aborted"] + a["not_aborted"] + a["failed"] < a["sent"]:
+                assert time.monotonic() < deadline, a
+                time.sleep(0.1)
+            assert a["failed"] == 0 and a["sent"] == stats(d)["timeouts"], a
+            assert "Abort sent, the controller answered" in d.log(), d.log()
+            say(f"aborts sent for the timed-out commands: {a}")
             handshake("unthrottle-me", "unthrottled")
             deadline = time.monotonic() + 30
             while True:                      # the abandoned commands come back; then all is normal

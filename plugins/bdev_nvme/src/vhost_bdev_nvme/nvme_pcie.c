@@ -113,6 +113,12 @@ struct nvp_ctrlr {
     int nq;
     struct nvp_qpair qp[MAX_QPAIRS];
     int req_fd;
+    /* Commands past the I/O timeout, for the control plane to abort (NVMe Abort): qid | cid << 16,
+     * pushed by the reactors, taken by nvp_take_timed_out; tmo_fd is signalled on each push. */
+    int tmo_fd;
+    pthread_mutex_t tmo_lock;
+    uint32_t tmo[64];
+    uint32_t ntmo;
     int msix;                   /* MSI-X vectors enabled through VFIO (0: none) */
     /* statistics, updated by the reactors with relaxed atomics */
     struct nvp_stats st;
@@ -249,6 +255,7 @@ static void release(struct nvp_ctrlr *c)
         }
         close(c->req_fd);
     }
+    if (c->tmo_fd >= 0) close(c->tmo_fd);
     if (c->msix && c->device >= 0) {
         struct vfio_irq_set s = {.argsz = sizeof(s), .flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
                                  .index = VFIO_PCI_MSIX_IRQ_INDEX, .start = 0, .count = 0};
@@ -268,6 +275,7 @@ static void release(struct nvp_ctrlr *c)
     if (c->container >= 0) close(c->container);
     pthread_mutex_destroy(&c->admin_lock);
     pthread_mutex_destroy(&c->q_lock);
+    pthread_mutex_destroy(&c->tmo_lock);
     free(c);
 }
 
@@ -331,6 +339,9 @@ void *nvp_open(const char *bdf, char *err, size_t errlen)
     c->container = c->group = c->device = c->req_fd = -1;
     pthread_mutex_init(&c->admin_lock, NULL);
     pthread_mutex_init(&c->q_lock, NULL);
+    pthread_mutex_init(&c->tmo_lock, NULL);
+    c->tmo_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->tmo_fd < 0) { seterr(err, errlen, "eventfd: %s", strerror(errno)); goto fail; }
     c->io_timeout_ms = 30000;
     c->max_xfer = MAX_CMD_BYTES;
 
@@ -670,6 +681,32 @@ int nvp_request_eventfd(void *ctrlr)
     }
     c->req_fd = fd;
     return fd;
+}
+
+int nvp_timeout_eventfd(void *ctrlr)
+{
+    return ((struct nvp_ctrlr *)ctrlr)->tmo_fd;
+}
+
+int nvp_take_timed_out(void *ctrlr, uint32_t *out, int max)
+{
+    struct nvp_ctrlr *c = ctrlr;
+    pthread_mutex_lock(&c->tmo_lock);
+    int n = (int)c->ntmo < max ? (int)c->ntmo : max;
+    memcpy(out, c->tmo, (size_t)n * sizeof(*out));
+    memmove(c->tmo, c->tmo + n, (c->ntmo - (uint32_t)n) * sizeof(*out));
+    c->ntmo -= (uint32_t)n;
+    pthread_mutex_unlock(&c->tmo_lock);
+    return n;
+}
+
+static void timed_out(struct nvp_ctrlr *c, uint16_t qid, uint16_t cid)
+{
+    pthread_mutex_lock(&c->tmo_lock);
+    if (c->ntmo < sizeof(c->tmo) / sizeof(c->tmo[0])) c->tmo[c->ntmo++] = qid | (uint32_t)cid << 16;
+    pthread_mutex_unlock(&c->tmo_lock);
+    uint64_t one = 1;
+    if (write(c->tmo_fd, &one, sizeof(one)) < 0) { /* EAGAIN: already signalled */ }
 }
 
 void nvp_fail(void *ctrlr, int fail)
@@ -1012,6 +1049,7 @@ static int qpair_poll(struct nvp_qpair *q)
                 cmd->abandoned = 1;
                 q->outstanding--;
                 STAT_ADD(c, timeouts, 1);
+                timed_out(c, q->qid, cid);
                 struct nvp_io *s = IOS(cmd->io);
                 if (!s->status) s->status = -ETIMEDOUT;
                 s->end_block = s->next_block;

@@ -124,6 +124,7 @@ class PcieController(Controller):
         self.native = ffi.NULL
         self._freed = False
         self.removed = False
+        self.aborts = {"sent": 0, "aborted": 0, "not_aborted": 0, "failed": 0}
 
     def __repr__(self) -> str:
         return f"<NVMe controller {self.name} at {self.bdf}>"
@@ -231,35 +232,63 @@ class PcieController(Controller):
         lib.nvp_fail(self.native, 1)
 
     def start(self, on_lost: Callable[[Controller, str], None]) -> None:
-        """Watch the VFIO request interrupt: the kernel wants the device back (hot-removal)."""
+        """Watch the VFIO request interrupt (the kernel wants the device back: hot-removal) and
+        the commands the reactors gave up on after the I/O timeout (each is sent an Abort)."""
         self.on_lost = on_lost
         fd = lib.nvp_request_eventfd(self.native)
         if fd < 0:
             notice(log, "%s: %s has no VFIO request interrupt (%s): a hot-removal is not noticed", self.name,
                    self.bdf, os.strerror(-fd))
-            return
-        self._thread = threading.Thread(target=self._watch, args=(fd,), name=f"nvme_{self.name}", daemon=True)
+        fds = [x for x in (fd, lib.nvp_timeout_eventfd(self.native)) if x >= 0]
+        self._thread = threading.Thread(target=self._watch, args=(fd, fds), name=f"nvme_{self.name}",
+                                        daemon=True)
         self._thread.start()
 
-    def _watch(self, fd: int) -> None:
+    def _watch(self, req_fd: int, fds: list[int]) -> None:
         while not self._stop.is_set():
-            r, _, _ = select.select([fd], [], [], 0.2)
+            r, _, _ = select.select(fds, [], [], 0.2)
             if not r:
                 continue
-            try:
-                os.read(fd, 8)
-            except OSError:
-                pass
+            for fd in r:
+                try:
+                    os.read(fd, 8)
+                except OSError:
+                    pass
             if self._stop.is_set():
                 return
-            self.removed = True
-            self.state = "failed"
-            log.error("%s: the kernel asks for %s back (the device is being removed): its namespaces are "
-                      "hot-removed", self.name, self.bdf)
-            lib.nvp_fail(self.native, 1)
-            if self.on_lost is not None:
-                self.on_lost(self, "hot-removed")
-            return
+            if req_fd in r:
+                self.removed = True
+                self.state = "failed"
+                log.error("%s: the kernel asks for %s back (the device is being removed): its namespaces are "
+                          "hot-removed", self.name, self.bdf)
+                lib.nvp_fail(self.native, 1)
+                if self.on_lost is not None:
+                    self.on_lost(self, "hot-removed")
+                return
+            self._abort_timed_out()
+
+    def _abort_timed_out(self) -> None:
+        """An NVMe Abort (admin opcode 0x08) for each I/O command past the timeout (whose
+        request has failed already): the controller may drop it instead of running it late."""
+        out = ffi.new("uint32_t[64]")
+        while (n := lib.nvp_take_timed_out(self.native, out, 64)) > 0:
+            for i in range(n):
+                sqid, cid = out[i] & 0xFFFF, out[i] >> 16
+                sqe = bytearray(64)
+                sqe[0] = 0x08
+                struct.pack_into("<I", sqe, 40, sqid | cid << 16)
+                self.aborts["sent"] += 1
+                try:
+                    with self.admin_lock:
+                        cqe = self._admin(sqe, timeout_ms=min(self.io_timeout_ms, ADMIN_TIMEOUT_MS))
+                except ControllerError as exc:
+                    self.aborts["failed"] += 1
+                    log.error("%s: Abort of command %d on I/O queue %d: %s", self.name, cid, sqid, exc.message)
+                    continue
+                done = "not_aborted" if struct.unpack_from("<I", cqe, 0)[0] & 1 else "aborted"
+                self.aborts[done] += 1
+                log.warning("%s: command %d on I/O queue %d timed out after %d ms: Abort sent, the controller "
+                            "answered %s", self.name, cid, sqid, self.io_timeout_ms, done.replace("_", " "))
 
     def _release(self) -> None:
         if self.listening:
@@ -294,4 +323,5 @@ class PcieController(Controller):
             "last_status": status_text(s.last_status) if s.status_errors else None,
             "io_queues_in_use": lib.nvp_queues_in_use(self.native), "dma_map_failures": self.map_failures,
             "io_timeout_ms": self.io_timeout_ms, "msix_vectors": lib.nvp_interrupts(self.native),
+            "aborts": dict(self.aborts),
         }
