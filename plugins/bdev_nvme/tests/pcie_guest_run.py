@@ -31,8 +31,8 @@ from vhost_core.testing import BlkRequest, connect_blk
 from vhost_core.testing.conformance import bdev as conformance_suite
 from vhost_core.testing.constants import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhost_core.testing.daemon import VhostDaemon, wait_no_session
-from vhost_dev_scsi.testing import (EVT_RESET_REMOVED, GOOD, S_BAD_TARGET, S_OK, T_TRANSPORT_RESET, connect_scsi,
-                                    inquiry, rw10)
+from vhost_dev_scsi.testing import (EVT_RESET_REMOVED, GOOD, S_BAD_TARGET, S_OK, T_TRANSPORT_RESET, ReadStream,
+                                    connect_scsi, inquiry, rw10)
 
 T0 = time.monotonic()
 BLK_HDR = struct.Struct("<IIQ")
@@ -98,7 +98,9 @@ def conformance(d: VhostDaemon, bdf: str) -> list[tuple[int, int]]:
     ctrlr = conformance_suite.CTRLR
     assert len(CONFORMANCE) >= 12, CONFORMANCE
     b = None
+    took = []
     for case in CONFORMANCE:
+        t = time.monotonic()
         if not d.rpc("bdev_get_bdevs"):
             b = conformance_suite._create(d, recipe)
         kw: dict = {"bdev_under_test": b}
@@ -117,7 +119,8 @@ def conformance(d: VhostDaemon, bdf: str) -> list[tuple[int, int]]:
         for c in d.rpc("vhost_get_controllers"):
             wait_no_session(d, c["ctrlr"])
             d.rpc("vhost_delete_controller", ctrlr=c["ctrlr"])
-    say(f"bdev conformance suite: {len(CONFORMANCE)} cases passed ({', '.join(CONFORMANCE)})")
+        took.append(f"{case[5:]} {time.monotonic() - t:.1f} s")
+    say(f"bdev conformance suite: {len(CONFORMANCE)} cases passed ({', '.join(took)})")
     if d.rpc("bdev_get_bdevs"):
         assert d.rpc("bdev_nvme_detach_controller", name="Nvme0") is True
     assert "Traceback" not in d.log(), d.log()
@@ -142,7 +145,7 @@ def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
         ok = failed = scsi_failed = 0
         written: list[tuple[int, int, str]] = []
         with connect_blk(d.socket("vhost.0"), num_queues=1) as dev, \
-                connect_scsi(d.socket("scsi.0"), post_events=4, timeout=30) as sdev:
+                connect_scsi(d.socket("scsi.0"), num_queues=2, post_events=4, timeout=30) as sdev:
             r = sdev.command(0, inquiry(alloc=96), data_in_len=96)
             assert r.response == S_OK and r.status == GOOD, r
             assert r.data[16:32] == b"NVMe disk".ljust(16), r.data[:36]
@@ -160,6 +163,7 @@ def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
                     raise ScsiFailed(f"SCSI READ: response {r.response} status {r.status}")
                 assert r.data == sdata[:4096], "SCSI READ returned other data"
 
+            stream = ReadStream(sdev, target=0, lba=90000, queue=3, slots=8)   # SCSI reads kept in flight
             mem = dev.memory
             segs = [os.urandom(512) for _ in range(4)]
             gpas = [mem.alloc_bytes(x, 4096) for x in segs]
@@ -181,6 +185,7 @@ def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 try:
+                    stream.keep(4)
                     try:
                         scsi_read()
                     except ScsiFailed as exc:
@@ -217,6 +222,12 @@ def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
             event, lun, reason, used = sdev.wait_event(timeout=30)
             assert (event, lun[:2], reason) == (T_TRANSPORT_RESET, bytes([1, 0]), EVT_RESET_REMOVED), \
                 (event, lun, reason)
+            deadline = time.monotonic() + 30       # the SCSI reads in flight at the removal complete
+            while stream.in_flight:
+                assert time.monotonic() < deadline, f"{stream.in_flight} SCSI reads never completed"
+                stream.reap()
+                time.sleep(0.02)
+            assert stream.completed >= 3 * 4, stream.completed
             for _ in range(2):
                 r = sdev.command(0, rw10(False, 90000, 8), data_in_len=4096)
                 assert r.response == S_BAD_TARGET, r
@@ -224,7 +235,7 @@ def hotremove(d: VhostDaemon, ready_file: str) -> list[tuple[int, int, str]]:
             ctrls = {c["ctrlr"]: c for c in d.rpc("vhost_get_controllers")}
             assert ctrls["scsi.0"]["backend_specific"]["scsi"] == [], ctrls["scsi.0"]
             say(f"vhost-scsi target 0 hot-detached (event received, commands answer BAD_TARGET; "
-                f"{scsi_failed} SCSI reads failed during the removal)")
+                f"{scsi_failed} SCSI reads failed during the removal, {stream.completed} streamed reads completed)")
         d.wait_log("hot-detached target", timeout=10)
         log = d.wait_log("hot-removed", timeout=30)
         assert f"the kernel asks for {bdf} back" in log and "Traceback" not in log, log
