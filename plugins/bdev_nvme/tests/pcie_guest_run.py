@@ -6,9 +6,11 @@ for the host to find in the image file after the guest powered off.
 Usage: pcie_guest_run.py SERIAL IMAGE_BYTES READY_FILE
 
 Two daemons start at once (their start-up, Python over 9p under TCG, is most of the time):
-the first serves the checks of main(); the second, which never uses SGLs (as on an SSD
-without them, so that unaligned buffers go through bounce buffers), serves hotremove(): it
-writes READY_FILE once its I/O runs and the host then unplugs the controller.
+the first serves the checks of main() (the bdev conformance suite's cases among them, run here
+against it: conformance()); the second, which never uses SGLs (as on an SSD without them, so
+that unaligned buffers go through bounce buffers), serves hotremove(), with a vhost-blk device
+and a vhost-scsi LUN on the namespace: it writes READY_FILE once their I/O runs and the host
+then unplugs the controller.
 """
 
 from __future__ import annotations
