@@ -62,6 +62,14 @@ int nvp_request_eventfd(void *ctrlr);
 // an NVMe Abort.
 int nvp_timeout_eventfd(void *ctrlr);
 int nvp_take_timed_out(void *ctrlr, uint32_t *out, int max);
+// Controller reset, in three steps on the control plane's thread (admin lock held): begin (the
+// reactors fail what is queued and in flight on their queues and leave them alone; new I/O
+// fails; waits at most timeout_ms for every reactor using a queue), then nvp_enable and Set
+// Features (number of queues), then nvp_reset_queues (each I/O queue pair emptied and created
+// again on the controller), then end (I/O flows again).  0 or -errno.
+int nvp_reset_begin(void *ctrlr, uint32_t timeout_ms);
+int nvp_reset_queues(void *ctrlr, uint32_t timeout_ms, char *err, size_t errlen);
+void nvp_reset_end(void *ctrlr);
 // 1: fail queued, outstanding and new I/O at once (the controller is going).
 void nvp_fail(void *ctrlr, int fail);
 void nvp_get_stats(void *ctrlr, struct nvp_stats *out);
