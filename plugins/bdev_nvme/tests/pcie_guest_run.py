@@ -454,7 +454,8 @@ def main() -> None:
             t = time.monotonic()
             assert d.rpc("bdev_nvme_reset_controller", name="Nvme0") is True
             th.join(60)
-            assert not th.is_alive() and len(out) == 8 * 32 and set(out) <= {VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR}
+            assert not th.is_alive() and len(out) == 8 * 32, len(out)
+            assert set(out) <= {VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR}, set(out)
             res = {st: out.count(st) for st in set(out)}
             s = stats(d)
             assert s["resets"] == 1, s

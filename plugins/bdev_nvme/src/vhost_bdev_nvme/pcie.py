@@ -333,7 +333,8 @@ class PcieController(Controller):
                 if rc:
                     why = "cannot create the I/O queues again: " + ffi.string(err).decode(errors="replace")
         if rc:
-            log.error("%s: the reset of %s failed (%s): its namespaces are hot-removed", self.name, self.bdf, why)
+            log.error("%s: the reset of %s failed (%s): its namespaces are hot-removed", self.name, self.bdf,
+                      why)
             self.state = "failed"
             lib.nvp_fail(self.native, 1)
             if self.on_lost is not None:
