@@ -35,7 +35,7 @@ IGNORED_NOTICES = [
     ("accel_set_options: ignored small_cache_size", "no acceleration framework"),
     ("bdev_set_options: ignored bdev_io_pool_size", "no bdev_io pools"),
     ("bdev_raid_set_options: ignored process_window_size_kb", "RAID bdevs are not implemented"),
-    ("bdev_nvme_set_options: ignored action_on_timeout", "no such knob"),
+    ("bdev_nvme_set_options: ignored timeout_admin_us", "no such knob"),   # action_on_timeout: honoured
     ('framework_set_scheduler name="static": ignored', "static scheduler"),
     ("bdev_nvme_set_hotplug enable=false: ignored period_us", "removal is always noticed"),
 ]

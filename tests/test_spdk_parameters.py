@@ -42,6 +42,7 @@ SPDK_PARAMS: dict[str, tuple[str, ...]] = {
     "bdev_nvme_detach_controller": ("adrfam", "hostaddr", "hostsvcid", "name", "subnqn", "traddr", "trsvcid",
                                     "trtype"),
     "bdev_nvme_get_controllers": ("name",),
+    "bdev_nvme_reset_controller": ("cntlid", "name"),
     "bdev_nvme_set_hotplug": ("enable", "period_us"),
     "bdev_rbd_create": ("block_size", "cluster_name", "config", "name", "pool_name", "rbd_name", "read_only",
                         "user_id", "uuid"),

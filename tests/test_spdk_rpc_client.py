@@ -154,7 +154,9 @@ def test_every_listed_method_answers_spdk_rpc_py_with_its_defaults(daemon, tmp_p
     # NVMe/TCP needs a target (plugins/bdev_nvme/tests boot one): here, the answers without one.
     assert rpc.json("bdev_nvme_get_controllers") == []
     assert "does not exist" in rpc.fails("bdev_nvme_detach_controller", "Nvme0")
-    rpc.driven.update({"bdev_nvme_attach_controller", "bdev_nvme_detach_controller"})     # fails() above
+    assert "no PCIe NVMe controller 'Nvme0'" in rpc.fails("bdev_nvme_reset_controller", "Nvme0")
+    rpc.driven.update({"bdev_nvme_attach_controller", "bdev_nvme_detach_controller",     # fails() above
+                       "bdev_nvme_reset_controller"})
     rpc.run("bdev_raid_set_options")
     rpc.run("framework_set_scheduler", "static")
     # SPDK's v24.05 walkthrough: a read-only vhost-blk sharing Malloc0 with a SCSI target, QoS, coalescing.

@@ -257,10 +257,16 @@ def test_set_options_sets_the_defaults_of_later_attaches(vhost_daemon, nvmet_tar
                  keep_alive_timeout_ms=10000, transport_retry_count=4, bdev_retry_count=3,
                  ctrlr_loss_timeout_sec=30, reconnect_delay_sec=2, fast_io_fail_timeout_sec=0,
                  generate_uuids=False, transport_tos=0) is True
-    assert "bdev_nvme_set_options: ignored action_on_timeout" in d.log()
+    assert "bdev_nvme_set_options: ignored timeout_admin_us, transport_retry_count" in d.log()
+    e = rpc_error(d, "bdev_nvme_set_options", action_on_timeout="retry")
+    assert e.code == -errno.EINVAL and "action_on_timeout must be none, abort or reset" in e.message, e.message
     d.rpc("bdev_nvme_attach_controller", **nvmet_target.attach_params())
     (c,) = d.rpc("bdev_nvme_get_controllers", name="Nvme0")
     assert c["ctrlrs"][0]["ctrlr_loss_timeout_sec"] == 30 and c["ctrlrs"][0]["reconnect_delay_sec"] == 2
+    e = rpc_error(d, "bdev_nvme_reset_controller", name="Nvme0")      # PCIe only (the guest test)
+    assert e.code == -errno.ENOTSUP and "NVMe/TCP controllers reset by reconnecting" in e.message, e.message
+    e = rpc_error(d, "bdev_nvme_reset_controller", name="Nvme9")
+    assert e.code == -errno.ENODEV and "no PCIe NVMe controller 'Nvme9'" in e.message, e.message
     assert d.rpc("bdev_nvme_set_hotplug", enable=False) is True
     d.rpc("bdev_nvme_detach_controller", name="Nvme0")
     nothing_attached(d)

@@ -57,7 +57,7 @@ class VfioGuest:
             devices += ["-device", "pcie-root-port,id=rp0,chassis=1,slot=1"]
         devices += ["-device", nvme]
         self.vm = GuestVM(devices, mem_mb=1024, smp=2, shared_memory=False, name=name, kernel=kernel,
-                          initrd=initrd, append="intel_iommu=on iommu=pt",
+                          initrd=initrd, append="intel_iommu=on iommu=pt no_timer_check",
                           extra_args=["-machine", "q35"])
         self.boot_s = 0.0
 

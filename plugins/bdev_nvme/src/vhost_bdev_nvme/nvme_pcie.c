@@ -85,6 +85,7 @@ struct nvp_qpair {
     vn_bdev_io *pend_head, *pend_tail;  /* requests waiting for slots (linked in driver_ctx) */
     int irq_fd;                 /* eventfd of its MSI-X vector, or -1 */
     int irq_mode;               /* the reactor sleeps on irq_fd (it asked for channel_fd) */
+    atomic_uint acked_gen;      /* the reset generation whose quiescing its reactor acknowledged */
     /* Owner: the reactor thread using it, and how many channels of it. */
     int owner_tid;
     int refs;
@@ -109,10 +110,17 @@ struct nvp_ctrlr {
     int sgl;
     uint32_t io_timeout_ms;
     atomic_int failed;
+    atomic_uint reset_gen;      /* odd: a controller reset is under way (nvp_reset_begin .. _end) */
     pthread_mutex_t q_lock;
     int nq;
     struct nvp_qpair qp[MAX_QPAIRS];
     int req_fd;
+    /* Commands past the I/O timeout, for the control plane to abort (NVMe Abort): qid | cid << 16,
+     * pushed by the reactors, taken by nvp_take_timed_out; tmo_fd is signalled on each push. */
+    int tmo_fd;
+    pthread_mutex_t tmo_lock;
+    uint32_t tmo[64];
+    uint32_t ntmo;
     int msix;                   /* MSI-X vectors enabled through VFIO (0: none) */
     /* statistics, updated by the reactors with relaxed atomics */
     struct nvp_stats st;
@@ -249,6 +257,7 @@ static void release(struct nvp_ctrlr *c)
         }
         close(c->req_fd);
     }
+    if (c->tmo_fd >= 0) close(c->tmo_fd);
     if (c->msix && c->device >= 0) {
         struct vfio_irq_set s = {.argsz = sizeof(s), .flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
                                  .index = VFIO_PCI_MSIX_IRQ_INDEX, .start = 0, .count = 0};
@@ -268,6 +277,7 @@ static void release(struct nvp_ctrlr *c)
     if (c->container >= 0) close(c->container);
     pthread_mutex_destroy(&c->admin_lock);
     pthread_mutex_destroy(&c->q_lock);
+    pthread_mutex_destroy(&c->tmo_lock);
     free(c);
 }
 
@@ -331,6 +341,9 @@ void *nvp_open(const char *bdf, char *err, size_t errlen)
     c->container = c->group = c->device = c->req_fd = -1;
     pthread_mutex_init(&c->admin_lock, NULL);
     pthread_mutex_init(&c->q_lock, NULL);
+    pthread_mutex_init(&c->tmo_lock, NULL);
+    c->tmo_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->tmo_fd < 0) { seterr(err, errlen, "eventfd: %s", strerror(errno)); goto fail; }
     c->io_timeout_ms = 30000;
     c->max_xfer = MAX_CMD_BYTES;
 
@@ -646,6 +659,73 @@ int nvp_create_io_queues(void *ctrlr, uint16_t count, uint16_t depth, uint32_t t
     return made;
 }
 
+/* ------------------------------------------------------------------ reset */
+
+int nvp_reset_begin(void *ctrlr, uint32_t timeout_ms)
+{
+    struct nvp_ctrlr *c = ctrlr;
+    unsigned gen = atomic_fetch_add(&c->reset_gen, 1) + 1;
+    if (!(gen & 1)) gen = atomic_fetch_add(&c->reset_gen, 1) + 1;     /* was odd already (a failed reset) */
+    uint64_t one = 1;
+    for (int i = 0; i < c->nq; i++)             /* wake interrupt-mode reactors: they poll, see it, ack */
+        if (c->qp[i].irq_fd >= 0 && write(c->qp[i].irq_fd, &one, sizeof(one)) < 0) { /* counter full */ }
+    uint64_t deadline = now_ms_precise() + timeout_ms;
+    for (;;) {
+        int all = 1;
+        pthread_mutex_lock(&c->q_lock);
+        for (int i = 0; i < c->nq; i++)
+            if (c->qp[i].refs && atomic_load_explicit(&c->qp[i].acked_gen, memory_order_acquire) != gen) all = 0;
+        pthread_mutex_unlock(&c->q_lock);
+        if (all) return 0;
+        if (now_ms_precise() > deadline) return -ETIMEDOUT;
+        usleep(1000);
+    }
+}
+
+int nvp_reset_queues(void *ctrlr, uint32_t timeout_ms, char *err, size_t errlen)
+{
+    struct nvp_ctrlr *c = ctrlr;
+    for (int i = 0; i < c->nq; i++) {
+        struct nvp_qpair *q = &c->qp[i];
+        memset(q->sq, 0, (size_t)q->depth * (sizeof(struct sqe) + sizeof(struct cqe)));
+        memset(q->cmds, 0, (size_t)q->depth * sizeof(*q->cmds));
+        q->nfree = 0;
+        for (uint16_t k = 0; k + 1 < q->depth; k++) q->free_cids[q->nfree++] = (uint16_t)(q->depth - 2 - k);
+        q->sq_tail = q->cq_head = 0;
+        q->phase = 1;
+        q->outstanding = 0;
+        q->bounce_free = (1u << NBOUNCE) - 1;
+        q->pend_head = q->pend_tail = NULL;
+        q->next_check_ms = 0;
+        uint8_t sqe[64] = {0}, cqe[16];
+        struct sqe *s = (struct sqe *)sqe;
+        s->cdw0 = 0x05;         /* Create I/O Completion Queue, as at attach */
+        s->prp1 = (uint64_t)(uintptr_t)q->cq;
+        s->cdw10 = (uint32_t)(q->depth - 1) << 16 | q->qid;
+        s->cdw11 = q->irq_fd >= 0 ? ((uint32_t)q->qid << 16 | 2u | 1u) : 1u;
+        int rc = nvp_admin(c, sqe, NULL, 0, 0, timeout_ms, cqe, err, errlen);
+        if (rc == 0) {
+            memset(sqe, 0, sizeof(sqe));
+            s->cdw0 = 0x01;     /* Create I/O Submission Queue */
+            s->prp1 = (uint64_t)(uintptr_t)q->sq;
+            s->cdw10 = (uint32_t)(q->depth - 1) << 16 | q->qid;
+            s->cdw11 = (uint32_t)q->qid << 16 | 1;
+            rc = nvp_admin(c, sqe, NULL, 0, 0, timeout_ms, cqe, err, errlen);
+        }
+        if (rc < 0) return rc;
+    }
+    return 0;
+}
+
+void nvp_reset_end(void *ctrlr)
+{
+    struct nvp_ctrlr *c = ctrlr;
+    pthread_mutex_lock(&c->tmo_lock);
+    c->ntmo = 0;                                /* commands of the old queues */
+    pthread_mutex_unlock(&c->tmo_lock);
+    atomic_fetch_add_explicit(&c->reset_gen, 1, memory_order_release);
+}
+
 int nvp_request_eventfd(void *ctrlr)
 {
     struct nvp_ctrlr *c = ctrlr;
@@ -670,6 +750,32 @@ int nvp_request_eventfd(void *ctrlr)
     }
     c->req_fd = fd;
     return fd;
+}
+
+int nvp_timeout_eventfd(void *ctrlr)
+{
+    return ((struct nvp_ctrlr *)ctrlr)->tmo_fd;
+}
+
+int nvp_take_timed_out(void *ctrlr, uint32_t *out, int max)
+{
+    struct nvp_ctrlr *c = ctrlr;
+    pthread_mutex_lock(&c->tmo_lock);
+    int n = (int)c->ntmo < max ? (int)c->ntmo : max;
+    memcpy(out, c->tmo, (size_t)n * sizeof(*out));
+    memmove(c->tmo, c->tmo + n, (c->ntmo - (uint32_t)n) * sizeof(*out));
+    c->ntmo -= (uint32_t)n;
+    pthread_mutex_unlock(&c->tmo_lock);
+    return n;
+}
+
+static void timed_out(struct nvp_ctrlr *c, uint16_t qid, uint16_t cid)
+{
+    pthread_mutex_lock(&c->tmo_lock);
+    if (c->ntmo < sizeof(c->tmo) / sizeof(c->tmo[0])) c->tmo[c->ntmo++] = qid | (uint32_t)cid << 16;
+    pthread_mutex_unlock(&c->tmo_lock);
+    uint64_t one = 1;
+    if (write(c->tmo_fd, &one, sizeof(one)) < 0) { /* EAGAIN: already signalled */ }
 }
 
 void nvp_fail(void *ctrlr, int fail)
@@ -957,6 +1063,16 @@ static int qpair_poll(struct nvp_qpair *q)
         if (q->outstanding || q->pend_head) { fail_all(q, -EIO); return 1; }
         return 0;
     }
+    unsigned gen = atomic_load_explicit(&c->reset_gen, memory_order_acquire);
+    if (__builtin_expect(gen & 1, 0)) {
+        /* A reset: fail what is queued and in flight, then leave the queue to the control
+         * plane (which re-creates it) until the reset ends. */
+        if (atomic_load_explicit(&q->acked_gen, memory_order_relaxed) == gen) return 0;
+        int had = q->outstanding || q->pend_head;
+        fail_all(q, -EIO);
+        atomic_store_explicit(&q->acked_gen, gen, memory_order_release);
+        return had;
+    }
     if (!q->outstanding && !q->pend_head) return 0;
     for (;;) {
         volatile struct cqe *e = &q->cq[q->cq_head];
@@ -1012,6 +1128,7 @@ static int qpair_poll(struct nvp_qpair *q)
                 cmd->abandoned = 1;
                 q->outstanding--;
                 STAT_ADD(c, timeouts, 1);
+                timed_out(c, q->qid, cid);
                 struct nvp_io *s = IOS(cmd->io);
                 if (!s->status) s->status = -ETIMEDOUT;
                 s->end_block = s->next_block;
@@ -1034,7 +1151,8 @@ static void ns_submit(void *bdev_ctx, void *chan, vn_bdev_io *io)
     /* A flush is one command: the range [0, 1) stands for it. */
     s->next_block = io->type == VN_IO_FLUSH ? 0 : io->offset_blocks;
     s->end_block = io->type == VN_IO_FLUSH ? 1 : io->offset_blocks + io->num_blocks;
-    if (__builtin_expect(atomic_load_explicit(&ns->c->failed, memory_order_relaxed), 0)) {
+    if (__builtin_expect(atomic_load_explicit(&ns->c->failed, memory_order_relaxed) ||
+                         (atomic_load_explicit(&ns->c->reset_gen, memory_order_acquire) & 1), 0)) {
         s->status = -EIO;
         STAT_ADD(ns->c, failed_removed, 1);
         io_finish(io, ns->c);

@@ -8,7 +8,8 @@
 // at attach (shared by every namespace a reactor opens), submit with PRP lists (or SGLs,
 // where the buffers are not page-aligned and the controller has them) built straight from
 // the request's iovecs, and poll the completion queue.  A command unanswered within the
-// I/O timeout fails its request (the slot stays reserved until the controller answers);
+// I/O timeout fails its request (the slot stays reserved until the controller answers) and is
+// handed to the control plane, which sends the controller an Abort for it;
 // once the controller is failed (hot-removal, detach) every request fails at once.
 //
 #ifndef VHOST_BDEV_NVME_PCIE_H
@@ -56,6 +57,19 @@ int nvp_dma_unmap(void *ctrlr, uint64_t vaddr, uint64_t len);
 // An eventfd the kernel signals when it asks for the device back (hot-removal: the VFIO
 // request interrupt).  -errno when the device has no request interrupt.
 int nvp_request_eventfd(void *ctrlr);
+// An eventfd signalled when I/O commands pass the I/O timeout (their requests fail at once),
+// and those commands (qid | cid << 16, at most `max`, each once): the control plane sends them
+// an NVMe Abort.
+int nvp_timeout_eventfd(void *ctrlr);
+int nvp_take_timed_out(void *ctrlr, uint32_t *out, int max);
+// Controller reset, in three steps on the control plane's thread (admin lock held): begin (the
+// reactors fail what is queued and in flight on their queues and leave them alone; new I/O
+// fails; waits at most timeout_ms for every reactor using a queue), then nvp_enable and Set
+// Features (number of queues), then nvp_reset_queues (each I/O queue pair emptied and created
+// again on the controller), then end (I/O flows again).  0 or -errno.
+int nvp_reset_begin(void *ctrlr, uint32_t timeout_ms);
+int nvp_reset_queues(void *ctrlr, uint32_t timeout_ms, char *err, size_t errlen);
+void nvp_reset_end(void *ctrlr);
 // 1: fail queued, outstanding and new I/O at once (the controller is going).
 void nvp_fail(void *ctrlr, int fail);
 void nvp_get_stats(void *ctrlr, struct nvp_stats *out);

@@ -19,6 +19,7 @@ import re
 import select
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -98,7 +99,8 @@ def check_function(bdf: str) -> None:
 class PcieController(Controller):
     """An NVMe controller on PCIe, driven from userspace through VFIO."""
 
-    def __init__(self, name: str, bdf: str, num_io_queues: int, memory: Any, io_timeout_ms: int = 0) -> None:
+    def __init__(self, name: str, bdf: str, num_io_queues: int, memory: Any, io_timeout_ms: int = 0,
+                 action_on_timeout: str = "abort") -> None:
         # Not Controller.__init__: no NVMe/TCP state.  The Identify parsing is shared.
         self.name = name
         self.bdf = bdf
@@ -124,6 +126,11 @@ class PcieController(Controller):
         self.native = ffi.NULL
         self._freed = False
         self.removed = False
+        self.aborts = {"sent": 0, "aborted": 0, "not_aborted": 0, "failed": 0}
+        #: bdev_nvme_set_options action_on_timeout: "abort" (then a reset if the Abort fails),
+        #: "reset", or "none" (the request fails, nothing is sent).
+        self.action_on_timeout = action_on_timeout
+        self.resets = 0
 
     def __repr__(self) -> str:
         return f"<NVMe controller {self.name} at {self.bdf}>"
@@ -231,35 +238,112 @@ class PcieController(Controller):
         lib.nvp_fail(self.native, 1)
 
     def start(self, on_lost: Callable[[Controller, str], None]) -> None:
-        """Watch the VFIO request interrupt: the kernel wants the device back (hot-removal)."""
+        """Watch the VFIO request interrupt (the kernel wants the device back: hot-removal) and
+        the commands the reactors gave up on after the I/O timeout (each is sent an Abort)."""
         self.on_lost = on_lost
         fd = lib.nvp_request_eventfd(self.native)
         if fd < 0:
             notice(log, "%s: %s has no VFIO request interrupt (%s): a hot-removal is not noticed", self.name,
                    self.bdf, os.strerror(-fd))
-            return
-        self._thread = threading.Thread(target=self._watch, args=(fd,), name=f"nvme_{self.name}", daemon=True)
+        fds = [x for x in (fd, lib.nvp_timeout_eventfd(self.native)) if x >= 0]
+        self._thread = threading.Thread(target=self._watch, args=(fd, fds), name=f"nvme_{self.name}",
+                                        daemon=True)
         self._thread.start()
 
-    def _watch(self, fd: int) -> None:
+    def _watch(self, req_fd: int, fds: list[int]) -> None:
         while not self._stop.is_set():
-            r, _, _ = select.select([fd], [], [], 0.2)
+            r, _, _ = select.select(fds, [], [], 0.2)
             if not r:
                 continue
-            try:
-                os.read(fd, 8)
-            except OSError:
-                pass
+            for fd in r:
+                try:
+                    os.read(fd, 8)
+                except OSError:
+                    pass
             if self._stop.is_set():
                 return
-            self.removed = True
+            if req_fd in r:
+                self.removed = True
+                self.state = "failed"
+                log.error("%s: the kernel asks for %s back (the device is being removed): its namespaces are "
+                          "hot-removed", self.name, self.bdf)
+                lib.nvp_fail(self.native, 1)
+                if self.on_lost is not None:
+                    self.on_lost(self, "hot-removed")
+                return
+            self._abort_timed_out()
+
+    def _abort_timed_out(self) -> None:
+        """What action_on_timeout says for the I/O commands past the timeout (their requests
+        failed already): an NVMe Abort (admin opcode 0x08) each, so that the controller may drop
+        it instead of running it late, and a controller reset if an Abort fails; or a reset."""
+        out = ffi.new("uint32_t[64]")
+        reset = False
+        while (n := lib.nvp_take_timed_out(self.native, out, 64)) > 0:
+            for i in range(n):
+                sqid, cid = out[i] & 0xFFFF, out[i] >> 16
+                if self.action_on_timeout == "reset":
+                    reset = True
+                if self.action_on_timeout != "abort" or reset:
+                    continue
+                sqe = bytearray(64)
+                sqe[0] = 0x08
+                struct.pack_into("<I", sqe, 40, sqid | cid << 16)
+                self.aborts["sent"] += 1
+                try:
+                    with self.admin_lock:
+                        cqe = self._admin(sqe, timeout_ms=min(self.io_timeout_ms, ADMIN_TIMEOUT_MS))
+                except ControllerError as exc:
+                    self.aborts["failed"] += 1
+                    log.error("%s: Abort of command %d on I/O queue %d: %s", self.name, cid, sqid, exc.message)
+                    reset = True
+                    continue
+                done = "not_aborted" if struct.unpack_from("<I", cqe, 0)[0] & 1 else "aborted"
+                self.aborts[done] += 1
+                log.warning("%s: command %d on I/O queue %d timed out after %d ms: Abort sent, the controller "
+                            "answered %s", self.name, cid, sqid, self.io_timeout_ms, done.replace("_", " "))
+        if reset:
+            self.reset()
+
+    def reset(self) -> bool:
+        """Controller reset: the reactors fail their queued and in-flight I/O and let go of
+        their queues; CC.EN=0, CSTS.RDY=0, the admin queue again, enable; Set Features
+        (number of queues) and the I/O queues created again; I/O flows.  If the controller
+        does not come back, it is failed and its namespaces hot-removed."""
+        t0 = time.monotonic()
+        self.resets += 1
+        log.error("%s: %s: resetting the controller", self.name, self.bdf)
+        err = ffi.new("char[240]")
+        why = ""
+        with self.admin_lock:
+            rc = lib.nvp_reset_begin(self.native, ADMIN_TIMEOUT_MS)
+            if rc:
+                why = f"the reactors did not let go of their queues: {os.strerror(-rc)}"
+            else:
+                rc = lib.nvp_enable(self.native, ADMIN_TIMEOUT_MS, err, 240)
+                if rc:
+                    why = ffi.string(err).decode(errors="replace")
+            if not rc:
+                try:
+                    self._set_num_queues()
+                except ControllerError as exc:
+                    rc, why = -exc.errno, exc.message
+            if not rc:
+                rc = lib.nvp_reset_queues(self.native, ADMIN_TIMEOUT_MS, err, 240)
+                if rc:
+                    why = "cannot create the I/O queues again: " + ffi.string(err).decode(errors="replace")
+        if rc:
+            log.error("%s: the reset of %s failed (%s): its namespaces are hot-removed", self.name, self.bdf,
+                      why)
             self.state = "failed"
-            log.error("%s: the kernel asks for %s back (the device is being removed): its namespaces are "
-                      "hot-removed", self.name, self.bdf)
             lib.nvp_fail(self.native, 1)
             if self.on_lost is not None:
-                self.on_lost(self, "hot-removed")
-            return
+                self.on_lost(self, "controller reset failed")
+            return False
+        lib.nvp_reset_end(self.native)
+        notice(log, "%s: controller %s reset in %.1f s; I/O flows again", self.name, self.bdf,
+               time.monotonic() - t0)
+        return True
 
     def _release(self) -> None:
         if self.listening:
@@ -294,4 +378,5 @@ class PcieController(Controller):
             "last_status": status_text(s.last_status) if s.status_errors else None,
             "io_queues_in_use": lib.nvp_queues_in_use(self.native), "dma_map_failures": self.map_failures,
             "io_timeout_ms": self.io_timeout_ms, "msix_vectors": lib.nvp_interrupts(self.native),
+            "aborts": dict(self.aborts), "resets": self.resets, "action_on_timeout": self.action_on_timeout,
         }

@@ -119,6 +119,12 @@ class AttachParams:
 
 
 @attrs.frozen
+class ResetParams:
+    name: str = param(help="Name of the NVMe controller")
+    cntlid: int | None = param(None, "-c", "--cntlid", help="NVMe controller ID (its only one)")
+
+
+@attrs.frozen
 class DetachParams:
     name: str = param(help="Name of the NVMe controller")
     trtype: str | None = param(None, "-t", "--trtype", help="NVMe-oF target trtype")
@@ -135,9 +141,9 @@ class GetParams:
     name: str | None = param(None, "-n", "--name", help="Name of the NVMe controller (default: all)")
 
 
-_HONOURED_OPTIONS = ("timeout_us", "keep_alive_timeout_ms", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
+_HONOURED_OPTIONS = ("action_on_timeout", "timeout_us", "keep_alive_timeout_ms", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
                      "fast_io_fail_timeout_sec", "tcp_connect_timeout_ms")
-_OPTION_DEFAULTS = {"timeout_us": 0, "keep_alive_timeout_ms": 10000, "ctrlr_loss_timeout_sec": 0, "reconnect_delay_sec": 0,
+_OPTION_DEFAULTS = {"action_on_timeout": "abort", "timeout_us": 0, "keep_alive_timeout_ms": 10000, "ctrlr_loss_timeout_sec": 0, "reconnect_delay_sec": 0,
                     "fast_io_fail_timeout_sec": 0, "tcp_connect_timeout_ms": 0}
 
 
@@ -147,7 +153,9 @@ class SetOptionsParams:
     every later attach); the others (queues, retries, polling periods, RDMA) are accepted with a
     NOTICE, since SPDK's save_config writes them all."""
 
-    action_on_timeout: Any = None
+    action_on_timeout: str | None = param(None, help="PCIe: on a command timeout, abort (an NVMe Abort; a "
+                                                     "controller reset if it fails; the default), reset or "
+                                                     "none, on controllers attached later")
     timeout_us: int | None = param(None, help="PCIe: a command unanswered this long fails its request "
                                              "(microseconds; 0: the default, 30 s) on controllers attached "
                                              "later")
@@ -203,6 +211,8 @@ class NvmeModule(BdevModule):
         self.options_set: dict[str, Any] = {}
         #: bdev_nvme_set_options timeout_us: PCIe commands unanswered this long fail (0: 30 s).
         self.io_timeout_us = 0
+        #: bdev_nvme_set_options action_on_timeout of later PCIe attaches: abort, reset or none.
+        self.action_on_timeout = "abort"
         self.hostid = uuid_mod.uuid4().bytes
         self.hostnqn = _default_hostnqn()
         self.bdevs: BdevRegistry | None = None
@@ -405,7 +415,7 @@ def _attach_pcie(ctx: CommandContext, module: NvmeModule, method: str, p: Attach
         module.attaching.add(p.name)
     try:
         c = PcieController(p.name, bdf, nq, ctx.memory, io_timeout_ms=max(1, module.io_timeout_us // 1000)
-                           if module.io_timeout_us else 0)
+                           if module.io_timeout_us else 0, action_on_timeout=module.action_on_timeout)
         try:
             _off_the_lock(ctx.bdevs, lambda: c.bring_up(time.monotonic() + 30))
         except ControllerError as exc:
@@ -565,6 +575,11 @@ def _set_options(module: NvmeModule, p: SetOptionsParams) -> bool:
     if new.keep_alive_timeout_ms < 0 or new.connect_timeout_ms < 0:
         raise VhostError(errno.EINVAL, "bdev_nvme_set_options: keep_alive_timeout_ms and tcp_connect_timeout_ms "
                                        "cannot be negative")
+    if p.action_on_timeout is not None:
+        if p.action_on_timeout not in ("none", "abort", "reset"):
+            raise VhostError(errno.EINVAL, f"bdev_nvme_set_options: action_on_timeout must be none, abort or "
+                                           f"reset, not {p.action_on_timeout!r}")
+        module.action_on_timeout = p.action_on_timeout
     if p.timeout_us is not None:
         if p.timeout_us < 0:
             raise VhostError(errno.EINVAL, "bdev_nvme_set_options: timeout_us cannot be negative")
@@ -608,6 +623,24 @@ def vhost_register_commands(registry) -> None:
     def bdev_nvme_detach_controller(ctx: CommandContext, p: DetachParams) -> bool:
         """Detach an NVMe controller and delete any associated bdevs."""
         return _detach(ctx, ctx.bdev_module(MODULE), "bdev_nvme_detach_controller", p)
+
+    @registry.command("bdev_nvme_reset_controller", params=ResetParams, blocking=True, cli=Cli(prints=False))
+    def bdev_nvme_reset_controller(ctx: CommandContext, p: ResetParams) -> bool:
+        """Reset an NVMe controller (PCIe): in-flight I/O fails, the queues are created again."""
+        module = ctx.bdev_module(MODULE)
+        with module.lock:
+            c = module.controllers.get(p.name)
+        if not isinstance(c, PcieController):
+            raise VhostError(errno.ENODEV if c is None else errno.ENOTSUP,
+                             f"bdev_nvme_reset_controller: no PCIe NVMe controller '{p.name}' (NVMe/TCP "
+                             f"controllers reset by reconnecting)")
+        if p.cntlid is not None and p.cntlid != c.cntlid:
+            raise VhostError(errno.ENODEV, f"bdev_nvme_reset_controller: '{p.name}' has no controller "
+                                          f"{p.cntlid} (its cntlid is {c.cntlid})")
+        if not c.reset():
+            raise VhostError(errno.EIO, f"bdev_nvme_reset_controller: the reset of '{p.name}' failed: its "
+                                        f"namespaces were hot-removed")
+        return True
 
     @registry.command("bdev_nvme_get_controllers", params=GetParams, aliases=("get_nvme_controllers",))
     def bdev_nvme_get_controllers(ctx: CommandContext, p: GetParams) -> list[dict[str, Any]]:
