@@ -33,10 +33,27 @@ H={HOST}
 mkdir -p $H
 mountpoint -q $H || mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot $H
 for d in dev proc sys; do mountpoint -q $H/$d || mount -o rbind /$d $H/$d; done
+# The arguments: host paths under the directories the tmpfs mounts below cover (a checkout
+# in /tmp, as a CI's clone may be), bound back on top so the chroot still sees them.
+n=0
+for p in "$@"; do mkdir -p /keep/$n; mountpoint -q /keep/$n || mount -o bind "$H$p" /keep/$n; n=$((n+1)); done
 for d in run tmp var/tmp; do mountpoint -q $H/$d || mount -t tmpfs -o mode=1777 tmpfs $H/$d; done
+n=0
+for p in "$@"; do mkdir -p "$H$p"; mountpoint -q "$H$p" || mount -o bind /keep/$n "$H$p"; n=$((n+1)); done
 test -c /dev/vfio/vfio
 echo vfio-setup-ready
 """
+
+
+def covered_paths() -> list[Path]:
+    """This checkout and the Python environment running the test, where the guest's tmpfs
+    mounts on /run, /tmp and /var/tmp would hide them (a clone in /tmp)."""
+    out: list[Path] = []
+    for p in (REPO.resolve(), Path(sys.prefix).resolve()):
+        if any(p.is_relative_to(d) for d in ("/run", "/tmp", "/var/tmp")) and \
+                not any(p.is_relative_to(q) for q in out):
+            out.append(p)
+    return out
 
 
 def image() -> tuple[str, str]:
@@ -66,7 +83,8 @@ class VfioGuest:
         self.vm.start()
         try:
             self.vm.wait_ready(timeout)
-            out = self.vm.check("/sbin/vfio-setup", timeout=60)
+            keep = " ".join(shlex.quote(str(p)) for p in covered_paths())
+            out = self.vm.check(f"/sbin/vfio-setup {keep}", timeout=60)
             if "vfio-setup-ready" not in out:
                 raise RuntimeError(f"vfio setup failed:\n{out}")
         except BaseException:
