@@ -14,14 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 
 import pytest
-from guestvm import GuestVM
+from guestvm import GuestError, GuestVM
 from test_e2e_aio import disk_file  # noqa: F401  (the fixture: a 64 MiB file on a disk filesystem)
 
-from vhost_core.testing.daemon import VhostDaemon
+from vhost_core.testing.daemon import VhostDaemon, wait_no_session
 
 MEM_MB = 384
 
@@ -145,6 +146,27 @@ def test_pages_the_target_fills_during_migration_arrive_on_the_destination(vhost
     with open(disk_file, "rb") as f:
         expected = hashlib.sha256(f.read(32 << 20)).hexdigest()
     src_dev, dst_dev = serve(src_d, disk_file, "blk"), serve(dst_d, disk_file, "blk")
+    for attempt in (1, 2, 3):
+        try:
+            got, reads_before, reads_after = _migrate_a_cache_the_target_filled(src_d, dst_d, src_dev, dst_dev)
+            break
+        except GuestError:
+            # QEMU 7.2 under TCG now and then hands over a guest whose kernel oopses or hangs
+            # on the destination, whatever serves its disk (docs/testing.md, "The soak
+            # test"; two of our CI runs this session).  What this test is about, a page the
+            # log missed, shows as other data in the assertion below, never as a crash: try
+            # the migration again, at most three times in all.
+            if attempt == 3:
+                raise
+            for d in (src_d, dst_d):
+                wait_no_session(d, "vhost.0", timeout=30)
+    assert reads_after == reads_before, "the destination read the disk again: the test proves nothing"
+    assert got == expected
+    for d in (src_d, dst_d):
+        assert "Traceback" not in d.log(), d.log()
+
+
+def _migrate_a_cache_the_target_filled(src_d, dst_d, src_dev, dst_dev) -> tuple[str, int, int]:
     port = free_port()
     # init_on_alloc=0: Debian's kernel zeroes every page it allocates, a CPU write that
     # QEMU's own dirty tracking sees and that would hide a missing log entry.
@@ -181,10 +203,7 @@ def test_pages_the_target_fills_during_migration_arrive_on_the_destination(vhost
         reads_before = dst_d.rpc("bdev_get_iostat", name="aio0")["bdevs"][0]["num_read_ops"]
         got = dst.check("dd if=/dev/vda bs=1M count=32 2>/dev/null | sha256sum").split()[0]
         reads_after = dst_d.rpc("bdev_get_iostat", name="aio0")["bdevs"][0]["num_read_ops"]
-        assert reads_after == reads_before, "the destination read the disk again: the test proves nothing"
-        assert got == expected
-    for d in (src_d, dst_d):
-        assert "Traceback" not in d.log(), d.log()
+    return got, reads_before, reads_after
 
 
 @pytest.mark.parametrize("how", ["cancelled", "destination killed"])
