@@ -1061,6 +1061,28 @@ static void vq_complete(vn_req *req, uint32_t written)
     q->free_list = s;
 }
 
+/* A chain walked (either ring layout): its parts' sums checked once, not per
+ * descriptor (they cannot wrap: VN_MAX_IOV descriptors of at most 4 GiB each, and
+ * nothing was touched yet).  When part of the chain lies outside guest memory, the
+ * device gets only the chain's last descriptor (flags, addr, len), when it is
+ * device-writable and translates, so that it can still answer an error status there
+ * (virtio-blk's status byte) instead of leaving the driver without one. */
+static inline __attribute__((always_inline)) void req_check_walked(struct vn_vq *q, vn_req *req, uint16_t flags,
+                                                                   uint64_t addr, uint32_t len)
+{
+    if (__builtin_expect(req->out_len > VQ_MAX_PART_BYTES || req->in_len > VQ_MAX_PART_BYTES, 0)
+        && req->error == VN_REQ_OK)
+        req->error = VN_REQ_E2BIG;
+    if (__builtin_expect(req->error != VN_REQ_OK, 0)) {
+        req->n_out = req->n_in = 0;
+        req->out_len = req->in_len = 0;
+        if ((flags & VRING_DESC_F_WRITE) && len > 0 && len <= VQ_MAX_PART_BYTES) {
+            int n = mem_to_iov(q->mem, addr, len, req->iov, VN_MAX_IOV);
+            if (n > 0) { req->n_in = (uint32_t)n; req->in_len = len; }
+        }
+    }
+}
+
 /* Walk one chain into req.  Returns 0, or -1 if the ring itself is malformed
  * (the queue is then broken); a bad address only sets req->error. */
 static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, uint16_t head, vn_req *req)
@@ -1127,23 +1149,7 @@ static inline __attribute__((always_inline)) int vq_map_chain(struct vn_vq *q, u
         idx = d.next;
     }
     q->pass_walked += count;
-    /* Checked once, not per descriptor: the sums cannot wrap (VN_MAX_IOV
-     * descriptors of at most 4 GiB each), and nothing was touched yet. */
-    if (__builtin_expect(req->out_len > VQ_MAX_PART_BYTES || req->in_len > VQ_MAX_PART_BYTES, 0)
-        && req->error == VN_REQ_OK)
-        req->error = VN_REQ_E2BIG;
-    if (req->error) {
-        /* Part of the chain lies outside guest memory.  Hand the device only the
-         * chain's last descriptor, when it is device-writable and translates, so
-         * that it can still answer an error status there (virtio-blk's status
-         * byte) instead of leaving the driver without one. */
-        req->n_out = req->n_in = 0;
-        req->out_len = req->in_len = 0;
-        if ((last.flags & VRING_DESC_F_WRITE) && last.len > 0 && last.len <= VQ_MAX_PART_BYTES) {
-            int n = mem_to_iov(q->mem, last.addr, last.len, req->iov, VN_MAX_IOV);
-            if (n > 0) { req->n_in = (uint32_t)n; req->in_len = last.len; }
-        }
-    }
+    req_check_walked(q, req, last.flags, last.addr, last.len);
     return 0;
 }
 
@@ -1533,19 +1539,7 @@ static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_v
                                               : "more descriptors outstanding than the queue size");
         return -1;
     }
-    if (__builtin_expect(req->out_len > VQ_MAX_PART_BYTES || req->in_len > VQ_MAX_PART_BYTES, 0)
-        && req->error == VN_REQ_OK)
-        req->error = VN_REQ_E2BIG;
-    if (req->error) {
-        /* As for split rings: only the last descriptor, if device-writable, so
-         * that the device can still answer an error status there. */
-        req->n_out = req->n_in = 0;
-        req->out_len = req->in_len = 0;
-        if ((d.flags & VRING_DESC_F_WRITE) && d.len > 0 && d.len <= VQ_MAX_PART_BYTES) {
-            int n = mem_to_iov(q->mem, d.addr, d.len, req->iov, VN_MAX_IOV);
-            if (n > 0) { req->n_in = (uint32_t)n; req->in_len = d.len; }
-        }
-    }
+    req_check_walked(q, req, d.flags, d.addr, d.len);
     *id_out = d.id;
     *slots_out = slots;
     return 0;
