@@ -97,8 +97,9 @@ class ControllerError(VhostError):
 class Controller:
     """An NVMe/TCP controller and its namespaces' bdevs."""
 
-    def __init__(self, name: str, trid: Trid, family: int, numeric_addr: str, hostnqn: str, hostid: bytes,
-                 hdgst: bool, ddgst: bool, num_io_queues: int, timeouts: Timeouts) -> None:
+    def _init_state(self, name: str, trid: Trid, hostnqn: str, hdgst: bool, ddgst: bool, num_io_queues: int,
+                    timeouts: Timeouts) -> None:
+        """What every transport's controller keeps before it is brought up."""
         self.name = name
         self.trid = trid
         self.hostnqn = hostnqn
@@ -116,6 +117,10 @@ class Controller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_lost: Callable[[Controller, str], None] | None = None
+
+    def __init__(self, name: str, trid: Trid, family: int, numeric_addr: str, hostnqn: str, hostid: bytes,
+                 hdgst: bool, ddgst: bool, num_io_queues: int, timeouts: Timeouts) -> None:
+        self._init_state(name, trid, hostnqn, hdgst, ddgst, num_io_queues, timeouts)
         self.native = lib.nvt_ctrlr_new(numeric_addr.encode(), family, int(trid.trsvcid), trid.subnqn.encode(),
                                         hostnqn.encode(), hostid, int(hdgst), int(ddgst),
                                         timeouts.keep_alive_timeout_ms)

@@ -102,23 +102,8 @@ class PcieController(Controller):
     def __init__(self, name: str, bdf: str, num_io_queues: int, memory: Any, io_timeout_ms: int = 0,
                  action_on_timeout: str = "abort") -> None:
         # Not Controller.__init__: no NVMe/TCP state.  The Identify parsing is shared.
-        self.name = name
+        self._init_state(name, Trid("PCIe", "", bdf, "", ""), "", False, False, num_io_queues, Timeouts())
         self.bdf = bdf
-        self.trid = Trid("PCIe", "", bdf, "", "")
-        self.hostnqn = ""
-        self.hdgst = self.ddgst = False
-        self.num_io_queues = num_io_queues
-        self.timeouts = Timeouts()
-        self.state = "connecting"
-        self.cntlid = 0
-        self.cdata: dict[str, Any] = {}
-        self.version = ""
-        self.granted_queues = 0
-        self.namespaces: list[Namespace] = []
-        self.admin_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.on_lost: Callable[[Controller, str], None] | None = None
         self.memory = memory
         self.io_timeout_ms = io_timeout_ms or IO_TIMEOUT_MS
         self.listening = False
