@@ -9,14 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUITES=(tests/test_vhost_user_hostile.py tests/test_packed_hostile.py tests/test_isolation.py tests/test_isolation_stuck.py
-        tests/test_blk_requests.py tests/test_inflight.py
-        plugins/dev_scsi/tests plugins/dev_blk/tests/test_conformance.py
-        plugins/bdev_malloc/tests/test_conformance.py plugins/bdev_aio/tests/test_conformance.py
-        plugins/bdev_nvme/tests/test_bdev_nvme_rpc.py plugins/bdev_nvme/tests/test_hostile_target.py)
-# Not here, for CI's time: the NVMe/TCP and RBD conformance suites (a target guest, a
-# Ceph cluster); their native code's input handling is what test_hostile_target.py and
-# the nvme_tcp_rx fuzzer cover.  Run them alike with: scripts/test-sanitizers.sh <path>.
+# The suites: scripts/sanitize-suites (the pytest stage of scripts/test.sh leaves them
+# out, so they run once, here).  Not there, for CI's time: the NVMe/TCP and RBD
+# conformance suites (a target guest, a Ceph cluster); their native code's input
+# handling is what test_hostile_target.py and the nvme_tcp_rx fuzzer cover.  Run them
+# alike with: scripts/test-sanitizers.sh <path>.
+mapfile -t SUITES < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/sanitize-suites)
 [ $# -gt 0 ] && SUITES=("$@")
 
 VENV=.venv-asan

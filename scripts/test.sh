@@ -4,8 +4,9 @@
 #                FUZZ_SECONDS (default 10) each (fuzz/run.sh, fuzz/README.md)
 #   2. sanitize  the hostile and device suites against daemons whose native
 #                modules are built with ASan + UBSan (scripts/test-sanitizers.sh)
-#   3. pytest    unit tests of every package, hostile-input tests against the
-#                real daemon, and end-to-end tests with a real QEMU guest (TCG)
+#   3. pytest    every other test: unit tests of every package, the daemon's RPC
+#                and vhost-user behaviour, and end-to-end tests with a real QEMU
+#                guest (TCG), a real Ceph and NVMe/TCP targets
 # Every stage runs even when an earlier one failed; any failure fails the run.
 # Extra arguments go to pytest and run stage 3 only (e.g. -k blk -x).
 set -uo pipefail
@@ -31,7 +32,9 @@ stage() {
 }
 stage fuzz fuzz/run.sh
 stage sanitize scripts/test-sanitizers.sh
-stage pytest .venv/bin/python -m pytest -p no:cacheprovider
+# The suites the sanitize stage ran are not run again here (scripts/sanitize-suites).
+mapfile -t ignore < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/^/--ignore=/' scripts/sanitize-suites)
+stage pytest .venv/bin/python -m pytest -p no:cacheprovider --durations=25 "${ignore[@]}"
 [ ${#failed[@]} -gt 0 ] && echo "failed stages: ${failed[*]}"
 echo "stages: $passed passed, ${#failed[@]} failed"
 [ ${#failed[@]} -eq 0 ]
