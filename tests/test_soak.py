@@ -12,9 +12,9 @@ queues the whole time.  Every round, meanwhile:
   configuration read (what save_config gathers);
 * one ``kill -9`` of the daemon serving ``vm-blk`` (QEMU, ``reconnect=1``, waits for its
   successor, which resubmits what was in flight from the inflight buffer);
-* one live migration of ``vm-blk`` to a second daemon serving the same file; the next
-  round's ``vm-blk`` starts there.  (One migration per guest: QEMU 7.2 under TCG does not
-  carry a busy guest through many migrations in a row with any back-end, see below.)
+* one migration of ``vm-blk`` to a second daemon serving the same file, stop-and-copy,
+  with fio's requests in flight when the source stops (see below for why not live); the
+  next round's ``vm-blk`` starts there.
 
 Asserted: every fio pass of every round verifies, no guest logs an I/O error on its
 disks, every attached disk reads back what was written, no daemon logs a traceback or
@@ -26,12 +26,16 @@ daemon's open files stay exactly level and its RSS roughly level from the first 
 the CI version; rounds start until then, and at least two run);
 the scheduled job (``.ci/soak``) runs it for an hour.  A round takes about a minute.
 
-Why not migrate one guest round after round: a 4-vCPU TCG guest under fio, migrated again
-and again between two qemu-storage-daemons serving the same file, panicked on its 5th or
-6th migration (two runs, load average ~10 on 2 cores); with this target it panicked on
-its 2nd or 3rd (2 vCPUs too).  Migrated once per boot, it has not failed here (five runs of
-the 4-queue migration, and every soak round).  So the soak boots a new guest each round;
-the multi-hop failure is QEMU's to explain first, and a note in docs/testing.md says so.
+Why stop-and-copy, not live: QEMU 7.2's TCG corrupts the memory of a 4-vCPU guest that
+does disk I/O while it is live-migrated, more often the busier the host -- with QEMU's own
+virtio-blk and no vhost-user at all as well as with this target or qemu-storage-daemon
+(fio dying on "malloc assertion failure", kernel oopses and panics on the destination;
+docs/testing.md has the runs).  A stopped guest moves intact (no failure in 50 hops under
+the same load).  What the live phase adds, the dirty log of pages the target writes while
+the guest runs, is asserted by tests/test_e2e_migration.py, whose lighter guests migrate
+once.  What this soak keeps: the drain of in-flight requests when QEMU stops the rings
+(GET_VRING_BASE), the hand-over of four rings' positions to the destination daemon, and the
+destination resuming them, round after round, after a kill -9 and resubmission.
 """
 
 from __future__ import annotations
@@ -168,6 +172,15 @@ def wait_listening(port: int, vm: GuestVM, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def wait_incoming_done(vm: GuestVM, timeout: float = 60) -> None:
+    """Until the destination QEMU has loaded the whole incoming state (it then waits,
+    paused, for ``cont``: the source was stopped)."""
+    deadline = time.monotonic() + timeout
+    while vm.qmp("query-status")["status"] == "inmigrate":
+        assert time.monotonic() < deadline, f"destination still in migration after {timeout} s"
+        time.sleep(0.1)
+
+
 def rpc_churn(daemons: list[VhostDaemon], i: int) -> None:
     for d in daemons:
         d.rpc("bdev_malloc_create", name=f"Spare{i}", num_blocks=2048, block_size=512)
@@ -258,16 +271,20 @@ def test_two_vms_through_churn_kill_9_and_migration_round_after_round(tmp_path, 
             successor = blk.kill_current()
             wait_requests(successor, "vhost.0", 0, 120, f"round {rnd}: vm-blk after kill -9 and restart")
 
-            # Live migration to the other daemon, fio still running.
+            # Migration to the other daemon, with fio's requests in flight: stop-and-copy
+            # (the module docstring says why not live).
             port = free_port()
             dst_vm = GuestVM(blk.device_args(blk.other), mem_mb=MEM_MB, smp=QUEUES, name=f"soak-blk-{rnd}-dst",
                              extra_args=["-incoming", f"tcp:127.0.0.1:{port}"])
             vms.append(dst_vm)
             dst_vm.start()
             wait_listening(port, dst_vm)
+            vm_blk.qmp("stop")
             vm_blk.qmp("migrate", uri=f"tcp:127.0.0.1:{port}")
             info = wait_migration(vm_blk)
             assert info["status"] == "completed", f"round {rnd}: migration {info}"
+            wait_incoming_done(dst_vm)
+            dst_vm.qmp("cont")
             vm_blk.kill()
             vms.remove(vm_blk)
             vm_blk.close()
@@ -276,7 +293,6 @@ def test_two_vms_through_churn_kill_9_and_migration_round_after_round(tmp_path, 
             left = blk.current
             blk.cur = 1 - blk.cur
             wait_requests(blk.current, "vhost.0", 0, 60, f"round {rnd}: vm-blk after the migration")
-            assert "Controller vhost.0: dirty page logging started (live migration)" in left.log()
 
             runs_blk = finish_fio(vm_blk, f"vm-blk, round {rnd}")
             runs_scsi = finish_fio(vm_scsi, f"vm-scsi, round {rnd}")
