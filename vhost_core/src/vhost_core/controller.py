@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 import threading
@@ -42,6 +43,18 @@ COALESCING_DEFAULT = (0, 60000)
 #: SPDK's limits: the rate is measured per 10 ms, so fewer than 100 IOPS is none at all.
 COALESCING_MIN_IOPS = 100
 COALESCING_MAX_DELAY_US = 1_000_000
+
+
+def _hung_up(conn: Connection | None) -> bool:
+    """Whether the front-end of ``conn`` closed its end (or ``conn`` is already gone)."""
+    if conn is None:
+        return True
+    try:
+        p = select.poll()
+        p.register(conn.sock.fileno(), select.POLLRDHUP)
+        return bool(p.poll(0))
+    except (OSError, ValueError):       # closed under us: its teardown has begun
+        return True
 
 
 class Controller:
@@ -116,9 +129,10 @@ class Controller:
                 sock.close()
                 return
             # A front-end that just hung up may still be tearing down (draining its
-            # queues): a quick reconnect waits for that instead of being refused.
+            # queues): a quick reconnect waits for that instead of being refused.  One
+            # still connected is not waited for: the newcomer is refused at once.
             previous = self._serve_thread
-            if previous is not None:
+            if previous is not None and previous.is_alive() and _hung_up(self._conn):
                 previous.join(RECONNECT_WAIT_S)
             if self._conn is not None:
                 log.error("Controller %s: refused a second front-end connection while one is served",
