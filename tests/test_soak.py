@@ -143,17 +143,21 @@ class BlkSide:
             assert rc == 0, f"blk daemon exited with {rc} on SIGTERM:\n{d.log()[-3000:]}"
 
 
-def wait_requests(d: VhostDaemon, ctrlr: str, more_than: int, timeout: float, what: str) -> int:
+def wait_requests(d: VhostDaemon, ctrlr: str, more_than: int, timeout: float, what: str,
+                  every_queue: int = 0) -> int:
+    """Until the controller served more than ``more_than`` requests (and, with
+    ``every_queue``, its first that many queues one at least each); the count."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            n = sum(q["requests"] for q in d.rpc("vhost_get_queue_stats", ctrlr=ctrlr))
+            stats = d.rpc("vhost_get_queue_stats", ctrlr=ctrlr)
         except Exception:       # not connected yet: no rings
-            n = 0
-        if n > more_than:
+            stats = []
+        n = sum(q["requests"] for q in stats)
+        if n > more_than and all(q["requests"] > 0 for q in stats[:every_queue]) and len(stats) >= every_queue:
             return n
-        assert time.monotonic() < deadline, f"{what}: no guest I/O reached the daemon within {timeout} s\n" \
-                                            + d.log()[-3000:]
+        assert time.monotonic() < deadline, (f"{what}: not enough guest I/O reached the daemon within "
+                                             f"{timeout} s: {stats}\n" + d.log()[-3000:])
         time.sleep(0.5)
 
 
@@ -269,7 +273,9 @@ def test_two_vms_through_churn_kill_9_and_migration_round_after_round(tmp_path, 
             # kill -9 under load: QEMU reconnects to the successor, which resubmits.
             wait_requests(blk.current, "vhost.0", seen, 60, f"round {rnd}: vm-blk before the kill")
             successor = blk.kill_current()
-            wait_requests(successor, "vhost.0", 0, 120, f"round {rnd}: vm-blk after kill -9 and restart")
+            # Every queue resumed (asserted again on this daemon once the VM has left it).
+            wait_requests(successor, "vhost.0", 0, 120, f"round {rnd}: vm-blk after kill -9 and restart",
+                          every_queue=QUEUES)
 
             # Migration to the other daemon, with fio's requests in flight: stop-and-copy
             # (the module docstring says why not live).
