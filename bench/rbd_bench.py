@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import resource
 import shutil
@@ -78,25 +79,48 @@ class OursRbdTarget(rb.OursTarget):
         return "Ceph0"
 
 
-def run_rbd_bench(args, ceph: CephCluster, rw: str, qd: int) -> dict:
-    io_type = "read" if rw == "randread" else "write"
-    total = max(args.bench_ops, 1000) * args.bs
+def _rbd_bench_once(args, ceph: CephCluster, io_type: str, qd: int, ops: int) -> tuple[subprocess.CompletedProcess,
+                                                                                        float, float]:
     cmd = ["taskset", "-c", str(args.target_cpu), "rbd", "-c", str(args.client_conf), "bench", "--io-type", io_type,
-           "--io-size", str(args.bs), "--io-threads", str(qd), "--io-total", str(total), "--io-pattern", "rand",
-           f"rbd/{IMAGE}"]
+           "--io-size", str(args.bs), "--io-threads", str(qd), "--io-total", str(ops * args.bs),
+           "--io-pattern", "rand", f"rbd/{IMAGE}"]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ceph.env())
     wall = time.monotonic() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r, wall, (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+
+
+def run_rbd_bench(args, ceph: CephCluster, rw: str, qd: int) -> dict:
+    """`rbd bench` for as long as a load generator run, measured as one: it has no time
+    limit, so a short calibration run sizes it for warmup + time seconds, and its
+    per-second progress lines give the rate after the warmup.  (A fixed, short I/O count
+    flattered it: with librbd's cache on, its first ~24 MiB of writes are acknowledged from
+    the cache's dirty budget before the OSD sets the pace.)"""
+    io_type = "read" if rw == "randread" else "write"
+    if args.bench_ops:
+        ops = args.bench_ops
+    else:
+        r, wall, _ = _rbd_bench_once(args, ceph, io_type, qd, 2000)
+        m = re.search(r"ops/sec:\s*([\d.]+)", r.stdout)
+        if r.returncode or not m:
+            return {"error": f"rbd bench failed: {(r.stderr or r.stdout).strip()[-300:]}"}
+        ops = max(int(float(m.group(1)) * (args.warmup + args.time) * 1.1), 2000)
+    r, wall, cpu = _rbd_bench_once(args, ceph, io_type, qd, ops)
     m = re.search(r"elapsed:\s*([\d.]+)\s+ops:\s*(\d+)\s+ops/sec:\s*([\d.]+)", r.stdout)
     if r.returncode or not m:
         return {"error": f"rbd bench failed: {(r.stderr or r.stdout).strip()[-300:]}"}
-    ops, iops = int(m.group(2)), float(m.group(3))
-    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    done, iops = int(m.group(2)), float(m.group(3))
+    # "  SEC       OPS   OPS/SEC   BYTES/SEC": the count of I/Os done by each second.
+    ticks = {int(a): int(b) for a, b in re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s", r.stdout, re.M)}
+    warm = max(1, round(args.warmup))
+    last = max(ticks, default=0)
+    if last > warm and warm in ticks:
+        iops = (ticks[last] - ticks[warm]) / (last - warm)
     return {"iops": iops, "mean_lat_us": qd / iops * 1e6 if iops else None, "p99_lat_us": None, "errors": 0,
             "target_cpu_pct": round(100 * cpu / wall, 1), "loadgen_cpu_pct": None, "other_cpu_pct": None,
-            "cpu_us_per_io": cpu / ops * 1e6 if ops else None}
+            "cpu_us_per_io": cpu / done * 1e6 if done else None, "ops": done, "seconds": round(wall, 1)}
 
 
 def main() -> int:
@@ -106,7 +130,8 @@ def main() -> int:
     ap.add_argument("--time", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--bench-ops", type=int, default=20000, help="I/Os per rbd bench run")
+    ap.add_argument("--bench-ops", type=int, default=0,
+                    help="I/Os per rbd bench run (default: as many as take warmup + time seconds)")
     ap.add_argument("--wait-quiet", type=float, default=3.0)
     ap.add_argument("--bs", type=int, default=4096)
     ap.add_argument("--queue-size", type=int, default=256)
@@ -221,21 +246,43 @@ def main() -> int:
                 else:
                     row.append("-")
         ratio_rows.append(row)
+    # Paired: each repeat's ours against the peer measured next to it, as the OSD's state
+    # moves between repeats more than the targets differ (a best-of pairs runs of
+    # different repeats).
+    paired_rows = [["workload"] + [f"{o}/{p} per repeat" for o in ours_names for p in peers]]
+    for rw, qd in WORKLOADS:
+        row = [f"{rw} qd{qd}"]
+        for o in ours_names:
+            for p in peers:
+                ratios = [a["iops"] / b["iops"] for a, b in zip(runs.get((o, rw, qd), []), runs.get((p, rw, qd), []))
+                          if a.get("iops") and b.get("iops")]
+                if ratios:
+                    gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+                    row.append(f"{gm:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+                else:
+                    row.append("-")
+        paired_rows.append(row)
     hdr = (f"4 KiB random I/O on a {args.size_mib} MiB RBD image (written in full first) of a single-node "
            f"cluster on this machine (1 mon, 1 memstore OSD, unpinned); targets on core {args.target_cpu}, "
            f"load generator on core {args.loadgen_cpu}; {args.time:g}s (+{args.warmup:g}s warmup) per "
-           f"loadgen run, {args.bench_ops} I/Os per rbd bench run, best of {args.repeat}. rbd bench's CPU "
+           f"loadgen run and rbd bench run alike ("
+           + (f"{args.bench_ops} I/Os per rbd bench run" if args.bench_ops else
+              "rbd bench sized to run as long, its rate taken from its per-second lines after the warmup")
+           + f"), best of {args.repeat}. rbd bench's CPU "
            f"includes its own I/O generation. Bars: ours >= {BARS['rbd-bench']}x rbd bench, "
            f">= {BARS['qsd']}x qsd (IOPS). librbd's cache for all: "
            + ("off (rbd_cache=false; qsd cache.direct=on)." if args.cache == "off" else
               "on, as the rbd CLI sets it (rbd_cache_writethrough_until_flush=false; qsd cache.direct=off)."))
-    print("\n" + hdr + "\n\n" + rb.text_table(rows) + "\n\n" + rb.text_table(ratio_rows))
+    paired_note = "Geometric mean (and range) of the per-repeat ratios, each repeat's runs side by side:"
+    print("\n" + hdr + "\n\n" + rb.text_table(rows) + "\n\n" + rb.text_table(ratio_rows) + "\n\n" + paired_note
+          + "\n\n" + rb.text_table(paired_rows))
     if args.out:
         outdir = Path(args.out)
         stem = args.name or "rbd_" + time.strftime("%Y%m%d-%H%M%S")
         md = [f"## bdev_rbd benchmark ({machine['date']})", "",
               f"{machine['cpu_model']} | {machine['cores']} cores | kernel {machine['kernel']} | "
-              f"{machine['qemu_storage_daemon']}", "", hdr, "", rb.md_table(rows), "", rb.md_table(ratio_rows)]
+              f"{machine['qemu_storage_daemon']}", "", hdr, "", rb.md_table(rows), "", rb.md_table(ratio_rows), "", paired_note, "",
+              rb.md_table(paired_rows)]
         (outdir / f"{stem}.md").write_text("\n".join(md) + "\n")
         (outdir / f"{stem}.json").write_text(json.dumps({"machine": machine, "args": vars(args),
                                                          "results": results}, indent=1, default=str) + "\n")
