@@ -24,7 +24,7 @@ daemon's open files stay exactly level and its RSS roughly level from the first 
 
 ``VHOST_SOAK_SECONDS`` sets how long the soak goes on, from the first boot (default 300:
 the CI version; rounds start until then, and at least two run);
-the scheduled job (``.ci/soak``) runs it for an hour.  A round takes about a minute.
+the scheduled job (``.ci/soak``) runs it for an hour.  A round takes about 40 s.
 
 Why stop-and-copy, not live: QEMU 7.2's TCG corrupts the memory of a 4-vCPU guest that
 does disk I/O while it is live-migrated, more often the busier the host -- with QEMU's own
@@ -145,8 +145,8 @@ class BlkSide:
 
 def wait_requests(d: VhostDaemon, ctrlr: str, more_than: int, timeout: float, what: str,
                   every_queue: int = 0) -> int:
-    """Until the controller served more than ``more_than`` requests (and, with
-    ``every_queue``, its first that many queues one at least each); the count."""
+    """Until the controller served more than ``more_than`` requests and, with
+    ``every_queue=N``, at least one on each of its first N queues; the count."""
     deadline = time.monotonic() + timeout
     while True:
         try:
