@@ -227,6 +227,7 @@ def test_two_vms_through_churn_kill_9_and_migration_round_after_round(tmp_path, 
     samples: list[tuple[int, int]] = []     # the SCSI daemon's (open fds, RSS KiB) after each round
     report = []
     start = time.monotonic()        # the soak's time counts from the first boot
+    passed = False
     try:
         vm_scsi.start().wait_ready(timeout=240)
         scsi_dev = "/dev/" + disks(vm_scsi)[0]["KNAME"]
@@ -342,10 +343,18 @@ def test_two_vms_through_churn_kill_9_and_migration_round_after_round(tmp_path, 
         growth = samples[-1][1] - samples[0][1]
         assert growth < 16 << 10, f"the SCSI daemon's RSS grew {growth} KiB over the rounds:\n" + "\n".join(report)
         assert cycles >= rnd, report
+        passed = True
     finally:
         for vm in vms:
             vm.kill()
             vm.close()
+        if not passed:
+            # A failed soak must not leave its daemons running after pytest (they would
+            # hold a core each on the next run's machine).
+            for d in (scsi_d, *blk.daemons):
+                if d.proc.poll() is None:
+                    d.proc.kill()
+                    d.proc.wait(30)
     assert_clean(scsi_d)
     rc = scsi_d.stop()
     assert rc == 0, f"scsi daemon exited with {rc} on SIGTERM:\n{scsi_d.log()[-3000:]}"
