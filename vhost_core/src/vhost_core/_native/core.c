@@ -1443,18 +1443,29 @@ static inline int vq_packed_desc_avail(uint16_t flags, uint16_t wrap)
 }
 
 /* Translate one buffer into req's iovecs (a bad address only sets req->error). */
-static inline __attribute__((always_inline)) void vq_packed_add(struct vn_vq *q, vn_req *req, uint32_t *niov,
-                                                                uint64_t addr, uint32_t len, int write)
+static inline __attribute__((always_inline)) int vq_packed_add(struct vn_vq *q, vn_req *req, uint32_t *niov,
+                                                               int *seen_write, uint64_t addr, uint32_t len,
+                                                               uint16_t flags)
 {
-    if (len == 0 || req->error != VN_REQ_OK) return;
+    /* Device-readable buffers come first (virtio 2.7.4): a readable one after a
+     * writable one breaks the queue, whichever descriptor (ring or indirect) holds it. */
+    int write = (flags & VRING_DESC_F_WRITE) != 0;
+    if (write) {
+        *seen_write = 1;
+    } else if (*seen_write) {
+        vq_mark_broken(q, "device-readable descriptor after a device-writable one");
+        return -1;
+    }
+    if (len == 0 || req->error != VN_REQ_OK) return 0;
     int n = mem_to_iov(q->mem, addr, len, &req->iov[*niov], VN_MAX_IOV - *niov);
     if (n < 0) {
         req->error = n == -2 ? VN_REQ_E2BIG : VN_REQ_EFAULT;
-        return;
+        return 0;
     }
     *niov += n;
     if (write) { req->n_in += n; req->in_len += len; }
     else { req->n_out += n; req->out_len += len; }
+    return 0;
 }
 
 /* Walk the buffer at the queue's avail position into req.  Returns 0 with its
@@ -1508,13 +1519,7 @@ static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_v
                 t.len = table[i].len;
                 t.flags = table[i].flags;
                 if (t.flags & VRING_DESC_F_INDIRECT) { vq_mark_broken(q, "nested indirect descriptor table"); return -1; }
-                if (t.flags & VRING_DESC_F_WRITE) {
-                    seen_write = 1;
-                } else if (seen_write) {
-                    vq_mark_broken(q, "device-readable descriptor after a device-writable one");
-                    return -1;
-                }
-                vq_packed_add(q, req, &niov, t.addr, t.len, t.flags & VRING_DESC_F_WRITE);
+                if (vq_packed_add(q, req, &niov, &seen_write, t.addr, t.len, t.flags) < 0) return -1;
                 d.addr = t.addr;
                 d.len = t.len;
                 d.flags = t.flags;
@@ -1522,13 +1527,7 @@ static inline __attribute__((always_inline)) int vq_map_chain_packed(struct vn_v
             q->pass_walked += n;
             break;
         }
-        if (d.flags & VRING_DESC_F_WRITE) {
-            seen_write = 1;
-        } else if (seen_write) {
-            vq_mark_broken(q, "device-readable descriptor after a device-writable one");
-            return -1;
-        }
-        vq_packed_add(q, req, &niov, d.addr, d.len, d.flags & VRING_DESC_F_WRITE);
+        if (vq_packed_add(q, req, &niov, &seen_write, d.addr, d.len, d.flags) < 0) return -1;
         if (!(d.flags & VRING_DESC_F_NEXT)) break;
     }
     q->pass_walked += slots;
