@@ -890,6 +890,32 @@ int main(int argc, char **argv)
         }                                                                                             \
         __atomic_store_n(&pring[head_].flags, head_flags_, __ATOMIC_RELEASE);                         \
     } while (0)
+/* Request r completed (either ring layout): check its status, count its latency inside
+ * the measured window, and set refill_ to whether it goes out again; if so its header
+ * has a new sector (same slot, new random offset) and its status byte is reset. */
+#define COMPLETE_REQ(r_, refill_)                                                             \
+    do {                                                                                      \
+        uint8_t *stp_ = req_base + 64ul * (r_) + 16;                                          \
+        if (*stp_ != VIRTIO_BLK_S_OK)                                                         \
+            errors++;                                                                         \
+        uint64_t lat_ = now - sub_ts[r_];                                                     \
+        if (measuring && !draining) {                                                         \
+            completions++;                                                                    \
+            lat_sum += lat_;                                                                  \
+            if (lat_ > lat_max) lat_max = lat_;                                               \
+            if (lat_ < lat_min) lat_min = lat_;                                               \
+            hist[hbucket(lat_)]++;                                                            \
+        }                                                                                     \
+        (refill_) = !(draining || (opt.max_ios && submitted >= opt.max_ios));                 \
+        if (!(refill_)) {                                                                     \
+            inflight--;                                                                       \
+            break;                                                                            \
+        }                                                                                     \
+        submitted++;                                                                          \
+        struct virtio_blk_outhdr *h_ = (void *)(req_base + 64ul * (r_));                      \
+        h_->sector = next_block(&rng, &seq_next, nblocks) * spb;                              \
+        *stp_ = 0xff;                                                                         \
+    } while (0)
     unsigned inflight = 0;
     uint64_t kicks = 0, kicks_suppressed = 0, completions = 0, errors = 0, bad_ids = 0;
     uint64_t lat_sum = 0, lat_max = 0, lat_min = UINT64_MAX;
@@ -962,25 +988,10 @@ int main(int argc, char **argv)
                         errors++;
                         continue;
                     }
-                    uint8_t *stp = req_base + 64ul * r + 16;
-                    if (*stp != VIRTIO_BLK_S_OK)
-                        errors++;
-                    uint64_t lat = now - sub_ts[r];
-                    if (measuring && !draining) {
-                        completions++;
-                        lat_sum += lat;
-                        if (lat > lat_max) lat_max = lat;
-                        if (lat < lat_min) lat_min = lat;
-                        hist[hbucket(lat)]++;
-                    }
-                    if (draining || (opt.max_ios && submitted >= opt.max_ios)) {
-                        inflight--;
+                    int refill;
+                    COMPLETE_REQ(r, refill);
+                    if (!refill)
                         continue;
-                    }
-                    submitted++;
-                    struct virtio_blk_outhdr *h = (void *)(req_base + 64ul * r);
-                    h->sector = next_block(&rng, &seq_next, nblocks) * spb;
-                    *stp = 0xff;
                     PACKED_SUBMIT(r);
                     sub_ts[r] = now;
                     batch++;
@@ -1020,26 +1031,10 @@ int main(int argc, char **argv)
                     errors++;
                     continue;
                 }
-                uint8_t *stp = req_base + 64ul * r + 16;
-                if (*stp != VIRTIO_BLK_S_OK)
-                    errors++;
-                uint64_t lat = now - sub_ts[r];
-                if (measuring && !draining) {
-                    completions++;
-                    lat_sum += lat;
-                    if (lat > lat_max) lat_max = lat;
-                    if (lat < lat_min) lat_min = lat;
-                    hist[hbucket(lat)]++;
-                }
-                if (draining || (opt.max_ios && submitted >= opt.max_ios)) {
-                    inflight--;
+                int refill;
+                COMPLETE_REQ(r, refill);
+                if (!refill)
                     continue;
-                }
-                submitted++;
-                /* resubmit the same slot with a new random offset */
-                struct virtio_blk_outhdr *h = (void *)(req_base + 64ul * r);
-                h->sector = next_block(&rng, &seq_next, nblocks) * spb;
-                *stp = 0xff;
                 avail_ring[avail_idx & (N - 1)] = (uint16_t)id;
                 avail_idx++;
                 sub_ts[r] = now;
