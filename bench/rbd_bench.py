@@ -10,6 +10,9 @@ memstore OSD on this machine: vhost_bdev_rbd.testing.CephCluster):
                exporting the image as vhost-user-blk
   ours         our target: bdev_rbd_create on the image, vhost-blk controller, reactor in
                --interrupt-mode: like qsd, everything (reactor, librbd's threads) on the target core
+  ours-dispatch  the same with rbd_non_blocking_aio=true: librbd's dispatch thread sends the
+               requests instead of the reactor (what the plugin did before it bounded its
+               requests in librbd itself)
   ours-poll    the same with a busy-polling reactor on the target core and librbd's threads
                moved to the load generator's core (bdev_rbd_register_cluster --core-mask): a
                polling reactor starves threads that share its core
@@ -45,7 +48,7 @@ import run_bench as rb  # noqa: E402 -- the shared benchmark machinery
 
 from vhost_bdev_rbd.testing import CephCluster  # noqa: E402
 
-ALL_TARGETS = ["rbd-bench", "qsd", "ours", "ours-poll"]
+ALL_TARGETS = ["rbd-bench", "qsd", "ours", "ours-dispatch", "ours-poll"]
 WORKLOADS = [("randread", 1), ("randread", 16), ("randwrite", 1), ("randwrite", 16)]
 BARS = {"rbd-bench": 0.9, "qsd": 1.0}
 IMAGE = "bench"
@@ -74,6 +77,8 @@ class OursRbdTarget(rb.OursTarget):
 
     def create_bdev(self) -> str:
         pin = ["--core-mask", hex(1 << self.args.loadgen_cpu)] if self.poll else []
+        if self.name == "ours-dispatch":
+            pin += ["--config-param", "rbd_non_blocking_aio=true"]
         self.rpc("bdev_rbd_register_cluster", "c0", "--config-file", str(self.args.client_conf), *pin)
         self.rpc("bdev_rbd_create", "rbd", IMAGE, "4096", "-b", "Ceph0", "-c", "c0")
         return "Ceph0"

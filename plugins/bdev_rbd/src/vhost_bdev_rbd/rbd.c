@@ -9,12 +9,27 @@
  * guest requests on the reactor, as the core requires.  No thread of ours, none per
  * request, no lock on the data path.
  *
+ * Submission from the reactor.  By default librbd hands every aio call to its own
+ * dispatch thread (rbd_non_blocking_aio=true), one more thread wake-up per request;
+ * the plugin turns that off, so librbd builds and sends the object requests on the
+ * reactor itself (measured: 15-20% more IOPS at QD1, 15% less CPU per I/O).  What
+ * could then block the reactor is the cluster connection's Objecter throttle
+ * (objecter_inflight_ops / objecter_inflight_op_bytes: a caller over them sleeps until
+ * the OSDs answer, as long as an OSD stall lasts).  So every request first takes a
+ * share of a per-cluster budget, half of each throttle: a request that does not fit
+ * is held on its channel, in order, and goes once completions (on any reactor) give
+ * budget back; discards and write-zeroes larger than a share go as a sequence of
+ * chunks.  librbd's writeback cache (rbd_cache_policy writeback / writethrough) sends
+ * flushes of its own through the same throttle and can wait in the caller: with it,
+ * the cluster keeps librbd's dispatch thread (cluster_connect decides).
+ *
  * librbd's update watch (a resize or a snapshot by anyone, `rbd resize` included)
  * sets a flag on the bdev and writes the module's eventfd; the control plane
  * (plugin.py) reads the new size and tells the core, which tells the guests.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -29,8 +44,22 @@
 #include "vhost_core/vhost_native.h"
 #include "rbd_bdev.h"
 
+/* A data-path connection, shared by the images of one cluster (one Objecter, one budget). */
+struct rbdn_cluster {
+    rados_t rados;
+    int reactor_submit;         /* rbd_non_blocking_aio is off: librbd runs on the caller */
+    int64_t ops_cap, bytes_cap; /* half of objecter_inflight_ops / _op_bytes */
+    _Atomic uint64_t budget;    /* taken by requests in librbd: ops << 40 | bytes */
+    atomic_int nwaiters;        /* channels holding requests back for budget */
+    pthread_mutex_t lock;       /* the waiters list */
+    struct rbdn_chan *waiters;
+};
+
 struct rbdn_bdev {
     vn_bdev bdev;
+    struct rbdn_cluster *cl;
+    uint64_t obj_size;
+    uint64_t discard_chunk, zeroes_chunk;       /* bytes sent at once (within a budget share) */
     rados_ioctx_t ioctx;
     rbd_image_t image;
     uint64_t watch_handle;
@@ -41,9 +70,15 @@ struct rbdn_bdev {
     struct rbdn_stats stats;    /* updated with atomic adds from the reactors */
 };
 
+struct rbdn_io;
+
 struct rbdn_chan {
     struct rbdn_bdev *b;
     struct vn_xq done;          /* librbd's callback threads -> this reactor */
+    struct rbdn_io *held, *held_tail;   /* waiting for budget, oldest first (reactor only) */
+    int waiting;                /* on the cluster's waiters list (under its lock) */
+    atomic_int kicked;          /* woken for budget (set after the fd is written) */
+    struct rbdn_chan *next_waiter;
 };
 
 /* In the request's driver_ctx. */
@@ -52,6 +87,10 @@ struct rbdn_io {
     struct rbdn_chan *chan;
     rbd_completion_t comp;
     int64_t expect;             /* bytes a read must return */
+    uint64_t pos, end;          /* bytes: what is left to send (chunked discard / write-zeroes) */
+    uint64_t len;               /* bytes of the part in librbd now */
+    int64_t cost_ops, cost_bytes;       /* budget that part holds */
+    struct rbdn_io *held_next;
 };
 
 _Static_assert(sizeof(struct rbdn_io) <= sizeof(((vn_bdev_io *)0)->driver_ctx), "driver_ctx too small");
@@ -89,12 +128,211 @@ static void finish(struct rbdn_bdev *b, vn_bdev_io *io, int status)
     io->cb(io, status);
 }
 
+/* ---- budget: what the reactor may have in librbd at once (see the top of the file) ---- */
+
+/* Both counts in one word, so that taking a share is one compare-and-swap: a take fails
+ * only when requests really hold the budget, and their completions wake the waiters. */
+#define BUDGET_OPS_SHIFT 40
+#define BUDGET_MAX_OPS (1ll << 22)
+#define BUDGET_MAX_BYTES (1ll << 39)
+
+static inline uint64_t budget_word(int64_t ops, int64_t bytes)
+{
+    return (uint64_t)ops << BUDGET_OPS_SHIFT | (uint64_t)bytes;
+}
+
+static int take_budget(struct rbdn_cluster *cl, int64_t ops, int64_t bytes)
+{
+    uint64_t cur = atomic_load(&cl->budget);
+    for (;;) {
+        int64_t o = (int64_t)(cur >> BUDGET_OPS_SHIFT) + ops;
+        int64_t y = (int64_t)(cur & ((1ull << BUDGET_OPS_SHIFT) - 1)) + bytes;
+        /* Over a share, a request goes alone (nothing else of this cluster in librbd):
+         * the Objecter lets one oversized request through when it has nothing else. */
+        if (cur != 0 && (o > cl->ops_cap || y > cl->bytes_cap)) return 0;
+        if (atomic_compare_exchange_weak(&cl->budget, &cur, cur + budget_word(ops, bytes))) return 1;
+    }
+}
+
+static void wake_waiters(struct rbdn_cluster *cl)
+{
+    pthread_mutex_lock(&cl->lock);
+    struct rbdn_chan *w = cl->waiters;
+    cl->waiters = NULL;
+    atomic_store(&cl->nwaiters, 0);
+    while (w) {
+        struct rbdn_chan *next = w->next_waiter;
+        uint64_t one = 1;
+        w->waiting = 0;
+        /* fd first: a poller that sees `kicked` finds the fd written (and resets it). */
+        if (write(w->done.fd, &one, sizeof(one)) < 0) { /* saturated: readable */ }
+        atomic_store(&w->kicked, 1);
+        w = next;
+    }
+    pthread_mutex_unlock(&cl->lock);
+}
+
+static void give_budget(struct rbdn_cluster *cl, int64_t ops, int64_t bytes)
+{
+    if (!ops && !bytes) return;
+    atomic_fetch_sub(&cl->budget, budget_word(ops, bytes));
+    /* seq_cst, as add_waiter's increment: a waiter either is seen here or sees this. */
+    if (atomic_load(&cl->nwaiters)) wake_waiters(cl);
+}
+
+static void add_waiter(struct rbdn_cluster *cl, struct rbdn_chan *c)
+{
+    pthread_mutex_lock(&cl->lock);
+    if (!c->waiting) {
+        c->waiting = 1;
+        c->next_waiter = cl->waiters;
+        cl->waiters = c;
+        atomic_fetch_add(&cl->nwaiters, 1);
+    }
+    pthread_mutex_unlock(&cl->lock);
+}
+
+static void drop_waiter(struct rbdn_cluster *cl, struct rbdn_chan *c)
+{
+    pthread_mutex_lock(&cl->lock);
+    if (c->waiting) {
+        for (struct rbdn_chan **p = &cl->waiters; *p; p = &(*p)->next_waiter)
+            if (*p == c) { *p = c->next_waiter; break; }
+        c->waiting = 0;
+        atomic_fetch_sub(&cl->nwaiters, 1);
+    }
+    pthread_mutex_unlock(&cl->lock);
+}
+
+/* ---- the data path ---- */
+
 /* librbd's thread. */
 static void on_complete(rbd_completion_t c, void *arg)
 {
     struct rbdn_io *r = arg;
     (void)c;
     vn_xq_push(&r->chan->done, &r->node);
+}
+
+static int64_t objects_spanned(const struct rbdn_bdev *b, uint64_t off, uint64_t len)
+{
+    if (!len) return 1;
+    return (int64_t)((off + len - 1) / b->obj_size - off / b->obj_size + 1);
+}
+
+/* The next part of r to send (all of it but for a large discard or write-zeroes) and the
+ * budget it takes: the Objecter's count of the object requests and data bytes it makes. */
+static void plan_part(const struct rbdn_bdev *b, struct rbdn_io *r, uint32_t type)
+{
+    uint64_t left = r->end - r->pos;
+    if (type == VN_IO_UNMAP && left > b->discard_chunk) left = b->discard_chunk;
+    if (type == VN_IO_WRITE_ZEROES && left > b->zeroes_chunk) left = b->zeroes_chunk;
+    r->len = left;
+    r->cost_ops = r->cost_bytes = 0;
+    if (!b->cl->reactor_submit) return;
+    switch (type) {
+    case VN_IO_READ:            /* + one: a sequential reader's readahead */
+        r->cost_ops = objects_spanned(b, r->pos, left) + 1;
+        r->cost_bytes = (int64_t)left;
+        break;
+    case VN_IO_WRITE:
+    case VN_IO_WRITE_ZEROES:    /* zeroes may go as data (writesame) */
+        r->cost_ops = objects_spanned(b, r->pos, left);
+        r->cost_bytes = (int64_t)left;
+        break;
+    case VN_IO_UNMAP:
+        r->cost_ops = objects_spanned(b, r->pos, left);
+        break;
+    default:                    /* flush */
+        r->cost_ops = 1;
+    }
+}
+
+/* 0, or a negative errno (then nothing is in librbd). */
+static int send_part(struct rbdn_bdev *b, struct rbdn_io *r, vn_bdev_io *io)
+{
+    int rc = rbd_aio_create_completion(r, on_complete, &r->comp);
+    if (rc < 0) return rc;
+    switch (io->type) {
+    case VN_IO_READ:
+        rc = rbd_aio_readv(b->image, io->iov, (int)io->iovcnt, r->pos, r->comp);
+        break;
+    case VN_IO_WRITE:
+        rc = rbd_aio_writev(b->image, io->iov, (int)io->iovcnt, r->pos, r->comp);
+        break;
+    case VN_IO_FLUSH:
+        rc = rbd_aio_flush(b->image, r->comp);
+        break;
+    case VN_IO_UNMAP:
+        rc = rbd_aio_discard(b->image, r->pos, r->len, r->comp);
+        break;
+    case VN_IO_WRITE_ZEROES:
+        rc = rbd_aio_write_zeroes(b->image, r->pos, r->len, r->comp, 0, 0);
+        break;
+    default:
+        rc = -ENOTSUP;
+    }
+    if (rc < 0) rbd_aio_release(r->comp);
+    return rc;
+}
+
+/* Sends r's next part when its budget is there: 1 (sent, or finished with an error), or
+ * 0 (no budget: nothing happened). */
+static int try_send(struct rbdn_chan *c, struct rbdn_io *r)
+{
+    struct rbdn_bdev *b = c->b;
+    vn_bdev_io *io = io_of(r);
+    plan_part(b, r, io->type);
+    if ((r->cost_ops || r->cost_bytes) && !take_budget(b->cl, r->cost_ops, r->cost_bytes)) return 0;
+    int rc = send_part(b, r, io);
+    if (rc < 0) {
+        give_budget(b->cl, r->cost_ops, r->cost_bytes);
+        finish(b, io, rc);
+    }
+    return 1;
+}
+
+static void hold(struct rbdn_chan *c, struct rbdn_io *r)
+{
+    r->held_next = NULL;
+    if (c->held_tail) c->held_tail->held_next = r;
+    else c->held = r;
+    c->held_tail = r;
+}
+
+/* Sends what the channel holds, in order, while the budget lasts.  What is still held
+ * then is left with the channel on the cluster's waiters list: the next completion of
+ * the cluster, on any reactor, writes this channel's fd. */
+static int send_held(struct rbdn_chan *c)
+{
+    int sent = 0, registered = 0;
+    while (c->held) {
+        struct rbdn_io *r = c->held;
+        c->held = r->held_next;
+        if (!c->held) c->held_tail = NULL;
+        if (try_send(c, r)) {
+            sent++;
+            continue;
+        }
+        r->held_next = c->held;         /* back to the head */
+        c->held = r;
+        if (!c->held_tail) c->held_tail = r;
+        if (registered) break;
+        /* Registered first, then one more try: budget given back between the failed take
+         * and the registration woke nobody. */
+        add_waiter(c->b->cl, c);
+        registered = 1;
+    }
+    return sent;
+}
+
+static void start(struct rbdn_chan *c, struct rbdn_io *r)
+{
+    if (c->held) { hold(c, r); return; }        /* behind what waits already */
+    if (!try_send(c, r)) {
+        hold(c, r);
+        send_held(c);
+    }
 }
 
 static void rbdn_submit(void *ctx, void *chan, vn_bdev_io *io)
@@ -104,7 +342,6 @@ static void rbdn_submit(void *ctx, void *chan, vn_bdev_io *io)
     struct rbdn_io *r = (struct rbdn_io *)io->driver_ctx;
     uint64_t nb = __atomic_load_n(&b->bdev.num_blocks, __ATOMIC_RELAXED);
     uint64_t bs = b->bdev.block_size;
-    int rc;
 
     if (!c) { io->cb(io, -ENODEV); return; }
     if (io->type >= VN_IO_TYPE_COUNT || !((b->bdev.io_types >> io->type) & 1)) {
@@ -116,7 +353,7 @@ static void rbdn_submit(void *ctx, void *chan, vn_bdev_io *io)
         finish(b, io, -EINVAL);
         return;
     }
-    uint64_t off = io->offset_blocks * bs, len = io->num_blocks * bs;
+    uint64_t off = io->offset_blocks * bs, len = io->type == VN_IO_FLUSH ? 0 : io->num_blocks * bs;
     r->chan = c;
     r->expect = 0;
     if (io->type == VN_IO_READ || io->type == VN_IO_WRITE) {
@@ -128,31 +365,9 @@ static void rbdn_submit(void *ctx, void *chan, vn_bdev_io *io)
         }
         r->expect = io->type == VN_IO_READ ? (int64_t)len : 0;   /* a write returns 0 */
     }
-    rc = rbd_aio_create_completion(r, on_complete, &r->comp);
-    if (rc < 0) { finish(b, io, rc); return; }
-    switch (io->type) {
-    case VN_IO_READ:
-        rc = rbd_aio_readv(b->image, io->iov, (int)io->iovcnt, off, r->comp);
-        break;
-    case VN_IO_WRITE:
-        rc = rbd_aio_writev(b->image, io->iov, (int)io->iovcnt, off, r->comp);
-        break;
-    case VN_IO_FLUSH:
-        rc = rbd_aio_flush(b->image, r->comp);
-        break;
-    case VN_IO_UNMAP:
-        rc = rbd_aio_discard(b->image, off, len, r->comp);
-        break;
-    case VN_IO_WRITE_ZEROES:
-        rc = rbd_aio_write_zeroes(b->image, off, len, r->comp, 0, 0);
-        break;
-    default:
-        rc = -ENOTSUP;
-    }
-    if (rc < 0) {
-        rbd_aio_release(r->comp);
-        finish(b, io, rc);
-    }
+    r->pos = off;
+    r->end = off + len;
+    start(c, r);
 }
 
 static void *rbdn_chan_create(void *ctx)
@@ -169,6 +384,7 @@ static void rbdn_chan_destroy(void *ctx, void *chan)
     struct rbdn_chan *c = chan;
     (void)ctx;
     if (!c) return;
+    drop_waiter(c->b->cl, c);
     vn_xq_destroy(&c->done);
     free(c);
 }
@@ -177,22 +393,33 @@ static int rbdn_chan_poll(void *ctx, void *chan)
 {
     struct rbdn_chan *c = chan;
     struct rbdn_bdev *b = ctx;
-    struct vn_xq_node *n = vn_xq_take(&c->done);
     int count = 0;
+    if (__builtin_expect(atomic_load_explicit(&c->kicked, memory_order_relaxed), 0)) {
+        /* Woken for budget, not by a completion: reset the fd (before vn_xq_take, which
+         * resets it only when something was pushed). */
+        uint64_t v;
+        atomic_store(&c->kicked, 0);
+        if (read(c->done.fd, &v, sizeof(v)) < 0) { /* EAGAIN */ }
+    }
+    struct vn_xq_node *n = vn_xq_take(&c->done);
     while (n) {
         struct vn_xq_node *next = n->next;
         struct rbdn_io *r = (struct rbdn_io *)((uint8_t *)n - offsetof(struct rbdn_io, node));
         vn_bdev_io *io = io_of(r);
         ssize_t ret = rbd_aio_get_return_value(r->comp);
         rbd_aio_release(r->comp);
+        give_budget(b->cl, r->cost_ops, r->cost_bytes);
         int status;
         if (ret < 0) status = (int)ret;
         else if (r->expect && ret != r->expect) status = -EIO;     /* short read/write */
         else status = 0;
-        finish(b, io, status);
+        r->pos += r->len;
+        if (status == 0 && r->pos < r->end) start(c, r);            /* the next chunk */
+        else finish(b, io, status);
         count++;
         n = next;
     }
+    if (c->held) count += send_held(c);
     return count;
 }
 
@@ -216,12 +443,36 @@ static const struct vn_bdev_ops rbdn_ops = {
 /* control plane                                                       */
 /* ------------------------------------------------------------------ */
 
+static int conf_is_true(rados_t r, const char *key, int dflt)
+{
+    char v[32];
+    if (rados_conf_get(r, key, v, sizeof(v)) < 0) return dflt;
+    return !strcmp(v, "true") || !strcmp(v, "1");
+}
+
+static int64_t conf_int(rados_t r, const char *key, int64_t dflt)
+{
+    char v[32], *end;
+    if (rados_conf_get(r, key, v, sizeof(v)) < 0) return dflt;
+    long long x = strtoll(v, &end, 10);
+    return end == v ? dflt : (int64_t)x;
+}
+
+/* Half of the Objecter's throttle (0: none, and then the largest share the word holds). */
+static int64_t share(int64_t throttle, int64_t max)
+{
+    if (throttle <= 0 || throttle / 2 > max) return max;
+    return throttle / 2 > 0 ? throttle / 2 : 1;
+}
+
 int rbdn_cluster_connect(const char *user_id, const char *config_file, const char **keys,
                          const char **vals, int n, void **out, char *err, size_t errlen)
 {
+    struct rbdn_cluster *cl = calloc(1, sizeof(*cl));
     rados_t cluster;
+    if (!cl) { snprintf(err, errlen, "out of memory"); return -ENOMEM; }
     int rc = rados_create(&cluster, user_id);
-    if (rc < 0) { snprintf(err, errlen, "rados_create: %s", strerror(-rc)); return rc; }
+    if (rc < 0) { snprintf(err, errlen, "rados_create: %s", strerror(-rc)); free(cl); return rc; }
     if (config_file) {
         rc = rados_conf_read_file(cluster, config_file);
         if (rc < 0) { snprintf(err, errlen, "reading %s: %s", config_file, strerror(-rc)); goto fail; }
@@ -230,18 +481,41 @@ int rbdn_cluster_connect(const char *user_id, const char *config_file, const cha
         rc = rados_conf_set(cluster, keys[i], vals[i]);
         if (rc < 0) { snprintf(err, errlen, "config '%s': %s", keys[i], strerror(-rc)); goto fail; }
     }
+    /* Reactor submission only without librbd's writeback cache (see the top of the file). */
+    char policy[32] = "";
+    if (rados_conf_get(cluster, "rbd_cache_policy", policy, sizeof(policy)) < 0) policy[0] = 0;
+    int writeback = conf_is_true(cluster, "rbd_cache", 1) && strcmp(policy, "writearound") != 0;
+    if (writeback) rados_conf_set(cluster, "rbd_non_blocking_aio", "true");
+    cl->reactor_submit = !conf_is_true(cluster, "rbd_non_blocking_aio", 1);
+    cl->ops_cap = share(conf_int(cluster, "objecter_inflight_ops", 1024), BUDGET_MAX_OPS);
+    cl->bytes_cap = share(conf_int(cluster, "objecter_inflight_op_bytes", 100 << 20), BUDGET_MAX_BYTES);
     rc = rados_connect(cluster);
     if (rc < 0) { snprintf(err, errlen, "connect: %s", strerror(-rc)); goto fail; }
-    *out = cluster;
+    cl->rados = cluster;
+    pthread_mutex_init(&cl->lock, NULL);
+    *out = cl;
     return 0;
 fail:
     rados_shutdown(cluster);
+    free(cl);
     return rc;
 }
 
-void rbdn_cluster_shutdown(void *cluster)
+void rbdn_cluster_shutdown(void *p)
 {
-    if (cluster) rados_shutdown((rados_t)cluster);
+    struct rbdn_cluster *cl = p;
+    if (!cl) return;
+    rados_shutdown(cl->rados);
+    pthread_mutex_destroy(&cl->lock);
+    free(cl);
+}
+
+int rbdn_cluster_reactor_submit(void *p, int64_t *ops_cap, int64_t *bytes_cap)
+{
+    struct rbdn_cluster *cl = p;
+    *ops_cap = cl->ops_cap;
+    *bytes_cap = cl->bytes_cap;
+    return cl->reactor_submit;
 }
 
 static void on_update(void *arg)
@@ -257,18 +531,35 @@ int rbdn_bdev_open(void *cluster, const char *pool, const char *image, const cha
                    uint32_t block_size, int notify_fd, void **out)
 {
     struct rbdn_bdev *b = calloc(1, sizeof(*b));
+    struct rbdn_cluster *cl = cluster;
+    rbd_image_info_t info;
     uint64_t size;
     int rc;
     if (!b) return -ENOMEM;
+    b->cl = cl;
     b->notify_fd = notify_fd;
     b->read_only = read_only || snap;
-    rc = rados_ioctx_create((rados_t)cluster, pool, &b->ioctx);
+    rc = rados_ioctx_create(cl->rados, pool, &b->ioctx);
     if (rc < 0) goto fail_free;
     rc = b->read_only ? rbd_open_read_only(b->ioctx, image, &b->image, snap)
                       : rbd_open(b->ioctx, image, &b->image, NULL);
     if (rc < 0) goto fail_ioctx;
     rc = rbd_get_size(b->image, &size);
     if (rc < 0) goto fail_image;
+    rc = rbd_stat(b->image, &info, sizeof(info));
+    if (rc < 0) goto fail_image;
+    b->obj_size = info.obj_size ? info.obj_size : 4u << 20;
+    b->discard_chunk = b->zeroes_chunk = UINT64_MAX;
+    if (cl->reactor_submit) {
+        /* A quarter share at a time, whole blocks, at least one. */
+        uint64_t objs = (uint64_t)(cl->ops_cap / 4 > 1 ? cl->ops_cap / 4 : 1);
+        uint64_t d = b->obj_size * objs, z = (uint64_t)cl->bytes_cap / 4;
+        if (z > d) z = d;
+        d -= d % block_size;
+        z -= z % block_size;
+        b->discard_chunk = d ? d : block_size;
+        b->zeroes_chunk = z ? z : block_size;
+    }
     if (!snap) {
         rc = rbd_update_watch(b->image, &b->watch_handle, on_update, b);
         if (rc < 0) goto fail_image;

@@ -21,6 +21,9 @@ struct rbdn_stats {
 int rbdn_cluster_connect(const char *user_id, const char *config_file, const char **keys,
                          const char **vals, int n, void **out, char *err, size_t errlen);
 void rbdn_cluster_shutdown(void *cluster);
+/* Whether the reactors call into librbd themselves (rbd_non_blocking_aio off, no writeback */
+/* cache) and, then, the budget of requests in librbd they share: object requests, bytes. */
+int rbdn_cluster_reactor_submit(void *cluster, int64_t *ops_cap, int64_t *bytes_cap);
 
 /* Open pool/image (at snapshot `snap` when not NULL, then read-only) on `cluster` and make a */
 /* bdev of it.  notify_fd: an eventfd written when librbd reports a header update (resize, */
