@@ -15,6 +15,7 @@ command line of their time sent.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -41,17 +42,60 @@ IOSTAT_KEYS = {"name", "bytes_read", "num_read_ops", "bytes_written", "num_write
 class SpdkRpc:
     """Runs ``spdk-rpc`` against one daemon and remembers which methods it drove."""
 
+    instances: list[SpdkRpc] = []        # their --server clients end with the test
+
     def __init__(self, daemon: VhostDaemon) -> None:
         self.daemon = daemon
         self.driven: set[str] = set()
+        self.server: subprocess.Popen | None = None
+        SpdkRpc.instances.append(self)
 
     def run(self, *argv: str, stdin: str | None = None, methods: tuple[str, ...] = ()) -> str:
-        r = self.popen(*argv, stdin=stdin)
-        out, err = r.communicate(timeout=60)
-        assert r.returncode == 0, (f"spdk-rpc {' '.join(argv)} failed ({r.returncode}):\n{out}{err}\n"
-                                   f"--- target log:\n{self.daemon.log()[-3000:]}")
+        if stdin is None:
+            out = self._serve(argv)
+        else:
+            r = self.popen(*argv, stdin=stdin)
+            out, err = r.communicate(timeout=60)
+            assert r.returncode == 0, (f"spdk-rpc {' '.join(argv)} failed ({r.returncode}):\n{out}{err}\n"
+                                       f"--- target log:\n{self.daemon.log()[-3000:]}")
         self.driven.update(methods or (argv[0],))
         return out
+
+    def _serve(self, argv: tuple[str, ...]) -> str:
+        """One command line through ``spdk-rpc --server``: the client's own mode for scripts
+        that run many commands (each line parsed as a command line of its own, with the same
+        parser and defaults), one interpreter start instead of one per command."""
+        if self.server is None:
+            self.server = subprocess.Popen([sys.executable, "-m", "spdk.spdk_rpc", "--server"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.server.stdin.write(shlex.join(["-s", self.daemon.rpc_path, *argv]) + "\n")
+        self.server.stdin.flush()
+        out = []
+        while True:
+            line = self.server.stdout.readline()
+            if not line:            # the client died: its traceback is on stderr
+                err = self.server.stderr.read()
+                self.server = None
+                raise AssertionError(f"spdk-rpc --server died on {' '.join(argv)}:\n{''.join(out)}{err}")
+            if line.startswith("**STATUS="):
+                break
+            out.append(line)
+        assert line.strip() == "**STATUS=0", (f"spdk-rpc {' '.join(argv)} failed:\n{''.join(out)}\n"
+                                              f"--- target log:\n{self.daemon.log()[-3000:]}")
+        return "".join(out)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stdin.close()
+            try:
+                self.server.wait(10)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+            self.server.stdout.close()
+            self.server.stderr.close()
+            self.server = None
 
     def popen(self, *argv: str, stdin: str | None = None) -> subprocess.Popen:
         p = subprocess.Popen([sys.executable, "-m", "spdk.spdk_rpc", "-s", self.daemon.rpc_path, *argv],
@@ -78,6 +122,13 @@ class SpdkRpc:
             result = c.call(method, params)
         self.driven.add(method)
         return result
+
+
+@pytest.fixture(autouse=True)
+def _close_rpc_clients():
+    yield
+    while SpdkRpc.instances:
+        SpdkRpc.instances.pop().close()
 
 
 @pytest.fixture
