@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 
 # The suites: scripts/sanitize-suites (the pytest stage of scripts/test.sh leaves them
 # out, so they run once, here).  Not there, for CI's time: the NVMe/TCP and RBD
-# conformance suites (a target guest, a Ceph cluster); their native code's input
+# conformance suites (a target guest, a Ceph cluster; only the RBD request budget test,
+# which starts one, is there); their native code's input
 # handling is what test_hostile_target.py and the nvme_tcp_rx fuzzer cover.  Run them
 # alike with: scripts/test-sanitizers.sh <path>.
 mapfile -t SUITES < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/sanitize-suites)
