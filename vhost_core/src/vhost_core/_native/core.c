@@ -1044,12 +1044,18 @@ static void vq_complete(vn_req *req, uint32_t written)
 {
     struct vn_vq *q = req->core_priv;
     struct slot *s = (struct slot *)req;
+    /* A batch of completions is published before it outgrows the ring: one more
+     * would overwrite a used element the driver has not been shown, and the
+     * in-flight buffer keeps one batch of at most a ring's worth.  Only a driver
+     * that makes heads available again before their completion was published
+     * (or a recovery's resubmissions plus such reuse) gets here. */
+    if (__builtin_expect(q->ifl != NULL, 0) && q->ifl_nbatch >= q->size) vq_publish_used(q);
     uint16_t slot_idx = q->used_idx & (uint16_t)(q->size - 1);
     struct vring_used_elem *e = &q->used->ring[slot_idx];
     if (__builtin_expect(q->log != NULL, 0) && req->n_in) vq_log_request(q, req);
     e->id = req->head;
     e->len = written;
-    if (__builtin_expect(q->ifl != NULL, 0) && q->ifl_nbatch < q->size) {
+    if (__builtin_expect(q->ifl != NULL, 0)) {
         q->ifl->desc[req->head].next = q->ifl->last_batch_head;
         q->ifl->last_batch_head = req->head;
         q->ifl_batch[q->ifl_nbatch++] = req->head;
