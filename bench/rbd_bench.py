@@ -177,23 +177,27 @@ def main() -> int:
                  f"{args.size_mib}M", "--io-pattern", "seq", f"rbd/{IMAGE}", timeout=300)
         # Every target runs at once (idle ones sleep), and each workload's runs follow one
         # another: the OSD's state drifts as the runs write, by more than the targets differ,
-        # so a ratio is taken between runs seconds apart, not minutes.
+        # so a ratio is taken between runs seconds apart, not minutes.  A polling reactor
+        # does not sleep: ours-poll runs only for its own runs.
         started: dict[str, rb.Target] = {}
         socks: dict[str, str | None] = {}
         errors: dict[str, str] = {}
+
+        def start(t: str) -> None:
+            (workdir / t).mkdir(exist_ok=True)
+            target = (QsdRbdTarget(t, args, workdir / t, logdir, ceph) if t == "qsd" else
+                      OursRbdTarget(t, args, workdir / t, logdir, ceph, poll=t == "ours-poll"))
+            started[t] = target
+            try:
+                socks[t] = target.start()
+            except rb.TargetError as e:
+                socks[t] = None
+                errors[t] = str(e).splitlines()[0]
+
         try:
             for t in targets:
-                if t == "rbd-bench":
-                    continue
-                (workdir / t).mkdir(exist_ok=True)
-                target = (QsdRbdTarget(t, args, workdir / t, logdir, ceph) if t == "qsd" else
-                          OursRbdTarget(t, args, workdir / t, logdir, ceph, poll=t == "ours-poll"))
-                started[t] = target
-                try:
-                    socks[t] = target.start()
-                except rb.TargetError as e:
-                    socks[t] = None
-                    errors[t] = str(e).splitlines()[0]
+                if t not in ("rbd-bench", "ours-poll"):
+                    start(t)
             for rep in range(args.repeat):
                 for rw, qd in WORKLOADS:
                     # Every other repeat in reverse: no target always runs first or last.
@@ -204,10 +208,16 @@ def main() -> int:
                             rb.log(f"[{t}] {rw} qd{qd} run {rep + 1}: " + (res.get("error") or
                                    f"{res['iops']:,.0f} IOPS, {res['cpu_us_per_io']:.1f} us CPU/IO"))
                             continue
-                        if socks[t] is None:
-                            runs.setdefault((t, rw, qd), []).append({"error": errors[t]})
-                            continue
-                        res = rb.run_loadgen(args, socks[t], rw, qd, started[t])
+                        if t == "ours-poll":
+                            start(t)
+                        try:
+                            if socks[t] is None:
+                                runs.setdefault((t, rw, qd), []).append({"error": errors[t]})
+                                continue
+                            res = rb.run_loadgen(args, socks[t], rw, qd, started[t])
+                        finally:
+                            if t == "ours-poll":
+                                started.pop(t).stop()
                         if res.get("iops") and res.get("target_cpu_pct") is not None:
                             res["cpu_us_per_io"] = res["target_cpu_pct"] / 100 / res["iops"] * 1e6
                         runs.setdefault((t, rw, qd), []).append(res)
