@@ -7,7 +7,7 @@
  * pushes the request onto the channel's struct vn_xq, whose eventfd wakes an
  * interrupt-mode reactor; the reactor's channel_poll takes them and completes the
  * guest requests on the reactor, as the core requires.  No thread of ours, none per
- * request, no lock on the data path.
+ * request, no lock on the data path (one, only while requests wait for budget, below).
  *
  * Submission from the reactor.  By default librbd hands every aio call to its own
  * dispatch thread (rbd_non_blocking_aio=true), one more thread wake-up per request;
@@ -18,8 +18,8 @@
  * the OSDs answer, as long as an OSD stall lasts).  So every request first takes a
  * share of a per-cluster budget, half of each throttle: a request that does not fit
  * is held on its channel, in order, and goes once completions (on any reactor) give
- * budget back; discards and write-zeroes larger than a share go as a sequence of
- * chunks.  librbd's writeback cache (rbd_cache_policy writeback / writethrough) sends
+ * budget back; discards and write-zeroes larger than a quarter of it go as a sequence
+ * of chunks.  librbd's writeback cache (rbd_cache_policy writeback / writethrough) sends
  * flushes of its own through the same throttle and can wait in the caller: with it,
  * the cluster keeps librbd's dispatch thread (cluster_connect decides).
  *
