@@ -1,8 +1,11 @@
-"""The reactor calls into librbd itself (rbd_non_blocking_aio off), so what it has in librbd
-at once is bounded by a per-cluster budget of half the Objecter's throttle: a guest that
-floods an RBD disk while its OSD is stalled gets its requests held, in order, never a
-reactor asleep in librbd, and other controllers on that reactor go on.  Discards and
-write-zeroes larger than a budget share go as a sequence of chunks."""
+"""The reactor calls into librbd itself (rbd_non_blocking_aio off) only where librbd cannot
+make it wait: librados' in-flight throttle is off by the plugin's defaults, and where one is
+configured (here, with librbd's cache off) what the reactors have in librbd at once is bounded
+by a per-cluster budget of half of it.  A guest that floods an RBD disk while its OSD is
+stalled gets its requests held, in order, never a reactor asleep in librbd, and other
+controllers on that reactor go on.  Discards and write-zeroes larger than a quarter of the
+budget go as a sequence of chunks.  With librbd's writeback cache, or its writearound cache
+over a throttle, requests go through librbd's dispatch thread."""
 
 from __future__ import annotations
 
@@ -79,3 +82,21 @@ def test_large_discards_write_zeroes_and_a_write_over_the_budget_land_where_they
         assert dev.read(23 * mib + 512, 1536) == b"\x07" * (768 << 10)
     s = d.rpc("bdev_rbd_get_stats", name="Ceph0")[0]
     assert s["io_errors"] == 0, s
+
+
+def test_requests_go_to_librbd_from_the_reactor_only_where_librbd_cannot_wait_in_the_caller(vhost_daemon, ceph):
+    d = vhost_daemon
+    conf = ceph.client_conf()
+    # The plugin's defaults, with Ceph's writearound cache: no throttle to wait in.
+    d.rpc("bdev_rbd_register_cluster", name="c1", config_param=conf)
+    d.wait_log("rbd cluster c1 registered: monitors")
+    line = [ln for ln in d.log().splitlines() if "rbd cluster c1 registered" in ln][-1]
+    assert "requests go to librbd from the reactors (librados' in-flight throttle off)" in line, line
+    # A throttle with the cache on: the writes the cache acknowledged stay in the Objecter
+    # outside the budget.  A writeback cache waits in the caller on its dirty limit.
+    for name, extra in (("c2", {"objecter_inflight_ops": "1024"}),
+                        ("c3", {"rbd_cache_policy": "writeback"})):
+        d.rpc("bdev_rbd_register_cluster", name=name, config_param={**conf, **extra})
+        d.wait_log(f"rbd cluster {name} registered: monitors")
+        line = [ln for ln in d.log().splitlines() if f"rbd cluster {name} registered" in ln][-1]
+        assert "through its dispatch thread" in line, line

@@ -179,6 +179,8 @@ class _Cluster:
         """How this connection's requests reach librbd, for the log."""
         ops, nbytes = ffi.new("int64_t *"), ffi.new("int64_t *")
         if lib.rbdn_cluster_reactor_submit(self.native, ops, nbytes):
+            if ops[0] >= 1 << 22 and nbytes[0] >= 1 << 39:
+                return "requests go to librbd from the reactors (librados' in-flight throttle off)"
             return (f"requests go to librbd from the reactors, at most {ops[0]} object requests / "
                     f"{nbytes[0] / (1 << 20):g} MiB in flight")
         return "requests go to librbd through its dispatch thread (rbd_non_blocking_aio or a writeback cache)"
@@ -299,10 +301,13 @@ def _connect(bdevs: BdevRegistry, method: str, name: str, user_id: str | None, c
                 # A guest's discard of part of an object zeroes it instead of being dropped:
                 # unmapped blocks read back as zeroes, as on the other bdevs.
                 "rbd_skip_partial_discard": "false",
-                # The reactor calls into librbd itself, one thread hop less per request
-                # (rbd.c keeps it from ever waiting in librbd; rbd_cache_policy=writeback
-                # turns it back on).
-                "rbd_non_blocking_aio": "false"}
+                # The reactor calls into librbd itself, one thread hop less per request.
+                # rbd.c keeps it from ever waiting in librbd: no throttle in librados that
+                # makes the caller wait (the guests' queues bound what is in flight); a
+                # writeback cache, or a configured throttle with the cache on, gives the
+                # requests back to librbd's dispatch thread.
+                "rbd_non_blocking_aio": "false",
+                "objecter_inflight_ops": "0", "objecter_inflight_op_bytes": "0"}
     if key_file is not None:
         settings["keyring"] = key_file
     settings.update(config)

@@ -20,8 +20,13 @@
  * is held on its channel, in order, and goes once completions (on any reactor) give
  * budget back; discards and write-zeroes larger than a quarter of it go as a sequence
  * of chunks.  librbd's writeback cache (rbd_cache_policy writeback / writethrough) sends
- * flushes of its own through the same throttle and can wait in the caller: with it,
- * the cluster keeps librbd's dispatch thread (cluster_connect decides).
+ * flushes of its own through the same throttle and can wait in the caller, and its
+ * writearound cache acknowledges writes whose object requests then stay in the
+ * Objecter outside the budget: with the one, or the other over a throttled Objecter,
+ * the cluster keeps librbd's dispatch thread (cluster_connect decides).  The plugin's
+ * defaults turn the Objecter's throttle off (the reactors then never wait in it, the
+ * guests' queues bound what is in flight), so with Ceph's default writearound cache
+ * the reactors submit, and the budget applies where a throttle is configured.
  *
  * librbd's update watch (a resize or a snapshot by anyone, `rbd resize` included)
  * sets a flag on the bdev and writes the module's eventfd; the control plane
@@ -481,14 +486,21 @@ int rbdn_cluster_connect(const char *user_id, const char *config_file, const cha
         rc = rados_conf_set(cluster, keys[i], vals[i]);
         if (rc < 0) { snprintf(err, errlen, "config '%s': %s", keys[i], strerror(-rc)); goto fail; }
     }
-    /* Reactor submission only without librbd's writeback cache (see the top of the file). */
+    /* Reactor submission only where librbd cannot wait in the caller (see the top of the
+     * file): not with its writeback cache, and not with its writearound cache over a
+     * throttled Objecter, as the writes that cache acknowledged at once stay in the
+     * Objecter outside the budget.  The plugin's defaults turn the throttle off. */
     char policy[32] = "";
     if (rados_conf_get(cluster, "rbd_cache_policy", policy, sizeof(policy)) < 0) policy[0] = 0;
-    int writeback = conf_is_true(cluster, "rbd_cache", 1) && strcmp(policy, "writearound") != 0;
-    if (writeback) rados_conf_set(cluster, "rbd_non_blocking_aio", "true");
+    int64_t ops_throttle = conf_int(cluster, "objecter_inflight_ops", 1024);
+    int64_t bytes_throttle = conf_int(cluster, "objecter_inflight_op_bytes", 100 << 20);
+    int cache = conf_is_true(cluster, "rbd_cache", 1);
+    int writeback = cache && strcmp(policy, "writearound") != 0;
+    int acked_in_flight = cache && (ops_throttle > 0 || bytes_throttle > 0);
+    if (writeback || acked_in_flight) rados_conf_set(cluster, "rbd_non_blocking_aio", "true");
     cl->reactor_submit = !conf_is_true(cluster, "rbd_non_blocking_aio", 1);
-    cl->ops_cap = share(conf_int(cluster, "objecter_inflight_ops", 1024), BUDGET_MAX_OPS);
-    cl->bytes_cap = share(conf_int(cluster, "objecter_inflight_op_bytes", 100 << 20), BUDGET_MAX_BYTES);
+    cl->ops_cap = share(ops_throttle, BUDGET_MAX_OPS);
+    cl->bytes_cap = share(bytes_throttle, BUDGET_MAX_BYTES);
     rc = rados_connect(cluster);
     if (rc < 0) { snprintf(err, errlen, "connect: %s", strerror(-rc)); goto fail; }
     cl->rados = cluster;
