@@ -53,6 +53,7 @@
 struct rbdn_cluster {
     rados_t rados;
     int reactor_submit;         /* rbd_non_blocking_aio is off: librbd runs on the caller */
+    int budgeted;               /* ... and an Objecter throttle is set: requests take budget */
     int64_t ops_cap, bytes_cap; /* half of objecter_inflight_ops / _op_bytes */
     _Atomic uint64_t budget;    /* taken by requests in librbd: ops << 40 | bytes */
     atomic_int nwaiters;        /* channels holding requests back for budget */
@@ -234,7 +235,7 @@ static void plan_part(const struct rbdn_bdev *b, struct rbdn_io *r, uint32_t typ
     if (type == VN_IO_WRITE_ZEROES && left > b->zeroes_chunk) left = b->zeroes_chunk;
     r->len = left;
     r->cost_ops = r->cost_bytes = 0;
-    if (!b->cl->reactor_submit) return;
+    if (!b->cl->budgeted) return;       /* no throttle to stay under: no shared word to touch */
     switch (type) {
     case VN_IO_READ:            /* + one: a sequential reader's readahead */
         r->cost_ops = objects_spanned(b, r->pos, left) + 1;
@@ -499,6 +500,7 @@ int rbdn_cluster_connect(const char *user_id, const char *config_file, const cha
     int acked_in_flight = cache && (ops_throttle > 0 || bytes_throttle > 0);
     if (writeback || acked_in_flight) rados_conf_set(cluster, "rbd_non_blocking_aio", "true");
     cl->reactor_submit = !conf_is_true(cluster, "rbd_non_blocking_aio", 1);
+    cl->budgeted = cl->reactor_submit && (ops_throttle > 0 || bytes_throttle > 0);
     cl->ops_cap = share(ops_throttle, BUDGET_MAX_OPS);
     cl->bytes_cap = share(bytes_throttle, BUDGET_MAX_BYTES);
     rc = rados_connect(cluster);
@@ -567,7 +569,7 @@ int rbdn_bdev_open(void *cluster, const char *pool, const char *image, const cha
         count > 1 && unit > 0 && unit < b->span_unit)
         b->span_unit = unit;
     b->discard_chunk = b->zeroes_chunk = UINT64_MAX;
-    if (cl->reactor_submit) {
+    if (cl->budgeted) {
         /* A quarter share at a time, whole blocks, at least one. */
         uint64_t objs = (uint64_t)(cl->ops_cap / 4 > 1 ? cl->ops_cap / 4 : 1);
         uint64_t d = b->span_unit * objs, z = (uint64_t)cl->bytes_cap / 4;
